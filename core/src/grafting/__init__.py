@@ -1,0 +1,105 @@
+"""grafting: parameter-efficient fine-tuning with one protocol for every method.
+
+The core holds the protocol, matching, configs, state-dict I/O and wrappers;
+each method is a plugin distribution. Method configs (``grafting.LoraConfig``)
+resolve lazily to the installed plugin's class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grafting.config import AdapterConfig, TaskType, config_from_dict, get_peft_config
+from grafting.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    GraftingError,
+    GraftingWarning,
+    MergeError,
+    PluginConflictError,
+    PluginError,
+    TargetNotFoundError,
+    UnknownMethodError,
+    UnsupportedLayerError,
+)
+from grafting.hookspecs import hookimpl
+from grafting.layer import AdaptedLayer, DeltaAdapter, InputAdapter, LayerAdapter, LayerCall, OutputAdapter, Site
+from grafting.method import KNOWN_CONFIG_NAMES, Method
+from grafting.model_adapter import ModelAdapter
+from grafting.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
+from grafting.routing import route_samples
+from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+
+__version__ = "0.1.0"
+
+PeftConfig = AdapterConfig
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve ``grafting.XxxConfig`` to the class of the installed plugin."""
+    for method in get_registry().methods.values():
+        if method.config_class.__name__ == name:
+            return method.config_class
+    if name in KNOWN_CONFIG_NAMES:
+        get_method(KNOWN_CONFIG_NAMES[name])  # raises UnknownMethodError with the install hint
+    raise AttributeError(f"module 'grafting' has no attribute {name!r}")
+
+
+__all__ = [
+    "AdaptedLayer",
+    "AdapterConfig",
+    "AdapterLoadError",
+    "AdapterNotFoundError",
+    "AdapterStateError",
+    "ConfigError",
+    "DeltaAdapter",
+    "GraftingError",
+    "GraftingWarning",
+    "InputAdapter",
+    "LayerAdapter",
+    "LayerCall",
+    "MergeError",
+    "Method",
+    "ModelAdapter",
+    "OutputAdapter",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PluginConflictError",
+    "PluginError",
+    "Site",
+    "TargetNotFoundError",
+    "TaskType",
+    "UnknownMethodError",
+    "UnsupportedLayerError",
+    "config_from_dict",
+    "get_method",
+    "get_peft_config",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "get_registry",
+    "hookimpl",
+    "inject_adapter_in_model",
+    "register_plugin",
+    "route_samples",
+    "set_peft_model_state_dict",
+    "unregister_plugin",
+]

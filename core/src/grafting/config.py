@@ -1,0 +1,238 @@
+"""The config base class every method extends, and its adapter_config.json round trip."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import warnings
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
+
+CONFIG_NAME = "adapter_config.json"
+C = TypeVar("C", bound="AdapterConfig")
+
+
+class TaskType(str, enum.Enum):
+    """The task a model is adapted for; picks the PeftModel subclass."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _names(value: Any) -> Any:
+    """Normalize a module-name option: None, a regex string, or a list of names."""
+    if value is None or isinstance(value, str):
+        return value
+    return list(value)
+
+
+def _layer_indices(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _task_type(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return TaskType(str(value)).value
+    except ValueError:
+        known = ", ".join(t.value for t in TaskType)
+        raise ConfigError(f"task_type {value!r} is not one of {known}") from None
+
+
+@attrs.define(kw_only=True)
+class AdapterConfig:
+    """Options every method shares. Subclasses set ``peft_type`` and add their own fields.
+
+    ``extra`` holds keys read from a file that this class does not know; they
+    are written back unchanged.
+    """
+
+    peft_type: ClassVar[str] = ""
+    #: Keys PEFT writes for features grafting does not implement, with PEFT's
+    #: default. Read and written back; any other value is a ConfigError.
+    inert_keys: ClassVar[dict[str, Any]] = {}
+    #: Keys kept and written back whatever they hold (informational).
+    informational_keys: ClassVar[tuple[str, ...]] = ("auto_mapping", "peft_version")
+
+    task_type: str | None = attrs.field(default=None, converter=_task_type)
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    target_modules: list[str] | str | None = attrs.field(default=None, converter=_names)
+    exclude_modules: list[str] | str | None = attrs.field(default=None, converter=_names)
+    layers_to_transform: list[int] | None = attrs.field(default=None, converter=_layer_indices)
+    layers_pattern: list[str] | str | None = attrs.field(default=None, converter=_names)
+    modules_to_save: list[str] | None = attrs.field(default=None, converter=_names)
+    extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError(f"{type(self).__name__}: layers_pattern needs layers_to_transform")
+        if isinstance(self.modules_to_save, str):
+            raise ConfigError(f"{type(self).__name__}.modules_to_save must be a list of names")
+
+    # -- JSON round trip ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The adapter_config.json content, as PEFT writes it."""
+        out: dict[str, Any] = dict(self.inert_keys)
+        out.update(self.extra)
+        for field in attrs.fields(type(self)):
+            if field.name == "extra":
+                continue
+            value = getattr(self, field.name)
+            out[field.name] = _jsonable(value)
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+        """Build a config from adapter_config.json content (PEFT's, any version)."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.peft_type)
+        if cls.peft_type and str(peft_type).upper() != cls.peft_type:
+            raise ConfigError(f"{source}: peft_type {peft_type!r} is not {cls.peft_type!r} ({cls.__name__})")
+        known = {f.name for f in attrs.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(data.pop("extra", {}) or {})
+        unknown: list[str] = []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in cls.inert_keys:
+                if not _same(value, cls.inert_keys[key]):
+                    raise ConfigError(
+                        f"{source}: {cls.__name__} option {key}={value!r} is a PEFT feature grafting"
+                        f" does not implement (only {cls.inert_keys[key]!r} is accepted)"
+                    )
+            elif key in cls.informational_keys:
+                extra[key] = value
+            else:
+                extra[key] = value
+                unknown.append(key)
+        if unknown:
+            warnings.warn(
+                f"{source}: {cls.__name__} does not know the keys {sorted(unknown)}; they are kept and"
+                " written back, but have no effect",
+                GraftingWarning,
+                stacklevel=2,
+            )
+        try:
+            return cls(**kwargs, extra=extra)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write adapter_config.json atomically into ``save_directory``."""
+        from grafting.io import atomic_write_text
+
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+    ) -> AdapterConfig:
+        """Read adapter_config.json from a folder; dispatches to the method's class."""
+        folder = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+        data = read_config_file(folder)
+        data.update(kwargs)
+        if cls is AdapterConfig:
+            return config_from_dict(data, source=os.path.join(folder, CONFIG_NAME))
+        return cls.from_dict(data, source=os.path.join(folder, CONFIG_NAME))
+
+    # -- per-method extension points ----------------------------------------------
+    def trainable_base_parameters(self, model: Any, adapted_paths: list[str]) -> list[str]:
+        """Names of base-model parameters this config also trains and saves (e.g. biases)."""
+        return []
+
+    def validate_for_model(self, model: Any) -> None:
+        """Check options that need the model (subclasses may override)."""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    empty: tuple[Any, ...] = (None, {}, [], False)
+    return a in empty and b in empty and type(a) is type(b)
+
+
+def read_config_file(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterLoadError(f"{folder} is not an adapter folder: {CONFIG_NAME} is missing")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise AdapterLoadError(f"{path} has no peft_type: it is not an adapter config")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
+    """Build the right method's config from a dict with a ``peft_type``."""
+    from grafting.plugins import get_method
+
+    if "peft_type" not in data:
+        raise ConfigError(f"{source}: no peft_type given")
+    method = get_method(str(data["peft_type"]))
+    config_class: type[AdapterConfig] = method.config_class
+    return config_class.from_dict(data, source=source)
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> AdapterConfig:
+    """PEFT's name for :func:`config_from_dict`."""
+    return config_from_dict(config_dict)
+
+
+# -- shared field validators (for method configs) ------------------------------------
+def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
+
+
+def probability(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be in [0, 1), got {value!r}")
+
+
+def one_of(*choices: Any) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(
+                f"{type(instance).__name__}.{attribute.name} must be one of {list(choices)!r}, got {value!r}"
+            )
+
+    return check

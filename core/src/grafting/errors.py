@@ -1,0 +1,57 @@
+"""grafting's error and warning classes: every failure names what and where."""
+
+from __future__ import annotations
+
+
+class GraftingError(Exception):
+    """Base class of every error grafting raises on purpose."""
+
+
+class ConfigError(GraftingError, ValueError):
+    """A config field holds a value the method cannot use."""
+
+
+class PluginError(GraftingError):
+    """A plugin could not be loaded or registered."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins declare the same method."""
+
+
+class UnknownMethodError(GraftingError, KeyError):
+    """No installed plugin provides the requested method."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TargetNotFoundError(GraftingError, ValueError):
+    """The config's target modules match nothing in the model."""
+
+
+class UnsupportedLayerError(GraftingError, TypeError):
+    """A matched module is of a type no plugin can adapt for this method."""
+
+
+class AdapterNotFoundError(GraftingError, KeyError):
+    """An adapter name that the model does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterStateError(GraftingError, RuntimeError):
+    """The requested operation conflicts with the adapters' current state."""
+
+
+class MergeError(GraftingError, RuntimeError):
+    """Merging or unmerging would give wrong weights, so nothing was changed."""
+
+
+class AdapterLoadError(GraftingError, ValueError):
+    """A saved adapter does not fit the model or is not an adapter at all."""
+
+
+class GraftingWarning(UserWarning):
+    """Something worth knowing that does not stop the call."""

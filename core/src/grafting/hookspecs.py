@@ -1,0 +1,59 @@
+"""Hook specifications: the contract between the core and a method plugin.
+
+A plugin implements any of these with ``@grafting.hookimpl`` and is listed
+under the ``grafting`` entry-point group. ``create_*`` and
+``default_target_modules`` are *firstresult* hooks: the first non-``None``
+answer wins, so a plugin answers ``None`` for configs or layers it does not
+handle, and a more specific plugin can take precedence with ``tryfirst=True``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from grafting.config import AdapterConfig
+    from grafting.layer import LayerAdapter
+    from grafting.method import Method
+    from grafting.model_adapter import ModelAdapter
+
+PROJECT = "grafting"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def grafting_methods() -> list[Method]:
+    """Return the methods this plugin provides (called once, at discovery)."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def grafting_create_layer_adapter(
+    config: AdapterConfig, base_layer: nn.Module, adapter_name: str, module_name: str
+) -> LayerAdapter | None:
+    """Build the adapter that ``config`` puts on ``base_layer``.
+
+    ``module_name`` is the dotted path of the layer in the model (for
+    per-module options such as ``rank_pattern``). Return ``None`` when this
+    plugin does not handle ``config.peft_type`` or this layer type. The
+    adapter is created on the base layer's device; it must not modify
+    ``base_layer``.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_create_model_adapter(config: AdapterConfig, model: nn.Module, adapter_name: str) -> ModelAdapter | None:
+    """Build the model-level adapter for ``config``, or return ``None``."""
+
+
+@hookspec(firstresult=True)
+def grafting_default_target_modules(config: AdapterConfig, model: nn.Module) -> list[str] | str | None:
+    """Name the modules to adapt when ``config.target_modules`` is ``None``.
+
+    Usually looked up by ``model.config.model_type``; ``None`` if unknown.
+    """

@@ -1,0 +1,68 @@
+"""Finding an adapter folder (local, or on the Hugging Face Hub) and its model card."""
+
+from __future__ import annotations
+
+import os
+
+from grafting.errors import AdapterLoadError
+from grafting.io import atomic_write_text
+
+
+def resolve_adapter_folder(
+    model_id: str | os.PathLike[str], subfolder: str | None = None, revision: str | None = None
+) -> str:
+    """A local folder holding adapter_config.json for ``model_id`` (downloaded if it is a Hub id)."""
+    path = os.fspath(model_id)
+    local = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or (os.sep in path and path.count("/") > 1):
+        raise AdapterLoadError(f"adapter folder {local} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(
+            path, revision=revision, allow_patterns=[f"{subfolder + '/' if subfolder else ''}adapter_*", "*.json"]
+        )
+    except Exception as exc:
+        raise AdapterLoadError(f"{path} is neither a local folder nor a reachable Hub repository: {exc}") from None
+    return os.path.join(root, subfolder) if subfolder else root
+
+
+CARD_TEMPLATE = """---
+{metadata}
+---
+
+# Adapter for {base}
+
+This folder holds a {methods} adapter saved by [grafting](https://pypi.org/project/grafting/) in the
+PEFT on-disk format (`adapter_config.json` + `adapter_model.safetensors`). Load it with grafting or PEFT:
+
+```python
+from grafting import PeftModel
+model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
+```
+"""
+
+
+def write_model_card(folder: str, *, base_model: str | None, methods: list[str]) -> None:
+    """Create or update README.md with PEFT's metadata (library_name, base_model, tags)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(folder, "README.md")
+    tags = ["grafting", *[m.lower() for m in methods]]
+    if os.path.isfile(path):
+        card = ModelCard.load(path)
+        data = card.data
+        data.library_name = data.library_name or "peft"
+        existing = list(data.tags or [])
+        data.tags = existing + [t for t in tags if t not in existing]
+        if base_model and not getattr(data, "base_model", None):
+            data.base_model = base_model
+        text = str(card)
+    else:
+        data = ModelCardData(library_name="peft", base_model=base_model, tags=tags)
+        text = CARD_TEMPLATE.format(
+            metadata=data.to_yaml(), base=base_model or "a transformers model", methods=" + ".join(methods)
+        )
+    atomic_write_text(path, text)

@@ -1,0 +1,245 @@
+"""The layer protocol: adapters by site, and the wrapper that composes them.
+
+A method's layer adapter subclasses one of :class:`InputAdapter`,
+:class:`DeltaAdapter` or :class:`OutputAdapter`; :class:`AdaptedLayer` holds
+the frozen base layer and any number of adapters, of any methods, and
+composes them by site (ARCHITECTURE.md, section 3).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, cast
+
+import torch
+from torch import nn
+
+from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
+from grafting.routing import current_routing
+
+
+class Site(enum.IntEnum):
+    """Where a layer adapter acts; the order is the composition (and merge) order."""
+
+    INPUT = 0
+    DELTA = 1
+    OUTPUT = 2
+
+
+class LayerCall:
+    """What a delta adapter may need besides its input: the base layer and its call."""
+
+    __slots__ = ("args", "base_layer", "base_out", "kwargs")
+
+    def __init__(self, base_layer: nn.Module, args: tuple, kwargs: dict, base_out: torch.Tensor) -> None:
+        self.base_layer = base_layer
+        self.args = args
+        self.kwargs = kwargs
+        self.base_out = base_out
+
+
+class LayerAdapter(nn.Module):
+    """One adapter of one method on one layer.
+
+    Parameters and buffers are named as PEFT names them on disk, so that the
+    adapter's own ``state_dict()`` keys, prefixed by the layer's path, are the
+    saved keys. ``merge``/``unmerge`` fold the adapter into (out of) the base
+    layer's weights in place.
+    """
+
+    site: ClassVar[Site]
+    mergeable: ClassVar[bool] = True
+
+    def merge(self, base_layer: nn.Module) -> None:
+        raise MergeError(f"{type(self).__name__} cannot be merged into a {type(base_layer).__name__}")
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        raise MergeError(f"{type(self).__name__} cannot be unmerged from a {type(base_layer).__name__}")
+
+
+class InputAdapter(LayerAdapter):
+    """Transforms the layer's input: ``forward(x) -> x'``."""
+
+    site = Site.INPUT
+
+
+class DeltaAdapter(LayerAdapter):
+    """Adds to the layer's output: ``forward(x, call) -> delta``; ``x`` is the layer's own input."""
+
+    site = Site.DELTA
+
+
+class OutputAdapter(LayerAdapter):
+    """Transforms the layer's output: ``forward(y) -> y'``."""
+
+    site = Site.OUTPUT
+
+
+def _primary(args: tuple, kwargs: dict) -> tuple[Any, str | int]:
+    if args:
+        return args[0], 0
+    for key in ("hidden_states", "input", "x", "input_ids"):
+        if key in kwargs:
+            return kwargs[key], key
+    raise TypeError("AdaptedLayer needs the layer's input as first argument or as hidden_states=")
+
+
+def _replace(args: tuple, kwargs: dict, where: str | int, value: Any) -> tuple[tuple, dict]:
+    if where == 0:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, str(where): value}
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen ``base_layer`` plus adapters, composed by site.
+
+    ``active`` lists the adapters that act in forward; ``merged`` the ones
+    folded into the base weights, in merge order.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # -- bookkeeping --------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: LayerAdapter) -> None:
+        if name in self.adapters:
+            raise AdapterStateError(f"layer already holds an adapter named {name!r}")
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def set_active(self, names: list[str] | tuple[str, ...]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+
+    def _sorted(self, names: list[str] | set[str]) -> list[str]:
+        """Adapter names in composition order: by site, then by insertion order."""
+        order = list(self.adapters.keys())
+        return sorted(names, key=lambda n: (self._get(n).site, order.index(n)))
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            return self.base_layer(*args, **kwargs)
+        routing = current_routing()
+        if routing is not None:
+            return self._routed_forward(routing, args, kwargs)
+        live = [self._get(n) for n in self.active if n not in self.merged]
+        if not live:
+            return self.base_layer(*args, **kwargs)
+        live.sort(key=lambda a: a.site)
+        x, where = _primary(args, kwargs)
+        base_args, base_kwargs = args, kwargs
+        x_in = x
+        for adapter in live:
+            if adapter.site is Site.INPUT:
+                x_in = adapter(x_in)
+        if x_in is not x:
+            base_args, base_kwargs = _replace(args, kwargs, where, x_in)
+        out = self.base_layer(*base_args, **base_kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        call: LayerCall | None = None
+        for adapter in live:
+            if adapter.site is Site.DELTA:
+                if call is None:
+                    call = LayerCall(self.base_layer, args, kwargs, y)
+                y = y + adapter(x, call)
+            elif adapter.site is Site.OUTPUT:
+                y = adapter(y)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:
+        if self.merged:
+            raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
+        x, where = _primary(args, kwargs)
+        if x.shape[0] != routing.batch_size:
+            raise AdapterStateError(
+                f"adapter_names has {routing.batch_size} entries but the batch has {x.shape[0]} samples"
+            )
+        out = self.base_layer(*args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        result = y
+        for name in routing.adapter_names:
+            if name not in self.adapters:
+                continue
+            adapter = self._get(name)
+            rows = routing.rows(name, y.device)
+            if adapter.site is Site.INPUT:
+                sub_args, sub_kwargs = _replace(args, kwargs, where, adapter(x[rows]))
+                sub = self.base_layer(*sub_args, **sub_kwargs)
+                value = sub[0] if isinstance(sub, tuple) else sub
+            elif adapter.site is Site.DELTA:
+                value = y[rows] + adapter(x[rows], LayerCall(self.base_layer, args, kwargs, y[rows]))
+            else:
+                value = adapter(y[rows])
+            if result is y:
+                result = y.clone()
+            result = result.index_copy(0, rows, value.to(result.dtype))
+        return (result, *out[1:]) if isinstance(out, tuple) else result
+
+    # -- merging ------------------------------------------------------------------
+    def merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:
+        """Fold ``names`` into the base weights, keeping the forward unchanged.
+
+        Raises :class:`MergeError` and leaves the weights as they were if the
+        merged set would not be a prefix of the site order, or (``safe``) if
+        the merged weights are not finite.
+        """
+        names = [n for n in names if n in self.adapters]
+        self._rebuild(set(self.merged) | set(names), safe=safe, layer_name=layer_name)
+
+    def unmerge(self, names: list[str] | None = None, *, layer_name: str = "layer") -> None:
+        """Take ``names`` (default: all) out of the base weights."""
+        drop = set(self.merged) if names is None else set(names)
+        self._rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
+
+    def _rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+        if target == set(self.merged):
+            return
+        for name in target:
+            if not self._get(name).mergeable:
+                raise MergeError(f"{layer_name}: adapter {name!r} ({type(self._get(name)).__name__}) cannot be merged")
+        if target:
+            top = max(self._get(n).site for n in target)
+            for name in set(self.active) - target:
+                if self._get(name).site < top:
+                    raise MergeError(
+                        f"{layer_name}: cannot merge {sorted(target)} while active adapter {name!r} "
+                        f"({self._get(name).site.name} site) stays unmerged; merge it too"
+                    )
+        snapshot = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        try:
+            for name in reversed(self.merged):
+                self._get(name).unmerge(self.base_layer)
+            ordered = self._sorted(target)
+            for name in ordered:
+                self._get(name).merge(self.base_layer)
+            if safe:
+                for key, value in self.base_layer.state_dict().items():
+                    if value.is_floating_point() and not torch.isfinite(value).all():
+                        raise MergeError(f"{layer_name}: merging {ordered} gives non-finite values in {key}")
+        except BaseException:
+            with torch.no_grad():
+                for key, value in self.base_layer.state_dict().items():
+                    value.copy_(snapshot[key])
+            raise
+        self.merged = ordered
+
+    def _get(self, name: str) -> LayerAdapter:
+        return cast(LayerAdapter, self.adapters[name])
+
+    def get_adapter(self, name: str) -> LayerAdapter:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(f"layer has no adapter {name!r}")
+        return self._get(name)
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}"

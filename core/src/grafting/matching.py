@@ -1,0 +1,125 @@
+"""Which modules of a model a config targets."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from grafting.errors import TargetNotFoundError
+
+ALL_LINEAR = "all-linear"
+DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def name_matches(name: str, spec: list[str] | str | None) -> bool:
+    """A list entry matches exactly or as a dotted suffix; a string is a full-match regex."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
+    """The first key of a ``rank_pattern``-style dict that matches ``name`` (suffix regex)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or DEFAULT_LAYERS_PATTERNS)
+    for pattern in patterns:
+        found = re.match(rf".*\.{pattern}\.(\d+)\.", name) or re.match(rf"^{pattern}\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return set()
+    return {n for n, m in model.named_modules() if m is head}
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules that may be targeted: not grafting's own wrappers' internals."""
+    from grafting.layer import AdaptedLayer
+    from grafting.modules_to_save import ModulesToSaveWrapper
+
+    out: list[tuple[str, nn.Module]] = []
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, AdaptedLayer):
+            skip.append(name)
+            out.append((name, module))
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            skip.append(name)
+            continue
+        out.append((name, module))
+    return out
+
+
+def find_targets(model: nn.Module, config: Any, defaults: list[str] | str | None = None) -> list[str]:
+    """Names of the modules ``config`` adapts, in model order; raises if none."""
+    spec = config.target_modules if config.target_modules is not None else defaults
+    if spec is None:
+        raise TargetNotFoundError(
+            f"{type(config).__name__}: target_modules is not set and no default is known for "
+            f"model type {getattr(getattr(model, 'config', None), 'model_type', type(model).__name__)!r}; "
+            "set target_modules"
+        )
+    candidates = candidate_modules(model)
+    if spec == ALL_LINEAR or spec == [ALL_LINEAR]:
+        heads = _output_embedding_names(model)
+        names = [n for n, m in candidates if _is_linear(_unwrap(m)) and n not in heads]
+    else:
+        names = [n for n, _ in candidates if name_matches(n, spec)]
+    if config.exclude_modules is not None:
+        names = [n for n in names if not name_matches(n, config.exclude_modules)]
+    saved = config.modules_to_save or []
+    names = [n for n in names if not name_matches(n, saved)]
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)
+        names = [n for n in names if layer_index(n, config.layers_pattern) in wanted]
+    if not names:
+        raise TargetNotFoundError(_no_match_message(config, spec, [n for n, _ in candidates]))
+    return names
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+def _no_match_message(config: Any, spec: Any, names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [spec] if isinstance(spec, str) else list(spec)
+    close: list[str] = []
+    for key in wanted:
+        close += difflib.get_close_matches(str(key).rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+    close = sorted(set(close)) or leaves[:8]
+    extra = ""
+    if config.layers_to_transform is not None:
+        extra = f" with layers_to_transform={config.layers_to_transform}"
+    if config.exclude_modules is not None:
+        extra += f" and exclude_modules={config.exclude_modules!r}"
+    return (
+        f"{type(config).__name__}: target_modules={spec!r}{extra} matches no module of the model; "
+        f"closest module names: {close}"
+    )

@@ -1,0 +1,359 @@
+"""PeftModel and its task classes: the wrapper users hold, with PEFT's API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from grafting.config import AdapterConfig, TaskType
+from grafting.errors import AdapterLoadError, AdapterNotFoundError
+from grafting.hub import resolve_adapter_folder, write_model_card
+from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
+from grafting.routing import BASE, route_samples
+from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.tuner import AdapterModel
+
+DEFAULT = "default"
+
+
+class PeftModel(nn.Module):
+    """A model with adapters. ``base_model`` is the :class:`AdapterModel`; the user's model is ``base_model.model``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: AdapterConfig,
+        adapter_name: str = DEFAULT,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        mixed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_model = AdapterModel(model, mixed=mixed)
+        self.base_model.add_adapter(
+            adapter_name,
+            peft_config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters ---------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters[0]
+
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        return self.peft_config[self.active_adapter]
+
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (inactive until :meth:`set_adapter`, unless it is the only one)."""
+        self.base_model.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: inside it the model computes as the base model."""
+        return self.base_model.disable_adapter()
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # -- parameters ---------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; 4-bit packed weights count twice."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            if p.__class__.__name__ == "Params4bit":
+                n *= 2
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- forward ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise AdapterNotFoundError(f"adapter_names names adapters the model does not hold: {unknown}")
+        with route_samples(adapter_names):
+            yield
+
+    def _call(self, fn: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self._routing(adapter_names):
+            model_adapter = self.base_model.active_model_adapter()
+            if model_adapter is None:
+                return fn(*args, **kwargs)
+            if args:
+                kwargs["input_ids"], args = args[0], args[1:]
+            prepared = model_adapter.prepare(kwargs, self.base_model.model)
+            return model_adapter.finish(fn(*args, **prepared), prepared)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(self.base_model.model, args, kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(self.base_model.model.generate, args, kwargs)
+
+    # -- merging ----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # -- saving -------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter in PEFT's format: ``default`` at the root, others in a subfolder."""
+        if os.path.isfile(save_directory):
+            raise AdapterLoadError(f"cannot save adapters to {save_directory}: it is a file, not a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self.base_model._require(name)
+        if not is_main_process:
+            return
+        root = os.fspath(save_directory)
+        os.makedirs(root, exist_ok=True)
+        base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
+        for name in names:
+            folder = root if name == DEFAULT else os.path.join(root, name)
+            os.makedirs(folder, exist_ok=True)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            weights = SAFETENSORS_NAME if safe_serialization else "adapter_model.bin"
+            save_weights(tensors, os.path.join(folder, weights), safe_serialization=safe_serialization)
+            config = self.peft_config[name]
+            data = config.to_dict()
+            data["inference_mode"] = True
+            if data.get("base_model_name_or_path") is None:
+                data["base_model_name_or_path"] = base_name
+            type(config).from_dict(data).save_pretrained(folder)
+        self.create_or_update_model_card(root)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
+        methods = sorted({c.peft_type for c in self.peft_config.values()})
+        write_model_card(output_dir, base_model=base_name, methods=methods)
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = DEFAULT,
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        mixed: bool = False,
+        strict: bool = True,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter (grafting's or PEFT's) onto ``model``."""
+        folder = resolve_adapter_folder(model_id, subfolder, revision)
+        if config is None:
+            config = AdapterConfig.from_pretrained(folder)
+        config = _with_mode(config, inference_mode=not is_trainable)
+        klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
+        peft_model = klass(
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=True,
+            mixed=mixed,
+        )
+        peft_model._load_weights(folder, adapter_name, strict=strict)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        strict: bool = True,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter as ``adapter_name`` beside the ones the model holds."""
+        folder = resolve_adapter_folder(model_id, subfolder, revision)
+        config = _with_mode(AdapterConfig.from_pretrained(folder), inference_mode=not is_trainable)
+        self.base_model.add_adapter(
+            adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
+        )
+        try:
+            self._load_weights(folder, adapter_name, strict=strict)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+    def _load_weights(self, folder: str, adapter_name: str, *, strict: bool) -> None:
+        tensors = load_weights(folder)
+        result = set_peft_model_state_dict(self, tensors, adapter_name=adapter_name)
+        if strict and (result.unexpected_keys or result.missing_keys):
+            parts = []
+            if result.unexpected_keys:
+                parts.append(
+                    f"{len(result.unexpected_keys)} keys fit no adapter tensor (first: {result.unexpected_keys[:3]})"
+                )
+            if result.missing_keys:
+                parts.append(
+                    f"{len(result.missing_keys)} adapter tensors are not in the file (first: {result.missing_keys[:3]})"
+                )
+            raise AdapterLoadError(f"{folder} does not match adapter {adapter_name!r}: " + "; ".join(parts))
+        still_meta = [n for n, p in self.named_parameters() if p.is_meta]
+        if still_meta:
+            raise AdapterLoadError(
+                f"{folder}: adapter {adapter_name!r} has tensors the file did not fill: {still_meta[:3]}"
+            )
+
+
+def _with_mode(config: AdapterConfig, *, inference_mode: bool) -> AdapterConfig:
+    import attrs
+
+    return attrs.evolve(config, inference_mode=inference_mode)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Decoder-only language models (``task_type="CAUSAL_LM"``)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder language models (``task_type="SEQ_2_SEQ_LM"``)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification; the head (``classifier``/``score``) trains in full."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification; the head (``classifier``/``score``) trains in full."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering; ``qa_outputs`` trains in full."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Embedding models (``task_type="FEATURE_EXTRACTION"``)."""
+
+
+TASK_CLASSES: dict[str, type[PeftModel]] = {
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: AdapterConfig,
+    adapter_name: str = DEFAULT,
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter from ``peft_config``; the class follows ``task_type``."""
+    if revision is not None:
+        import attrs
+
+        peft_config = attrs.evolve(peft_config, revision=revision)
+    klass = TASK_CLASSES.get(peft_config.task_type or "", PeftModel)
+    return klass(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+        mixed=mixed,
+    )
+
+
+def inject_adapter_in_model(
+    peft_config: AdapterConfig, model: nn.Module, adapter_name: str = DEFAULT, low_cpu_mem_usage: bool = False
+) -> nn.Module:
+    """Put adapters into ``model`` in place, without a PeftModel wrapper; returns ``model``."""
+    AdapterModel(model).add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    return model
+
+
+__all__ = [
+    "TASK_CLASSES",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "get_peft_model",
+    "inject_adapter_in_model",
+]

@@ -1,0 +1,161 @@
+"""Plugin discovery on pluggy: entry points, in-process registration, the method table."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+import traceback
+from typing import Any
+
+import attrs
+import pluggy
+
+from grafting import hookspecs
+from grafting.errors import PluginConflictError, PluginError, UnknownMethodError
+from grafting.method import KNOWN_DISTRIBUTIONS, Method
+
+ENTRY_POINT_GROUP = "grafting"
+
+
+@attrs.frozen
+class PluginLoadFailure:
+    """An entry point that could not be loaded, kept for ``grafting plugins``."""
+
+    entry_point: str
+    distribution: str | None
+    error: str
+    traceback: str
+
+
+class Registry:
+    """The plugin manager plus the table of methods the plugins declared."""
+
+    def __init__(self, *, load_entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.failures: list[PluginLoadFailure] = []
+        self._methods: dict[str, Method] = {}
+        if load_entry_points:
+            self._load_entry_points()
+
+    # -- registration -------------------------------------------------------------
+    def _load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else None
+            version = ep.dist.version if ep.dist is not None else None
+            try:
+                plugin = ep.load()
+                self.register(plugin, name=ep.name, distribution=dist, version=version, entry_point=ep.value)
+            except PluginConflictError:
+                raise
+            except Exception as exc:  # a broken plugin must not break the others
+                self.failures.append(
+                    PluginLoadFailure(
+                        entry_point=f"{ep.name} = {ep.value}",
+                        distribution=dist,
+                        error=f"{type(exc).__name__}: {exc}",
+                        traceback=traceback.format_exc(),
+                    )
+                )
+
+    def register(
+        self,
+        plugin: Any,
+        *,
+        name: str | None = None,
+        distribution: str | None = None,
+        version: str | None = None,
+        entry_point: str | None = None,
+    ) -> list[Method]:
+        """Register a plugin object or module and record the methods it declares."""
+        if name is not None and self.pm.has_plugin(name):
+            raise PluginError(f"a plugin named {name!r} is already registered")
+        if self.pm.is_registered(plugin):
+            raise PluginError(f"plugin {plugin!r} is already registered")
+        hook = getattr(plugin, "grafting_methods", None)
+        declared = list(hook()) if hook is not None else []
+        methods = [
+            attrs.evolve(
+                m,
+                distribution=m.distribution or distribution,
+                version=m.version or version,
+                entry_point=m.entry_point or entry_point,
+            )
+            for m in declared
+        ]
+        for m in methods:
+            if not isinstance(m, Method):
+                raise PluginError(f"plugin {name or plugin!r} declared {m!r}, which is not a grafting.Method")
+            other = self._methods.get(m.peft_type)
+            if other is not None:
+                raise PluginConflictError(
+                    f"method {m.peft_type} is declared by both {other.distribution or other.entry_point or 'an in-process plugin'}"
+                    f" and {m.distribution or entry_point or name or 'an in-process plugin'}; uninstall one of them"
+                )
+        self.pm.register(plugin, name=name)
+        for m in methods:
+            self._methods[m.peft_type] = m
+        return methods
+
+    def unregister(self, plugin: Any) -> None:
+        """Remove a plugin registered in-process, with the methods it declared."""
+        hook = getattr(plugin, "grafting_methods", None)
+        for m in hook() if hook is not None else []:
+            self._methods.pop(m.peft_type, None)
+        self.pm.unregister(plugin)
+
+    # -- lookup ---------------------------------------------------------------------
+    @property
+    def methods(self) -> dict[str, Method]:
+        return dict(self._methods)
+
+    def method(self, peft_type: str) -> Method:
+        """The method for an adapter_config.json ``peft_type`` (or its short name)."""
+        key = str(peft_type).upper()
+        if key in self._methods:
+            return self._methods[key]
+        for m in self._methods.values():
+            if m.name == str(peft_type):
+                return m
+        raise UnknownMethodError(missing_method_message(key, self))
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+
+def missing_method_message(peft_type: str, registry: Registry | None = None) -> str:
+    dist = KNOWN_DISTRIBUTIONS.get(peft_type)
+    msg = f"no installed grafting plugin provides the method {peft_type!r}"
+    if dist:
+        msg += f"; install it with `pip install {dist}`"
+    if registry is not None:
+        for failure in registry.failures:
+            msg += f" (note: plugin {failure.entry_point} failed to load: {failure.error})"
+    return msg
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, loading entry points on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = Registry()
+        return _registry
+
+
+def register_plugin(plugin: Any, *, name: str | None = None) -> list[Method]:
+    """Register a plugin in this process without installing it (tests, notebooks)."""
+    return get_registry().register(plugin, name=name)
+
+
+def unregister_plugin(plugin: Any) -> None:
+    get_registry().unregister(plugin)
+
+
+def get_method(peft_type: str) -> Method:
+    return get_registry().method(peft_type)

@@ -1,0 +1,168 @@
+"""Adapter weights in PEFT's key layout: gather them from a model, put them back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from grafting.errors import AdapterLoadError
+
+PREFIX = "base_model.model."
+
+
+def tuner_of(model: nn.Module) -> Any:
+    """The AdapterModel behind a PeftModel (or the AdapterModel itself)."""
+    from grafting.tuner import AdapterModel
+
+    if isinstance(model, AdapterModel):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, AdapterModel):
+        return base
+    raise TypeError(f"{type(model).__name__} holds no grafting adapters")
+
+
+@attrs.frozen
+class Slot:
+    """Where one saved tensor lives: a module and the attribute name on it."""
+
+    module: nn.Module
+    attr: str
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+
+    def get(self) -> torch.Tensor:
+        return getattr(self.module, self.attr)
+
+
+def _local_slots(prefix: str, module: nn.Module, near: nn.Module) -> Iterator[tuple[str, Slot]]:
+    device = _device_of(near)
+    for name in module.state_dict(keep_vars=True):
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        yield prefix + name, Slot(owner, attr, device)
+
+
+def adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, Slot]:
+    """Every tensor adapter ``adapter_name`` saves, by its PEFT key (model adapters excluded)."""
+    tuner = tuner_of(model)
+    slots: dict[str, Slot] = {}
+    for path, layer in tuner.adapted_layers():
+        if adapter_name in layer.adapters:
+            slots.update(_local_slots(f"{PREFIX}{path}.", layer.adapters[adapter_name], layer.base_layer))
+    for path, wrapper in tuner.save_wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            slots.update(
+                _local_slots(f"{PREFIX}{path}.", wrapper.modules_to_save[adapter_name], wrapper.original_module)
+            )
+    config = tuner.peft_config[adapter_name]
+    for pname in config.trainable_base_parameters(tuner.model, [p for p, _ in tuner.adapted_layers()]):
+        owner_path, _, attr = pname.rpartition(".")
+        owner = tuner.model.get_submodule(owner_path)
+        slots[PREFIX + pname] = Slot(owner, attr, _device_of(owner))
+    return slots
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as PEFT saves them (adapter name dropped)."""
+    tuner = tuner_of(model)
+    tuner._require(adapter_name)
+    out = {key: slot.get().detach() for key, slot in adapter_slots(model, adapter_name).items()}
+    if adapter_name in tuner.model_adapters:
+        out.update({k: v.detach() for k, v in tuner.model_adapters[adapter_name].peft_state_dict().items()})
+    if save_embedding_layers is True:
+        out.update(_embedding_weights(tuner))
+    return out
+
+
+def _embedding_weights(tuner: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(tuner.model, getter, None)
+        emb = fn() if callable(fn) else None
+        if emb is None:
+            continue
+        for name, module in tuner.model.named_modules():
+            if module is emb:
+                out[f"{PREFIX}{name}.weight"] = emb.weight.detach()
+    return out
+
+
+@attrs.frozen
+class LoadResult:
+    """Keys of the file that fit nothing, and adapter tensors the file did not provide."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> LoadResult:
+    """Load PEFT-keyed tensors into adapter ``adapter_name``.
+
+    Shapes are checked for every key before any tensor is written, so a bad
+    file leaves the adapter as it was. Meta tensors (``low_cpu_mem_usage``)
+    are materialized on their base layer's device.
+    """
+    tuner = tuner_of(model)
+    tuner._require(adapter_name)
+    state = dict(peft_model_state_dict)
+    model_level: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    if adapter_name in tuner.model_adapters:
+        wanted = tuner.model_adapters[adapter_name].peft_state_dict()
+        for key in wanted:
+            if key in state:
+                model_level[key] = state.pop(key)
+            else:
+                missing.append(key)
+    slots = adapter_slots(model, adapter_name)
+    plan: list[tuple[Slot, torch.Tensor]] = []
+    for key, slot in slots.items():
+        if key not in state:
+            missing.append(key)
+            continue
+        value = state.pop(key)
+        current = slot.get()
+        if tuple(current.shape) != tuple(value.shape):
+            if ignore_mismatched_sizes:
+                continue
+            raise AdapterLoadError(
+                f"adapter {adapter_name!r}: {key} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(current.shape)} in the model (is the config's r or target set the one it was saved with?)"
+            )
+        plan.append((slot, value))
+    with torch.no_grad():
+        for slot, value in plan:
+            current = slot.get()
+            if current.is_meta:
+                new = value.to(device=slot.device, dtype=current.dtype)
+                if isinstance(current, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=current.requires_grad)
+                setattr(slot.module, slot.attr, new)
+            else:
+                current.copy_(value.to(dtype=current.dtype))
+        if model_level:
+            tuner.model_adapters[adapter_name].load_peft_state_dict(model_level)
+    return LoadResult(missing_keys=missing, unexpected_keys=sorted(state))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    return torch.device("cpu")

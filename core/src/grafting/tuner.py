@@ -1,0 +1,344 @@
+"""AdapterModel: puts adapters of any method into a model and manages their state."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from grafting.config import AdapterConfig, TaskType
+from grafting.errors import (
+    AdapterNotFoundError,
+    AdapterStateError,
+    MergeError,
+    PluginError,
+    TargetNotFoundError,
+    UnsupportedLayerError,
+)
+from grafting.layer import AdaptedLayer
+from grafting.matching import candidate_modules, find_targets, name_matches
+from grafting.model_adapter import ModelAdapter
+from grafting.modules_to_save import ModulesToSaveWrapper
+from grafting.plugins import get_method, get_registry
+from grafting.routing import BASE
+
+#: Heads trained in full for these task types, as PEFT does.
+TASK_HEADS: dict[str, list[str]] = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
+
+
+def _base_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in module.parameters():
+        return tensor.device, None
+    return torch.device("cpu"), None
+
+
+def _place(adapter: nn.Module, base: nn.Module, autocast_adapter_dtype: bool, *, meta: bool) -> None:
+    """Put a new adapter on its base's device; float32 unless the base is float64 or autocast is off."""
+    device, dtype = _base_device_dtype(base)
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if dtype not in floats or (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
+        target = torch.float32
+    else:
+        target = dtype
+    if meta:
+        adapter.to(dtype=target)
+    else:
+        adapter.to(device=device, dtype=target)
+
+
+class AdapterModel(nn.Module):
+    """The method-agnostic tuner that ``PeftModel.base_model`` is.
+
+    ``model`` is the user's model with adapted layers in place;
+    ``model_adapters`` holds model-level adapters; ``peft_config`` maps
+    adapter names to configs.
+    """
+
+    def __init__(self, model: nn.Module, *, mixed: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.model_adapters = nn.ModuleDict()
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        self.mixed = mixed
+        self.disabled = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- traversal ------------------------------------------------------------------
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+
+    def save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def _require(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterNotFoundError(f"no adapter named {name!r}; the model holds {sorted(self.peft_config)}")
+
+    # -- adding -----------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        *,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Create adapter ``adapter_name`` from ``config``; on any error the model is unchanged."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE:
+            raise AdapterStateError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.'")
+        if adapter_name in self.peft_config:
+            raise AdapterStateError(f"the model already holds an adapter named {adapter_name!r}")
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"expected a grafting adapter config, got {type(config).__name__}")
+        if not self.mixed:
+            others = {c.peft_type for c in self.peft_config.values()} - {config.peft_type}
+            if others:
+                raise AdapterStateError(
+                    f"this model holds {sorted(others)} adapters; adding a {config.peft_type} adapter needs a mixed model "
+                    "(get_peft_model(..., mixed=True))"
+                )
+        method = get_method(config.peft_type)
+        config = self._with_task_heads(config)
+        config.validate_for_model(self.model)
+        hook = get_registry().hook
+        device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
+        created: list[tuple[str, nn.Module]] = []
+        model_adapter: ModelAdapter | None = None
+        if method.level == "layer":
+            defaults = hook.grafting_default_target_modules(config=config, model=self.model)
+            for path in find_targets(self.model, config, defaults):
+                module = self.model.get_submodule(path)
+                base = module.base_layer if isinstance(module, AdaptedLayer) else module
+                with device_ctx:
+                    adapter = hook.grafting_create_layer_adapter(
+                        config=config, base_layer=base, adapter_name=adapter_name, module_name=path
+                    )
+                if adapter is None:
+                    raise UnsupportedLayerError(
+                        f"{config.peft_type} adapter {adapter_name!r}: {path} is a {type(base).__name__}, which no "
+                        f"installed plugin can adapt with {config.peft_type}"
+                    )
+                _place(adapter, base, autocast_adapter_dtype, meta=low_cpu_mem_usage)
+                created.append((path, adapter))
+        else:
+            with device_ctx:
+                model_adapter = hook.grafting_create_model_adapter(
+                    config=config, model=self.model, adapter_name=adapter_name
+                )
+            if model_adapter is None:
+                raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
+            _place(model_adapter, self.model, autocast_adapter_dtype, meta=low_cpu_mem_usage)
+        saved = self._modules_to_save_paths(config)
+        # every check passed: install
+        for path, adapter in created:
+            module = self.model.get_submodule(path)
+            if not isinstance(module, AdaptedLayer):
+                module = AdaptedLayer(module)
+                self.model.set_submodule(path, module)
+            module.add_adapter(adapter_name, adapter)  # type: ignore[arg-type]
+        if model_adapter is not None:
+            self.model_adapters[adapter_name] = model_adapter
+        for path in saved:
+            wrapper = self.model.get_submodule(path)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                self.model.set_submodule(path, wrapper)
+            wrapper.add_copy(adapter_name)
+        self.peft_config[adapter_name] = config
+        if not self.active_adapters:
+            self.set_adapter(adapter_name)
+        else:
+            self._refresh_trainable()
+
+    def _with_task_heads(self, config: AdapterConfig) -> AdapterConfig:
+        heads = TASK_HEADS.get(config.task_type or "")
+        if not heads:
+            return config
+        current = list(config.modules_to_save or [])
+        return attrs.evolve(config, modules_to_save=current + [h for h in heads if h not in current])
+
+    def _modules_to_save_paths(self, config: AdapterConfig) -> list[str]:
+        if not config.modules_to_save:
+            return []
+        paths = [
+            n
+            for n, m in candidate_modules(self.model)
+            if name_matches(n, config.modules_to_save) and not isinstance(m, AdaptedLayer)
+        ]
+        # the outermost match only (a head, not its submodules)
+        paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+        if not paths:
+            raise TargetNotFoundError(
+                f"{type(config).__name__}: modules_to_save={config.modules_to_save!r} matches no module of the model"
+            )
+        return paths
+
+    # -- activation -------------------------------------------------------------------
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` (one name or a list) the active adapters."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+        types = {self.peft_config[n].peft_type for n in names}
+        if len(types) > 1 and not self.mixed:
+            raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
+        if len([n for n in names if n in self.model_adapters]) > 1:
+            raise AdapterStateError(f"only one model-level adapter can be active at a time, got {names}")
+        for _, layer in self.adapted_layers():
+            if layer.merged and set(layer.merged) - set(names):
+                layer.unmerge()
+            layer.set_active(names)
+        for _, wrapper in self.save_wrappers():
+            wrapper.set_active(names)
+        self.active_adapters = names
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> None:
+        """Active adapters train (unless in inference mode); everything else is frozen."""
+        active = set(self.active_adapters)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for name, config in self.peft_config.items():
+            train = name in active and not config.inference_mode
+            for _, layer in self.adapted_layers():
+                if name in layer.adapters:
+                    layer.adapters[name].requires_grad_(train)
+            for _, wrapper in self.save_wrappers():
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(train)
+            if name in self.model_adapters:
+                self.model_adapters[name].requires_grad_(train)
+            if train:
+                for pname in config.trainable_base_parameters(self.model, [p for p, _ in self.adapted_layers()]):
+                    self.model.get_parameter(pname).requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as its base (merged adapters are unmerged meanwhile)."""
+        merged = {path: list(layer.merged) for path, layer in self.adapted_layers() if layer.merged}
+        layers = dict(self.adapted_layers())
+        for path in merged:
+            layers[path].unmerge(layer_name=path)
+        modules = [m for _, m in self.adapted_layers()] + [w for _, w in self.save_wrappers()]
+        previous = self.disabled
+        for m in modules:
+            m.disabled = True
+        self.disabled = True
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.disabled = False
+            self.disabled = previous
+            for path, names in merged.items():
+                layers[path].merge(names, layer_name=path)
+
+    # -- model-level adapters in forward ----------------------------------------------
+    def active_model_adapter(self) -> ModelAdapter | None:
+        if self.disabled:
+            return None
+        for name in self.active_adapters:
+            if name in self.model_adapters:
+                return self.model_adapters[name]  # type: ignore[return-value]
+        return None
+
+    # -- merging ------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights, all layers or none."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._require(name)
+            if name in self.model_adapters:
+                raise MergeError(
+                    f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
+                )
+        done: list[tuple[str, AdaptedLayer, list[str]]] = []
+        try:
+            for path, layer in self.adapted_layers():
+                before = list(layer.merged)
+                layer.merge(names, safe=safe_merge, layer_name=path)
+                done.append((path, layer, before))
+        except BaseException:
+            for path, layer, before in reversed(done):
+                layer._rebuild(set(before), safe=False, layer_name=path)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for path, layer in self.adapted_layers():
+            layer.unmerge(layer_name=path)
+
+    def _unload(
+        self, *, merge: bool, safe_merge: bool, adapter_names: list[str] | None, progressbar: bool
+    ) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        layers = list(self.adapted_layers())
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = list(tqdm(layers, desc="Unloading" + (" and merging" if merge else "")))
+        for path, layer in layers:
+            self.model.set_submodule(path, layer.base_layer)
+        for path, wrapper in list(self.save_wrappers()):
+            keep = wrapper.modules_to_save[wrapper.active] if merge and wrapper.active else wrapper.original_module
+            self.model.set_submodule(path, keep)
+        return self.model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the base weights and return the plain model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model."""
+        self.unmerge_adapter()
+        return self._unload(merge=False, safe_merge=False, adapter_names=None, progressbar=False)
+
+    # -- deleting -------------------------------------------------------------------------
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require(adapter_name)
+        for path, layer in list(self.adapted_layers()):
+            if adapter_name in layer.adapters:
+                layer.remove_adapter(adapter_name)
+                if not len(layer.adapters):
+                    self.model.set_submodule(path, layer.base_layer)
+        for path, wrapper in list(self.save_wrappers()):
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+                if not len(wrapper.modules_to_save):
+                    self.model.set_submodule(path, wrapper.original_module)
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = []
+        if remaining:
+            self.set_adapter(remaining)

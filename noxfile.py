@@ -1,0 +1,48 @@
+"""Development sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a CUDA build of several GB
+TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "peft==0.21.*"]
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def distributions() -> list[str]:
+    """The core first, then every plugin and contrib distribution in the repo."""
+    found = sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))
+    found += sorted(p.parent for p in ROOT.glob("contrib/*/pyproject.toml"))
+    return [str(ROOT / "core"), *map(str, found)]
+
+
+def install_grafting(session: nox.Session) -> None:
+    session.install(TORCH)
+    editable: list[str] = []
+    for dist in distributions():
+        editable += ["-e", dist]
+    session.install(*editable)
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """Install core and every plugin from source, then run the whole suite."""
+    install_grafting(session)
+    session.install(*TEST_DEPS)
+    args = session.posargs or ["-n", "2", "--dist", "loadgroup"]
+    session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": "ci", "TOKENIZERS_PARALLELISM": "false"})
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff on everything; mypy on the core."""
+    session.install("ruff>=0.6", "mypy>=1.10")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    install_grafting(session)
+    session.run("mypy", "core/src/grafting")

@@ -1,0 +1,98 @@
+"""LoraConfig: the options of LoRA, DoRA and rsLoRA, as PEFT writes them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import attrs
+
+from grafting.config import AdapterConfig, one_of, positive, probability
+from grafting.errors import ConfigError
+from grafting.matching import pattern_key
+
+
+@attrs.define(kw_only=True)
+class LoraConfig(AdapterConfig):
+    """Low-rank adaptation: ``ΔW = B·A · lora_alpha / r`` (rsLoRA: ``/ √r``).
+
+    ``rank_pattern`` and ``alpha_pattern`` override ``r`` and ``lora_alpha``
+    for modules whose name matches a key (a regex matched as a dotted suffix).
+    ``bias`` trains no bias (``"none"``), every bias (``"all"``) or the biases
+    of adapted layers (``"lora_only"``).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    inert_keys: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "kasa_config": None,
+        "layer_replication": None,
+        "loftq_config": {},
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "monteclora_config": None,
+        "qalora_group_size": 16,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_qalora": False,
+        "velora_config": None,
+    }
+
+    r: int = attrs.field(default=8, validator=positive)
+    lora_alpha: float = attrs.field(default=8, validator=positive)
+    lora_dropout: float = attrs.field(default=0.0, validator=probability)
+    fan_in_fan_out: bool = False
+    bias: str = attrs.field(default="none", validator=one_of("none", "all", "lora_only"))
+    use_rslora: bool = False
+    init_lora_weights: bool | str = attrs.field(default=True)
+    rank_pattern: dict[str, int] = attrs.field(factory=dict)
+    alpha_pattern: dict[str, float] = attrs.field(factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    @init_lora_weights.validator
+    def _check_init(self, attribute: attrs.Attribute, value: Any) -> None:
+        if not (value is True or value is False or value == "gaussian"):
+            raise ConfigError(
+                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {value!r}"
+                " (PEFT's data-driven initializations such as 'pissa' or 'loftq' are not implemented)"
+            )
+
+    @rank_pattern.validator
+    def _check_ranks(self, attribute: attrs.Attribute, value: dict[str, int]) -> None:
+        for key, rank in value.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        key = pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def trainable_base_parameters(self, model: Any, adapted_paths: list[str]) -> list[str]:
+        if self.bias == "none":
+            return []
+        if self.bias == "lora_only":
+            return [
+                f"{p}.base_layer.bias"
+                for p in adapted_paths
+                if getattr(model.get_submodule(p).base_layer, "bias", None) is not None
+            ]
+        return [
+            n
+            for n, _ in model.named_parameters()
+            if n.endswith("bias") and ".adapters." not in n and ".modules_to_save." not in n
+        ]

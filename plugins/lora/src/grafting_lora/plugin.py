@@ -1,0 +1,96 @@
+"""The grafting plugin for LoRA: declares the method and builds its layer adapters."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from grafting import GraftingWarning, Method, hookimpl
+from grafting.errors import UnsupportedLayerError
+from grafting.weights import is_hf_conv1d
+from grafting_lora.config import LoraConfig
+from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear, is_linear
+
+#: Modules LoRA adapts by default, by ``model.config.model_type``.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "phi",
+            "opt",
+            "bart",
+            "mbart",
+            "marian",
+            "whisper",
+            "starcoder2",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "smollm3",
+        ],
+        ("q_proj", "v_proj"),
+    ),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ("c_attn",)),
+    **dict.fromkeys(
+        ["bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "layoutlm"], ("query", "value")
+    ),
+    **dict.fromkeys(["t5", "mt5", "umt5"], ("q", "v")),
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ("query_key_value",)),
+    "distilbert": ("q_lin", "v_lin"),
+    "gptj": ("q_proj", "v_proj"),
+    "gpt_neo": ("q_proj", "v_proj"),
+}
+
+
+@hookimpl
+def grafting_methods() -> list[Method]:
+    return [
+        Method(peft_type="LORA", name="lora", config_class=LoraConfig, description="Low-rank adaptation (DoRA, rsLoRA)")
+    ]
+
+
+@hookimpl
+def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
+    if not isinstance(config, LoraConfig):
+        return None
+    targets = DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", ""))
+    return list(targets) if targets else None
+
+
+@hookimpl
+def grafting_create_layer_adapter(
+    config: object, base_layer: nn.Module, adapter_name: str, module_name: str
+) -> nn.Module | None:
+    if not isinstance(config, LoraConfig):
+        return None
+    r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
+    if is_linear(base_layer):
+        if config.fan_in_fan_out != is_hf_conv1d(base_layer):
+            warnings.warn(
+                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a {type(base_layer).__name__};"
+                " grafting uses the layer's own weight layout",
+                GraftingWarning,
+                stacklevel=2,
+            )
+        return LoraLinear(
+            base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.use_dora, config.lora_bias
+        )
+    if config.use_dora:
+        raise UnsupportedLayerError(
+            f"{module_name}: DoRA is supported on linear layers only, not on {type(base_layer).__name__}"
+        )
+    if isinstance(base_layer, nn.Embedding):
+        return LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
+    if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.lora_bias)
+    return None
