@@ -29,6 +29,7 @@ from grafting.layer import AdaptedLayer, DeltaAdapter, InputAdapter, LayerAdapte
 from grafting.method import KNOWN_CONFIG_NAMES, Method
 from grafting.model_adapter import ModelAdapter
 from grafting.peft_model import (
+    PeftMixedModel,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -76,6 +77,7 @@ __all__ = [
     "ModelAdapter",
     "OutputAdapter",
     "PeftConfig",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from grafting.config import AdapterConfig, TaskType
+from grafting.config import CONFIG_NAME, AdapterConfig, TaskType
 from grafting.errors import AdapterLoadError, AdapterNotFoundError
 from grafting.hub import resolve_adapter_folder, write_model_card
 from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
@@ -205,8 +205,14 @@ class PeftModel(nn.Module):
         revision: str | None = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load a saved adapter (grafting's or PEFT's) onto ``model``."""
+        """Load a saved adapter (grafting's or PEFT's) onto ``model``.
+
+        With ``mixed=True`` every adapter saved in the folder (the root and each
+        subfolder with an adapter_config.json) is loaded and all are activated.
+        """
         folder = resolve_adapter_folder(model_id, subfolder, revision)
+        if mixed and config is None:
+            return PeftMixedModel._load_all(model, folder, is_trainable=is_trainable, strict=strict)
         if config is None:
             config = AdapterConfig.from_pretrained(folder)
         config = _with_mode(config, inference_mode=not is_trainable)
@@ -302,6 +308,46 @@ class PeftModelForFeatureExtraction(PeftModel):
     """Embedding models (``task_type="FEATURE_EXTRACTION"``)."""
 
 
+class PeftMixedModel(PeftModel):
+    """A model whose adapters may be of different methods, active together (even on one layer)."""
+
+    def __init__(
+        self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = DEFAULT, **kwargs: Any
+    ) -> None:
+        kwargs["mixed"] = True
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    @classmethod
+    def _load_all(cls, model: nn.Module, folder: str, *, is_trainable: bool, strict: bool) -> PeftModel:
+        found = saved_adapters(folder)
+        if not found:
+            raise AdapterLoadError(
+                f"{folder} holds no saved adapter (no adapter_config.json at its root or in a subfolder)"
+            )
+        (first, first_folder), rest = found[0], found[1:]
+        config = _with_mode(AdapterConfig.from_pretrained(first_folder), inference_mode=not is_trainable)
+        mixed = cls(model, config, first, low_cpu_mem_usage=True)
+        mixed._load_weights(first_folder, first, strict=strict)
+        for name, sub in rest:
+            mixed.load_adapter(sub, name, is_trainable=is_trainable, strict=strict)
+        mixed.set_adapter([name for name, _ in found])
+        if not is_trainable:
+            mixed.eval()
+        return mixed
+
+
+def saved_adapters(folder: str) -> list[tuple[str, str]]:
+    """(adapter name, folder) of every adapter saved under ``folder``: ``default`` at the root, others in subfolders."""
+    found: list[tuple[str, str]] = []
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        found.append((DEFAULT, folder))
+    for entry in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, entry)
+        if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+            found.append((entry, sub))
+    return found
+
+
 TASK_CLASSES: dict[str, type[PeftModel]] = {
     TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
     TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
@@ -326,7 +372,7 @@ def get_peft_model(
         import attrs
 
         peft_config = attrs.evolve(peft_config, revision=revision)
-    klass = TASK_CLASSES.get(peft_config.task_type or "", PeftModel)
+    klass = PeftMixedModel if mixed else TASK_CLASSES.get(peft_config.task_type or "", PeftModel)
     return klass(
         model,
         peft_config,
@@ -347,6 +393,7 @@ def inject_adapter_in_model(
 
 __all__ = [
     "TASK_CLASSES",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
