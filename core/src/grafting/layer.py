@@ -105,6 +105,18 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base layer's.
+
+        Model code reads them on the modules it calls (T5's ``self.wo.weight.dtype``).
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self.base_layer, name)
+
     # -- bookkeeping --------------------------------------------------------------
     def add_adapter(self, name: str, adapter: LayerAdapter) -> None:
         if name in self.adapters:
