@@ -34,12 +34,14 @@ def grafting_methods() -> list[Method]:
 
 @hookspec(firstresult=True)
 def grafting_create_layer_adapter(
-    config: AdapterConfig, base_layer: nn.Module, adapter_name: str, module_name: str
+    config: AdapterConfig, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
 ) -> LayerAdapter | None:
     """Build the adapter that ``config`` puts on ``base_layer``.
 
-    ``module_name`` is the dotted path of the layer in the model (for
-    per-module options such as ``rank_pattern``). Return ``None`` when this
+    ``module_name`` is the dotted path of the layer in ``model`` (for
+    per-module options such as ``rank_pattern``); ``model`` is the whole
+    model, for options that depend on its type (an implementation may leave
+    the argument out of its signature). Return ``None`` when this
     plugin does not handle ``config.peft_type`` or this layer type. The
     adapter is created on the base layer's device; it must not modify
     ``base_layer``.

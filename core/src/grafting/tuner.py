@@ -136,7 +136,7 @@ class AdapterModel(nn.Module):
                 base = module.base_layer if isinstance(module, AdaptedLayer) else module
                 with device_ctx:
                     adapter = hook.grafting_create_layer_adapter(
-                        config=config, base_layer=base, adapter_name=adapter_name, module_name=path
+                        config=config, base_layer=base, adapter_name=adapter_name, module_name=path, model=self.model
                     )
                 if adapter is None:
                     raise UnsupportedLayerError(
