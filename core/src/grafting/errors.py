@@ -18,6 +18,10 @@ class PluginError(GraftingError):
 class PluginConflictError(PluginError):
     """Two plugins declare the same method."""
 
+    def __init__(self, message: str, peft_types: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.peft_types = list(peft_types or [])
+
 
 class UnknownMethodError(GraftingError, KeyError):
     """No installed plugin provides the requested method."""

@@ -34,6 +34,7 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginLoadFailure] = []
+        self.conflicts: dict[str, PluginConflictError] = {}
         self._methods: dict[str, Method] = {}
         if load_entry_points:
             self._load_entry_points()
@@ -46,17 +47,22 @@ class Registry:
             try:
                 plugin = ep.load()
                 self.register(plugin, name=ep.name, distribution=dist, version=version, entry_point=ep.value)
-            except PluginConflictError:
-                raise
+            except PluginConflictError as exc:  # both stay unusable for that type; others load
+                for peft_type in exc.peft_types:
+                    self.conflicts[peft_type] = exc
+                self._record_failure(ep, dist, exc)
             except Exception as exc:  # a broken plugin must not break the others
-                self.failures.append(
-                    PluginLoadFailure(
-                        entry_point=f"{ep.name} = {ep.value}",
-                        distribution=dist,
-                        error=f"{type(exc).__name__}: {exc}",
-                        traceback=traceback.format_exc(),
-                    )
-                )
+                self._record_failure(ep, dist, exc)
+
+    def _record_failure(self, ep: importlib.metadata.EntryPoint, dist: str | None, exc: Exception) -> None:
+        self.failures.append(
+            PluginLoadFailure(
+                entry_point=f"{ep.name} = {ep.value}",
+                distribution=dist,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
+        )
 
     def register(
         self,
@@ -88,9 +94,11 @@ class Registry:
                 raise PluginError(f"plugin {name or plugin!r} declared {m!r}, which is not a grafting.Method")
             other = self._methods.get(m.peft_type)
             if other is not None:
+                first = other.distribution or other.entry_point or "an in-process plugin"
+                second = m.distribution or entry_point or name or "an in-process plugin"
                 raise PluginConflictError(
-                    f"method {m.peft_type} is declared by both {other.distribution or other.entry_point or 'an in-process plugin'}"
-                    f" and {m.distribution or entry_point or name or 'an in-process plugin'}; uninstall one of them"
+                    f"method {m.peft_type} is declared by both {first} and {second}; uninstall one of them",
+                    peft_types=[m.peft_type],
                 )
         self.pm.register(plugin, name=name)
         for m in methods:
@@ -112,6 +120,8 @@ class Registry:
     def method(self, peft_type: str) -> Method:
         """The method for an adapter_config.json ``peft_type`` (or its short name)."""
         key = str(peft_type).upper()
+        if key in self.conflicts:
+            raise self.conflicts[key]
         if key in self._methods:
             return self._methods[key]
         for m in self._methods.values():
