@@ -46,3 +46,11 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
     install_grafting(session)
     session.run("mypy", "core/src/grafting")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """grafting vs PEFT side by side (step time, inference time, memory): `nox -s bench -- --help`."""
+    install_grafting(session)
+    session.install("peft==0.21.*")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
