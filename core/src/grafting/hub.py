@@ -16,7 +16,7 @@ def resolve_adapter_folder(
     local = os.path.join(path, subfolder) if subfolder else path
     if os.path.isdir(local):
         return local
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or (os.sep in path and path.count("/") > 1):
+    if not _looks_like_repo_id(path):
         raise AdapterLoadError(f"adapter folder {local} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -27,6 +27,12 @@ def resolve_adapter_folder(
     except Exception as exc:
         raise AdapterLoadError(f"{path} is neither a local folder nor a reachable Hub repository: {exc}") from None
     return os.path.join(root, subfolder) if subfolder else root
+
+
+def _looks_like_repo_id(path: str) -> bool:
+    """``name`` or ``owner/name``: anything else (absolute, relative, deeper) is a local path."""
+    parts = path.split("/")
+    return not os.path.exists(path) and 1 <= len(parts) <= 2 and all(p and p not in (".", "..") for p in parts)
 
 
 CARD_TEMPLATE = """---
