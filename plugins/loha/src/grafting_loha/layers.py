@@ -1,0 +1,192 @@
+"""LoHa adapters for linear and convolution layers.
+
+Parameters carry PEFT's on-disk names and shapes: ``hada_w1_a`` (out, r),
+``hada_w1_b`` (r, in·k), ``hada_w2_a``, ``hada_w2_b``; with the effective
+convolution, ``hada_w1_a`` (r, out), ``hada_w1_b`` (r, in) and the cores
+``hada_t1``/``hada_t2`` (r, r, *kernel), a 1-d kernel stored as (k, 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grafting.errors import ConfigError
+from grafting.layer import DeltaAdapter, LayerCall
+from grafting.weights import add_to_weight, in_out_features
+from grafting_loha.hadamard import dense_delta, factored_delta, prefer_factored
+
+Path = Literal["auto", "dense", "factored"]
+PATHS: tuple[str, ...] = ("auto", "dense", "factored")
+
+
+def _kaiming(t: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class LoHaAdapter(DeltaAdapter):
+    """``delta = ΔW x`` with ``ΔW = (W1a·W1b) ⊙ (W2a·W2b) · alpha/r``, evaluated dense or factored.
+
+    ``path`` picks the evaluation: ``"auto"`` (the cheaper one for this call's
+    shape and number of positions), ``"dense"`` or ``"factored"``; all give
+    the same values and gradients up to rounding. In training,
+    ``module_dropout`` skips the adapter and ``rank_dropout`` zeroes output
+    rows of ``ΔW``, the kept rows divided by the kept fraction.
+    """
+
+    #: Set per instance (or on the class) to force an evaluation; tests and benchmarks do.
+    path: Path = "auto"
+
+    def __init__(
+        self,
+        n_out: int,
+        n_in: int,
+        r: int,
+        scaling: float,
+        *,
+        kernel: tuple[int, ...] = (),
+        effective: bool = False,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        init_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.r, self.scaling = r, scaling
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
+        self.n_out, self.effective = n_out, effective
+        if effective:
+            core = (*kernel, 1) if len(kernel) == 1 else kernel
+            self.hada_w1_a = nn.Parameter(torch.empty(r, n_out))
+            self.hada_w1_b = nn.Parameter(torch.empty(r, n_in))
+            self.hada_w2_a = nn.Parameter(torch.empty(r, n_out))
+            self.hada_w2_b = nn.Parameter(torch.empty(r, n_in))
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *core))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *core))
+        else:
+            n_flat = n_in * math.prod(kernel)
+            self.hada_w1_a = nn.Parameter(torch.empty(n_out, r))
+            self.hada_w1_b = nn.Parameter(torch.empty(r, n_flat))
+            self.hada_w2_a = nn.Parameter(torch.empty(n_out, r))
+            self.hada_w2_b = nn.Parameter(torch.empty(r, n_flat))
+        self.reset_parameters(init_weights)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_weights: bool = True) -> None:
+        """Kaiming-uniform factors; with ``init_weights`` ``hada_w2_b`` is zero, so ΔW starts at 0."""
+        for p in self.parameters():
+            _kaiming(p)
+        if init_weights:
+            nn.init.zeros_(self.hada_w2_b)
+
+    # -- the product ------------------------------------------------------------------
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L1, R1, L2, R2)`` with ``ΔW = (L1·R1) ⊙ (L2·R2) · scaling`` as an (out, in·k) matrix."""
+        if not self.effective:
+            return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b
+        r = self.r
+        right1 = torch.einsum("ij...,jc->ic...", self.hada_t1, self.hada_w1_b).reshape(r, -1)
+        right2 = torch.einsum("ij...,jc->ic...", self.hada_t2, self.hada_w2_b).reshape(r, -1)
+        return self.hada_w1_a.T, right1, self.hada_w2_a.T, right2
+
+    def delta_matrix(self) -> torch.Tensor:
+        """``ΔW`` as an (out, in·k) matrix (no dropout)."""
+        return dense_delta(*self.factors(), self.scaling)
+
+    def _row_scale(self) -> torch.Tensor | float:
+        """``scaling``, times PEFT's rank-dropout row mask (drawn on the CPU, as PEFT does) in training."""
+        if not (self.training and self.rank_dropout):
+            return self.scaling
+        keep = (torch.rand(self.n_out) > self.rank_dropout).to(self.hada_w1_a.dtype)
+        mean = keep.mean()
+        keep = keep / mean if mean > 0 else keep
+        return (keep * self.scaling).to(self.hada_w1_a.device)
+
+    def _skipped(self) -> bool:
+        """Module dropout: one draw per training call, as PEFT draws it."""
+        return self.training and float(torch.rand(1)) <= self.module_dropout
+
+    def _use_factored(self, n_flat: int, positions: int, allowed: bool = True) -> bool:
+        if self.path not in PATHS:
+            raise ConfigError(f"{type(self).__name__}.path must be one of {list(PATHS)}, got {self.path!r}")
+        if not allowed or self.path == "dense":
+            return False
+        return self.path == "factored" or prefer_factored(self.n_out, n_flat, self.r, positions)
+
+    # -- merging ----------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.delta_matrix())
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
+
+
+def _zero_delta(call: LayerCall) -> torch.Tensor:
+    return torch.zeros((), dtype=call.base_out.dtype, device=call.base_out.device)
+
+
+class LoHaLinear(LoHaAdapter):
+    """LoHa on ``nn.Linear``."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, scaling: float, **options: float | bool) -> None:
+        n_in, n_out = in_out_features(base_layer)
+        super().__init__(n_out, n_in, r, scaling, **options)  # type: ignore[arg-type]
+        self.n_in = n_in
+
+    def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        if self._skipped():
+            return _zero_delta(call)
+        h = x.to(self.hada_w1_a.dtype)
+        row_scale = self._row_scale()
+        if self._use_factored(self.n_in, h.numel() // self.n_in):
+            u, v = factored_delta(*self.factors(), row_scale)
+            out = F.linear(F.linear(h, v), u)
+        else:
+            out = F.linear(h, dense_delta(*self.factors(), row_scale))
+        return out.to(call.base_out.dtype)
+
+
+class LoHaConv(LoHaAdapter):
+    """LoHa on ``nn.Conv1d``/``nn.Conv2d``, optionally with the effective (tensor-core) factorization.
+
+    The delta convolves with the base layer's own stride, padding, dilation,
+    groups and padding mode. Factored: a convolution with the r² kernels of
+    ``V``, then a pointwise one with ``U`` (groups of 1 only).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Conv1d | nn.Conv2d,
+        r: int,
+        scaling: float,
+        effective: bool = False,
+        **options: float | bool,
+    ) -> None:
+        kernel = tuple(base_layer.kernel_size)
+        effective = effective and math.prod(kernel) > 1
+        n_in = base_layer.in_channels // base_layer.groups
+        super().__init__(base_layer.out_channels, n_in, r, scaling, kernel=kernel, effective=effective, **options)  # type: ignore[arg-type]
+        self.n_flat = n_in * math.prod(kernel)
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        if self._skipped():
+            return _zero_delta(call)
+        base = call.base_layer
+        h = x.to(self.hada_w1_a.dtype)
+        row_scale = self._row_scale()
+        positions = call.base_out.numel() // self.n_out
+        if self._use_factored(self.n_flat, positions, allowed=base.groups == 1):
+            u, v = factored_delta(*self.factors(), row_scale)
+            mid = base._conv_forward(h, v.reshape(-1, self.n_flat // math.prod(self.kernel), *self.kernel), None)
+            pointwise = F.conv1d if len(self.kernel) == 1 else F.conv2d
+            out = pointwise(mid, u.reshape(*u.shape, *(1,) * len(self.kernel)))
+        else:
+            weight = dense_delta(*self.factors(), row_scale)
+            out = base._conv_forward(h, weight.reshape(self.n_out, -1, *self.kernel), None)
+        return out.to(call.base_out.dtype)
