@@ -8,6 +8,7 @@ the same architectures the core is tested on.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ def tiny_bert(seed: int = 0, hidden: int = 16, layers: int = 2, num_labels: int 
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    options: dict[str, Any] = {"num_labels": num_labels}  # a PretrainedConfig option, not a BertConfig field
     config = BertConfig(
         vocab_size=64,
         hidden_size=hidden,
@@ -52,7 +54,7 @@ def tiny_bert(seed: int = 0, hidden: int = 16, layers: int = 2, num_labels: int 
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
-        num_labels=num_labels,
+        **options,
     )
     return BertForSequenceClassification(config).eval()
 
@@ -61,6 +63,7 @@ def tiny_t5(seed: int = 0, hidden: int = 16, layers: int = 2) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
+    options: dict[str, Any] = {"decoder_start_token_id": 0, "pad_token_id": 0}
     config = T5Config(
         vocab_size=64,
         d_model=hidden,
@@ -68,8 +71,7 @@ def tiny_t5(seed: int = 0, hidden: int = 16, layers: int = 2) -> nn.Module:
         d_ff=2 * hidden,
         num_layers=layers,
         num_heads=2,
-        decoder_start_token_id=0,
-        pad_token_id=0,
+        **options,
     )
     return T5ForConditionalGeneration(config).eval()
 
