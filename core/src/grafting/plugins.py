@@ -80,6 +80,9 @@ class Registry:
             raise PluginError(f"plugin {plugin!r} is already registered")
         hook = getattr(plugin, "grafting_methods", None)
         declared = list(hook()) if hook is not None else []
+        for m in declared:
+            if not isinstance(m, Method):
+                raise PluginError(f"plugin {name or plugin!r} declared {m!r}, which is not a grafting.Method")
         methods = [
             attrs.evolve(
                 m,
@@ -90,8 +93,6 @@ class Registry:
             for m in declared
         ]
         for m in methods:
-            if not isinstance(m, Method):
-                raise PluginError(f"plugin {name or plugin!r} declared {m!r}, which is not a grafting.Method")
             other = self._methods.get(m.peft_type)
             if other is not None:
                 first = other.distribution or other.entry_point or "an in-process plugin"
