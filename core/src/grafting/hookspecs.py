@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
 
     from grafting.config import AdapterConfig
     from grafting.layer import LayerAdapter
@@ -58,4 +58,22 @@ def grafting_default_target_modules(config: AdapterConfig, model: nn.Module) -> 
     """Name the modules to adapt when ``config.target_modules`` is ``None``.
 
     Usually looked up by ``model.config.model_type``; ``None`` if unknown.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_dense_weight(layer: nn.Module) -> Tensor | None:
+    """The weight of a layer that stores it in a non-float form (quantized), dequantized.
+
+    Return it as a floating-point (out, in·k) matrix, the layout of
+    :func:`grafting.weights.weight_matrix`; return ``None`` for layers this
+    plugin does not know. Called only for weights that are not floating point.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_store_weight(layer: nn.Module, matrix: Tensor) -> bool | None:
+    """Store a floating-point (out, in·k) ``matrix`` as the weight of such a layer (requantize it).
+
+    Return ``True`` when done, ``None`` for layers this plugin does not know.
     """

@@ -1,9 +1,16 @@
-"""Base-layer weight layouts, so plugins can think of every weight as an (out, in) matrix."""
+"""Base-layer weight layouts, so plugins can think of every weight as an (out, in) matrix.
+
+Weights stored in a non-float form (quantized layers) are read and written
+through the ``grafting_dense_weight`` / ``grafting_store_weight`` hooks, so a
+plugin for a quantization library makes every method mergeable on its layers.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from grafting.errors import UnsupportedLayerError
 
 
 def is_hf_conv1d(layer: nn.Module) -> bool:
@@ -44,11 +51,54 @@ def to_weight_layout(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(_weight(layer).shape)
 
 
+def is_float_weight(layer: nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_floating_point()
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight as a floating-point (out, in·k) matrix, dequantized if need be (do not modify it)."""
+    if is_float_weight(layer):
+        return weight_matrix(layer)
+    from grafting.plugins import get_registry
+
+    dense = get_registry().hook.grafting_dense_weight(layer=layer)
+    if dense is None:
+        raise UnsupportedLayerError(_no_codec(layer))
+    return dense
+
+
+@torch.no_grad()
+def store_weight(layer: nn.Module, matrix: torch.Tensor) -> None:
+    """Set the weight from a floating-point (out, in·k) matrix, requantizing if need be."""
+    if is_float_weight(layer):
+        weight = _weight(layer)
+        weight.copy_(to_weight_layout(layer, matrix).to(weight.dtype))
+        return
+    from grafting.plugins import get_registry
+
+    if not get_registry().hook.grafting_store_weight(layer=layer, matrix=matrix):
+        raise UnsupportedLayerError(_no_codec(layer))
+
+
 @torch.no_grad()
 def add_to_weight(layer: nn.Module, matrix: torch.Tensor, alpha: float = 1.0) -> None:
-    """``weight += alpha * matrix`` in place, ``matrix`` given as (out, in·k)."""
-    weight = _weight(layer)
-    weight.add_(to_weight_layout(layer, matrix).to(weight.dtype), alpha=alpha)
+    """``weight += alpha * matrix``, ``matrix`` given as (out, in·k); in place for float weights."""
+    if is_float_weight(layer):
+        weight = _weight(layer)
+        weight.add_(to_weight_layout(layer, matrix).to(weight.dtype), alpha=alpha)
+    else:
+        dense = dense_weight(layer).float()
+        store_weight(layer, dense + alpha * matrix.to(device=dense.device, dtype=dense.dtype))
+
+
+def _no_codec(layer: nn.Module) -> str:
+    weight = getattr(layer, "weight", None)
+    kind = f"{type(weight).__name__} of {weight.dtype}" if isinstance(weight, torch.Tensor) else "no weight tensor"
+    return (
+        f"{type(layer).__name__} stores its weight as {kind}; no installed plugin can read or write it "
+        "(for bitsandbytes layers, install grafting-bnb)"
+    )
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:

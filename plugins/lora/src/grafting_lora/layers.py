@@ -10,7 +10,7 @@ from torch import nn
 
 from grafting.errors import MergeError
 from grafting.layer import DeltaAdapter, LayerCall
-from grafting.weights import add_to_weight, in_out_features, is_hf_conv1d, weight_matrix
+from grafting.weights import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
@@ -53,7 +53,7 @@ class LoraLinear(DeltaAdapter):
                 norm = torch.empty(n_out, device="meta")
             else:
                 with torch.no_grad():
-                    norm = self._weight_norm(weight_matrix(base_layer).float())
+                    norm = self._weight_norm(dense_weight(base_layer).float())
             self.lora_magnitude_vector = nn.Parameter(norm)
         self._dora_merge_scale: torch.Tensor | None = None
 
@@ -74,7 +74,7 @@ class LoraLinear(DeltaAdapter):
 
     def _dora(self, h: torch.Tensor, lora_out: torch.Tensor, call: LayerCall) -> torch.Tensor:
         base = call.base_layer
-        weight = weight_matrix(base).to(h.dtype)
+        weight = dense_weight(base).to(h.dtype)
         norm = self._weight_norm(weight).detach()  # DoRA treats the norm as a constant
         scale = self.lora_magnitude_vector / norm
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
@@ -89,11 +89,10 @@ class LoraLinear(DeltaAdapter):
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
         if self.use_dora:
-            weight = weight_matrix(base_layer).float()
-            merged = weight + self.delta_matrix().float()
+            merged = dense_weight(base_layer).float() + self.delta_matrix().float()
             scale = self.lora_magnitude_vector.float() / torch.linalg.vector_norm(merged, dim=1)
             self._dora_merge_scale = scale
-            add_to_weight(base_layer, scale[:, None] * merged - weight)
+            store_weight(base_layer, scale[:, None] * merged)
         else:
             add_to_weight(base_layer, self.delta_matrix())
         self._merge_bias(base_layer, 1.0)
@@ -104,9 +103,8 @@ class LoraLinear(DeltaAdapter):
         if self.use_dora:
             if self._dora_merge_scale is None:
                 raise MergeError("DoRA adapter was not merged by this process; cannot unmerge it")
-            weight = weight_matrix(base_layer).float()
-            original = weight / self._dora_merge_scale[:, None] - self.delta_matrix().float()
-            add_to_weight(base_layer, original - weight)
+            weight = dense_weight(base_layer).float()
+            store_weight(base_layer, weight / self._dora_merge_scale[:, None] - self.delta_matrix().float())
             self._dora_merge_scale = None
         else:
             add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
