@@ -126,6 +126,13 @@ class LoHaAdapter(DeltaAdapter):
         add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
+def _adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the adapter's dtype; left as it is under autocast, which casts every matmul input itself."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
 def _zero_delta(call: LayerCall) -> torch.Tensor:
     return torch.zeros((), dtype=call.base_out.dtype, device=call.base_out.device)
 
@@ -141,7 +148,7 @@ class LoHaLinear(LoHaAdapter):
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         if self._skipped():
             return _zero_delta(call)
-        h = x.to(self.hada_w1_a.dtype)
+        h = _adapter_input(x, self.hada_w1_a.dtype)
         row_scale = self._row_scale()
         if self._use_factored(self.n_in, h.numel() // self.n_in):
             u, v = factored_delta(*self.factors(), row_scale)
@@ -178,7 +185,7 @@ class LoHaConv(LoHaAdapter):
         if self._skipped():
             return _zero_delta(call)
         base = call.base_layer
-        h = x.to(self.hada_w1_a.dtype)
+        h = _adapter_input(x, self.hada_w1_a.dtype)
         row_scale = self._row_scale()
         positions = call.base_out.numel() // self.n_out
         if self._use_factored(self.n_flat, positions, allowed=base.groups == 1):
