@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import numbers
 import os
 import warnings
 from typing import Any, ClassVar, TypeVar
@@ -31,18 +32,36 @@ class TaskType(str, enum.Enum):
 
 
 def _names(value: Any) -> Any:
-    """Normalize a module-name option: None, a regex string, or a list of names."""
-    if value is None or isinstance(value, str):
+    """Normalize a module-name option: None, a regex string, or a list of names (checked by ``_check_names``)."""
+    if value is None or isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
         return value
     return list(value)
 
 
+def _check_names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{type(instance).__name__}.{attribute.name} must be None, a regex string or a list of module names,"
+            f" got {value!r}"
+        )
+
+
 def _layer_indices(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, int):
+    """An int or a list of ints becomes a list of ints (anything else is left for ``_check_indices``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return [value]
-    return [int(v) for v in value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    return value
+
+
+def _check_indices(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+        raise ConfigError(
+            f"{type(instance).__name__}.{attribute.name} must be a layer index or a list of them, got {value!r}"
+        )
 
 
 def _task_type(value: Any) -> str | None:
@@ -74,16 +93,24 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-    target_modules: list[str] | str | None = attrs.field(default=None, converter=_names)
-    exclude_modules: list[str] | str | None = attrs.field(default=None, converter=_names)
-    layers_to_transform: list[int] | None = attrs.field(default=None, converter=_layer_indices)
-    layers_pattern: list[str] | str | None = attrs.field(default=None, converter=_names)
-    modules_to_save: list[str] | None = attrs.field(default=None, converter=_names)
+    target_modules: list[str] | str | None = attrs.field(default=None, converter=_names, validator=_check_names)
+    exclude_modules: list[str] | str | None = attrs.field(default=None, converter=_names, validator=_check_names)
+    layers_to_transform: list[int] | None = attrs.field(
+        default=None, converter=_layer_indices, validator=_check_indices
+    )
+    layers_pattern: list[str] | str | None = attrs.field(default=None, converter=_names, validator=_check_names)
+    modules_to_save: list[str] | None = attrs.field(default=None, converter=_names, validator=_check_names)
     extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError(f"{type(self).__name__}: layers_pattern needs layers_to_transform")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # a regex selects layers itself; PEFT refuses this combination when loading
+            raise ConfigError(
+                f"{type(self).__name__}: layers_to_transform needs target_modules as a list of names, not the"
+                f" string {self.target_modules!r} (write the layer indices into the regex instead)"
+            )
         if isinstance(self.modules_to_save, str):
             raise ConfigError(f"{type(self).__name__}.modules_to_save must be a list of names")
 
@@ -219,12 +246,17 @@ def get_peft_config(config_dict: dict[str, Any]) -> AdapterConfig:
 
 # -- shared field validators (for method configs) ------------------------------------
 def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None or value <= 0:
-        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be a number > 0, got {value!r}")
+
+
+def positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be an integer > 0, got {value!r}")
 
 
 def probability(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be in [0, 1), got {value!r}")
 
 
