@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from grafting.config import AdapterConfig, one_of, positive, probability
+from grafting.config import AdapterConfig, one_of, positive, positive_int, probability
 from grafting.errors import ConfigError
 from grafting.matching import pattern_key
 
@@ -44,7 +44,7 @@ class LoraConfig(AdapterConfig):
         "velora_config": None,
     }
 
-    r: int = attrs.field(default=8, validator=positive)
+    r: int = attrs.field(default=8, validator=positive_int)
     lora_alpha: float = attrs.field(default=8, validator=positive)
     lora_dropout: float = attrs.field(default=0.0, validator=probability)
     fan_in_fan_out: bool = False
@@ -66,9 +66,29 @@ class LoraConfig(AdapterConfig):
 
     @rank_pattern.validator
     def _check_ranks(self, attribute: attrs.Attribute, value: dict[str, int]) -> None:
+        if not isinstance(value, dict):
+            raise ConfigError(f"LoraConfig.rank_pattern must be a dict of module pattern to rank, got {value!r}")
         for key, rank in value.items():
-            if not isinstance(rank, int) or rank <= 0:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive int, got {rank!r}")
+
+    @alpha_pattern.validator
+    def _check_alphas(self, attribute: attrs.Attribute, value: dict[str, float]) -> None:
+        if not isinstance(value, dict):
+            raise ConfigError(f"LoraConfig.alpha_pattern must be a dict of module pattern to alpha, got {value!r}")
+        for key, alpha in value.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+                raise ConfigError(f"LoraConfig.alpha_pattern[{key!r}] must be a number > 0, got {alpha!r}")
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("LoraConfig: lora_bias=True does not combine with use_dora=True (PEFT refuses it too)")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(
+                f"LoraConfig: lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}"
+                " (PEFT refuses it too)"
+            )
 
     def rank_for(self, module_name: str) -> int:
         key = pattern_key(self.rank_pattern, module_name)
