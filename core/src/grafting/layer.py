@@ -213,9 +213,13 @@ class AdaptedLayer(nn.Module):
         drop = set(self.merged) if names is None else set(names)
         self._rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
 
-    def _rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
-        if target == set(self.merged):
-            return
+    def check_merge(self, names: list[str], *, layer_name: str = "layer") -> None:
+        """Raise :class:`MergeError` if :meth:`merge` of ``names`` would be refused; touches no weight."""
+        target = set(self.merged) | {n for n in names if n in self.adapters}
+        if target != set(self.merged):
+            self._check(target, layer_name)
+
+    def _check(self, target: set[str], layer_name: str) -> None:
         for name in target:
             if not self._get(name).mergeable:
                 raise MergeError(f"{layer_name}: adapter {name!r} ({type(self._get(name)).__name__}) cannot be merged")
@@ -227,6 +231,11 @@ class AdaptedLayer(nn.Module):
                         f"{layer_name}: cannot merge {sorted(target)} while active adapter {name!r} "
                         f"({self._get(name).site.name} site) stays unmerged; merge it too"
                     )
+
+    def _rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+        if target == set(self.merged):
+            return
+        self._check(target, layer_name)
         snapshot = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
         try:
             for name in reversed(self.merged):
