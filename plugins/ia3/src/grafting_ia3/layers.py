@@ -15,7 +15,7 @@ from torch import nn
 
 from grafting.errors import GraftingWarning, MergeError
 from grafting.layer import InputAdapter, LayerAdapter, OutputAdapter
-from grafting.weights import in_out_features, is_hf_conv1d
+from grafting.weights import dense_weight, in_out_features, is_hf_conv1d, store_weight
 
 SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d)
 
@@ -46,7 +46,6 @@ class IA3Adapter(LayerAdapter):
         self.where = where
         self.spatial = len(base_layer.kernel_size) if isinstance(base_layer, SUPPORTED_CONVS) else 0
         self.groups = getattr(base_layer, "groups", 1) if self.spatial else 1
-        self.hf_conv1d = is_hf_conv1d(base_layer)
         if self.spatial:
             shape: tuple[int, ...] = (1, features) + (1,) * self.spatial
         else:
@@ -72,66 +71,51 @@ class IA3Adapter(LayerAdapter):
         return (t * scale).to(t.dtype)
 
     # -- merging --------------------------------------------------------------------------
-    def _weight_scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """``l`` shaped to multiply ``weight`` elementwise (rows for output, columns for input)."""
+    def _matrix_scale(self, rows: int, columns: int) -> torch.Tensor:
+        """``l`` shaped to multiply the (out, in·k) weight matrix: its rows (output) or columns (input)."""
         vec = self.vector()
         if not self.scales_input:
-            if self.hf_conv1d:  # (in, out) storage
-                return vec.reshape(1, -1)
-            return vec.reshape((-1,) + (1,) * (weight.dim() - 1))
-        if self.hf_conv1d:
             return vec.reshape(-1, 1)
         if not self.spatial:
             return vec.reshape(1, -1)
-        # conv weight (out, in/groups, *k): output channel o sees inputs of its group only
-        out_channels, per_group = weight.shape[0], weight.shape[1]
-        grouped = vec.reshape(self.groups, 1, per_group).expand(self.groups, out_channels // self.groups, per_group)
-        return grouped.reshape((out_channels, per_group) + (1,) * self.spatial)
+        # conv: column j·k + t of output channel o reads input channel group(o)·(in/groups) + j
+        per_group = vec.numel() // self.groups
+        grouped = vec.reshape(self.groups, 1, per_group).expand(self.groups, rows // self.groups, per_group)
+        return grouped.reshape(rows, per_group).repeat_interleave(columns // per_group, dim=1)
 
     @torch.no_grad()
     def _rescale(self, base_layer: nn.Module, divide: bool) -> None:
         """Multiply (or divide) the weight, and for output scaling the bias, by ``l``; all or nothing."""
-        weight = base_layer.weight
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        scale = self._weight_scale(weight).to(compute)
-        new_weight = weight.to(compute) / scale if divide else weight.to(compute) * scale
+        dense = dense_weight(base_layer)
+        tol = unmerge_tolerance(dense.dtype)
+        magnitude = self.vector().detach().abs()
+        near_zero = int((magnitude <= tol).sum())
+        detail = f"{near_zero} entries of ia3_l are within {tol:g} of zero (smallest |l| = {float(magnitude.min()):g})"
+        if near_zero and divide:
+            raise MergeError(
+                f"{self.where}: cannot unmerge: {detail}, so the weights they scaled cannot be recovered; "
+                "the weights are unchanged (reload the base model to get the original weights back)"
+            )
+        if near_zero:
+            warnings.warn(f"{self.where}: {detail}; merged, it cannot be unmerged", GraftingWarning, stacklevel=3)
+        compute = torch.promote_types(dense.dtype, torch.float32)
+        scale = self._matrix_scale(*dense.shape).to(device=dense.device, dtype=compute)
+        new_weight = dense.to(compute) / scale if divide else dense.to(compute) * scale
         bias = getattr(base_layer, "bias", None)
         new_bias = None
         if bias is not None and not self.scales_input:
-            vec = self.vector().to(compute)
+            vec = self.vector().to(device=bias.device, dtype=compute)
             new_bias = bias.to(compute) / vec if divide else bias.to(compute) * vec
-        if divide:
-            for value in (new_weight, new_bias):
-                if value is not None and not torch.isfinite(value).all():
-                    raise MergeError(f"{self.where}: unmerging gives non-finite weights; the weights are unchanged")
-        weight.copy_(new_weight.to(weight.dtype))
+        if divide and not all(torch.isfinite(v).all() for v in (new_weight, new_bias) if v is not None):
+            raise MergeError(f"{self.where}: unmerging gives non-finite weights; the weights are unchanged")
+        store_weight(base_layer, new_weight)
         if new_bias is not None:
             bias.copy_(new_bias.to(bias.dtype))
 
-    def _near_zero(self, dtype: torch.dtype) -> tuple[int, float, float]:
-        tol = unmerge_tolerance(dtype)
-        magnitude = self.vector().detach().abs()
-        return int((magnitude <= tol).sum()), tol, float(magnitude.min())
-
     def merge(self, base_layer: nn.Module) -> None:
-        count, tol, smallest = self._near_zero(base_layer.weight.dtype)
-        if count:
-            warnings.warn(
-                f"{self.where}: {count} entries of ia3_l are within {tol:g} of zero (smallest |l| = {smallest:g});"
-                " merged, this adapter cannot be unmerged",
-                GraftingWarning,
-                stacklevel=2,
-            )
         self._rescale(base_layer, divide=False)
 
     def unmerge(self, base_layer: nn.Module) -> None:
-        count, tol, smallest = self._near_zero(base_layer.weight.dtype)
-        if count:
-            raise MergeError(
-                f"{self.where}: cannot unmerge: {count} entries of ia3_l are within {tol:g} of zero "
-                f"(smallest |l| = {smallest:g}), so the weights they scaled cannot be recovered; "
-                "the weights are unchanged (reload the base model to get the original weights back)"
-            )
         self._rescale(base_layer, divide=True)
 
 
