@@ -12,7 +12,6 @@ from torch import nn
 from grafting.errors import TargetNotFoundError
 
 ALL_LINEAR = "all-linear"
-DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -39,9 +38,16 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or DEFAULT_LAYERS_PATTERNS)
-    for pattern in patterns:
-        found = re.match(rf".*\.{pattern}\.(\d+)\.", name) or re.match(rf"^{pattern}\.(\d+)\.", name)
+    """The layer index in ``name``: the number after ``<layers_pattern>.``, as PEFT reads it.
+
+    Without a pattern it is the first number that follows a named container
+    (``model.layers.3.mlp`` -> 3); with one, the first ``<pattern>.<i>.``.
+    """
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(found.group(1)) if found else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
         if found:
             return int(found.group(1))
     return None
