@@ -72,9 +72,7 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         self.mixed = mixed
-        self.disabled = False
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self.disabled = False  # the base is frozen by the first add_adapter that succeeds
 
     def __getattr__(self, name: str) -> Any:
         try:
