@@ -49,8 +49,10 @@ def peft_adapted_paths(arch: str, config: LoraConfig) -> set[str] | None:
         try:
             model = peft.get_peft_model(base_model(arch), peft.get_peft_config(data))
         except ValueError as exc:
-            assert "not found in the base model" in str(exc) or "no modules were targeted" in str(exc).lower(), exc
-            return None
+            message = str(exc).lower()
+            if "not found in the base model" in message or "no modules were targeted" in message:
+                return None
+            raise
     prefix = "base_model.model."
     return {n[len(prefix) :] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
@@ -165,7 +167,8 @@ def test_no_default_for_an_unknown_model_type() -> None:
 @st.composite
 def target_specs(draw: Any, arch: str) -> dict[str, Any]:
     leaves = [*LINEAR[arch], EMBEDDING[arch]]
-    regexes = [r".*\.(%s)" % "|".join(draw(st.lists(st.sampled_from(leaves), min_size=1, unique=True)))]
+    chosen = draw(st.lists(st.sampled_from(leaves), min_size=1, unique=True))
+    regexes = [r".*\.(" + "|".join(chosen) + ")"]
     if arch == "llama":
         regexes.append(r"model\.layers\.0\..*proj")
     target = draw(st.lists(st.sampled_from(leaves), min_size=1, max_size=4, unique=True) | st.sampled_from(regexes))
@@ -174,12 +177,13 @@ def target_specs(draw: Any, arch: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"target_modules": target, "task_type": TASK_TYPES[arch]}
     if draw(st.booleans()):
         spec["exclude_modules"] = draw(
-            st.lists(st.sampled_from(leaves), min_size=1, max_size=2, unique=True)
-            | st.just(r".*\.(0|1)\.%s" % leaves[0])
+            st.lists(st.sampled_from(leaves), min_size=1, max_size=2, unique=True) | st.just(r".*\.(0|1)\." + leaves[0])
         )
     if not isinstance(target, str) and draw(st.booleans()):
         spec["layers_to_transform"] = draw(st.lists(st.integers(0, 2), min_size=1, max_size=2, unique=True))
-        spec["layers_pattern"] = draw(st.sampled_from([None, {"llama": "layers", "gpt2": "h", "bert": "layer", "t5": "block"}[arch]]))
+        spec["layers_pattern"] = draw(
+            st.sampled_from([None, {"llama": "layers", "gpt2": "h", "bert": "layer", "t5": "block"}[arch]])
+        )
     return spec
 
 
