@@ -44,8 +44,11 @@ def test_unknown_model_type_needs_explicit_feedforward_modules() -> None:
     get_peft_model(model, IA3Config(target_modules=["0"], feedforward_modules=[]))
 
 
-@pytest.mark.parametrize(("field", "value"), [("init_ia3_weights", "yes"), ("fan_in_fan_out", 1)])
-def test_boolean_fields_are_validated(field: str, value: object) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("init_ia3_weights", "yes"), ("fan_in_fan_out", 1), ("feedforward_modules", [1]), ("feedforward_modules", 3)],
+)
+def test_field_types_are_validated(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         IA3Config(**{field: value})
     with pytest.raises(ConfigError, match=field):

@@ -12,13 +12,22 @@ from grafting.errors import ConfigError
 from grafting_ia3.defaults import defaults_for, model_type
 
 
-def _module_names(value: Any) -> list[str] | str | None:
-    """None, a regex string, or a list of names (a set becomes a sorted list)."""
-    if value is None or isinstance(value, str):
-        return value
+def _module_names(value: Any) -> Any:
+    """None, a regex string, or a list of names (a set becomes a sorted list); other values are left to check."""
     if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    return list(value)
+        return sorted(value, key=str)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _names_check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"IA3Config.{attribute.name} must be None, a regex string or a list of module names, got {value!r}"
+        )
 
 
 def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -66,7 +75,9 @@ class IA3Config(AdapterConfig):
     #: Shared options PEFT's IA3Config does not have: written only when set.
     _not_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
 
-    feedforward_modules: list[str] | str | None = attrs.field(default=None, converter=_module_names)
+    feedforward_modules: list[str] | str | None = attrs.field(
+        default=None, converter=_module_names, validator=_names_check
+    )
     fan_in_fan_out: bool = attrs.field(default=False, validator=_boolean)
     init_ia3_weights: bool = attrs.field(default=True, validator=_boolean)
 
