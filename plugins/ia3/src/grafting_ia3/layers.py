@@ -101,15 +101,15 @@ class IA3Adapter(LayerAdapter):
         compute = torch.promote_types(dense.dtype, torch.float32)
         scale = self._matrix_scale(*dense.shape).to(device=dense.device, dtype=compute)
         new_weight = dense.to(compute) / scale if divide else dense.to(compute) * scale
-        bias = getattr(base_layer, "bias", None)
+        bias = getattr(base_layer, "bias", None) if not self.scales_input else None  # input scaling: no bias
         new_bias = None
-        if bias is not None and not self.scales_input:
+        if isinstance(bias, torch.Tensor):
             vec = self.vector().to(device=bias.device, dtype=compute)
             new_bias = bias.to(compute) / vec if divide else bias.to(compute) * vec
         if divide and not all(torch.isfinite(v).all() for v in (new_weight, new_bias) if v is not None):
             raise MergeError(f"{self.where}: unmerging gives non-finite weights; the weights are unchanged")
         store_weight(base_layer, new_weight)
-        if new_bias is not None:
+        if isinstance(bias, torch.Tensor) and new_bias is not None:
             bias.copy_(new_bias.to(bias.dtype))
 
     def merge(self, base_layer: nn.Module) -> None:
