@@ -46,8 +46,11 @@ VARIANTS = (
     "loha-grafting",
     "loha-grafting-dense",
     "loha-grafting-factored",
+    "loha-grafting-input",
     "loha-peft",
 )
+#: Variant suffixes: force the LoHa evaluation path, or run the products in the input's dtype.
+SUFFIXES = {"dense": ("path", "dense"), "factored": ("path", "factored"), "input": ("precision", "input")}
 
 
 def grafting_api() -> Any:
@@ -112,17 +115,16 @@ def wrapped(base: nn.Module, variant: str, r: int, adapter_dtype_fp32: bool) -> 
         model = peft.get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype_fp32)
     else:
         model = grafting_api().get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype_fp32)
-    forced = variant.split("-")[2] if variant.count("-") == 2 else None
-    if forced:
-        from grafting_loha import LoHaAdapter
+    from grafting_loha import LoHaAdapter
 
-        LoHaAdapter.path = forced
+    attr, value = SUFFIXES[variant.split("-")[2]] if variant.count("-") == 2 else ("path", "auto")
+    default = getattr(LoHaAdapter, attr)
+    setattr(LoHaAdapter, attr, value)
     try:
         model.train()
         yield model
     finally:
-        if forced:
-            LoHaAdapter.path = "auto"
+        setattr(LoHaAdapter, attr, default)
         model.unload()
         base.requires_grad_(False)
 
@@ -170,8 +172,47 @@ def make_step(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor, auto
     return step
 
 
+def profile(step: Callable[[], None], steps: int, label: str, out_dir: str | None) -> str:
+    """Self device time per op over ``steps`` profiled steps: a short summary, the full table to ``out_dir``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+    busy = sum(device_us(e) for e in events) / steps / 1000
+    top = sorted(events, key=device_us, reverse=True)[:14]
+    lines = [f"-- profile {label}: device busy {busy:.1f} ms/step"]
+    lines += [f"   {device_us(e) / steps / 1000:7.2f} ms {e.count // steps:5d}x  {e.key[:70]}" for e in top]
+    if out_dir:
+        with open(f"{out_dir}/profile_{label.replace(':', '_')}.txt", "w") as fh:
+            fh.write(events.table(sort_by="self_cuda_time_total", row_limit=60))
+    return "\n".join(lines)
+
+
 def equivalence(base: nn.Module, r: int, device: str, vocab: int) -> dict[str, float]:
-    """Relative logit differences: grafting auto/dense/factored vs each other and vs PEFT loading its file."""
+    """Relative logit differences: grafting auto/dense/factored vs each other and vs PEFT loading its file.
+
+    The base runs in float32 for the check (bf16 -> float32 -> bf16 is exact), so the
+    differences show the adapters' arithmetic, not bf16 rounding amplified over the layers.
+    """
+    base.float()
+    try:
+        return _equivalence(base, r, device, vocab)
+    finally:
+        base.to(torch.bfloat16)
+        base.train()
+
+
+def _equivalence(base: nn.Module, r: int, device: str, vocab: int) -> dict[str, float]:
     import peft
 
     from grafting_loha import LoHaAdapter
@@ -193,7 +234,6 @@ def equivalence(base: nn.Module, r: int, device: str, vocab: int) -> dict[str, f
         out["peft"] = theirs(input_ids=ids).logits.float()
         theirs.unload()
         out["base"] = base(input_ids=ids).logits.float()
-    base.train()
 
     def rel(a: str, b: str) -> float:
         return float((out[a] - out[b]).norm() / out[b].norm())
@@ -219,6 +259,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", default="", help="mode:variant,... to profile on a GPU after timing")
+    parser.add_argument("--profile-dir", default=None, help="write full profiler tables here")
     args = parser.parse_args()
 
     shape = PRESETS[args.preset]
@@ -230,6 +272,7 @@ def main() -> None:
     embeds.requires_grad_(True)
 
     rows: list[dict[str, Any]] = []
+    profiles: list[str] = []
     for mode in args.modes.split(","):
         bound_ms: float | None = None
         order = ["bound", *[v for v in args.variants.split(",") if v != "bound"], "bound"]
@@ -240,6 +283,8 @@ def main() -> None:
             with wrapped(base, variant, args.r, adapter_dtype_fp32=mode != "bf16") as model:
                 step = make_step(model, embeds, ids, autocast=mode == "autocast")
                 times, peak = time_steps(step, args.warmup, args.steps, args.device)
+                if f"{mode}:{variant}" in args.profile.split(",") and args.device.startswith("cuda"):
+                    profiles.append(profile(step, 2, f"{mode}:{variant}", args.profile_dir))
             ms = statistics.median(times)
             if variant == "bound" and bound_ms is None:
                 bound_ms = ms
@@ -261,6 +306,8 @@ def main() -> None:
         f"\nLlama-shaped {shape}, batch {args.batch}x{args.seq}, bf16 model, r={args.r} on {len(TARGETS)} projections;"
         f" {gpu}; median of {args.steps} steps after {args.warmup} warm-up (forward + backward, no optimizer)"
     )
+    for text in profiles:
+        print(text)
     if check:
         print("equivalence (relative L2 of logits): " + ", ".join(f"{k}={v:.2e}" for k, v in check.items()))
     print(f"{'mode':9} {'variant':20} {'ms/step':>9} {'x bound':>8} {'peak MiB':>9}")

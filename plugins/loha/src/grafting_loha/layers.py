@@ -18,10 +18,12 @@ from torch import nn
 from grafting.errors import ConfigError
 from grafting.layer import DeltaAdapter, LayerCall
 from grafting.weights import add_to_weight, in_out_features
-from grafting_loha.hadamard import dense_delta, factored_delta, prefer_factored
+from grafting_loha.hadamard import dense_delta, factored_delta, factored_linear, prefer_factored
 
 Path = Literal["auto", "dense", "factored"]
 PATHS: tuple[str, ...] = ("auto", "dense", "factored")
+Precision = Literal["adapter", "input"]
+PRECISIONS: tuple[str, ...] = ("adapter", "input")
 
 
 def _kaiming(t: torch.Tensor) -> None:
@@ -40,6 +42,11 @@ class LoHaAdapter(DeltaAdapter):
 
     #: Set per instance (or on the class) to force an evaluation; tests and benchmarks do.
     path: Path = "auto"
+    #: For a bf16/fp16 input and float32 factors (outside autocast): ``"input"`` runs the
+    #: products in the input's dtype, the factors cast down, as autocast would; ``"adapter"``
+    #: casts the input up and runs them in float32, as PEFT does. The factors, their
+    #: gradients and the optimizer state stay float32 either way.
+    precision: Precision = "input"
 
     def __init__(
         self,
@@ -106,8 +113,23 @@ class LoHaAdapter(DeltaAdapter):
         return (keep * self.scaling).to(self.hada_w1_a.device)
 
     def _skipped(self) -> bool:
-        """Module dropout: one draw per training call, as PEFT draws it."""
-        return self.training and float(torch.rand(1)) <= self.module_dropout
+        """Module dropout: with any dropout on, one draw per training call, in PEFT's order."""
+        if not (self.training and (self.module_dropout or self.rank_dropout)):
+            return False
+        return float(torch.rand(1)) <= self.module_dropout
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the products run in: autocast's if it is on, else per :attr:`precision`."""
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"{type(self).__name__}.precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
+        own = self.hada_w1_a.dtype
+        if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (own, x.dtype):
+            return torch.get_autocast_dtype(x.device.type)
+        if self.precision == "input" and x.dtype in (torch.float16, torch.bfloat16) and own.itemsize > x.dtype.itemsize:
+            return x.dtype
+        return own
 
     def _use_factored(self, n_flat: int, positions: int, allowed: bool = True) -> bool:
         if self.path not in PATHS:
@@ -126,13 +148,6 @@ class LoHaAdapter(DeltaAdapter):
         add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
-def _adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in the adapter's dtype; left as it is under autocast, which casts every matmul input itself."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x
-    return x.to(dtype)
-
-
 def _zero_delta(call: LayerCall) -> torch.Tensor:
     return torch.zeros((), dtype=call.base_out.dtype, device=call.base_out.device)
 
@@ -148,13 +163,12 @@ class LoHaLinear(LoHaAdapter):
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         if self._skipped():
             return _zero_delta(call)
-        h = _adapter_input(x, self.hada_w1_a.dtype)
+        dtype = self._compute_dtype(x)
         row_scale = self._row_scale()
-        if self._use_factored(self.n_in, h.numel() // self.n_in):
-            u, v = factored_delta(*self.factors(), row_scale)
-            out = F.linear(F.linear(h, v), u)
+        if self._use_factored(self.n_in, x.numel() // self.n_in):
+            out = factored_linear(x, *self.factors(), row_scale, dtype)
         else:
-            out = F.linear(h, dense_delta(*self.factors(), row_scale))
+            out = F.linear(x.to(dtype), dense_delta(*self.factors(), row_scale).to(dtype))
         return out.to(call.base_out.dtype)
 
 
@@ -185,15 +199,17 @@ class LoHaConv(LoHaAdapter):
         if self._skipped():
             return _zero_delta(call)
         base = call.base_layer
-        h = _adapter_input(x, self.hada_w1_a.dtype)
+        dtype = self._compute_dtype(x)
+        h = x.to(dtype)
         row_scale = self._row_scale()
         positions = call.base_out.numel() // self.n_out
         if self._use_factored(self.n_flat, positions, allowed=base.groups == 1):
             u, v = factored_delta(*self.factors(), row_scale)
-            mid = base._conv_forward(h, v.reshape(-1, self.n_flat // math.prod(self.kernel), *self.kernel), None)
+            kernels = v.to(dtype).reshape(-1, self.n_flat // math.prod(self.kernel), *self.kernel)
+            mid = base._conv_forward(h, kernels, None)
             pointwise = F.conv1d if len(self.kernel) == 1 else F.conv2d
-            out = pointwise(mid, u.reshape(*u.shape, *(1,) * len(self.kernel)))
+            out = pointwise(mid, u.to(dtype).reshape(*u.shape, *(1,) * len(self.kernel)))
         else:
-            weight = dense_delta(*self.factors(), row_scale)
+            weight = dense_delta(*self.factors(), row_scale).to(dtype)
             out = base._conv_forward(h, weight.reshape(self.n_out, -1, *self.kernel), None)
         return out.to(call.base_out.dtype)
