@@ -28,6 +28,7 @@ import gc
 import json
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,11 +47,17 @@ VARIANTS = (
     "loha-grafting",
     "loha-grafting-dense",
     "loha-grafting-factored",
-    "loha-grafting-input",
+    "loha-grafting-adapter",
     "loha-peft",
 )
-#: Variant suffixes: force the LoHa evaluation path, or run the products in the input's dtype.
-SUFFIXES = {"dense": ("path", "dense"), "factored": ("path", "factored"), "input": ("precision", "input")}
+#: Variant suffixes: force the LoHa evaluation path, or the precision of its products
+#: (``adapter``: float32 factors cast the bf16 input up, as PEFT does; ``input``: the default).
+SUFFIXES = {
+    "dense": ("path", "dense"),
+    "factored": ("path", "factored"),
+    "input": ("precision", "input"),
+    "adapter": ("precision", "adapter"),
+}
 
 
 def grafting_api() -> Any:
@@ -129,31 +136,36 @@ def wrapped(base: nn.Module, variant: str, r: int, adapter_dtype_fp32: bool) -> 
         base.requires_grad_(False)
 
 
-def time_steps(step: Callable[[], None], warmup: int, steps: int, device: str) -> tuple[list[float], float]:
-    """Per-step milliseconds (CUDA events on a GPU) and the peak MiB allocated while timing."""
+def time_steps(
+    step: Callable[[], None], warmup: int, steps: int, device: str
+) -> tuple[list[float], list[float], float]:
+    """Per-step milliseconds (CUDA events on a GPU), host milliseconds to issue each step, peak MiB.
+
+    A host time close to the step time means the step is bound by the CPU issuing kernels.
+    """
     for _ in range(warmup):
         step()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     for _ in range(steps):
+        t0 = time.perf_counter()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             step()
+            host.append(1000 * (time.perf_counter() - t0))
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
-
-            t0 = time.perf_counter()
             step()
-            times.append(1000 * (time.perf_counter() - t0))
+            host.append(1000 * (time.perf_counter() - t0))
+            times.append(host[-1])
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-    return times, peak
+    return times, host, peak
 
 
 def make_step(model: nn.Module, embeds: torch.Tensor, labels: torch.Tensor, autocast: bool) -> Callable[[], None]:
@@ -261,6 +273,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile", default="", help="mode:variant,... to profile on a GPU after timing")
     parser.add_argument("--profile-dir", default=None, help="write full profiler tables here")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after building the model")
     args = parser.parse_args()
 
     shape = PRESETS[args.preset]
@@ -270,6 +283,9 @@ def main() -> None:
     with torch.no_grad():
         embeds = base.get_input_embeddings()(ids).detach()
     embeds.requires_grad_(True)
+    if args.gc_freeze:
+        gc.collect()
+        gc.freeze()
 
     rows: list[dict[str, Any]] = []
     profiles: list[str] = []
@@ -282,7 +298,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             with wrapped(base, variant, args.r, adapter_dtype_fp32=mode != "bf16") as model:
                 step = make_step(model, embeds, ids, autocast=mode == "autocast")
-                times, peak = time_steps(step, args.warmup, args.steps, args.device)
+                times, host, peak = time_steps(step, args.warmup, args.steps, args.device)
                 if f"{mode}:{variant}" in args.profile.split(",") and args.device.startswith("cuda"):
                     profiles.append(profile(step, 2, f"{mode}:{variant}", args.profile_dir))
             ms = statistics.median(times)
@@ -296,10 +312,15 @@ def main() -> None:
                 "ms_min": min(times),
                 "ms_max": max(times),
                 "ratio": ms / bound_ms,
+                "host_ms": statistics.median(host),
                 "peak_mib": peak,
             }
             rows.append(row)
-            print(f"{mode:9} {row['variant']:20} {ms:9.1f} ms  x{ms / bound_ms:5.2f}  peak {peak:8.0f} MiB", flush=True)
+            print(
+                f"{mode:9} {row['variant']:22} {ms:8.1f} ms (min {min(times):6.1f}) x{ms / bound_ms:5.2f}"
+                f"  host {row['host_ms']:6.1f} ms  peak {peak:6.0f} MiB",
+                flush=True,
+            )
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
@@ -310,9 +331,12 @@ def main() -> None:
         print(text)
     if check:
         print("equivalence (relative L2 of logits): " + ", ".join(f"{k}={v:.2e}" for k, v in check.items()))
-    print(f"{'mode':9} {'variant':20} {'ms/step':>9} {'x bound':>8} {'peak MiB':>9}")
+    print(f"{'mode':9} {'variant':22} {'ms/step':>8} {'min':>7} {'x bound':>8} {'host ms':>8} {'peak MiB':>9}")
     for row in rows:
-        print(f"{row['mode']:9} {row['variant']:20} {row['ms']:9.1f} {row['ratio']:8.2f} {row['peak_mib']:9.0f}")
+        print(
+            f"{row['mode']:9} {row['variant']:22} {row['ms']:8.1f} {row['ms_min']:7.1f} {row['ratio']:8.2f}"
+            f" {row['host_ms']:8.1f} {row['peak_mib']:9.0f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "shape": shape, "device": gpu, "check": check, "rows": rows}, fh, indent=2)
