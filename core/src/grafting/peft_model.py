@@ -217,6 +217,7 @@ class PeftModel(nn.Module):
             config = AdapterConfig.from_pretrained(folder)
         config = _with_mode(config, inference_mode=not is_trainable)
         klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
+        flags = _grad_flags(model)
         peft_model = klass(
             model,
             config,
@@ -225,7 +226,11 @@ class PeftModel(nn.Module):
             low_cpu_mem_usage=True,
             mixed=mixed,
         )
-        peft_model._load_weights(folder, adapter_name, strict=strict)
+        try:
+            peft_model._load_weights(folder, adapter_name, strict=strict)
+        except BaseException:
+            _give_back(peft_model, flags)
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -278,6 +283,18 @@ class PeftModel(nn.Module):
             )
 
 
+def _grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _give_back(peft_model: PeftModel, flags: list[tuple[nn.Parameter, bool]]) -> None:
+    """Undo a failed load: every adapter out, the user's model as it was given (wrappers, requires_grad)."""
+    for name in list(peft_model.peft_config):
+        peft_model.base_model.delete_adapter(name)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
 def _with_mode(config: AdapterConfig, *, inference_mode: bool) -> AdapterConfig:
     import attrs
 
@@ -326,10 +343,15 @@ class PeftMixedModel(PeftModel):
             )
         (first, first_folder), rest = found[0], found[1:]
         config = _with_mode(AdapterConfig.from_pretrained(first_folder), inference_mode=not is_trainable)
+        flags = _grad_flags(model)
         mixed = cls(model, config, first, low_cpu_mem_usage=True)
-        mixed._load_weights(first_folder, first, strict=strict)
-        for name, sub in rest:
-            mixed.load_adapter(sub, name, is_trainable=is_trainable, strict=strict)
+        try:
+            mixed._load_weights(first_folder, first, strict=strict)
+            for name, sub in rest:
+                mixed.load_adapter(sub, name, is_trainable=is_trainable, strict=strict)
+        except BaseException:
+            _give_back(mixed, flags)
+            raise
         mixed.set_adapter([name for name, _ in found])
         if not is_trainable:
             mixed.eval()
