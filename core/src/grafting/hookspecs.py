@@ -77,3 +77,14 @@ def grafting_store_weight(layer: nn.Module, matrix: Tensor) -> bool | None:
 
     Return ``True`` when done, ``None`` for layers this plugin does not know.
     """
+
+
+@hookspec(firstresult=True)
+def grafting_check_saved_shapes(config: AdapterConfig, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
+    """Check a saved adapter's tensor shapes against its config (used by ``grafting inspect``).
+
+    ``shapes`` maps each key of the weights file (PEFT's on-disk names) to its
+    shape. Return one line per inconsistency (an empty list when everything
+    fits), or ``None`` when this plugin does not handle ``config``. Keys of
+    ``modules_to_save`` copies may be present and are not the plugin's concern.
+    """
