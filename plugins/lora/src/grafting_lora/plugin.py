@@ -11,6 +11,7 @@ from grafting.errors import UnsupportedLayerError
 from grafting.weights import is_hf_conv1d
 from grafting_lora.config import LoraConfig
 from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear, is_linear
+from grafting_lora.saved import check_shapes
 
 #: Modules LoRA adapts by default, by ``model.config.model_type``.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -94,3 +95,10 @@ def grafting_create_layer_adapter(
     if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.lora_bias)
     return None
+
+
+@hookimpl
+def grafting_check_saved_shapes(config: object, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
+    if not isinstance(config, LoraConfig):
+        return None
+    return check_shapes(config, shapes)
