@@ -196,6 +196,10 @@ class AdapterConfig:
     def validate_for_model(self, model: Any) -> None:
         """Check options that need the model (subclasses may override)."""
 
+    def select_targets(self, model: Any, names: list[str]) -> list[str]:
+        """The modules to adapt among those the options matched (logical names, model order); default all."""
+        return names
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, enum.Enum):

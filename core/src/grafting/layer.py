@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
-from grafting.routing import current_routing
+from grafting.routing import current_routing, route_all
 
 
 class Site(enum.IntEnum):
@@ -27,15 +27,29 @@ class Site(enum.IntEnum):
 
 
 class LayerCall:
-    """What a delta adapter may need besides its input: the base layer and its call."""
+    """What a delta adapter may need besides its input: the base layer and its call.
 
-    __slots__ = ("args", "base_layer", "base_out", "kwargs")
+    ``args``/``kwargs`` are the layer's call for the whole batch; when the
+    layer is routed per sample, ``x`` and ``base_out`` hold only the batch
+    rows ``rows`` (``None`` otherwise), so an adapter that reads per-sample
+    tensors from the call takes those rows.
+    """
 
-    def __init__(self, base_layer: nn.Module, args: tuple, kwargs: dict, base_out: torch.Tensor) -> None:
+    __slots__ = ("args", "base_layer", "base_out", "kwargs", "rows")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        base_out: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
         self.base_layer = base_layer
         self.args = args
         self.kwargs = kwargs
         self.base_out = base_out
+        self.rows = rows
 
 
 class LayerAdapter(nn.Module):
@@ -142,9 +156,15 @@ class AdaptedLayer(nn.Module):
         if self.disabled:
             return self.base_layer(*args, **kwargs)
         routing = current_routing()
-        if routing is not None:
+        if routing is not None and routing.single is None:
             return self._routed_forward(routing, args, kwargs)
-        live = [self._get(n) for n in self.active if n not in self.merged]
+        names = self.active
+        if routing is not None:  # inside an adapter's computation on its own rows: that adapter alone
+            if self.merged:
+                raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
+            single = routing.single
+            names = (single,) if single is not None and single in self.adapters else ()
+        live = [self._get(n) for n in names if n not in self.merged]
         if not live:
             return self.base_layer(*args, **kwargs)
         live.sort(key=lambda a: a.site)
@@ -184,14 +204,15 @@ class AdaptedLayer(nn.Module):
                 continue
             adapter = self._get(name)
             rows = routing.rows(name, y.device)
-            if adapter.site is Site.INPUT:
-                sub_args, sub_kwargs = _replace(args, kwargs, where, adapter(x[rows]))
-                sub = self.base_layer(*sub_args, **sub_kwargs)
-                value = sub[0] if isinstance(sub, tuple) else sub
-            elif adapter.site is Site.DELTA:
-                value = y[rows] + adapter(x[rows], LayerCall(self.base_layer, args, kwargs, y[rows]))
-            else:
-                value = adapter(y[rows])
+            with route_all(name):  # adapted layers nested in this one see these rows, routed to `name`
+                if adapter.site is Site.INPUT:
+                    sub_args, sub_kwargs = _replace(args, kwargs, where, adapter(x[rows]))
+                    sub = self.base_layer(*sub_args, **sub_kwargs)
+                    value = sub[0] if isinstance(sub, tuple) else sub
+                elif adapter.site is Site.DELTA:
+                    value = y[rows] + adapter(x[rows], LayerCall(self.base_layer, args, kwargs, y[rows], rows))
+                else:
+                    value = adapter(y[rows])
             if result is y:
                 result = y.clone()
             result = result.index_copy(0, rows, value.to(result.dtype))

@@ -62,28 +62,78 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
 
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Named modules that may be targeted: not grafting's own wrappers' internals."""
+    """Named modules that may be targeted, by their logical names, in model order.
+
+    grafting's wrappers are seen through: an :class:`AdaptedLayer` is listed
+    under its base layer's name, and the base layer's submodules under the
+    wrapper's name without ``base_layer`` (``self_attn.q_proj``, as in the
+    plain model), so a module inside an adapted module can be targeted too.
+    Adapters and :class:`ModulesToSaveWrapper` copies are not candidates.
+    """
     from grafting.layer import AdaptedLayer
     from grafting.modules_to_save import ModulesToSaveWrapper
 
     out: list[tuple[str, nn.Module]] = []
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, AdaptedLayer):
-            skip.append(name)
-            out.append((name, module))
-            continue
-        if isinstance(module, ModulesToSaveWrapper):
-            skip.append(name)
-            continue
-        out.append((name, module))
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + name
+            out.append((path, child))
+            if isinstance(child, ModulesToSaveWrapper):  # listed, so a later adapter adds its copy; not its copies
+                continue
+            visit(child.base_layer if isinstance(child, AdaptedLayer) else child, path + ".")
+
+    visit(model, "")
     return out
 
 
+def physical_path(model: nn.Module, name: str) -> str:
+    """The attribute path of the module a logical name designates (``base_layer`` steps put back)."""
+    from grafting.layer import AdaptedLayer
+
+    atoms: list[str] = []
+    module = model
+    for item in name.split("."):
+        if isinstance(module, AdaptedLayer) and item not in module._modules:
+            atoms.append("base_layer")
+            module = module.base_layer
+        atoms.append(item)
+        module = module._modules[item]  # type: ignore[assignment]
+    return ".".join(atoms)
+
+
+def logical_path(model: nn.Module, path: str) -> str:
+    """The logical (PEFT) name of the module at attribute ``path``.
+
+    The ``base_layer`` step of an :class:`AdaptedLayer` is left out where the
+    path goes on into the base layer's submodules; a path that ends at a base
+    layer keeps it (``q_proj.base_layer``, as PEFT names a wrapped layer's own
+    weights).
+    """
+    from grafting.layer import AdaptedLayer
+
+    if not path:
+        return path
+    atoms = path.split(".")
+    out: list[str] = []
+    module = model
+    for i, item in enumerate(atoms):
+        if not (isinstance(module, AdaptedLayer) and item == "base_layer" and i < len(atoms) - 1):
+            out.append(item)
+        module = module._modules[item]  # type: ignore[assignment]
+    return ".".join(out)
+
+
 def find_targets(model: nn.Module, config: Any, defaults: list[str] | str | None = None) -> list[str]:
-    """Names of the modules ``config`` adapts, in model order; raises if none."""
+    """Logical names of the modules ``config`` adapts, in model order; raises if none.
+
+    The method has the last word through ``config.select_targets`` (adaption
+    prompt keeps the top layers' attention modules).
+    """
     spec = config.target_modules if config.target_modules is not None else defaults
     if spec is None:
         raise TargetNotFoundError(
@@ -104,6 +154,8 @@ def find_targets(model: nn.Module, config: Any, defaults: list[str] | str | None
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         names = [n for n in names if layer_index(n, config.layers_pattern) in wanted]
+    if names:
+        names = config.select_targets(model, names)
     if not names:
         raise TargetNotFoundError(_no_match_message(config, spec, [n for n, _ in candidates]))
     return names

@@ -13,9 +13,14 @@ BASE = "__base__"
 
 
 class Routing:
-    """Sample indices grouped by adapter name, computed once per forward."""
+    """Sample indices grouped by adapter name, computed once per forward.
 
-    def __init__(self, names: Sequence[str]) -> None:
+    ``single`` names the one adapter every sample of any batch goes through
+    (set by :func:`route_all`); ``names`` is then empty.
+    """
+
+    def __init__(self, names: Sequence[str], single: str | None = None) -> None:
+        self.single = single
         self.names = list(names)
         self.batch_size = len(self.names)
         self._groups: dict[str, list[int]] = {}
@@ -45,6 +50,21 @@ def current_routing() -> Routing | None:
 def route_samples(names: Sequence[str]) -> Iterator[Routing]:
     """Within this block, sample ``i`` of every batch goes through adapter ``names[i]``."""
     routing = Routing(names)
+    token = _current.set(routing)
+    try:
+        yield routing
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def route_all(name: str) -> Iterator[Routing]:
+    """Within this block every sample of any batch goes through adapter ``name`` only.
+
+    An adapted layer sets it while one of its adapters computes on the rows
+    routed to it, so the adapted layers nested inside see those rows alone.
+    """
+    routing = Routing([], single=name)
     token = _current.set(routing)
     try:
         yield routing

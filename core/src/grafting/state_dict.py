@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterLoadError
+from grafting.matching import logical_path
 
 PREFIX = "base_model.model."
+#: Where a model-level adapter's file keeps base-model tensors (modules_to_save).
+MODEL_LEVEL_PREFIX = "base_model."
 
 
 def tuner_of(model: nn.Module) -> Any:
@@ -52,17 +55,19 @@ def adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, Slot]:
     slots: dict[str, Slot] = {}
     for path, layer in tuner.adapted_layers():
         if adapter_name in layer.adapters:
-            slots.update(_local_slots(f"{PREFIX}{path}.", layer.adapters[adapter_name], layer.base_layer))
+            key = f"{PREFIX}{logical_path(tuner.model, path)}."
+            slots.update(_local_slots(key, layer.adapters[adapter_name], layer.base_layer))
     for path, wrapper in tuner.save_wrappers():
         if adapter_name in wrapper.modules_to_save:
-            slots.update(
-                _local_slots(f"{PREFIX}{path}.", wrapper.modules_to_save[adapter_name], wrapper.original_module)
-            )
+            key = f"{PREFIX}{logical_path(tuner.model, path)}."
+            slots.update(_local_slots(key, wrapper.modules_to_save[adapter_name], wrapper.original_module))
     config = tuner.peft_config[adapter_name]
     for pname in config.trainable_base_parameters(tuner.model, [p for p, _ in tuner.adapted_layers()]):
         owner_path, _, attr = pname.rpartition(".")
         owner = tuner.model.get_submodule(owner_path)
-        slots[PREFIX + pname] = Slot(owner, attr, _device_of(owner))
+        slots[f"{PREFIX}{logical_path(tuner.model, owner_path)}.{attr}"] = Slot(owner, attr, _device_of(owner))
+    if adapter_name in tuner.model_adapters:  # PEFT's base_model is the user's model itself for these methods
+        slots = {MODEL_LEVEL_PREFIX + key[len(PREFIX) :]: slot for key, slot in slots.items()}
     return slots
 
 

@@ -20,7 +20,7 @@ from grafting.errors import (
     UnsupportedLayerError,
 )
 from grafting.layer import AdaptedLayer
-from grafting.matching import candidate_modules, find_targets, name_matches
+from grafting.matching import candidate_modules, find_targets, name_matches, physical_path
 from grafting.model_adapter import ModelAdapter
 from grafting.modules_to_save import ModulesToSaveWrapper
 from grafting.plugins import get_method, get_registry
@@ -130,7 +130,7 @@ class AdapterModel(nn.Module):
         if method.level == "layer":
             defaults = hook.grafting_default_target_modules(config=config, model=self.model)
             for path in find_targets(self.model, config, defaults):
-                module = self.model.get_submodule(path)
+                module = self.model.get_submodule(physical_path(self.model, path))
                 base = module.base_layer if isinstance(module, AdaptedLayer) else module
                 with device_ctx:
                     adapter = hook.grafting_create_layer_adapter(
@@ -154,18 +154,20 @@ class AdapterModel(nn.Module):
         saved = self._modules_to_save_paths(config)
         # every check passed: install
         for path, adapter in created:
-            module = self.model.get_submodule(path)
+            where = physical_path(self.model, path)  # after this loop's earlier installs
+            module = self.model.get_submodule(where)
             if not isinstance(module, AdaptedLayer):
                 module = AdaptedLayer(module)
-                self.model.set_submodule(path, module)
+                self.model.set_submodule(where, module)
             module.add_adapter(adapter_name, adapter)  # type: ignore[arg-type]
         if model_adapter is not None:
             self.model_adapters[adapter_name] = model_adapter
         for path in saved:
-            wrapper = self.model.get_submodule(path)
+            where = physical_path(self.model, path)
+            wrapper = self.model.get_submodule(where)
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
-                self.model.set_submodule(path, wrapper)
+                self.model.set_submodule(where, wrapper)
             wrapper.add_copy(adapter_name)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
@@ -297,14 +299,14 @@ class AdapterModel(nn.Module):
     ) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        layers = list(self.adapted_layers())
+        layers = list(self.adapted_layers())[::-1]  # inner layers first: their paths pass through outer ones
         if progressbar:
             from tqdm.auto import tqdm
 
             layers = list(tqdm(layers, desc="Unloading" + (" and merging" if merge else "")))
         for path, layer in layers:
             self.model.set_submodule(path, layer.base_layer)
-        for path, wrapper in list(self.save_wrappers()):
+        for path, wrapper in list(self.save_wrappers())[::-1]:
             keep = wrapper.modules_to_save[wrapper.active] if merge and wrapper.active else wrapper.original_module
             self.model.set_submodule(path, keep)
         return self.model
@@ -323,12 +325,12 @@ class AdapterModel(nn.Module):
     # -- deleting -------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
         self._require(adapter_name)
-        for path, layer in list(self.adapted_layers()):
+        for path, layer in list(self.adapted_layers())[::-1]:  # inner layers first
             if adapter_name in layer.adapters:
                 layer.remove_adapter(adapter_name)
                 if not len(layer.adapters):
                     self.model.set_submodule(path, layer.base_layer)
-        for path, wrapper in list(self.save_wrappers()):
+        for path, wrapper in list(self.save_wrappers())[::-1]:
             if adapter_name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[adapter_name]
                 if not len(wrapper.modules_to_save):
