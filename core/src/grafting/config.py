@@ -193,6 +193,14 @@ class AdapterConfig:
         """Names of base-model parameters this config also trains and saves (e.g. biases)."""
         return []
 
+    def for_model(self: C, model: Any) -> C:
+        """This config with the values that depend on the model filled in (a copy; default: itself).
+
+        Called by ``add_adapter`` before ``validate_for_model``; the result is
+        the config the model keeps and saves.
+        """
+        return self
+
     def validate_for_model(self, model: Any) -> None:
         """Check options that need the model (subclasses may override)."""
 

@@ -11,10 +11,13 @@ from torch import nn
 class ModelAdapter(nn.Module):
     """An adapter on the model's inputs (prompt tuning, P-tuning, prefix tuning).
 
-    ``prepare`` receives the keyword arguments of ``PeftModel.forward`` or
-    ``generate`` and returns the ones to pass to the base model; ``finish``
-    may post-process the outputs. ``peft_state_dict`` names the saved tensors
-    as PEFT does (``prompt_embeddings``); ``load_peft_state_dict`` reads them.
+    ``prepare`` receives the keyword arguments of ``PeftModel.forward`` and
+    returns the ones to pass to the base model; ``prepare_generate`` does the
+    same once for ``generate``, whose steps then run in transformers (what
+    the first step needs goes in as ``inputs_embeds`` or a pre-filled cache,
+    with the attention mask to match). ``finish`` may post-process the
+    outputs. ``peft_state_dict`` names the saved tensors as PEFT does
+    (``prompt_embeddings``); ``load_peft_state_dict`` reads them.
     """
 
     site: ClassVar[str] = "MODEL_INPUTS"
@@ -22,6 +25,9 @@ class ModelAdapter(nn.Module):
 
     def prepare(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
+
+    def prepare_generate(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        return self.prepare(kwargs, model)
 
     def finish(self, outputs: Any, kwargs: dict[str, Any]) -> Any:
         return outputs

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from grafting.config import CONFIG_NAME, AdapterConfig, TaskType
-from grafting.errors import AdapterLoadError, AdapterNotFoundError
+from grafting.errors import AdapterLoadError, AdapterNotFoundError, AdapterStateError
 from grafting.hub import resolve_adapter_folder, write_model_card
 from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
 from grafting.routing import BASE, route_samples
@@ -114,22 +114,28 @@ class PeftModel(nn.Module):
         with route_samples(adapter_names):
             yield
 
-    def _call(self, fn: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _call(self, fn: Any, args: tuple, kwargs: dict[str, Any], *, generate: bool = False) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
+        model_adapter = self.base_model.active_model_adapter()
+        if model_adapter is not None and adapter_names is not None:
+            raise AdapterStateError(
+                "adapter_names cannot route samples while a model-level adapter is active: it changes the"
+                " whole batch's inputs"
+            )
         with self._routing(adapter_names):
-            model_adapter = self.base_model.active_model_adapter()
             if model_adapter is None:
                 return fn(*args, **kwargs)
             if args:
                 kwargs["input_ids"], args = args[0], args[1:]
-            prepared = model_adapter.prepare(kwargs, self.base_model.model)
+            prepare = model_adapter.prepare_generate if generate else model_adapter.prepare
+            prepared = prepare(kwargs, self.base_model.model)
             return model_adapter.finish(fn(*args, **prepared), prepared)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(self.base_model.model, args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self.base_model.model.generate, args, kwargs)
+        return self._call(self.base_model.model.generate, args, kwargs, generate=True)
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

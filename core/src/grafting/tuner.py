@@ -121,7 +121,7 @@ class AdapterModel(nn.Module):
                     "(get_peft_model(..., mixed=True))"
                 )
         method = get_method(config.peft_type)
-        config = self._with_task_heads(config)
+        config = self._with_task_heads(config).for_model(self.model)
         config.validate_for_model(self.model)
         hook = get_registry().hook
         device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
