@@ -85,21 +85,31 @@ def get_peft_model_state_dict(
     if adapter_name in tuner.model_adapters:
         out.update({k: v.detach() for k, v in tuner.model_adapters[adapter_name].peft_state_dict().items()})
     if save_embedding_layers is True:
-        out.update(_embedding_weights(tuner))
+        out.update({key: slot.get().detach() for key, slot in embedding_slots(tuner, adapter_name).items()})
     return out
 
 
-def _embedding_weights(tuner: Any) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def embedding_slots(tuner: Any, adapter_name: str) -> dict[str, Slot]:
+    """The input and output embedding weights, keyed as PEFT saves them with ``save_embedding_layers``.
+
+    PEFT writes them (``<path>.base_layer.weight`` for an adapted embedding)
+    when an adapter targets ``embed_tokens``, so that a resized vocabulary
+    comes back; a file that holds them loads them into the base model.
+    """
+    from grafting.layer import AdaptedLayer
+
+    prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
+    slots: dict[str, Slot] = {}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(tuner.model, getter, None)
         emb = fn() if callable(fn) else None
-        if emb is None:
+        base = emb.base_layer if isinstance(emb, AdaptedLayer) else emb
+        if not isinstance(getattr(base, "weight", None), torch.Tensor):
             continue
         for name, module in tuner.model.named_modules():
-            if module is emb:
-                out[f"{PREFIX}{name}.weight"] = emb.weight.detach()
-    return out
+            if module is base:
+                slots[f"{prefix}{logical_path(tuner.model, name)}.weight"] = Slot(base, "weight", _device_of(base))
+    return slots
 
 
 @attrs.frozen
@@ -151,6 +161,15 @@ def set_peft_model_state_dict(
                 f"{tuple(current.shape)} in the model (is the config's r or target set the one it was saved with?)"
             )
         plan.append((slot, value))
+    for key, slot in embedding_slots(tuner, adapter_name).items():  # optional: only if the file holds them
+        if key in state:
+            value = state.pop(key)
+            if tuple(slot.get().shape) != tuple(value.shape):
+                raise AdapterLoadError(
+                    f"adapter {adapter_name!r}: {key} has shape {tuple(value.shape)} in the file but "
+                    f"{tuple(slot.get().shape)} in the model (resize the model's embeddings first)"
+                )
+            plan.append((slot, value))
     with torch.no_grad():
         for slot, value in plan:
             current = slot.get()
