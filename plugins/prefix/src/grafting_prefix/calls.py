@@ -1,0 +1,62 @@
+"""Small rewrites of a model call's keyword arguments, shared by the virtual-token adapters."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from grafting.errors import GraftingWarning
+
+#: transformers 5.x renamed ``past_key_values`` to ``cache``; both are read, the model's own is passed.
+CACHE_NAMES = ("cache", "past_key_values")
+IGNORE_INDEX = -100
+
+
+def input_shape(kwargs: dict[str, Any]) -> tuple[int, int, torch.device]:
+    """(batch, length, device) of the call's ``input_ids`` or ``inputs_embeds``."""
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if value is not None:
+            return value.shape[0], value.shape[1], value.device
+    raise ValueError("the call has neither input_ids nor inputs_embeds")
+
+
+def prefixed(tensor: torch.Tensor, n: int, fill: int | float) -> torch.Tensor:
+    """``tensor`` (batch, length) with ``n`` columns of ``fill`` in front."""
+    front = torch.full((tensor.shape[0], n), fill, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([front, tensor], dim=1)
+
+
+def drop(kwargs: dict[str, Any], key: str, method: str) -> None:
+    """Remove ``key`` from the call, with a warning if it held a value."""
+    if kwargs.pop(key, None) is not None:
+        warnings.warn(f"{method} ignores {key}: the virtual tokens change the positions", GraftingWarning, stacklevel=4)
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model.forward`` takes a key/value cache, or ``None``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in CACHE_NAMES if name in params), None)
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove and return the call's cache, whichever name it came under."""
+    found = None
+    for name in CACHE_NAMES:
+        value = kwargs.pop(name, None)
+        if value is not None:
+            found = value
+    return found
+
+
+def model_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """The floating dtype the model computes in."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else fallback

@@ -1,0 +1,79 @@
+"""Prompt tuning and P-tuning on the protocol: virtual-token embeddings in front of the input's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from grafting_prefix import calls
+from grafting_prefix.base import VirtualTokenAdapter
+
+#: Per task: whether labels are per token (and get ignored virtual positions), and what token_type_ids get.
+TOKEN_LABELS = {"CAUSAL_LM": True, "SEQ_CLS": False}
+TOKEN_TYPES_KEPT = {"CAUSAL_LM": False, "SEQ_CLS": True}
+
+
+class PromptAdapter(VirtualTokenAdapter):
+    """Prepends ``num_virtual_tokens`` embeddings to the input embeddings.
+
+    forward: ``inputs_embeds = [prompts; embed(input_ids)]``, the attention
+    mask gets ones in front; per-token labels (causal LM) get ``-100``;
+    ``token_type_ids`` get zeros (classification) or are dropped (causal
+    LM); ``position_ids`` are dropped, so positions count over the whole
+    sequence. generate: ``input_ids`` stay (the output starts with them) and
+    the embeddings with the prompts go in as ``inputs_embeds``, which
+    transformers uses for the first step only; later steps read the cache.
+    """
+
+    def __init__(self, encoder: nn.Module, *, method: str, task_type: str, rows: int, width: int, device: Any) -> None:
+        super().__init__(encoder, method=method, rows=rows, width=width, device=device)
+        self.task_type = task_type
+
+    def _with_prompts(self, kwargs: dict[str, Any], model: nn.Module, *, keep_ids: bool) -> dict[str, Any]:
+        kwargs = dict(kwargs)
+        ids = kwargs.get("input_ids") if keep_ids else kwargs.pop("input_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            if ids is None:
+                raise ValueError(f"{self.method}: the call has neither input_ids nor inputs_embeds")
+            embeds = model.get_input_embeddings()(ids)
+        batch, n = embeds.shape[0], self.num_virtual_tokens
+        prompts = self.tokens().to(device=embeds.device, dtype=embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = calls.prefixed(kwargs["attention_mask"], n, 1)
+        if TOKEN_TYPES_KEPT.get(self.task_type) and kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = calls.prefixed(kwargs["token_type_ids"], n, 0)
+        else:
+            calls.drop(kwargs, "token_type_ids", self.method)
+        calls.drop(kwargs, "position_ids", self.method)
+        return kwargs
+
+    def prepare(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        out = self._with_prompts(kwargs, model, keep_ids=False)
+        if TOKEN_LABELS.get(self.task_type) and out.get("labels") is not None:
+            out["labels"] = calls.prefixed(out["labels"], self.num_virtual_tokens, calls.IGNORE_INDEX)
+        return out
+
+    def prepare_generate(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        batch, length, device = calls.input_shape(kwargs)
+        kwargs = dict(kwargs)
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=device)
+        if kwargs.get("input_ids") is not None:
+            _count_new_tokens(kwargs, length)
+        return self._with_prompts(kwargs, model, keep_ids=True)
+
+
+def _count_new_tokens(kwargs: dict[str, Any], length: int) -> None:
+    """Turn ``max_length``/``min_length`` into new-token counts.
+
+    With ``inputs_embeds`` longer than ``input_ids`` transformers counts
+    those lengths from the embeddings; the user counted from ``input_ids``.
+    """
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        value = kwargs.pop(total, None)
+        if value is not None and kwargs.get(new) is None:
+            kwargs[new] = max(value - length, 0)
