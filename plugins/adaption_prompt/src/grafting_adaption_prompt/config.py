@@ -1,0 +1,90 @@
+"""AdaptionPromptConfig: how many prompt tokens, on how many of the top layers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+from grafting.config import AdapterConfig, positive_int
+from grafting.errors import ConfigError
+from grafting_adaption_prompt.attention import kind_for
+
+
+def _one_name(value: Any) -> Any:
+    """A module name (PEFT saves one string) becomes a one-name list, the core's suffix match."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _check_one_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) and value[0]):
+        raise ConfigError(
+            f"AdaptionPromptConfig.target_modules must be None or the name of the attention modules"
+            f" (one string such as 'self_attn'), got {value!r}"
+        )
+
+
+@attrs.define(kw_only=True)
+class AdaptionPromptConfig(AdapterConfig):
+    """Adaption prompt (LLaMA-Adapter): ``adapter_len`` learned prompt tokens per adapted attention module.
+
+    The adapted modules are the last ``adapter_layers`` modules named
+    ``target_modules`` (the top decoder layers). ``target_modules=None``
+    is the attention module of the model type (``"self_attn"`` for Llama
+    and Mistral, ``"attn"`` for GPT-2); it is filled in when the adapter
+    is added, as PEFT does, so the saved config names it.
+    """
+
+    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+    #: Shared options PEFT's AdaptionPromptConfig does not have: written only when set.
+    _not_in_peft: ClassVar[tuple[str, ...]] = (
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+    )
+
+    target_modules: list[str] | None = attrs.field(default=None, converter=_one_name, validator=_check_one_name)
+    adapter_len: int = attrs.field(default=None, validator=positive_int)
+    adapter_layers: int = attrs.field(default=None, validator=positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name in ("exclude_modules", "layers_to_transform"):
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"AdaptionPromptConfig.{name} is not supported: the adapted layers are the top adapter_layers"
+                )
+
+    @property
+    def attention_name(self) -> str | None:
+        return self.target_modules[0] if self.target_modules else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["target_modules"] = self.attention_name  # PEFT saves and reads one string
+        for key in self._not_in_peft:
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+    def validate_for_model(self, model: Any) -> None:
+        """Refuse an unsupported model type; fill in ``target_modules`` with its attention modules."""
+        found = kind_for(model)
+        if self.target_modules is None:
+            self.target_modules = [found.attention]
+
+    def select_targets(self, model: Any, names: list[str]) -> list[str]:
+        """The top ``adapter_layers`` of the matched attention modules."""
+        if len(names) < self.adapter_layers:
+            raise ConfigError(
+                f"AdaptionPromptConfig.adapter_layers={self.adapter_layers}, but the model has only {len(names)}"
+                f" {self.attention_name!r} modules ({names[0]} ... {names[-1]})"
+            )
+        return names[-self.adapter_layers :]
