@@ -212,3 +212,43 @@ def test_sample_vocab_init_takes_vocabulary_rows() -> None:
     vocabulary = ours.get_base_model().get_input_embeddings().weight
     for row in table:
         assert (vocabulary == row).all(dim=1).any()
+
+
+def test_a_second_prompt_adapter_saves_to_its_subfolder_for_peft(tmp_path) -> None:
+    inputs = sample_inputs("llama", seed=8)
+    ours = get_peft_model(tiny_model("llama", seed=8), configs("prompt", "CAUSAL_LM", N)[0]).eval()
+    ours.add_adapter("other", configs("prompt", "CAUSAL_LM", N + 2)[0])
+    first = model_output(ours, inputs)
+    ours.set_adapter("other")
+    second = model_output(ours, inputs)
+    assert second.shape[1] == first.shape[1] + 2
+    ours.save_pretrained(tmp_path)
+
+    theirs = peft.PeftModel.from_pretrained(tiny_model("llama", seed=8), tmp_path).eval()
+    torch.testing.assert_close(model_output(theirs, inputs), first)
+    theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    theirs.set_adapter("other")
+    torch.testing.assert_close(model_output(theirs, inputs), second)
+
+
+def test_prompts_compose_with_lora_in_a_mixed_model(tmp_path) -> None:
+    """LoRA acts in the layers while the prompt rewrites the input: the mix is LoRA fed the prompted embeddings."""
+    from grafting import LoraConfig
+
+    inputs = sample_inputs("llama", seed=9)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    mixed = get_peft_model(tiny_model("llama", seed=9), lora, mixed=True).eval()
+    mixed.add_adapter("prompt", configs("prompt", "CAUSAL_LM", N)[0])
+    mixed.set_adapter(["default", "prompt"])
+    got = model_output(mixed, inputs)
+
+    prompts = mixed.base_model.model_adapters["prompt"].tokens().detach()
+    embeds = mixed.get_base_model().get_input_embeddings()(inputs["input_ids"])
+    prompted = {"inputs_embeds": torch.cat([prompts.expand(2, -1, -1), embeds], dim=1)}
+    mixed.set_adapter("default")
+    torch.testing.assert_close(got, model_output(mixed, prompted))
+
+    mixed.set_adapter(["default", "prompt"])
+    mixed.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(tiny_model("llama", seed=9), tmp_path, mixed=True)
+    assert torch.equal(model_output(back, inputs), got)
