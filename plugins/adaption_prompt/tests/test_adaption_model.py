@@ -57,7 +57,9 @@ def test_disabled_is_the_base(arch: str) -> None:
 
 
 def test_the_top_layers_are_adapted() -> None:
-    model = get_peft_model(tiny("llama", layers=4), config(adapter_layers=3))
+    user_config = config(adapter_layers=3)
+    model = get_peft_model(tiny("llama", layers=4), user_config)
+    assert user_config.target_modules is None  # the model keeps a filled-in copy
     wrapped = [
         i for i, layer in enumerate(model.base_model.model.model.layers) if isinstance(layer.self_attn, AdaptedLayer)
     ]
@@ -174,3 +176,27 @@ def test_half_precision_base_keeps_float32_adapters() -> None:
     out = logits(model, "llama")
     assert out.dtype == torch.bfloat16
     assert not torch.equal(out, expected)
+
+
+def test_two_active_prompts_add_their_deltas() -> None:
+    model = get_peft_model(tiny("llama"), config(adapter_len=2), adapter_name="a")
+    model.add_adapter("b", config(adapter_len=4, adapter_layers=1))
+    open_gates(model, seed=11)
+    llama = model.base_model.model.model
+    attention = llama.layers[2].self_attn
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    call = {
+        "hidden_states": x,
+        "attention_mask": None,
+        "position_embeddings": llama.rotary_emb(x, torch.arange(5)[None]),
+    }
+    outputs = {}
+    with torch.no_grad():
+        for active in (["a"], ["b"], ["a", "b"]):
+            model.set_adapter(active)
+            outputs["+".join(active)] = attention(**call)[0]
+        with model.disable_adapter():
+            base = attention(**call)[0]
+    torch.testing.assert_close(outputs["a+b"] - base, (outputs["a"] - base) + (outputs["b"] - base))
+    assert not torch.allclose(outputs["a"], outputs["a+b"], atol=1e-3)
+    assert not torch.allclose(outputs["b"], outputs["a+b"], atol=1e-3)

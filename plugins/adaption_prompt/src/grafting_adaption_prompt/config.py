@@ -8,7 +8,7 @@ import attrs
 
 from grafting.config import AdapterConfig, positive_int
 from grafting.errors import ConfigError
-from grafting_adaption_prompt.attention import kind_for
+from grafting_adaption_prompt.attention import KINDS, kind_for, model_type
 
 
 def _one_name(value: Any) -> Any:
@@ -37,8 +37,8 @@ class AdaptionPromptConfig(AdapterConfig):
     The adapted modules are the last ``adapter_layers`` modules named
     ``target_modules`` (the top decoder layers). ``target_modules=None``
     is the attention module of the model type (``"self_attn"`` for Llama
-    and Mistral, ``"attn"`` for GPT-2); it is filled in when the adapter
-    is added, as PEFT does, so the saved config names it.
+    and Mistral, ``"attn"`` for GPT-2); the model's copy of the config
+    names it, so the saved config does, as PEFT's.
     """
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"
@@ -74,11 +74,16 @@ class AdaptionPromptConfig(AdapterConfig):
                 out.pop(key, None)
         return out
 
+    def for_model(self, model: Any) -> AdaptionPromptConfig:
+        """A copy naming the model type's attention modules when ``target_modules`` is ``None``, as PEFT saves it."""
+        found = KINDS.get(model_type(model) or "")
+        if self.target_modules is None and found is not None:
+            return attrs.evolve(self, target_modules=[found.attention])
+        return self
+
     def validate_for_model(self, model: Any) -> None:
-        """Refuse an unsupported model type; fill in ``target_modules`` with its attention modules."""
-        found = kind_for(model)
-        if self.target_modules is None:
-            self.target_modules = [found.attention]
+        """Refuse a model type whose attention the adapter cannot read."""
+        kind_for(model)
 
     def select_targets(self, model: Any, names: list[str]) -> list[str]:
         """The top ``adapter_layers`` of the matched attention modules."""
