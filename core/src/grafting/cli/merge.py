@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(args.base, configs[0].task_type, args.dtype)
 
     mixed = len(methods) > 1
-    peft = PeftModel.from_pretrained(model, folders[0], adapter_name=names[0], mixed=mixed)
+    # the config is passed so that a mixed model loads this folder's root adapter only, under our name
+    peft = PeftModel.from_pretrained(model, folders[0], adapter_name=names[0], config=configs[0], mixed=mixed)
     for folder, name in zip(folders[1:], names[1:]):
         peft.load_adapter(folder, adapter_name=name)
     peft.set_adapter(names)

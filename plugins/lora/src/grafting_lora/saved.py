@@ -47,9 +47,8 @@ def check_shapes(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> list
         r = config.rank_for(module)
         a, b = parts.get("A"), parts.get("B")
         if a is None or b is None:
-            problems.append(
-                f"{module}: has lora_{'B' if a is not None else 'A'} but not lora_{'A' if a is None else 'B'}"
-            )
+            present, missing = ("A", "B") if a is not None else ("B", "A")
+            problems.append(f"{module}: has lora_{present} but not lora_{missing}")
             continue
         if a[0] != r or len(b) < 2 or b[1] != r:
             problems.append(f"{module}: rank {a[0]} (A {list(a)}, B {list(b)}), but the config says r={r}")
