@@ -67,12 +67,12 @@ class LoraLinear(DeltaAdapter):
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
         h = self.lora_dropout(x.to(dtype))
-        out = self.lora_B(self.lora_A(h)) * self.scaling
-        if self.use_dora:
-            out = self._dora(h, out, call)
+        out = self.lora_B(self.lora_A(h))
+        out = self._dora(h, out, call) if self.use_dora else out * self.scaling
         return out.to(call.base_out.dtype)
 
     def _dora(self, h: torch.Tensor, lora_out: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """DoRA's delta; ``lora_out`` is ``B(A(h))`` unscaled, multiplied in PEFT's order (same bits)."""
         base = call.base_layer
         weight = dense_weight(base).to(h.dtype)
         norm = self._weight_norm(weight).detach()  # DoRA treats the norm as a constant
@@ -84,7 +84,7 @@ class LoraLinear(DeltaAdapter):
                 base_out = base_out - bias.to(h.dtype)
         else:
             base_out = F.linear(h, weight)
-        return (scale - 1) * base_out + scale * lora_out
+        return (scale - 1) * base_out + scale * lora_out * self.scaling  # PEFT's order of operations
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
