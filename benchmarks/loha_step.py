@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,7 +58,24 @@ SUFFIXES = {
     "factored": ("path", "factored"),
     "input": ("precision", "input"),
     "adapter": ("precision", "adapter"),
+    "autograd": ("factored_linear", "autograd"),  # the factored path as plain autograd ops, for comparison
 }
+
+
+def autograd_factored_linear(
+    x: torch.Tensor,
+    l1: torch.Tensor,
+    r1: torch.Tensor,
+    l2: torch.Tensor,
+    r2: torch.Tensor,
+    row_scale: torch.Tensor | float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``grafting_loha.hadamard.factored_linear`` written with autograd ops instead of one Function."""
+    from grafting_loha.hadamard import factored_delta
+
+    u, v = factored_delta(l1, r1, l2, r2, row_scale)
+    return F.linear(F.linear(x.to(dtype), v.to(dtype)), u.to(dtype))
 
 
 def grafting_api() -> Any:
@@ -122,16 +140,18 @@ def wrapped(base: nn.Module, variant: str, r: int, adapter_dtype_fp32: bool) -> 
         model = peft.get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype_fp32)
     else:
         model = grafting_api().get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype_fp32)
+    import grafting_loha.layers as loha_layers
     from grafting_loha import LoHaAdapter
 
     attr, value = SUFFIXES[variant.split("-")[2]] if variant.count("-") == 2 else ("path", "auto")
-    default = getattr(LoHaAdapter, attr)
-    setattr(LoHaAdapter, attr, value)
+    owner: Any = loha_layers if attr == "factored_linear" else LoHaAdapter
+    default = getattr(owner, attr)
+    setattr(owner, attr, autograd_factored_linear if attr == "factored_linear" else value)
     try:
         model.train()
         yield model
     finally:
-        setattr(LoHaAdapter, attr, default)
+        setattr(owner, attr, default)
         model.unload()
         base.requires_grad_(False)
 

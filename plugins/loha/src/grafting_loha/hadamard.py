@@ -12,6 +12,7 @@ cost of building the factors; :func:`prefer_factored` picks the cheaper.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def row_kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class _FactoredLinear(torch.autograd.Function):
         v = torch.empty(rank, rank, n_in, dtype=dtype, device=x.device)
         torch.mul(r1[:, None, :], r2[None, :, :], out=v)
         u2, v2 = u.view(n_out, rank * rank), v.view(rank * rank, n_in)
-        mid = xc @ v2.t()
+        mid = F.linear(xc, v2)
         ctx.save_for_backward(xc, mid, u2, v2, l1, r1, l2, r2)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype  # type: ignore[attr-defined]
         return _scaled_mm(mid, u2.t(), scale).view(*x.shape[:-1], n_out)

@@ -113,12 +113,11 @@ class LoHaAdapter(DeltaAdapter):
         return (keep * self.scaling).to(self.hada_w1_a.device)
 
     def _skipped(self) -> bool:
-        """Module dropout: one draw from the CPU generator per training call, where and as PEFT draws it.
-
-        Drawing even when ``module_dropout`` is 0 keeps the random stream, and so the
-        model's own dropout on the CPU, the same as PEFT's for the same seed.
-        """
-        return self.training and float(torch.rand(1)) <= self.module_dropout
+        """Module dropout: with either dropout on, one draw from the CPU generator per training call,
+        where and as PEFT draws it, so the same seed drops the same modules and rows."""
+        if not (self.training and (self.module_dropout or self.rank_dropout)):
+            return False
+        return float(torch.rand(1)) <= self.module_dropout
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the products run in: autocast's if it is on, else per :attr:`precision`."""
