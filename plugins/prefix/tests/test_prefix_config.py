@@ -108,7 +108,19 @@ def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         ("llama", PromptTuningConfig(num_virtual_tokens=2), ConfigError, "task_type=None"),
         ("llama", PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=2), ConfigError, "TOKEN_CLS"),
         ("bert", PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2), ConfigError, "SEQ_CLS"),
-        ("t5", PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2), ConfigError, "SEQ_2_SEQ_LM"),
+        ("t5", PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2), ConfigError, "SEQ_2_SEQ_LM"),
+        (
+            "llama",
+            PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2),
+            UnsupportedLayerError,
+            "not an encoder-decoder",
+        ),
+        (
+            "t5",
+            PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2, num_transformer_submodules=3),
+            ConfigError,
+            "num_transformer_submodules",
+        ),
         (
             "t5",
             PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),

@@ -37,7 +37,7 @@ class PromptLearningConfig(AdapterConfig):
     """
 
     #: Task types the method runs on (the task decides how labels and token types are extended).
-    task_types: ClassVar[tuple[str, ...]] = ("CAUSAL_LM", "SEQ_CLS")
+    task_types: ClassVar[tuple[str, ...]] = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM")
     #: Whether the virtual tokens are embeddings fed with the input's (prompt tuning, P-tuning).
     feeds_embeddings: ClassVar[bool] = True
     #: Layer-targeting options of every config: they do not apply here and PEFT does not write them.
@@ -103,15 +103,16 @@ class PromptLearningConfig(AdapterConfig):
                 f"{name}: task_type={self.task_type!r} is not supported by grafting's {self.peft_type};"
                 f" use one of {list(self.task_types)}"
             )
-        if geometry.is_encoder_decoder(model):
+        seq2seq = self.task_type == "SEQ_2_SEQ_LM"
+        if geometry.is_encoder_decoder(model) != seq2seq:
+            kind = "an encoder-decoder" if geometry.is_encoder_decoder(model) else "not an encoder-decoder"
             raise UnsupportedLayerError(
-                f"{name}: {type(model).__name__} is an encoder-decoder model; grafting's {self.peft_type}"
-                " supports decoder-only and encoder-only models"
+                f"{name}: {type(model).__name__} is {kind} model, which task_type={self.task_type!r} does not fit"
             )
-        if self.num_transformer_submodules != 1:
+        if self.num_transformer_submodules not in ((1, 2) if seq2seq else (1,)):
             raise ConfigError(
                 f"{name}.num_transformer_submodules={self.num_transformer_submodules}: a model with one"
-                " transformer stack takes 1"
+                " transformer stack takes 1 (an encoder-decoder model 1 or 2)"
             )
         if self.feeds_embeddings:
             get = getattr(model, "get_input_embeddings", None)

@@ -37,7 +37,15 @@ def prompt_tuning(config: PromptTuningConfig, model: nn.Module) -> PromptAdapter
                 ids = ids.to(embeddings.weight.device)
                 table.embedding.weight.copy_(embeddings(ids).float())
     task = config.task_type or ""
-    return PromptAdapter(table, method="prompt tuning", task_type=task, rows=rows, width=width, device=_device(model))
+    return PromptAdapter(
+        table,
+        method="prompt tuning",
+        task_type=task,
+        virtual=config.num_virtual_tokens or 0,
+        rows=rows,
+        width=width,
+        device=_device(model),
+    )
 
 
 def _initial_token_ids(config: PromptTuningConfig, model: nn.Module, rows: int) -> torch.Tensor | None:
@@ -86,7 +94,15 @@ def p_tuning(config: PromptEncoderConfig, model: nn.Module) -> PromptAdapter:
     else:
         encoder = MLPPromptEncoder(rows, width, hidden)
     task = config.task_type or ""
-    return PromptAdapter(encoder, method="P-tuning", task_type=task, rows=rows, width=width, device=_device(model))
+    return PromptAdapter(
+        encoder,
+        method="P-tuning",
+        task_type=task,
+        virtual=config.num_virtual_tokens or 0,
+        rows=rows,
+        width=width,
+        device=_device(model),
+    )
 
 
 def prefix_tuning(config: PrefixTuningConfig, model: nn.Module) -> PrefixAdapter:
