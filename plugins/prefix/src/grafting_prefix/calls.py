@@ -60,3 +60,17 @@ def model_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
     """The floating dtype the model computes in."""
     dtype = getattr(model, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else fallback
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's input embedding layer."""
+    layer = model.get_input_embeddings()  # type: ignore[operator]
+    assert isinstance(layer, nn.Module)
+    return layer
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """Rows of the model's input embedding matrix."""
+    weight = input_embeddings(model).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.shape[0]

@@ -197,10 +197,10 @@ class PromptEncoderConfig(PromptLearningConfig):
             )
 
     def for_model(self, model: nn.Module) -> PromptEncoderConfig:
-        config = super().for_model(model)
+        config: PromptEncoderConfig = super().for_model(model)  # type: ignore[assignment]
         if config.encoder_hidden_size is None:
             config = attrs.evolve(config, encoder_hidden_size=config.token_dim)
-        return config  # type: ignore[return-value]
+        return config
 
 
 @attrs.define(kw_only=True)

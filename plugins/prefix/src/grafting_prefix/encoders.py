@@ -26,7 +26,8 @@ class PromptTable(nn.Module):
     def holding(cls, value: torch.Tensor, *, like: nn.Parameter, device: torch.device) -> PromptTable:
         """A table of ``value``, with ``like``'s dtype and trainability, on ``like``'s device (``device`` if meta)."""
         where = device if like.is_meta else like.device
-        table = cls(*value.shape, weight=value.detach().to(device=where, dtype=like.dtype).clone())
+        rows, width = value.shape
+        table = cls(rows, width, weight=value.detach().to(device=where, dtype=like.dtype).clone())
         table.embedding.weight.requires_grad_(like.requires_grad)
         return table
 
@@ -72,10 +73,11 @@ class PrefixProjection(nn.Module):
     def __init__(self, rows: int, width: int, hidden: int, out: int, zero: bool) -> None:
         super().__init__()
         self.embedding = nn.Embedding(rows, width)
-        self.transform = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        last = nn.Linear(hidden, out)
         if zero:
-            nn.init.zeros_(self.transform[-1].weight)
-            nn.init.zeros_(self.transform[-1].bias)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.transform = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), last)
 
     def forward(self) -> torch.Tensor:
         return self.transform(self.embedding.weight)

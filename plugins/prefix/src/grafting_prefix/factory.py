@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from grafting.errors import ConfigError, GraftingWarning
+from grafting_prefix import calls
 from grafting_prefix.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from grafting_prefix.encoders import LSTMPromptEncoder, MLPPromptEncoder, PrefixProjection, PromptTable
 from grafting_prefix.prefix import PrefixAdapter
@@ -32,9 +33,9 @@ def prompt_tuning(config: PromptTuningConfig, model: nn.Module) -> PromptAdapter
     if not config.inference_mode and not table.embedding.weight.is_meta:
         ids = _initial_token_ids(config, model, rows)
         if ids is not None:
-            embeddings = model.get_input_embeddings()
+            embeddings = calls.input_embeddings(model)
             with torch.no_grad():
-                ids = ids.to(embeddings.weight.device)
+                ids = ids.to(_device(embeddings))
                 table.embedding.weight.copy_(embeddings(ids).float())
     task = config.task_type or ""
     return PromptAdapter(
@@ -51,7 +52,8 @@ def prompt_tuning(config: PromptTuningConfig, model: nn.Module) -> PromptAdapter
 def _initial_token_ids(config: PromptTuningConfig, model: nn.Module, rows: int) -> torch.Tensor | None:
     """Token ids whose embeddings start the prompt, or ``None`` for a random start."""
     if config.prompt_tuning_init == "SAMPLE_VOCAB":
-        return torch.randint(0, model.get_input_embeddings().num_embeddings, (rows,))
+        vocabulary = calls.vocabulary_size(model)
+        return torch.randint(0, vocabulary, (rows,))
     if config.prompt_tuning_init != "TEXT":
         return None
     ids = _tokenize(config)

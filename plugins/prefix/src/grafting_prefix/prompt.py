@@ -47,7 +47,7 @@ class PromptAdapter(VirtualTokenAdapter):
         if embeds is None:
             if ids is None:
                 raise ValueError(f"{self.method}: the call has neither input_ids nor inputs_embeds")
-            embeds = model.get_input_embeddings()(ids)
+            embeds = calls.input_embeddings(model)(ids)
         batch, n = embeds.shape[0], self.virtual
         prompts = self.tokens()[:n].to(device=embeds.device, dtype=embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
