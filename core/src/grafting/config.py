@@ -167,7 +167,9 @@ class AdapterConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        # to_dict() sorts the top-level keys; nested dicts keep their order, which carries meaning
+        # (the first rank_pattern key that matches a module wins)
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write adapter_config.json atomically into ``save_directory``."""
