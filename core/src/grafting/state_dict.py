@@ -161,6 +161,7 @@ def set_peft_model_state_dict(
                 f"{tuple(current.shape)} in the model (is the config's r or target set the one it was saved with?)"
             )
         plan.append((slot, value))
+    _drop_wrapper_copies(tuner, adapter_name, state)
     for key, slot in embedding_slots(tuner, adapter_name).items():  # optional: only if the file holds them
         if key in state:
             value = state.pop(key)
@@ -183,6 +184,19 @@ def set_peft_model_state_dict(
         if model_level:
             tuner.model_adapters[adapter_name].load_peft_state_dict(model_level)
     return LoadResult(missing_keys=missing, unexpected_keys=sorted(state))
+
+
+def _drop_wrapper_copies(tuner: Any, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+    """Drop the keys PEFT writes for a modules_to_save wrapper's internals (with ``bias="all"``).
+
+    ``<head>.modules_to_save.bias`` repeats ``<head>.bias`` (the trained copy) and
+    ``<head>.original_module.bias`` is the frozen original: neither is an adapter tensor.
+    """
+    prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
+    for path, _ in tuner.save_wrappers():
+        head = f"{prefix}{logical_path(tuner.model, path)}."
+        for key in [k for k in state if k.startswith((head + "modules_to_save.", head + "original_module."))]:
+            del state[key]
 
 
 def _device_of(module: nn.Module) -> torch.device:
