@@ -11,6 +11,10 @@ from grafting.config import AdapterConfig, one_of, positive, positive_int, proba
 from grafting.errors import ConfigError
 from grafting.matching import pattern_key
 
+#: Parameters inside grafting's wrappers that are not base biases: adapters, and both sides of a
+#: modules_to_save wrapper (its copies train in full; the original stays frozen, as in PEFT).
+_WRAPPER_PARTS = ("adapters", "modules_to_save", "original_module")
+
 
 @attrs.define(kw_only=True)
 class LoraConfig(AdapterConfig):
@@ -114,5 +118,5 @@ class LoraConfig(AdapterConfig):
         return [
             n
             for n, _ in model.named_parameters()
-            if n.endswith("bias") and ".adapters." not in n and ".modules_to_save." not in n
+            if n.endswith("bias") and not any(f".{part}." in n for part in _WRAPPER_PARTS)
         ]
