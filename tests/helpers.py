@@ -209,7 +209,12 @@ def lora_configs(draw: Any, arch: str, *, embeddings: bool = True, dora: bool = 
         "use_dora": use_dora,
         "target_modules": targets,
         "lora_dropout": 0.0,
+        "bias": draw(st.sampled_from(["none", "none", "all", "lora_only"])),
     }
+    if draw(st.booleans()):  # per-module ranks and alphas, keyed by a leaf name or a regex
+        leaves = st.sampled_from([*LINEAR[arch][:3], rf"\w+\.0\.\w+\.{LINEAR[arch][0]}"])
+        kwargs["rank_pattern"] = draw(st.dictionaries(leaves, st.integers(1, 5), max_size=2))
+        kwargs["alpha_pattern"] = draw(st.dictionaries(leaves, st.sampled_from([1, 4, 12.5]), max_size=2))
     kwargs.update(fixed)
     return lora(arch, **kwargs)
 

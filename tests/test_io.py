@@ -1,0 +1,322 @@
+"""Saving and loading: bit-identical round trips, adapter names and folders, atomic writes, load errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import grafting
+from grafting import io as grafting_io
+from grafting.errors import AdapterLoadError, AdapterNotFoundError
+from grafting.layer import AdaptedLayer
+from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from tests.helpers import (
+    ARCHS,
+    adapted,
+    assert_equal,
+    assert_same_state,
+    base_model,
+    files_under,
+    logits,
+    lora,
+    lora_configs,
+    randomize,
+    read_json,
+    state_of,
+)
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+# tmp_path_factory is session-scoped: hypothesis examples each take a fresh folder from it
+EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _tensors(model: Any, name: str = "default") -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def _folder(factory: pytest.TempPathFactory) -> Path:
+    return factory.mktemp("adapter")
+
+
+# -- round trips ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@EXAMPLES
+@given(data=st.data(), safe_serialization=st.booleans())
+def test_save_load_round_trip_is_bit_identical(
+    arch: str, data: st.DataObject, safe_serialization: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    model = adapted(arch, data.draw(lora_configs(arch)))
+    randomize(model, 3)
+    out = logits(model, arch)
+    folder = _folder(tmp_path_factory)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    weights = WEIGHTS if safe_serialization else "adapter_model.bin"
+    assert files_under(folder) == sorted(["README.md", CONFIG, weights])
+
+    loaded = grafting.PeftModel.from_pretrained(base_model(arch), folder)
+    assert_equal(logits(loaded, arch), out, "reloaded logits")
+    assert_same_state(_tensors(loaded), _tensors(model), "adapter tensors")
+    assert loaded.peft_config["default"].to_dict() == {**model.peft_config["default"].to_dict(), "inference_mode": True}
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_the_order_of_overlapping_patterns_survives_saving(tmp_path: Path) -> None:
+    """The first rank_pattern/alpha_pattern key that matches wins, so saving must keep their order."""
+    patterns = {"q_proj": 2, r"model\.layers\.0\.self_attn\.q_proj": 5}
+    config = lora("llama", rank_pattern=patterns, alpha_pattern={"q_proj": 3, r".*\.0\..*q_proj": 7})
+    model = adapted("llama", config)
+    ranks = {p: layer.adapters["default"].r for p, layer in model.base_model.adapted_layers()}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 2
+    model.save_pretrained(tmp_path)
+    assert list(read_json(tmp_path / CONFIG)["rank_pattern"]) == list(patterns)
+    loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path)
+    assert loaded.peft_config["default"].rank_pattern == patterns
+    assert list(loaded.peft_config["default"].rank_pattern) == list(patterns)
+    assert_equal(logits(loaded, "llama"), logits(model, "llama"), "reloaded")
+
+
+def test_saved_config_and_model_card(tmp_path: Path) -> None:
+    model = adapted("bert", lora("bert", r=3))
+    model.save_pretrained(tmp_path)
+    config = read_json(tmp_path / CONFIG)
+    assert config["peft_type"] == "LORA"
+    assert config["inference_mode"] is True
+    assert config["task_type"] == "SEQ_CLS"
+    assert config["modules_to_save"] == ["classifier", "score"]
+    assert model.peft_config["default"].inference_mode is False  # saving does not change the model's config
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card
+    keys = load_file(tmp_path / WEIGHTS)
+    assert "base_model.model.classifier.weight" in keys
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert not [k for k in keys if ".default." in k or ".adapters." in k or "modules_to_save" in k]
+
+
+def test_is_trainable(tmp_path: Path) -> None:
+    adapted("gpt2").save_pretrained(tmp_path)
+    loaded = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path, is_trainable=True)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all(".lora_" in n for n in trainable)
+    assert loaded.peft_config["default"].inference_mode is False
+
+
+# -- adapter names and folders -------------------------------------------------------------------------------
+def _three_adapters(arch: str) -> Any:
+    model = adapted(arch, lora(arch, r=2))
+    model.add_adapter("other", lora(arch, r=3, target_modules="all-linear"))
+    model.add_adapter("third", lora(arch, r=1, use_dora=True))
+    randomize(model, 5)
+    return model
+
+
+def _output_of(model: Any, arch: str, name: str) -> torch.Tensor:
+    model.set_adapter(name)
+    return logits(model, arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_non_default_adapters_go_to_subfolders(arch: str, tmp_path: Path) -> None:
+    model = _three_adapters(arch)
+    outputs = {name: _output_of(model, arch, name) for name in ("default", "other", "third")}
+    model.save_pretrained(tmp_path)
+    assert files_under(tmp_path) == sorted(
+        ["README.md", CONFIG, WEIGHTS, f"other/{CONFIG}", f"other/{WEIGHTS}", f"third/{CONFIG}", f"third/{WEIGHTS}"]
+    )
+    # each subfolder loads on its own, under any name ...
+    for name in ("other", "third"):
+        alone = grafting.PeftModel.from_pretrained(base_model(arch), tmp_path, subfolder=name, adapter_name=name)
+        assert alone.active_adapters == [name]
+        assert_equal(logits(alone, arch), outputs[name], f"{name} from its subfolder")
+        assert_same_state(_tensors(alone, name), _tensors(model, name), name)
+    # ... and all of them load back into one model
+    loaded = grafting.PeftModel.from_pretrained(base_model(arch), tmp_path)
+    loaded.load_adapter(tmp_path / "other", "other")
+    loaded.load_adapter(tmp_path, "third", subfolder="third")
+    assert loaded.active_adapters == ["default"]
+    for name, out in outputs.items():
+        assert_equal(_output_of(loaded, arch, name), out, f"{name} reloaded")
+
+
+def test_selected_adapters(tmp_path: Path) -> None:
+    model = _three_adapters("gpt2")
+    out = _output_of(model, "gpt2", "other")
+    model.save_pretrained(tmp_path, selected_adapters=["other"])
+    assert files_under(tmp_path) == sorted(["README.md", f"other/{CONFIG}", f"other/{WEIGHTS}"])
+    loaded = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path / "other", adapter_name="other")
+    assert_equal(logits(loaded, "gpt2"), out, "selected adapter")
+
+
+def test_saving_an_unknown_adapter_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(AdapterNotFoundError, match="missing"):
+        adapted("llama").save_pretrained(tmp_path / "out", selected_adapters=["default", "missing"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_saving_into_a_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AdapterLoadError, match="is a file"):
+        adapted("llama").save_pretrained(tmp_path / "file")
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in files_under(folder)}
+
+
+def test_a_crash_while_saving_leaves_the_previous_files_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = adapted("llama")
+    randomize(model, 1)
+    model.save_pretrained(tmp_path)
+    before = _bytes(tmp_path)
+    out = logits(model, "llama")
+    randomize(model, 2)  # new weights that must not half-reach the disk
+
+    def crashing_writer(tensors: dict[str, torch.Tensor], path: str, metadata: Any = None) -> None:
+        save_file(tensors, path, metadata=metadata)
+        with open(path, "r+b") as fh:  # a partly written file, then the crash
+            fh.truncate(os.path.getsize(path) // 2)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(grafting_io, "save_file", crashing_writer)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    assert _bytes(tmp_path) == before  # same files, same bytes: no temporary file left behind
+    loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path)
+    assert_equal(logits(loaded, "llama"), out, "the previous adapter")
+
+
+def test_a_crash_while_writing_the_config_leaves_it_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = adapted("gpt2", lora("gpt2", r=2))
+    model.save_pretrained(tmp_path)
+    before = _bytes(tmp_path)
+
+    real_replace = os.replace
+
+    def crashing_replace(src: str, dst: str) -> None:
+        if str(dst).endswith(CONFIG):
+            raise OSError("disk went away")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        adapted("gpt2", lora("gpt2", r=4)).save_pretrained(tmp_path)
+    assert sorted(_bytes(tmp_path)) == sorted(before)  # no temporary file left behind
+    assert read_json(tmp_path / CONFIG)["r"] == 2
+
+
+# -- load errors -------------------------------------------------------------------------------------------------
+def _assert_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+    assert_same_state(state_of(model), before, "base model")
+
+
+def test_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
+    model = base_model("llama")
+    before = state_of(model)
+    with pytest.raises(AdapterLoadError, match=r"adapter_config\.json is missing"):
+        grafting.PeftModel.from_pretrained(model, tmp_path)
+    (tmp_path / CONFIG).write_text(lora("llama").to_json_string())
+    with pytest.raises(AdapterLoadError, match="holds no adapter weights"):
+        grafting.PeftModel.from_pretrained(model, tmp_path)
+    (tmp_path / WEIGHTS).write_bytes(b"definitely not safetensors")
+    with pytest.raises(AdapterLoadError, match="cannot read adapter weights"):
+        grafting.PeftModel.from_pretrained(model, tmp_path)
+    with pytest.raises(AdapterLoadError, match="does not exist"):
+        grafting.PeftModel.from_pretrained(model, tmp_path / "no" / "such" / "folder")
+    _assert_untouched(model, before)
+
+
+def test_a_shape_mismatch_names_the_key(tmp_path: Path) -> None:
+    adapted("llama", lora("llama", r=4)).save_pretrained(tmp_path)
+    model = base_model("llama")
+    before = state_of(model)
+    with pytest.raises(AdapterLoadError, match=r"lora_A\.weight has shape \(4, 16\) in the file but \(2, 16\)"):
+        grafting.PeftModel.from_pretrained(model, tmp_path, config=lora("llama", r=2))
+    _assert_untouched(model, before)
+
+
+def _rewrite(folder: Path, change: Any) -> None:
+    tensors = load_file(folder / WEIGHTS)
+    change(tensors)
+    save_file(tensors, folder / WEIGHTS)
+
+
+def test_unexpected_keys_fail_a_strict_load(tmp_path: Path) -> None:
+    source = adapted("gpt2")
+    randomize(source, 1)
+    source.save_pretrained(tmp_path)
+    extra = "base_model.model.transformer.h.0.attn.c_proj.lora_A.weight"
+    _rewrite(tmp_path, lambda t: t.__setitem__(extra, torch.zeros(8, 16)))
+    model = base_model("gpt2")
+    before = state_of(model)
+    with pytest.raises(AdapterLoadError, match=r"fit no adapter tensor.*c_proj\.lora_A\.weight"):
+        grafting.PeftModel.from_pretrained(model, tmp_path)
+    _assert_untouched(model, before)
+    relaxed = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path, strict=False)
+    assert_equal(logits(relaxed, "gpt2"), logits(source, "gpt2"), "non-strict load")
+
+
+def test_missing_keys_fail_the_load(tmp_path: Path) -> None:
+    adapted("gpt2").save_pretrained(tmp_path)
+    missing = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    _rewrite(tmp_path, lambda t: t.pop(missing))
+    for strict in (True, False):
+        model = base_model("gpt2")
+        before = state_of(model)
+        with pytest.raises(AdapterLoadError, match=r"h\.1\.attn\.c_attn"):
+            grafting.PeftModel.from_pretrained(model, tmp_path, strict=strict)
+        _assert_untouched(model, before)
+
+
+def test_a_failing_load_adapter_leaves_the_model_unchanged(tmp_path: Path) -> None:
+    adapted("llama", lora("llama", r=4)).save_pretrained(tmp_path)
+    (tmp_path / CONFIG).write_text(lora("llama", r=2).to_json_string())  # the file's tensors have r=4
+    model = adapted("llama")
+    randomize(model, 1)
+    out = logits(model, "llama")
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(AdapterLoadError, match="shape"):
+        model.load_adapter(tmp_path, "second")
+    assert list(model.peft_config) == ["default"]
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert_equal(logits(model, "llama"), out, "after the failed load")
+
+
+def test_set_state_dict_checks_every_shape_before_writing() -> None:
+    model = adapted("llama")
+    randomize(model, 1)
+    before = _tensors(model)
+    bad = {k: torch.ones_like(v) for k, v in before.items()}
+    bad["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = torch.ones(3, 3)
+    with pytest.raises(AdapterLoadError, match=r"layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
+        set_peft_model_state_dict(model, bad)
+    assert_same_state(_tensors(model), before, "adapter after a refused load")
+
+
+# -- low_cpu_mem_usage -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_low_cpu_mem_usage_keeps_adapters_on_meta_until_loaded(arch: str) -> None:
+    source = adapted(arch, lora(arch, target_modules="all-linear", use_dora=True))
+    randomize(source, 4)
+    model = grafting.get_peft_model(base_model(arch), source.peft_config["default"], low_cpu_mem_usage=True)
+    params = dict(model.named_parameters())
+    lora_params = {n: p for n, p in params.items() if ".lora_" in n}
+    assert lora_params
+    assert all(p.is_meta for p in lora_params.values())
+    assert not any(p.is_meta for n, p in params.items() if n not in lora_params)
+    result = set_peft_model_state_dict(model, _tensors(source))
+    assert result.missing_keys == []
+    assert result.unexpected_keys == []
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+    assert_equal(logits(model, arch), logits(source, arch), "materialized adapter")
