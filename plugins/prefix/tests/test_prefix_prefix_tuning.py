@@ -119,3 +119,30 @@ def test_zero_init_matches_peft(tmp_path) -> None:
         reference = load_file(tmp_path / method / "theirs" / "adapter_model.safetensors")["prompt_embeddings"]
         assert torch.equal(mine, torch.zeros(N, WIDTH["gpt2"]))
         assert torch.equal(mine, reference)
+
+
+def test_an_empty_cache_given_to_the_call_gets_the_prefix() -> None:
+    from transformers import DynamicCache
+
+    inputs = sample_inputs("gpt2", seed=26)
+    ours = get_peft_model(tiny_model("gpt2", seed=26), configs("prefix", n=N)[0]).eval()
+    expected = model_output(ours, inputs)
+    cache = DynamicCache()
+    assert torch.equal(model_output(ours, {**inputs, "cache": cache}), expected)
+    assert cache.get_seq_length() == N + inputs["input_ids"].shape[1]
+
+
+def test_a_model_whose_forward_takes_no_cache_is_unsupported() -> None:
+    from grafting import UnsupportedLayerError
+
+    class NoCache(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_model("gpt2")
+            self.config = self.inner.config
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=input_ids).logits
+
+    with pytest.raises(UnsupportedLayerError, match="no key/value cache"):
+        get_peft_model(NoCache(), configs("prefix", n=N)[0])

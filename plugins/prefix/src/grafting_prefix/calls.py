@@ -34,7 +34,7 @@ def prefixed(tensor: torch.Tensor, n: int, fill: int | float) -> torch.Tensor:
 def drop(kwargs: dict[str, Any], key: str, method: str) -> None:
     """Remove ``key`` from the call, with a warning if it held a value."""
     if kwargs.pop(key, None) is not None:
-        warnings.warn(f"{method} ignores {key}: the virtual tokens change the positions", GraftingWarning, stacklevel=4)
+        warnings.warn(f"{method} ignores {key}, as PEFT does", GraftingWarning, stacklevel=4)
 
 
 def cache_argument(model: nn.Module) -> str | None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from grafting.config import AdapterConfig, one_of, positive_int, probability
 from grafting.errors import ConfigError, GraftingWarning, UnsupportedLayerError
-from grafting_prefix import geometry
+from grafting_prefix import calls, geometry
 
 optional_positive_int = attrs.validators.optional(positive_int)
 
@@ -250,6 +250,11 @@ class PrefixTuningConfig(PromptLearningConfig):
                 f"PrefixTuningConfig: num_layers={self.num_layers}, num_attention_heads={self.num_attention_heads},"
                 f" token_dim={self.token_dim} give (layers, key/value heads, head width) {actual}, but"
                 f" {type(model).__name__} has {expected}"
+            )
+        if calls.cache_argument(model) is None:
+            raise UnsupportedLayerError(
+                f"PrefixTuningConfig: {type(model).__name__}.forward takes no key/value cache"
+                f" ({' or '.join(calls.CACHE_NAMES)}) to put the prefix in"
             )
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ConfigError(
