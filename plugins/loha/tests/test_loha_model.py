@@ -211,3 +211,10 @@ def test_an_embedding_target_is_refused_and_the_model_left_as_it_was() -> None:
     assert {n for n, _ in model.named_modules()} == before
     assert "bad" not in model.peft_config
     assert grafting.get_method("LOHA").config_class is LoHaConfig
+
+
+def test_gpt2_conv1d_layers_are_refused_as_peft_refuses_them() -> None:
+    from grafting.testing import tiny_gpt2
+
+    with pytest.raises(UnsupportedLayerError, match="c_attn"):
+        get_peft_model(tiny_gpt2(), LoHaConfig(target_modules=["c_attn"]))

@@ -174,7 +174,7 @@ class LoHaLinear(LoHaAdapter):
 
 
 class LoHaConv(LoHaAdapter):
-    """LoHa on ``nn.Conv1d``/``nn.Conv2d``, optionally with the effective (tensor-core) factorization.
+    """LoHa on ``nn.Conv1d``/``nn.Conv2d``, optionally with the effective factorization (r×r kernel cores).
 
     The delta convolves with the base layer's own stride, padding, dilation,
     groups and padding mode. Factored: a convolution with the r² kernels of
