@@ -8,6 +8,7 @@ composes them by site (ARCHITECTURE.md, section 3).
 
 from __future__ import annotations
 
+import copy
 import enum
 from typing import Any, ClassVar, cast
 
@@ -234,11 +235,17 @@ class AdaptedLayer(nn.Module):
         drop = set(self.merged) if names is None else set(names)
         self._rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
 
-    def check_merge(self, names: list[str], *, layer_name: str = "layer") -> None:
-        """Raise :class:`MergeError` if :meth:`merge` of ``names`` would be refused; touches no weight."""
+    def check_merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:
+        """Raise :class:`MergeError` if :meth:`merge` of ``names`` would be refused; touches no weight.
+
+        With ``safe`` it also merges into a copy of this layer and refuses non-finite weights, so
+        a model-wide safe merge can refuse before any layer's weights change.
+        """
         target = set(self.merged) | {n for n in names if n in self.adapters}
         if target != set(self.merged):
             self._check(target, layer_name)
+            if safe:
+                copy.deepcopy(self)._rebuild(target, safe=True, layer_name=layer_name)
 
     def _check(self, target: set[str], layer_name: str) -> None:
         for name in target:

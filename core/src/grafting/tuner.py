@@ -278,7 +278,7 @@ class AdapterModel(nn.Module):
                     f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
                 )
         for path, layer in self.adapted_layers():  # refuse before any layer's weights change
-            layer.check_merge(names, layer_name=path)
+            layer.check_merge(names, safe=safe_merge, layer_name=path)
         done: list[tuple[str, AdaptedLayer, list[str]]] = []
         try:
             for path, layer in self.adapted_layers():
