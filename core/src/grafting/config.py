@@ -260,7 +260,7 @@ def get_peft_config(config_dict: dict[str, Any]) -> AdapterConfig:
 
 # -- shared field validators (for method configs) ------------------------------------
 def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be a number > 0, got {value!r}")
 
 
@@ -270,7 +270,7 @@ def positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 
 def probability(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
         raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be in [0, 1), got {value!r}")
 
 
