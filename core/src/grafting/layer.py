@@ -64,6 +64,10 @@ class LayerAdapter(nn.Module):
 
     site: ClassVar[Site]
     mergeable: ClassVar[bool] = True
+    #: True when ``merge`` computes from the weight it merges into, not only adds to it (DoRA's
+    #: row norms of ``W + ΔW``): it must see the layer's own weight, so it merges first in its
+    #: layer and never together with another such adapter or an input adapter.
+    reads_base_weight: bool = False
 
     def merge(self, base_layer: nn.Module) -> None:
         raise MergeError(f"{type(self).__name__} cannot be merged into a {type(base_layer).__name__}")
@@ -148,9 +152,9 @@ class AdaptedLayer(nn.Module):
         self.active = tuple(n for n in names if n in self.adapters)
 
     def _sorted(self, names: list[str] | set[str]) -> list[str]:
-        """Adapter names in composition order: by site, then by insertion order."""
+        """Adapter names in merge order: by site, one that reads the base weight first, then insertion order."""
         order = list(self.adapters.keys())
-        return sorted(names, key=lambda n: (self._get(n).site, order.index(n)))
+        return sorted(names, key=lambda n: (self._get(n).site, not self._get(n).reads_base_weight, order.index(n)))
 
     # -- forward ------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -251,6 +255,14 @@ class AdaptedLayer(nn.Module):
         for name in target:
             if not self._get(name).mergeable:
                 raise MergeError(f"{layer_name}: adapter {name!r} ({type(self._get(name)).__name__}) cannot be merged")
+        readers = sorted(n for n in target if self._get(n).reads_base_weight)
+        if readers:
+            clash = [n for n in sorted(target) if n != readers[0] and (n in readers or self._get(n).site is Site.INPUT)]
+            if clash:
+                raise MergeError(
+                    f"{layer_name}: adapter {readers[0]!r} merges from the layer's own weight and cannot be merged"
+                    f" together with {clash} (another such adapter or an input adapter); merge fewer adapters"
+                )
         if target:
             top = max(self._get(n).site for n in target)
             for name in set(self.active) - target:
