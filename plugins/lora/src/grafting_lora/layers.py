@@ -57,6 +57,11 @@ class LoraLinear(DeltaAdapter):
             self.lora_magnitude_vector = nn.Parameter(norm)
         self._dora_merge_scale: torch.Tensor | None = None
 
+    @property
+    def reads_base_weight(self) -> bool:  # type: ignore[override]
+        """DoRA's merge rescales rows by norms of the weight it merges into (see ARCHITECTURE.md)."""
+        return self.use_dora
+
     def delta_matrix(self) -> torch.Tensor:
         """``B·A·scaling`` as an (out, in) matrix."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
