@@ -8,49 +8,11 @@ from torch import nn
 
 from grafting import GraftingWarning, Method, hookimpl
 from grafting.errors import UnsupportedLayerError
+from grafting.model_types import query_value_projections
 from grafting.weights import is_hf_conv1d
 from grafting_lora.config import LoraConfig
 from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear, is_linear
 from grafting_lora.saved import check_shapes
-
-#: Modules LoRA adapts by default, by ``model.config.model_type``.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        [
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen3",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "phi3",
-            "phi",
-            "opt",
-            "bart",
-            "mbart",
-            "marian",
-            "whisper",
-            "starcoder2",
-            "olmo",
-            "olmo2",
-            "granite",
-            "cohere",
-            "smollm3",
-        ],
-        ("q_proj", "v_proj"),
-    ),
-    **dict.fromkeys(["gpt2", "gpt_bigcode"], ("c_attn",)),
-    **dict.fromkeys(
-        ["bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "layoutlm"], ("query", "value")
-    ),
-    **dict.fromkeys(["t5", "mt5", "umt5"], ("q", "v")),
-    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ("query_key_value",)),
-    "distilbert": ("q_lin", "v_lin"),
-    "gptj": ("q_proj", "v_proj"),
-    "gpt_neo": ("q_proj", "v_proj"),
-}
 
 
 @hookimpl
@@ -64,8 +26,7 @@ def grafting_methods() -> list[Method]:
 def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
     if not isinstance(config, LoraConfig):
         return None
-    targets = DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", ""))
-    return list(targets) if targets else None
+    return query_value_projections(model)
 
 
 @hookimpl
