@@ -183,6 +183,7 @@ class AdaptedLayer(nn.Module):
             base_args, base_kwargs = _replace(args, kwargs, where, x_in)
         out = self.base_layer(*base_args, **base_kwargs)
         y = out[0] if isinstance(out, tuple) else out
+        dtype = y.dtype
         call: LayerCall | None = None
         for adapter in live:
             if adapter.site is Site.DELTA:
@@ -191,6 +192,7 @@ class AdaptedLayer(nn.Module):
                 y = y + adapter(x, call)
             elif adapter.site is Site.OUTPUT:
                 y = adapter(y)
+        y = y.to(dtype)  # a delta may come in its adapter's wider dtype: the sum is rounded once, as in PEFT
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:
