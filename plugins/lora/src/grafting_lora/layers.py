@@ -74,7 +74,7 @@ class LoraLinear(DeltaAdapter):
         h = self.lora_dropout(x.to(dtype))
         out = self.lora_B(self.lora_A(h))
         out = self._dora(h, out, call) if self.use_dora else out * self.scaling
-        return out.to(call.base_out.dtype)
+        return out  # in the adapter's dtype: the layer adds it to the base output and rounds once
 
     def _dora(self, h: torch.Tensor, lora_out: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """DoRA's delta; ``lora_out`` is ``B(A(h))`` unscaled, multiplied in PEFT's order (same bits)."""
@@ -151,7 +151,7 @@ class LoraEmbedding(DeltaAdapter):
             base.scale_grad_by_freq,
             base.sparse,
         )
-        return ((after_a @ self.lora_embedding_B.T) * self.scaling).to(call.base_out.dtype)
+        return (after_a @ self.lora_embedding_B.T) * self.scaling
 
     def merge(self, base_layer: nn.Module) -> None:
         add_to_weight(base_layer, self.delta_matrix())
@@ -196,7 +196,7 @@ class LoraConv(DeltaAdapter):
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return (self.lora_B(self.lora_A(h)) * self.scaling).to(call.base_out.dtype)
+        return self.lora_B(self.lora_A(h)) * self.scaling
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
