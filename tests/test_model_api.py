@@ -1,0 +1,246 @@
+"""The wrappers' API: dtypes, parameter counts, inject_adapter_in_model, task classes, mixed stacks."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import grafting
+from grafting.layer import AdaptedLayer
+from tests.helpers import (
+    ARCHS,
+    EMBEDDING,
+    LINEAR,
+    adapted,
+    adapter_params,
+    assert_close,
+    assert_differs,
+    assert_equal,
+    base_logits,
+    base_model,
+    logits,
+    lora,
+    randomize,
+    state_of,
+)
+from tests.toy_methods import ToyDeltaConfig, ToyInputConfig, ToyOutputConfig, ToyPlugin
+
+
+# -- dtypes -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_on_a_half_precision_base(arch: str, dtype: torch.dtype) -> None:
+    config = lora(arch, target_modules=[*LINEAR[arch][:2], EMBEDDING[arch]])
+    model = grafting.get_peft_model(base_model(arch).to(dtype), config)
+    lora_params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert {p.dtype for p in lora_params.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if n not in lora_params} == {dtype}  # heads copied as is
+    randomize(model, 1)
+    assert logits(model, arch).dtype == dtype
+    plain = grafting.get_peft_model(base_model(arch).to(dtype), config, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in plain.named_parameters() if ".lora_" in n} == {dtype}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_bfloat16_base_gives_peft_logits(arch: str, use_dora: bool, tmp_path: Path) -> None:
+    """float32 adapters on a bfloat16 base: the delta is added in float32 and rounded once, as PEFT does."""
+    import peft
+
+    config = lora(arch, target_modules=[*LINEAR[arch][:2], EMBEDDING[arch]] if not use_dora else "all-linear")
+    model = grafting.get_peft_model(base_model(arch).to(torch.bfloat16), lora(arch, **_fields(config, use_dora)))
+    randomize(model, 2)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base_model(arch).to(torch.bfloat16), str(tmp_path))
+    assert_equal(logits(model, arch), logits(theirs, arch), "bfloat16 logits")
+    loaded = grafting.PeftModel.from_pretrained(base_model(arch).to(torch.bfloat16), tmp_path)
+    assert {p.dtype for n, p in loaded.named_parameters() if ".lora_" in n} == {torch.float32}
+    assert_equal(logits(loaded, arch), logits(model, arch), "reloaded bfloat16 logits")
+
+
+def _fields(config: Any, use_dora: bool) -> dict[str, Any]:
+    return {"target_modules": config.target_modules, "use_dora": use_dora}
+
+
+def test_a_float64_base_gets_float64_adapters() -> None:
+    model = grafting.get_peft_model(base_model("llama").double(), lora("llama"))
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert logits(model, "llama").dtype == torch.float64
+
+
+# -- parameter counts ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_get_nb_trainable_parameters(arch: str) -> None:
+    model = adapted(arch, lora(arch, target_modules="all-linear", r=3))
+    trainable, total = model.get_nb_trainable_parameters()
+    owned = adapter_params(model)
+    assert trainable == sum(p.numel() for p in owned.values())
+    assert total == sum(p.numel() for p in base_model(arch).parameters()) + trainable
+    model.add_adapter("second", lora(arch, r=2))  # inactive: counted in all, not in trainable
+    trainable_after, total_after = model.get_nb_trainable_parameters()
+    assert trainable_after == trainable
+    assert total_after == total + sum(p.numel() for p in adapter_params(model, "second").values())
+
+
+def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    model = adapted("llama", lora("llama", r=2))
+    trainable, total = model.get_nb_trainable_parameters()
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}\n"
+    )
+
+
+# -- inject_adapter_in_model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inject_adapter_in_model(arch: str) -> None:
+    model = base_model(arch)
+    config = lora(arch, target_modules="all-linear", task_type=None)
+    returned = grafting.inject_adapter_in_model(config, model)
+    assert returned is model
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
+    assert layers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all(".adapters.default.lora_" in n for n in trainable)
+    # the same adapters through get_peft_model give the same output
+    wrapped = adapted(arch, config)
+    for path, layer in wrapped.base_model.adapted_layers():
+        layer.adapters["default"].load_state_dict(layers[path].adapters["default"].state_dict())
+    assert_equal(logits(model, arch), logits(wrapped, arch), "injected vs wrapped")
+    assert_differs(logits(model, arch), base_logits(arch))
+
+
+# -- task classes ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("task_type", "klass"),
+    [
+        (None, grafting.PeftModel),
+        ("CAUSAL_LM", grafting.PeftModelForCausalLM),
+        ("SEQ_2_SEQ_LM", grafting.PeftModelForSeq2SeqLM),
+        ("SEQ_CLS", grafting.PeftModelForSequenceClassification),
+        ("TOKEN_CLS", grafting.PeftModelForTokenClassification),
+        ("QUESTION_ANS", grafting.PeftModelForQuestionAnswering),
+        ("FEATURE_EXTRACTION", grafting.PeftModelForFeatureExtraction),
+    ],
+)
+def test_task_class_follows_task_type(task_type: str | None, klass: type, tmp_path: Path) -> None:
+    base = _model_for(task_type)
+    config = grafting.LoraConfig(task_type=task_type, target_modules=["query", "value"])
+    model = grafting.get_peft_model(base, config)
+    assert type(model) is klass
+    model.save_pretrained(tmp_path)
+    assert type(grafting.PeftModel.from_pretrained(_model_for(task_type), tmp_path)) is klass
+    heads = {"SEQ_CLS": "classifier", "TOKEN_CLS": "classifier", "QUESTION_ANS": "qa_outputs"}
+    saved = [p for p, _ in model.base_model.save_wrappers()]
+    assert saved == ([heads[task_type]] if task_type in heads else [])
+
+
+def _model_for(task_type: str | None) -> nn.Module:
+    from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification, BertModel
+
+    config = BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    torch.manual_seed(0)
+    if task_type == "TOKEN_CLS":
+        return BertForTokenClassification(config).eval()
+    if task_type == "QUESTION_ANS":
+        return BertForQuestionAnswering(config).eval()
+    if task_type == "SEQ_CLS":
+        return base_model("bert")
+    return BertModel(config).eval()
+
+
+def test_a_class_asked_for_is_kept(tmp_path: Path) -> None:
+    adapted("llama").save_pretrained(tmp_path)
+    loaded = grafting.PeftModelForFeatureExtraction.from_pretrained(base_model("llama"), tmp_path)
+    assert type(loaded) is grafting.PeftModelForFeatureExtraction
+
+
+def test_the_wrapper_forwards_attributes_to_the_model() -> None:
+    base = base_model("llama")
+    model = grafting.get_peft_model(base, lora("llama"))
+    assert model.get_base_model() is base
+    assert model.config is base.config
+    assert model.active_peft_config is model.peft_config["default"]
+
+
+# -- a mixed stack on one layer ------------------------------------------------------------------------------
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _mixed(toy_methods: ToyPlugin, use_dora: bool = False) -> Any:
+    model = grafting.get_peft_model(
+        base_model("llama"), lora("llama", target_modules=TARGETS, use_dora=use_dora), mixed=True
+    )
+    model.add_adapter("delta", ToyDeltaConfig(target_modules=TARGETS, scale=0.05))
+    model.add_adapter("out", ToyOutputConfig(target_modules=TARGETS))
+    model.add_adapter("in", ToyInputConfig(target_modules=TARGETS))
+    randomize(model, 1, adapter_name="default")
+    model.set_adapter(["default", "delta", "out", "in"])
+    return model
+
+
+def test_a_mixed_stack_merges_to_its_forward(toy_methods: ToyPlugin) -> None:
+    model = _mixed(toy_methods)
+    assert type(model) is grafting.PeftMixedModel
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert list(layer.adapters) == ["default", "delta", "out", "in"]
+    out = logits(model, "llama")
+    assert_differs(out, base_logits("llama"))
+    # merged sets must be a prefix of INPUT < DELTA < OUTPUT
+    for refused in (["default"], ["out"], ["default", "delta", "out"]):
+        before = state_of(model)
+        with pytest.raises(grafting.MergeError, match="stays unmerged"):
+            model.merge_adapter(refused)
+        after = state_of(model)
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    model.merge_adapter(["in"])
+    assert layer.merged == ["in"]
+    assert_close(logits(model, "llama"), out, "input adapter merged", tol=1e-4)
+    model.merge_adapter(["default", "delta"])
+    assert layer.merged == ["in", "default", "delta"]
+    assert_close(logits(model, "llama"), out, "input and delta adapters merged", tol=1e-4)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    assert_close(logits(plain, "llama"), out, "merged and unloaded", tol=1e-4)
+
+
+def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyPlugin) -> None:
+    model = _mixed(toy_methods, use_dora=True)
+    out = logits(model, "llama")
+    before = state_of(model)
+    with pytest.raises(grafting.MergeError, match="own weight"):
+        model.merge_adapter()
+    after = state_of(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    model.set_adapter(["default", "delta", "out"])  # without the input adapter it merges
+    out = logits(model, "llama")
+    model.merge_adapter()
+    assert_close(logits(model, "llama"), out, "DoRA, delta and output merged", tol=1e-4)
+
+
+def test_a_mixed_model_saves_and_loads_back(toy_methods: ToyPlugin, tmp_path: Path) -> None:
+    model = _mixed(toy_methods)
+    out = logits(model, "llama")
+    model.save_pretrained(tmp_path)
+    loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path, mixed=True)
+    assert sorted(loaded.active_adapters) == ["default", "delta", "in", "out"]
+    assert_equal(logits(loaded, "llama"), out, "mixed model reloaded")
+    with loaded.disable_adapter():
+        assert_equal(logits(loaded, "llama"), base_logits("llama"), "mixed model disabled")
+
+
+def test_methods_do_not_mix_outside_a_mixed_model(toy_methods: ToyPlugin) -> None:
+    model = adapted("llama")
+    with pytest.raises(grafting.AdapterStateError, match="mixed"):
+        model.add_adapter("toy", ToyOutputConfig(target_modules=["q_proj"]))
+    assert list(model.peft_config) == ["default"]
