@@ -67,7 +67,7 @@ class LoraLinear(DeltaAdapter):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(weight + self.delta_matrix().to(weight.dtype), dim=1)
+        return torch.linalg.vector_norm(weight + self.delta_matrix().to(weight), dim=1)
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
