@@ -79,16 +79,17 @@ class LoraLinear(DeltaAdapter):
     def _dora(self, h: torch.Tensor, lora_out: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """DoRA's delta; ``lora_out`` is ``B(A(h))`` unscaled, multiplied in PEFT's order (same bits)."""
         base = call.base_layer
-        weight = dense_weight(base).to(h.dtype)
-        norm = self._weight_norm(weight).detach()  # DoRA treats the norm as a constant
+        with torch.no_grad():  # DoRA treats the norm as a constant: no graph, nothing saved for backward
+            norm = self._weight_norm(dense_weight(base).to(h.dtype))
         scale = self.lora_magnitude_vector / norm
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            base_out = call.base_out.to(h.dtype)
+            # the base output in its own dtype: the product promotes, and autograd keeps no wider copy
+            base_out = call.base_out
             bias = getattr(base, "bias", None)
             if bias is not None:
-                base_out = base_out - bias.to(h.dtype)
+                base_out = base_out - bias
         else:
-            base_out = F.linear(h, weight)
+            base_out = F.linear(h, dense_weight(base).to(h.dtype))
         return (scale - 1) * base_out + scale * lora_out * self.scaling  # PEFT's order of operations
 
     @torch.no_grad()
