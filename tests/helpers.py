@@ -135,6 +135,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "tens
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_merged_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "merged output") -> None:
+    """Merging rounds differently from the unmerged forward: the tolerance follows the outputs' scale."""
+    atol = 1e-4 + 1e-5 * expected.abs().max().item()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
 def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
     """The adapter must do something, else an equality check would prove nothing."""
     assert not torch.allclose(actual, expected, atol=1e-4), f"{what} equals the base output: the adapter is trivial"

@@ -28,6 +28,7 @@ from tests.helpers import (
     assert_close,
     assert_differs,
     assert_equal,
+    assert_merged_close,
     assert_same_state,
     base_logits,
     base_model,
@@ -37,8 +38,6 @@ from tests.helpers import (
     randomize,
     state_of,
 )
-
-MERGE_TOL = 1e-4
 
 
 def _base_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -88,16 +87,16 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_weights(arch: str, data
     out = logits(model, arch)
     model.merge_adapter(safe_merge=safe)
     assert all(layer.merged == ["default"] for _, layer in model.base_model.adapted_layers())
-    assert_close(logits(model, arch), out, "merged", tol=MERGE_TOL)
+    assert_merged_close(logits(model, arch), out, "merged")
     with model.disable_adapter():
-        assert_close(logits(model, arch), base_logits(arch), "disabled while merged", tol=MERGE_TOL)
-    assert_close(logits(model, arch), out, "merged again after the disabled block", tol=MERGE_TOL)
+        assert_merged_close(logits(model, arch), base_logits(arch), "disabled while merged")
+    assert_merged_close(logits(model, arch), out, "merged again after the disabled block")
     model.unmerge_adapter()
     assert all(layer.merged == [] for _, layer in model.base_model.adapted_layers())
     restored = _base_weights(model)
     for key, value in original.items():
         assert_close(restored[key], value, f"unmerged {key}", tol=1e-5)
-    assert_close(logits(model, arch), out, "unmerged", tol=MERGE_TOL)
+    assert_merged_close(logits(model, arch), out, "unmerged")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -109,7 +108,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_output(arch: str, da
     assert type(plain) is type(base_model(arch))
     assert not any(isinstance(m, (AdaptedLayer, ModulesToSaveWrapper)) for m in plain.modules())
     assert sorted(plain.state_dict()) == sorted(base_model(arch).state_dict())
-    assert_close(logits(plain, arch), out, "merged and unloaded", tol=MERGE_TOL)
+    assert_merged_close(logits(plain, arch), out, "merged and unloaded")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -120,7 +119,7 @@ def test_unload_gives_back_the_base_model(arch: str, data: st.DataObject) -> Non
     plain = model.unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
     assert sorted(plain.state_dict()) == sorted(base_model(arch).state_dict())
-    assert_close(logits(plain, arch), base_logits(arch), "unloaded", tol=MERGE_TOL)
+    assert_merged_close(logits(plain, arch), base_logits(arch), "unloaded")
 
 
 def test_safe_merge_refuses_non_finite_weights_and_changes_nothing() -> None:
@@ -221,9 +220,9 @@ def test_a_lora_and_a_dora_on_one_layer_merge_to_their_sum(arch: str) -> None:
     model.set_adapter(["default", "dora"])
     out = logits(model, arch)
     model.merge_adapter()
-    assert_close(logits(model, arch), out, "LoRA + DoRA merged", tol=MERGE_TOL)
+    assert_merged_close(logits(model, arch), out, "LoRA + DoRA merged")
     model.unmerge_adapter()
-    assert_close(logits(model, arch), out, "LoRA + DoRA unmerged again", tol=MERGE_TOL)
+    assert_merged_close(logits(model, arch), out, "LoRA + DoRA unmerged again")
 
 
 def _single(arch: str, config: Any, model: Any, name: str) -> torch.Tensor:
@@ -268,7 +267,7 @@ def test_switching_adding_and_deleting_adapters(arch: str, data: st.DataObject) 
         assert_same_state(state_of(stacked), before, "after the refused merge")
     else:
         stacked.merge_adapter()
-        assert_close(logits(stacked, arch), both, "both adapters merged", tol=MERGE_TOL)
+        assert_merged_close(logits(stacked, arch), both, "both adapters merged")
 
     model.delete_adapter("default")
     assert list(model.peft_config) == ["second"]

@@ -18,9 +18,9 @@ from tests.helpers import (
     LINEAR,
     adapted,
     adapter_params,
-    assert_close,
     assert_differs,
     assert_equal,
+    assert_merged_close,
     base_logits,
     base_model,
     logits,
@@ -205,13 +205,13 @@ def test_a_mixed_stack_merges_to_its_forward(toy_methods: ToyPlugin) -> None:
         assert all(torch.equal(after[k], v) for k, v in before.items())
     model.merge_adapter(["in"])
     assert layer.merged == ["in"]
-    assert_close(logits(model, "llama"), out, "input adapter merged", tol=1e-4)
+    assert_merged_close(logits(model, "llama"), out, "input adapter merged")
     model.merge_adapter(["default", "delta"])
     assert layer.merged == ["in", "default", "delta"]
-    assert_close(logits(model, "llama"), out, "input and delta adapters merged", tol=1e-4)
+    assert_merged_close(logits(model, "llama"), out, "input and delta adapters merged")
     plain = model.merge_and_unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    assert_close(logits(plain, "llama"), out, "merged and unloaded", tol=1e-4)
+    assert_merged_close(logits(plain, "llama"), out, "merged and unloaded")
 
 
 def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyPlugin) -> None:
@@ -225,7 +225,7 @@ def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyP
     model.set_adapter(["default", "delta", "out"])  # without the input adapter it merges
     out = logits(model, "llama")
     model.merge_adapter()
-    assert_close(logits(model, "llama"), out, "DoRA, delta and output merged", tol=1e-4)
+    assert_merged_close(logits(model, "llama"), out, "DoRA, delta and output merged")
 
 
 def test_a_mixed_model_saves_and_loads_back(toy_methods: ToyPlugin, tmp_path: Path) -> None:
