@@ -104,26 +104,35 @@ class Clock:
         return time.perf_counter() - self.start
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A data file's rows, or a DemoError saying what is wrong with it."""
+    if not path.is_file():
+        raise models.DemoError(f"data file {path} does not exist")
+    try:
+        rows = read_jsonl(path)
+    except ValueError as exc:  # JSON errors included
+        raise models.DemoError(f"data file {path}: {exc}") from None
+    if not rows:
+        raise models.DemoError(f"data file {path} holds no examples")
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from grafting import PeftModel, get_peft_model
 
     clock = Clock()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    for path in (args.train, args.test):
-        if not path.is_file():
-            raise models.DemoError(f"data file {path} does not exist")
-    train_rows, test_rows = read_jsonl(args.train), read_jsonl(args.test)
+    train_rows, test_rows = read_rows(args.train), read_rows(args.test)
     config = adapter_config(args.method, args.rank, args.alpha, args.targets)
     dtype = models.pick_dtype(args.dtype)
     folder, display = models.resolve(args.model, args.cache)
     model, tokenizer = models.load(folder, dtype)
-    say = print
-    say(f"model:   {display}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {str(dtype)[6:]}")
-    say(
+    print(f"model:   {display}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {str(dtype)[6:]}")
+    print(
         f"data:    {len(train_rows)} training and {len(test_rows)} held-out examples ({args.train.name}, {args.test.name})"
     )
-    say(f"threads: {torch.get_num_threads()}; model ready in {clock.lap('load'):.1f}s")
+    print(f"threads: {torch.get_num_threads()}; model ready in {clock.lap('load'):.1f}s")
     progress = not args.quiet
     texts = [r["text"] for r in test_rows]
     records = [r["record"] for r in test_rows]
@@ -136,11 +145,11 @@ def run(args: argparse.Namespace) -> int:
 
     before = evaluate(model, "scoring the base model")
     score_before = score(before, records)
-    say(f"\nbefore:  {score_before:5.1f}% exact match on the held-out set ({clock.lap('eval_before'):.0f}s)")
+    print(f"\nbefore:  {score_before:5.1f}% exact match on the held-out set ({clock.lap('eval_before'):.0f}s)")
 
     peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    say(
+    print(
         f"adapter: {args.method} {_describe(config)}; {trainable:,} trainable parameters ({100 * trainable / total:.2f}%)"
     )
     examples = encode(tokenizer, train_rows)
@@ -154,22 +163,22 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=progress,
     )
-    say(
+    print(
         f"trained: {args.steps} steps of {args.batch_size} in {clock.lap('train'):.0f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     )
 
     after = evaluate(peft_model, "scoring the tuned model")
     score_after = score(after, records)
-    say(
+    print(
         f"after:   {score_after:5.1f}% exact match ({score_after - score_before:+.1f} points; {clock.lap('eval_after'):.0f}s)"
     )
-    say("\nexamples from the held-out set:\n" + examples_table(test_rows, before, after, args.examples))
+    print("\nexamples from the held-out set:\n" + examples_table(test_rows, before, after, args.examples))
 
     out: Path = args.out
     adapter_dir = out / "adapter"
     peft_model.save_pretrained(adapter_dir)
     files = ", ".join(sorted(p.name for p in adapter_dir.iterdir() if p.is_file()))
-    say(f"saved:   {adapter_dir} ({human_size(folder_size(adapter_dir))}: {files})")
+    print(f"saved:   {adapter_dir} ({human_size(folder_size(adapter_dir))}: {files})")
     del peft_model, model
 
     fresh, _ = models.load(folder, dtype)
@@ -177,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     again = evaluate(reloaded, "scoring the reloaded adapter")
     score_reload = score(again, records)
     same = again == after
-    say(
+    print(
         f"reload:  {score_reload:5.1f}% exact match with the adapter loaded into a fresh base model; "
         f"{'the same answers as before saving' if same else 'ANSWERS DIFFER from the in-memory model'} "
         f"({clock.lap('reload'):.0f}s)"
@@ -202,8 +211,10 @@ def run(args: argparse.Namespace) -> int:
         "answers": [{"text": t, "before": b, "after": a} for t, b, a in zip(texts, before, after)],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    say(f"plot:    {plot}\nresults: {out / 'results.json'}")
-    say(f"\ntime:    {clock.total / 60:.1f} min in all ({', '.join(f'{k} {v:.0f}s' for k, v in clock.phases.items())})")
+    print(f"plot:    {plot}\nresults: {out / 'results.json'}")
+    print(
+        f"\ntime:    {clock.total / 60:.1f} min in all ({', '.join(f'{k} {v:.0f}s' for k, v in clock.phases.items())})"
+    )
     return 0 if same else 1
 
 

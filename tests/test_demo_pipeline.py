@@ -178,6 +178,7 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_folder: Path, tmp_path: Path, caps
     ]
     argv += ["--steps", "30", "--batch-size", "4", "--lr", "1e-2", "--rank", "4", "--out", str(out)]
     argv += ["--dtype", "float32", "--eval-batch-size", "4", "--examples", "2", "--quiet", "--cache", str(tmp_path)]
+    argv += ["--threads", str(torch.get_num_threads())]  # leave the test process's setting as it is
     status = finetune.main(argv)
     printed = capsys.readouterr().out
     assert status == 0, printed
@@ -216,4 +217,19 @@ def test_demo_errors_are_one_line(argv: list[str], message: str, capsys: pytest.
     assert finetune.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "holds no examples"), ('{"text": "hi"}\n', "1: expected an object with 'text' and 'record'"), ("{", "")],
+)
+def test_demo_refuses_a_bad_data_file(
+    content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.jsonl").write_text(content)
+    assert finetune.main(["--train", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: data file {tmp_path / 'bad.jsonl'}")
     assert message in err
