@@ -158,6 +158,42 @@ def test_inspect_flags_a_missing_half_of_a_pair(tmp_path: Path, capsys: pytest.C
     assert json.loads(out)["check"]["problems"] == ["model.layers.1.self_attn.v_proj: has lora_A but not lora_B"]
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"use_dora": True},
+        {"lora_bias": True},
+        {"target_modules": ["embed_tokens", "q_proj"]},
+        {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 4}},
+    ],
+    ids=["dora", "lora_bias", "embedding", "rank_pattern"],
+)
+def test_inspect_accepts_every_lora_variant(options: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = LoraConfig(**{"r": 4, "target_modules": ["q_proj", "v_proj"], **options})
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "variant")
+    status, out, _ = run_cli(capsys, "inspect", str(tmp_path / "variant"), "--json")
+    info = json.loads(out)
+    assert info["check"] == {"ok": True, "problems": [], "shapes_checked": True}
+    assert status == 0
+    expected = {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    if "embed_tokens" in config.target_modules:
+        expected = {"model.embed_tokens"} | {t for t in expected if t.endswith("q_proj")}
+    assert set(info["targets"]) == expected
+
+
+def test_inspect_flags_a_dora_vector_the_config_does_not_expect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    status, out, _ = run_cli(capsys, "inspect", str(tmp_path), "--json")
+    assert status == 1
+    problems = json.loads(out)["check"]["problems"]
+    assert len(problems) == 2  # one per layer
+    assert all("unexpected lora_magnitude_vector" in p and "use_dora=False" in p for p in problems)
+
+
 # -- merge ----------------------------------------------------------------------------------------
 def test_merge_writes_a_standalone_model_with_the_adapter_folded_in(
     adapter: Path, base_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
