@@ -26,6 +26,11 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> No
             nn.init.zeros_(b)
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 at least: half precision is widened, float64 kept."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 class LoraLinear(DeltaAdapter):
     """``delta = B(A(dropout(x))) · scaling`` for ``nn.Linear`` and ``Conv1D``; DoRA optional."""
 
@@ -53,7 +58,7 @@ class LoraLinear(DeltaAdapter):
                 norm = torch.empty(n_out, device="meta")
             else:
                 with torch.no_grad():
-                    norm = self._weight_norm(dense_weight(base_layer).float())
+                    norm = self._weight_norm(_wide(dense_weight(base_layer)))
             self.lora_magnitude_vector = nn.Parameter(norm)
         self._dora_merge_scale: torch.Tensor | None = None
 
@@ -67,7 +72,8 @@ class LoraLinear(DeltaAdapter):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(weight + self.delta_matrix().to(weight), dim=1)
+        delta = (self.lora_B.weight.to(weight) @ self.lora_A.weight.to(weight)) * self.scaling  # in weight's dtype
+        return torch.linalg.vector_norm(weight + delta, dim=1)
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
@@ -95,8 +101,9 @@ class LoraLinear(DeltaAdapter):
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
         if self.use_dora:
-            merged = dense_weight(base_layer).float() + self.delta_matrix().float()
-            scale = self.lora_magnitude_vector.float() / torch.linalg.vector_norm(merged, dim=1)
+            weight = _wide(dense_weight(base_layer))
+            merged = weight + self.delta_matrix().to(weight)
+            scale = self.lora_magnitude_vector.to(weight) / torch.linalg.vector_norm(merged, dim=1)
             self._dora_merge_scale = scale
             store_weight(base_layer, scale[:, None] * merged)
         else:
@@ -109,8 +116,8 @@ class LoraLinear(DeltaAdapter):
         if self.use_dora:
             if self._dora_merge_scale is None:
                 raise MergeError("DoRA adapter was not merged by this process; cannot unmerge it")
-            weight = dense_weight(base_layer).float()
-            store_weight(base_layer, weight / self._dora_merge_scale[:, None] - self.delta_matrix().float())
+            weight = _wide(dense_weight(base_layer))
+            store_weight(base_layer, weight / self._dora_merge_scale[:, None] - self.delta_matrix().to(weight))
             self._dora_merge_scale = None
         else:
             add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
