@@ -56,9 +56,14 @@ def _base(arch: str) -> nn.Module:
     return tiny_model(arch)
 
 
-def base_model(arch: str) -> nn.Module:
-    """A fresh copy of the seeded tiny model of ``arch`` (built once per process)."""
-    return copy.deepcopy(_base(arch))
+def base_model(arch: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A fresh copy of the seeded tiny model of ``arch`` (built once per process), in ``dtype`` if given.
+
+    Checks of merging and routing run in float64, where float32's rounding, which random
+    adapters amplify, cannot hide a wrong result or fake one.
+    """
+    model = copy.deepcopy(_base(arch))
+    return model if dtype is None else model.to(dtype)
 
 
 def inputs(arch: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -69,21 +74,39 @@ def logits(model: nn.Module, arch: str, batch: int = 3, **kwargs: Any) -> torch.
     return model_output(model, {**inputs(arch, batch), **kwargs})
 
 
-def base_logits(arch: str, batch: int = 3) -> torch.Tensor:
-    return logits(_base(arch), arch, batch)
+def base_logits(arch: str, batch: int = 3, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return logits(_base(arch) if dtype is None else base_model(arch, dtype), arch, batch)
 
 
 def lora(arch: str, **kwargs: Any) -> Any:
-    """A LoraConfig for ``arch`` with its task type; ``init_lora_weights=False`` unless given."""
+    """A LoraConfig for ``arch`` with its task type; ``init_lora_weights=False`` unless given.
+
+    GPT-2's Conv1D layers store (in, out) weights: its configs say so (``fan_in_fan_out``), as PEFT wants.
+    """
     kwargs.setdefault("target_modules", ATTENTION[arch])
     kwargs.setdefault("task_type", TASK_TYPES[arch])
     kwargs.setdefault("init_lora_weights", False)
+    kwargs.setdefault("fan_in_fan_out", arch == "gpt2")
     return grafting.LoraConfig(**kwargs)
 
 
-def adapted(arch: str, config: Any = None, adapter_name: str = "default", **kwargs: Any) -> Any:
-    """``get_peft_model`` on a fresh base of ``arch``."""
-    return grafting.get_peft_model(base_model(arch), config or lora(arch, **kwargs), adapter_name=adapter_name)
+def loss_inputs(arch: str) -> dict[str, torch.Tensor]:
+    """:func:`inputs` with labels, for a real loss."""
+    batch = inputs(arch)
+    if arch == "bert":
+        batch["labels"] = torch.tensor([0, 2, 1])
+    elif arch == "t5":
+        batch["labels"] = batch["decoder_input_ids"]
+    else:
+        batch["labels"] = batch["input_ids"]
+    return batch
+
+
+def adapted(
+    arch: str, config: Any = None, adapter_name: str = "default", dtype: torch.dtype | None = None, **kwargs: Any
+) -> Any:
+    """``get_peft_model`` on a fresh base of ``arch`` (in ``dtype`` if given)."""
+    return grafting.get_peft_model(base_model(arch, dtype), config or lora(arch, **kwargs), adapter_name=adapter_name)
 
 
 # -- non-trivial adapters -------------------------------------------------------------------
@@ -136,10 +159,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "tens
 
 
 def assert_merged_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "merged output") -> None:
-    """Merging rounds differently from the unmerged forward: the tolerance follows the outputs' scale."""
-    atol = 1e-4 + 1e-5 * expected.abs().max().item()
+    """Merging rounds differently from the unmerged forward: the tolerance follows the dtype and the outputs' scale."""
+    # float32: 1000 eps = 1.2e-4; float64 models still take softmax in float32 (transformers' attention)
+    tol = 1e-6 if expected.dtype == torch.float64 else 1000 * torch.finfo(expected.dtype).eps
+    atol = tol * (1.0 + expected.abs().max().item())
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:

@@ -179,7 +179,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def _mixed(toy_methods: ToyPlugin, use_dora: bool = False) -> Any:
     model = grafting.get_peft_model(
-        base_model("llama"), lora("llama", target_modules=TARGETS, use_dora=use_dora), mixed=True
+        base_model("llama", torch.float64), lora("llama", target_modules=TARGETS, use_dora=use_dora), mixed=True
     )
     model.add_adapter("delta", ToyDeltaConfig(target_modules=TARGETS, scale=0.05))
     model.add_adapter("out", ToyOutputConfig(target_modules=TARGETS))
@@ -195,7 +195,7 @@ def test_a_mixed_stack_merges_to_its_forward(toy_methods: ToyPlugin) -> None:
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert list(layer.adapters) == ["default", "delta", "out", "in"]
     out = logits(model, "llama")
-    assert_differs(out, base_logits("llama"))
+    assert_differs(out, base_logits("llama", dtype=torch.float64))
     # merged sets must be a prefix of INPUT < DELTA < OUTPUT
     for refused in (["default"], ["out"], ["default", "delta", "out"]):
         before = state_of(model)
@@ -232,11 +232,11 @@ def test_a_mixed_model_saves_and_loads_back(toy_methods: ToyPlugin, tmp_path: Pa
     model = _mixed(toy_methods)
     out = logits(model, "llama")
     model.save_pretrained(tmp_path)
-    loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path, mixed=True)
+    loaded = grafting.PeftModel.from_pretrained(base_model("llama", torch.float64), tmp_path, mixed=True)
     assert sorted(loaded.active_adapters) == ["default", "delta", "in", "out"]
     assert_equal(logits(loaded, "llama"), out, "mixed model reloaded")
     with loaded.disable_adapter():
-        assert_equal(logits(loaded, "llama"), base_logits("llama"), "mixed model disabled")
+        assert_equal(logits(loaded, "llama"), base_logits("llama", dtype=torch.float64), "mixed model disabled")
 
 
 def test_methods_do_not_mix_outside_a_mixed_model(toy_methods: ToyPlugin) -> None:

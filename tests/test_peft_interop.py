@@ -25,6 +25,7 @@ from tests.helpers import (
     logits,
     lora,
     lora_configs,
+    loss_inputs,
     peft_model,
     randomize,
     randomize_named,
@@ -106,6 +107,35 @@ def test_peft_adapters_load_into_grafting(arch: str, data: st.DataObject, tmp_pa
     saved = load_file(folder / WEIGHTS)
     mine = get_peft_model_state_dict(ours)
     assert_same_state({k: saved[k] for k in mine}, mine, "grafting's adapter tensors")
+
+
+# -- training ---------------------------------------------------------------------------------------------
+def _normalized(name: str) -> str:
+    """A grafting parameter name as PEFT names it, adapter name dropped on both sides."""
+    name = name.replace(".adapters.default.", ".").replace(".modules_to_save.default.", ".modules_to_save.")
+    return name.replace("lora_magnitude_vector", "lora_magnitude_vector.weight")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@EXAMPLES
+@given(data=st.data())
+def test_same_loss_and_gradients_as_peft(arch: str, data: st.DataObject, tmp_path_factory: Any) -> None:
+    """The same adapter in both libraries gives the same loss and gradients, bit for bit (no dropout)."""
+    model = adapted(arch, data.draw(lora_configs(arch)))
+    randomize(model, 5)
+    folder = tmp_path_factory.mktemp("train")
+    model.save_pretrained(folder)
+    theirs, _ = _peft_load(arch, folder, is_trainable=True)
+    batch = loss_inputs(arch)
+    ours_loss, their_loss = model(**batch).loss, theirs(**batch).loss
+    assert_equal(ours_loss, their_loss, "loss")
+    ours_loss.backward()
+    their_loss.backward()
+    ours = {_normalized(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    peft_grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert sorted(ours) == sorted(peft_grads)
+    for name, grad in ours.items():
+        assert_equal(grad, peft_grads[name], f"gradient of {name}")
 
 
 # -- specific features, both ways ---------------------------------------------------------------------------
