@@ -174,7 +174,7 @@ def target_specs(draw: Any, arch: str) -> dict[str, Any]:
     target = draw(st.lists(st.sampled_from(leaves), min_size=1, max_size=4, unique=True) | st.sampled_from(regexes))
     if draw(st.booleans()):
         target = "all-linear"
-    spec: dict[str, Any] = {"target_modules": target, "task_type": TASK_TYPES[arch]}
+    spec: dict[str, Any] = {"target_modules": target, "task_type": TASK_TYPES[arch], "fan_in_fan_out": arch == "gpt2"}
     if draw(st.booleans()):
         spec["exclude_modules"] = draw(
             st.lists(st.sampled_from(leaves), min_size=1, max_size=2, unique=True) | st.just(r".*\.(0|1)\." + leaves[0])
