@@ -86,6 +86,8 @@ class AdapterConfig:
     #: Keys PEFT writes for features grafting does not implement, with PEFT's
     #: default. Read and written back; any other value is a ConfigError.
     inert_keys: ClassVar[dict[str, Any]] = {}
+    #: Shared options that PEFT's config class for this method lacks: written only when set.
+    absent_in_peft: ClassVar[tuple[str, ...]] = ()
     #: Keys kept and written back whatever they hold (informational).
     informational_keys: ClassVar[tuple[str, ...]] = ("auto_mapping", "peft_version")
 
@@ -125,6 +127,9 @@ class AdapterConfig:
             value = getattr(self, field.name)
             out[field.name] = _jsonable(value)
         out["peft_type"] = self.peft_type
+        for key in self.absent_in_peft:
+            if out.get(key) is None:
+                out.pop(key, None)
         return dict(sorted(out.items()))
 
     @classmethod

@@ -43,7 +43,7 @@ class AdaptionPromptConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"
     #: Shared options PEFT's AdaptionPromptConfig does not have: written only when set.
-    _not_in_peft: ClassVar[tuple[str, ...]] = (
+    absent_in_peft: ClassVar[tuple[str, ...]] = (
         "exclude_modules",
         "layers_to_transform",
         "layers_pattern",
@@ -69,9 +69,6 @@ class AdaptionPromptConfig(AdapterConfig):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["target_modules"] = self.attention_name  # PEFT saves and reads one string
-        for key in self._not_in_peft:
-            if out.get(key) is None:
-                out.pop(key, None)
         return out
 
     def for_model(self, model: Any) -> AdaptionPromptConfig:

@@ -73,7 +73,7 @@ class IA3Config(AdapterConfig):
     #: Every option PEFT 0.21 writes for IA3 is implemented, so nothing is inert.
     inert_keys: ClassVar[dict[str, Any]] = {}
     #: Shared options PEFT's IA3Config does not have: written only when set.
-    _not_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
+    absent_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
 
     feedforward_modules: list[str] | str | None = attrs.field(
         default=None, converter=_module_names, validator=_names_check
@@ -85,13 +85,6 @@ class IA3Config(AdapterConfig):
         super().__attrs_post_init__()
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             _check_subset(self.feedforward_modules, self.target_modules, "target_modules")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for key in self._not_in_peft:
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
 
     def feedforward_for(self, model: Any) -> list[str] | str:
         """``feedforward_modules``, or the default of ``model``'s type when it is ``None``."""

@@ -41,7 +41,7 @@ class PromptLearningConfig(AdapterConfig):
     #: Whether the virtual tokens are embeddings fed with the input's (prompt tuning, P-tuning).
     feeds_embeddings: ClassVar[bool] = True
     #: Layer-targeting options of every config: they do not apply here and PEFT does not write them.
-    _not_in_peft: ClassVar[tuple[str, ...]] = (
+    absent_in_peft: ClassVar[tuple[str, ...]] = (
         "target_modules",
         "exclude_modules",
         "layers_to_transform",
@@ -60,19 +60,12 @@ class PromptLearningConfig(AdapterConfig):
         n = self.num_virtual_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ConfigError(f"{name}.num_virtual_tokens must be an integer > 0, got {n!r}")
-        for key in self._not_in_peft:
+        for key in self.absent_in_peft:
             if getattr(self, key) is not None:
                 raise ConfigError(
                     f"{name}.{key}={getattr(self, key)!r}: {self.peft_type} adds virtual tokens to the model's"
                     " input and adapts no module, so this option does not apply (leave it None)"
                 )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for key in self._not_in_peft:
-            if out.get(key) is None:
-                out.pop(key, None)
-        return out
 
     # -- the model -----------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> PromptLearningConfig:
