@@ -1,4 +1,8 @@
-"""The grafting-bnb plugin: the weight codec hooks for bitsandbytes layers."""
+"""The grafting-bnb plugin: the weight codec hooks for bitsandbytes layers.
+
+bitsandbytes is imported only when a layer from it shows up, so installing
+this plugin costs nothing to programs that never quantize.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,27 @@ import torch
 from torch import nn
 
 from grafting import hookimpl
-from grafting_bnb.codec import dequantize, is_quantized, requantize
+
+
+def _from_bitsandbytes(layer: nn.Module) -> bool:
+    return type(layer).__module__.startswith("bitsandbytes")
 
 
 @hookimpl
 def grafting_dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    if not _from_bitsandbytes(layer):
+        return None
+    from grafting_bnb.codec import dequantize, is_quantized
+
     return dequantize(layer) if is_quantized(layer) else None
 
 
 @hookimpl
 def grafting_store_weight(layer: nn.Module, matrix: torch.Tensor) -> bool | None:
+    if not _from_bitsandbytes(layer):
+        return None
+    from grafting_bnb.codec import is_quantized, requantize
+
     if not is_quantized(layer):
         return None
     requantize(layer, matrix)
