@@ -190,7 +190,7 @@ def render(info: dict[str, Any]) -> str:
     dtypes = ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items())
     lines += [
         f"parameters  {info['parameters']:,} in {info['tensors']} tensors",
-        f"size        {human_size(info['size_bytes'])} ({files})",
+        f"size        {human_size(info['size_bytes'])} of weights (files: {files})",
         f"dtypes      {dtypes or '(none)'}",
         f"check       {verdict}",
     ]
