@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 from torch import nn
 
 from grafting.errors import TargetNotFoundError
 
 ALL_LINEAR = "all-linear"
+V = TypeVar("V")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -35,6 +36,12 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def pattern_value(patterns: Mapping[str, V], name: str, default: V) -> V:
+    """The value of the first key of ``patterns`` matching ``name`` (``rank_pattern`` style), else ``default``."""
+    key = pattern_key(patterns, name)
+    return patterns[key] if key is not None else default
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:

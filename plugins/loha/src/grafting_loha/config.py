@@ -8,7 +8,7 @@ import attrs
 
 from grafting.config import AdapterConfig, positive, probability
 from grafting.errors import ConfigError
-from grafting.matching import pattern_key
+from grafting.matching import pattern_value
 
 
 def _check_pattern(name: str, *, integer: bool) -> Any:
@@ -67,12 +67,10 @@ class LoHaConfig(AdapterConfig):
             raise ConfigError(f"LoHaConfig.use_effective_conv2d must be True or False, got {value!r}")
 
     def rank_for(self, module_name: str) -> int:
-        key = pattern_key(self.rank_pattern, module_name)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(self.alpha_pattern, module_name)
-        return self.alpha_pattern[key] if key is not None else self.alpha
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scaling_for(self, module_name: str) -> float:
         return self.alpha_for(module_name) / self.rank_for(module_name)

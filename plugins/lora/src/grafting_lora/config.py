@@ -9,7 +9,7 @@ import attrs
 
 from grafting.config import AdapterConfig, one_of, positive, positive_int, probability
 from grafting.errors import ConfigError
-from grafting.matching import pattern_key
+from grafting.matching import pattern_value
 
 #: Parameters inside grafting's wrappers that are not base biases: adapters, and both sides of a
 #: modules_to_save wrapper (its copies train in full; the original stays frozen, as in PEFT).
@@ -95,12 +95,10 @@ class LoraConfig(AdapterConfig):
             )
 
     def rank_for(self, module_name: str) -> int:
-        key = pattern_key(self.rank_pattern, module_name)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        key = pattern_key(self.alpha_pattern, module_name)
-        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     def scaling_for(self, module_name: str) -> float:
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
