@@ -119,3 +119,23 @@ def test_low_precision_products_stay_within_rounding_of_the_formula(dtype: torch
 )
 def test_path_choice_on_known_shapes(n_out: int, n_in: int, rank: int, positions: int, factored: bool) -> None:
     assert prefer_factored(n_out, n_in, rank, positions) is factored
+
+
+@given(n_out=st.integers(1, 9), n_in=st.integers(1, 9), rank=st.integers(1, 4), seed=st.integers(0, 99))
+def test_dense_delta_gradients_are_plain_autograds_bit_for_bit(n_out: int, n_in: int, rank: int, seed: int) -> None:
+    ours = _factors(n_out, n_in, rank, seed, torch.float32)
+    plain = [t.detach().clone().requires_grad_() for t in ours]
+    weight = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(seed + 1))
+    (dense_delta(*ours, 0.7) * weight).sum().backward()
+    l1, r1, l2, r2 = plain
+    ((l1 @ r1) * (l2 @ r2) * 0.7 * weight).sum().backward()
+    for a, b in zip(ours, plain, strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_dense_delta_keeps_only_the_factors_for_backward() -> None:
+    factors = _factors(64, 48, 4, seed=0, dtype=torch.float32)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        dense_delta(*factors, 0.5)
+    assert sum(saved) == sum(t.numel() for t in factors)  # not the two (64, 48) products

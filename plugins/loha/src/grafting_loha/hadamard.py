@@ -25,11 +25,40 @@ def col_kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, None, :] * b[None, :, :]).reshape(-1, a.shape[1])
 
 
+class _HadamardProduct(torch.autograd.Function):
+    """``(L1·R1) ⊙ (L2·R2)`` keeping only the four factors for backward (the products are recomputed).
+
+    Plain autograd would keep both (out, in) products alive until backward;
+    the gradients are the same operations either way, so the same bits.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, l1: torch.Tensor, r1: torch.Tensor, l2: torch.Tensor, r2: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(l1, r1, l2, r2)
+        return (l1 @ r1) * (l2 @ r2)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        l1, r1, l2, r2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        need = ctx.needs_input_grad  # type: ignore[attr-defined]
+        g1 = grad * (l2 @ r2) if need[0] or need[1] else None
+        g2 = grad * (l1 @ r1) if need[2] or need[3] else None
+        return (
+            g1 @ r1.T if need[0] else None,
+            l1.T @ g1 if need[1] else None,
+            g2 @ r2.T if need[2] else None,
+            l2.T @ g2 if need[3] else None,
+        )
+
+
 def dense_delta(
     l1: torch.Tensor, r1: torch.Tensor, l2: torch.Tensor, r2: torch.Tensor, row_scale: torch.Tensor | float
 ) -> torch.Tensor:
     """``(L1·R1) ⊙ (L2·R2)``, rows scaled by ``row_scale`` (a number or an (out,) vector)."""
-    delta = (l1 @ r1) * (l2 @ r2)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (l1, r1, l2, r2))
+    delta = _HadamardProduct.apply(l1, r1, l2, r2) if grads else (l1 @ r1) * (l2 @ r2)
     if isinstance(row_scale, torch.Tensor):
         return delta * row_scale[:, None]
     return delta * row_scale
