@@ -212,7 +212,11 @@ def main() -> None:
             f"{r['method']:8} {r['train_ms_grafting']:11.1f} /{r['train_ms_peft']:11.1f} {r['train_ratio']:6.2f} "
             f"{r['infer_ms_grafting']:11.1f} /{r['infer_ms_peft']:11.1f} {r['infer_ratio']:6.2f} "
             f"{r['saved_mib_grafting']:10.1f} /{r['saved_mib_peft']:10.1f} "
-            f"{r['peak_mib_grafting']:7.0f} /{r['peak_mib_peft']:7.0f}"
+            + (
+                f"{r['peak_mib_grafting']:7.0f} /{r['peak_mib_peft']:7.0f}"
+                if args.device.startswith("cuda")
+                else "    (GPU only)"
+            )
         )
     if args.json:
         with open(args.json, "w") as fh:
