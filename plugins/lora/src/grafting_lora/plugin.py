@@ -38,9 +38,10 @@ def grafting_create_layer_adapter(
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
     if is_linear(base_layer):
         if config.fan_in_fan_out != is_hf_conv1d(base_layer):
+            # one message per mismatch kind (not per layer), so Python's warning filter shows it once
             warnings.warn(
-                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a {type(base_layer).__name__};"
-                " grafting uses the layer's own weight layout",
+                f"LoraConfig.fan_in_fan_out={config.fan_in_fan_out} does not fit the {type(base_layer).__name__}"
+                " layers it targets; grafting uses each layer's own weight layout",
                 GraftingWarning,
                 stacklevel=2,
             )
