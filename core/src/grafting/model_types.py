@@ -22,8 +22,6 @@ QUERY_VALUE_PROJECTIONS: dict[str, tuple[str, ...]] = {
             "gemma",
             "gemma2",
             "gemma3_text",
-            "phi3",
-            "phi",
             "opt",
             "bart",
             "mbart",
@@ -41,9 +39,11 @@ QUERY_VALUE_PROJECTIONS: dict[str, tuple[str, ...]] = {
         _QV,
     ),
     **dict.fromkeys(["gpt2", "gpt_bigcode"], ("c_attn",)),
-    **dict.fromkeys(
-        ["bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "layoutlm"], ("query", "value")
-    ),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ("query", "value")),
+    "deberta": ("in_proj",),  # DeBERTa (v1) projects queries, keys and values with one fused layer
+    "deberta-v2": ("query_proj", "value_proj"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),  # PEFT's choice for Phi adds the MLP
+    "phi3": ("qkv_proj",),  # fused query/key/value projection
     **dict.fromkeys(["t5", "mt5", "umt5"], ("q", "v")),
     **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ("query_key_value",)),
     "distilbert": ("q_lin", "v_lin"),

@@ -11,6 +11,7 @@ from torch import nn
 from grafting.errors import MergeError
 from grafting.layer import DeltaAdapter, LayerCall
 from grafting.weights import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
+from grafting_lora.scaled import embed_scale
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
@@ -135,6 +136,7 @@ class LoraEmbedding(DeltaAdapter):
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, init: bool | str = True) -> None:
         super().__init__()
+        embed_scale(base_layer)  # refuse a scale that is not one number before anything is built
         self.r, self.scaling = r, scaling
         self.lora_embedding_A = nn.Parameter(torch.empty(r, base_layer.num_embeddings))
         self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, r))
@@ -159,7 +161,9 @@ class LoraEmbedding(DeltaAdapter):
             base.scale_grad_by_freq,
             base.sparse,
         )
-        return (after_a @ self.lora_embedding_B.T) * self.scaling
+        out = (after_a @ self.lora_embedding_B.T) * self.scaling
+        scale = embed_scale(base)  # a scaled embedding (Gemma 3) scales its rows: the delta's too
+        return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
 
     def merge(self, base_layer: nn.Module) -> None:
         add_to_weight(base_layer, self.delta_matrix())
