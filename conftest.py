@@ -9,3 +9,19 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_report_header() -> list[str]:
+    """Which CPU ran the suite: float results may differ in the last bits from one CPU to another."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [f"cpu: {model}, torch {torch.__version__} capability {capability}, {torch.get_num_threads()} threads"]

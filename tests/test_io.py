@@ -17,11 +17,11 @@ from grafting import io as grafting_io
 from grafting.errors import AdapterLoadError, AdapterNotFoundError
 from grafting.layer import AdaptedLayer
 from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,
     adapted,
-    assert_equal,
-    assert_same_state,
+    base_logits,
     base_model,
     files_under,
     logits,
@@ -62,8 +62,8 @@ def test_save_load_round_trip_is_bit_identical(
     assert files_under(folder) == sorted(["README.md", CONFIG, weights])
 
     loaded = grafting.PeftModel.from_pretrained(base_model(arch), folder)
-    assert_equal(logits(loaded, arch), out, "reloaded logits")
-    assert_same_state(_tensors(loaded), _tensors(model), "adapter tensors")
+    assert_close(logits(loaded, arch), out, changed_from=base_logits(arch), msg="reloaded logits")
+    assert_identical(_tensors(loaded), _tensors(model), "adapter tensors")
     assert loaded.peft_config["default"].to_dict() == {**model.peft_config["default"].to_dict(), "inference_mode": True}
     assert not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -81,7 +81,7 @@ def test_the_order_of_overlapping_patterns_survives_saving(tmp_path: Path) -> No
     loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path)
     assert loaded.peft_config["default"].rank_pattern == patterns
     assert list(loaded.peft_config["default"].rank_pattern) == list(patterns)
-    assert_equal(logits(loaded, "llama"), logits(model, "llama"), "reloaded")
+    assert_close(logits(loaded, "llama"), logits(model, "llama"), changed_from=base_logits("llama"), msg="reloaded")
 
 
 def test_saved_config_and_model_card(tmp_path: Path) -> None:
@@ -136,15 +136,17 @@ def test_non_default_adapters_go_to_subfolders(arch: str, tmp_path: Path) -> Non
     for name in ("other", "third"):
         alone = grafting.PeftModel.from_pretrained(base_model(arch), tmp_path, subfolder=name, adapter_name=name)
         assert alone.active_adapters == [name]
-        assert_equal(logits(alone, arch), outputs[name], f"{name} from its subfolder")
-        assert_same_state(_tensors(alone, name), _tensors(model, name), name)
+        assert_close(
+            logits(alone, arch), outputs[name], changed_from=base_logits(arch), msg=f"{name} from its subfolder"
+        )
+        assert_identical(_tensors(alone, name), _tensors(model, name), name)
     # ... and all of them load back into one model
     loaded = grafting.PeftModel.from_pretrained(base_model(arch), tmp_path)
     loaded.load_adapter(tmp_path / "other", "other")
     loaded.load_adapter(tmp_path, "third", subfolder="third")
     assert loaded.active_adapters == ["default"]
     for name, out in outputs.items():
-        assert_equal(_output_of(loaded, arch, name), out, f"{name} reloaded")
+        assert_close(_output_of(loaded, arch, name), out, changed_from=base_logits(arch), msg=f"{name} reloaded")
 
 
 def test_selected_adapters(tmp_path: Path) -> None:
@@ -153,7 +155,7 @@ def test_selected_adapters(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path, selected_adapters=["other"])
     assert files_under(tmp_path) == sorted(["README.md", f"other/{CONFIG}", f"other/{WEIGHTS}"])
     loaded = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path / "other", adapter_name="other")
-    assert_equal(logits(loaded, "gpt2"), out, "selected adapter")
+    assert_close(logits(loaded, "gpt2"), out, changed_from=base_logits("gpt2"), msg="selected adapter")
 
 
 def test_saving_an_unknown_adapter_writes_nothing(tmp_path: Path) -> None:
@@ -192,7 +194,7 @@ def test_a_crash_while_saving_leaves_the_previous_files_intact(tmp_path: Path, m
         model.save_pretrained(tmp_path)
     assert _bytes(tmp_path) == before  # same files, same bytes: no temporary file left behind
     loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    assert_equal(logits(loaded, "llama"), out, "the previous adapter")
+    assert_close(logits(loaded, "llama"), out, changed_from=logits(model, "llama"), msg="the previous adapter")
 
 
 def test_a_crash_while_writing_the_config_leaves_it_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,7 +219,7 @@ def test_a_crash_while_writing_the_config_leaves_it_intact(tmp_path: Path, monke
 # -- load errors -------------------------------------------------------------------------------------------------
 def _assert_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
-    assert_same_state(state_of(model), before, "base model")
+    assert_identical(state_of(model), before, "base model")
 
 
 def test_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
@@ -263,7 +265,9 @@ def test_unexpected_keys_fail_a_strict_load(tmp_path: Path) -> None:
         grafting.PeftModel.from_pretrained(model, tmp_path)
     _assert_untouched(model, before)
     relaxed = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path, strict=False)
-    assert_equal(logits(relaxed, "gpt2"), logits(source, "gpt2"), "non-strict load")
+    assert_close(
+        logits(relaxed, "gpt2"), logits(source, "gpt2"), changed_from=base_logits("gpt2"), msg="non-strict load"
+    )
 
 
 def test_missing_keys_fail_the_load(tmp_path: Path) -> None:
@@ -289,7 +293,7 @@ def test_a_failing_load_adapter_leaves_the_model_unchanged(tmp_path: Path) -> No
         model.load_adapter(tmp_path, "second")
     assert list(model.peft_config) == ["default"]
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    assert_equal(logits(model, "llama"), out, "after the failed load")
+    assert_close(logits(model, "llama"), out, changed_from=base_logits("llama"), msg="after the failed load")
 
 
 def test_set_state_dict_checks_every_shape_before_writing() -> None:
@@ -300,7 +304,7 @@ def test_set_state_dict_checks_every_shape_before_writing() -> None:
     bad["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = torch.ones(3, 3)
     with pytest.raises(AdapterLoadError, match=r"layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
         set_peft_model_state_dict(model, bad)
-    assert_same_state(_tensors(model), before, "adapter after a refused load")
+    assert_identical(_tensors(model), before, "adapter after a refused load")
 
 
 # -- low_cpu_mem_usage -------------------------------------------------------------------------------------------
@@ -319,4 +323,4 @@ def test_low_cpu_mem_usage_keeps_adapters_on_meta_until_loaded(arch: str) -> Non
     assert result.unexpected_keys == []
     assert not any(p.is_meta for p in model.parameters())
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
-    assert_equal(logits(model, arch), logits(source, arch), "materialized adapter")
+    assert_close(logits(model, arch), logits(source, arch), changed_from=base_logits(arch), msg="materialized adapter")

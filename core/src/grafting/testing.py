@@ -7,7 +7,8 @@ the same architectures the core is tested on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -103,3 +104,153 @@ def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     """The logits of a forward pass, without gradients."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+# -- the numerics policy ----------------------------------------------------------------------------
+# Two kinds of comparison, and nothing else:
+#
+# * assert_identical: bitwise, for pure data movement -- tensors that were copied, saved, loaded,
+#   restored exactly or never touched. Nothing was computed, so any difference is a bug.
+# * assert_close: a tolerance derived from the dtype, for anything a matrix product (or any other
+#   reduction) computed. The same product over the same values may round differently in the last
+#   bits from one code path, kernel, thread count or memory address to the next (an AMD EPYC with
+#   AVX-512 and oneDNN does, where an Intel Xeon happened not to), so a bitwise check there tests
+#   the CPU, not grafting. `changed_from` keeps such a check strong: the result must also differ
+#   from what a no-op adapter would give by far more than the tolerance.
+
+#: (rtol, atol) per floating dtype: torch.testing.assert_close's defaults.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+    torch.complex64: (1.3e-6, 1e-5),
+    torch.complex128: (1e-7, 1e-7),
+}
+#: How many tolerances apart ``expected`` and ``changed_from`` must be, at least, somewhere: a result
+#: off by more than 1/MARGIN of the adapter's effect then fails.
+MARGIN = 100.0
+
+Nested = Any  # a tensor, or tuples/lists/dicts/ModelOutputs of them (other leaves compare with ==)
+
+
+def tolerance(expected: torch.Tensor) -> tuple[float, float]:
+    """The (rtol, atol) :func:`assert_close` uses for ``expected`` unless told otherwise.
+
+    rtol is the dtype's ``torch.testing`` default; atol is the dtype's default times the largest
+    magnitude in ``expected`` (unscaled when that is 0). A product's rounding error follows the size
+    of its terms, not of each result: an entry that cancels to near zero next to large ones gets the
+    same absolute slack as they do, and outputs of scale 1e-3 (gradients) get a thousandth of it.
+    Integer and bool tensors get (0, 0): they compare exactly.
+    """
+    if not (expected.is_floating_point() or expected.is_complex()):
+        return 0.0, 0.0
+    rtol, atol = TOLERANCES.get(expected.dtype, TOLERANCES[torch.float32])
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    if math.isfinite(scale) and scale > 0.0:
+        atol *= scale
+    return rtol, atol
+
+
+def _leaves(value: Nested, path: str = "") -> list[tuple[str, Any]]:
+    """(path, leaf) pairs of a nested structure, in order; dict keys are part of the path."""
+    if isinstance(value, torch.Tensor):
+        return [(path, value)]
+    if isinstance(value, Mapping):
+        out: list[tuple[str, Any]] = [(f"{path}{{keys}}", sorted(map(str, value)))]
+        for key in sorted(value, key=str):
+            out += _leaves(value[key], f"{path}[{key!r}]")
+        return out
+    if isinstance(value, (tuple, list)):
+        out = [(f"{path}{{len}}", len(value))]
+        for i, item in enumerate(value):
+            out += _leaves(item, f"{path}[{i}]")
+        return out
+    return [(path, value)]
+
+
+def _pairs(actual: Nested, expected: Nested, msg: str) -> list[tuple[str, Any, Any]]:
+    mine, theirs = _leaves(actual), _leaves(expected)
+    prefix = f"{msg}: " if msg else ""
+    if [p for p, _ in mine] != [p for p, _ in theirs]:
+        raise AssertionError(f"{prefix}structures differ: {[p for p, _ in mine]} != {[p for p, _ in theirs]}")
+    pairs = []
+    for (path, a), (_, e) in zip(mine, theirs):
+        where = f"{prefix}{path or 'value'}"
+        if isinstance(a, torch.Tensor) != isinstance(e, torch.Tensor):
+            raise AssertionError(f"{where}: {type(a).__name__} != {type(e).__name__}")
+        if not isinstance(a, torch.Tensor) and a != e:
+            raise AssertionError(f"{where}: {a!r} != {e!r}")
+        if isinstance(a, torch.Tensor):
+            if a.dtype != e.dtype or a.shape != e.shape:
+                raise AssertionError(f"{where}: {a.dtype}{list(a.shape)} != {e.dtype}{list(e.shape)}")
+            pairs.append((where, a.detach(), e.detach()))
+    return pairs
+
+
+def assert_identical(actual: Nested, expected: Nested, msg: str = "") -> None:
+    """Bit-for-bit equality, with the same dtypes, shapes and (for mappings) keys.
+
+    For pure data movement only: saved or reloaded tensors against their source, keys, shapes,
+    weights restored by an exact operation, parameters nothing should have touched. Anything a
+    matrix product computed is compared with :func:`assert_close`.
+    """
+    for where, a, e in _pairs(actual, expected, msg):
+        if a.device != e.device:
+            raise AssertionError(f"{where}: device {a.device} != {e.device}")
+        bits_a, bits_e = (t.contiguous().reshape(-1).view(torch.uint8) for t in (a, e))
+        if not torch.equal(bits_a, bits_e):
+            differ = a != e if not (a.is_floating_point() or a.is_complex()) else ~((a == e) | (a.isnan() & e.isnan()))
+            count = int(differ.sum())
+            detail = f"{count} of {a.numel()} elements differ"
+            if count and (a.is_floating_point() or a.is_complex()):
+                detail += f" (max abs diff {(a - e)[differ].abs().max().item():.3g})"
+            elif not count:
+                detail = "equal values with different bits (signed zeros or nan payloads)"
+            raise AssertionError(f"{where}: not bit-identical: {detail}")
+
+
+def assert_close(
+    actual: Nested,
+    expected: Nested,
+    *,
+    changed_from: Nested = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    msg: str = "",
+) -> None:
+    """``actual`` equals ``expected`` up to rounding: for results of matrix products.
+
+    The tolerance is :func:`tolerance` (the dtype's ``torch.testing`` default, atol scaled to
+    ``expected``'s magnitude) unless ``rtol``/``atol`` are given -- tighter where the math allows,
+    e.g. float64 against a float64 formula. Dtypes and shapes must match; integer leaves compare exactly.
+
+    With ``changed_from`` (say, the base model's output), ``expected`` must also differ from it by
+    at least :data:`MARGIN` times the tolerance somewhere, so the check would fail if the adapter
+    had no effect or an effect too small to tell a right result from a wrong one.
+    """
+    for where, a, e in _pairs(actual, expected, msg):
+        r, t = _tolerance_of(e, rtol, atol)
+        torch.testing.assert_close(a, e, rtol=r, atol=t, equal_nan=True, msg=_prefixed(where))
+    if changed_from is None:
+        return
+    moved = 0.0
+    for _, b, e in _pairs(changed_from, expected, f"{msg}: changed_from" if msg else "changed_from"):
+        if e.numel() and (e.is_floating_point() or e.is_complex()):
+            r, t = _tolerance_of(e, rtol, atol)
+            moved = max(moved, ((e - b).abs() / (t + r * e.abs())).nan_to_num(0.0).max().item())
+    if moved < MARGIN:
+        prefix = f"{msg}: " if msg else ""
+        raise AssertionError(
+            f"{prefix}the expected result is only {moved:.3g} tolerances away from `changed_from` (at least "
+            f"{MARGIN:g} required): a no-op or wrong adapter would pass this comparison"
+        )
+
+
+def _tolerance_of(expected: torch.Tensor, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    default_rtol, default_atol = tolerance(expected)
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _prefixed(where: str) -> Callable[[str], str]:
+    return lambda message: f"{where}: {message}"

@@ -9,6 +9,7 @@ from adaption_helpers import inputs, logits, open_gates, peft_adaption_prompt, t
 from safetensors.torch import load_file
 
 from grafting import AdaptedLayer, AdaptionPromptConfig, LoraConfig, MergeError, PeftModel, get_peft_model
+from grafting.testing import assert_close, assert_identical
 
 PROMPT = AdaptionPromptConfig(adapter_len=3, adapter_layers=2, task_type="CAUSAL_LM")
 LORA = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
@@ -42,11 +43,9 @@ def test_mixed_model_equals_prompt_on_the_lora_merged_model(order: str, tmp_path
 
     merged = peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / "lora").merge_and_unload()
     oracle = peft.PeftModel.from_pretrained(merged, tmp_path / "prompt")
-    torch.testing.assert_close(logits(oracle, "llama"), expected)
     for alone in ("prompt", "lora"):
-        assert not torch.allclose(
-            logits(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / alone), "llama"), expected
-        )
+        only = logits(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path / alone), "llama")
+        assert_close(logits(oracle, "llama"), expected, changed_from=only, msg=f"mix, not {alone} alone")
 
 
 @pytest.mark.parametrize("order", ["prompt-first", "lora-first"])
@@ -65,7 +64,7 @@ def test_mixed_save_and_load_restores_the_mix(order: str, tmp_path) -> None:
     expected = logits(ours, "llama")
     ours.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny("llama", seed=4), tmp_path, mixed=True)
-    torch.testing.assert_close(logits(loaded, "llama"), expected, rtol=0, atol=0)
+    assert_close(logits(loaded, "llama"), expected, changed_from=logits(tiny("llama", seed=4), "llama"))
     state = {k: v for k, v in loaded.state_dict().items() if ".adapters." in k}
     assert state.keys() == {k for k in ours.state_dict() if ".adapters." in k}
 
@@ -74,9 +73,10 @@ def test_merging_lora_inside_the_adapted_attention_keeps_the_outputs() -> None:
     ours = mixed("prompt-first", seed=1)
     expected = logits(ours, "llama")
     ours.merge_adapter(["lora"])
-    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=1e-5, atol=1e-5)
+    base = logits(tiny("llama", seed=1), "llama")
+    assert_close(logits(ours, "llama"), expected, changed_from=base, msg="LoRA merged")
     ours.unmerge_adapter()
-    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=1e-5, atol=1e-5)
+    assert_close(logits(ours, "llama"), expected, changed_from=base, msg="LoRA unmerged")
 
 
 def test_merging_everything_is_refused_and_changes_nothing() -> None:
@@ -85,8 +85,8 @@ def test_merging_everything_is_refused_and_changes_nothing() -> None:
     expected = logits(ours, "llama")
     with pytest.raises(MergeError, match=r"self_attn.*'prompt'.*cannot be merged"):
         ours.merge_and_unload()
-    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
-    assert torch.equal(logits(ours, "llama"), expected)
+    assert_identical(dict(ours.state_dict()), before, msg="after the refused merge")
+    assert_close(logits(ours, "llama"), expected, changed_from=logits(tiny("llama", seed=2), "llama"))
 
 
 @pytest.mark.parametrize("order", ["prompt-first", "lora-first"])
@@ -98,10 +98,12 @@ def test_unload_and_delete_put_the_plain_modules_back(order: str) -> None:
     lora_only.load_state_dict(
         {k.replace(".adapters.lora.", ".adapters.default."): v for k, v in ours.state_dict().items()}, strict=False
     )
-    torch.testing.assert_close(logits(ours, "llama"), logits(lora_only, "llama"))
-    plain = mixed(order).unload()
+    assert_close(logits(ours, "llama"), logits(lora_only, "llama"), changed_from=base, msg="prompt deleted")
+    mix = mixed(order)
+    adapted = logits(mix, "llama")
+    plain = mix.unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    assert torch.equal(logits(plain, "llama"), base)
+    assert_close(logits(plain, "llama"), base, changed_from=adapted, msg="unloaded")
 
 
 def test_per_sample_routing_through_nested_layers() -> None:
@@ -113,7 +115,7 @@ def test_per_sample_routing_through_nested_layers() -> None:
         for i, name in enumerate(names):
             with ours.disable_adapter() if name == "__base__" else _active(ours, name):
                 alone = ours(**{k: v[i : i + 1] for k, v in batch.items()}).logits
-            torch.testing.assert_close(routed[i : i + 1], alone, msg=lambda m, n=name: f"sample routed to {n}: {m}")
+            assert_close(routed[i : i + 1], alone, msg=f"sample routed to {name}")
 
 
 class _active:
@@ -133,4 +135,6 @@ def test_oracle_sanity_peft_prompt_alone_differs_from_lora_merged() -> None:
     before = logits(merged, "llama")
     oracle = peft_adaption_prompt(merged, adapter_len=3, adapter_layers=2)
     open_gates(oracle)
-    assert not torch.allclose(logits(oracle, "llama"), before, atol=1e-3)
+    assert_close(
+        logits(oracle, "llama"), logits(oracle, "llama"), changed_from=before, msg="prompt on the merged model"
+    )

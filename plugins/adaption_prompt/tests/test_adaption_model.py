@@ -15,7 +15,7 @@ from grafting import (
     UnsupportedLayerError,
     get_peft_model,
 )
-from grafting.testing import tiny_bert, tiny_t5
+from grafting.testing import assert_close, assert_identical, tiny_bert, tiny_t5
 
 
 def config(**options) -> AdaptionPromptConfig:
@@ -31,18 +31,18 @@ def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_a_fresh_adapter_gives_the_base_output_and_an_open_gate_does_not(arch: str) -> None:
     base = logits(tiny(arch), arch)
     model = get_peft_model(tiny(arch), config())
-    assert torch.equal(logits(model, arch), base)
+    fresh = logits(model, arch)
     open_gates(model)
-    assert not torch.allclose(logits(model, arch), base, atol=1e-3)
+    assert_close(fresh, base, changed_from=logits(model, arch), msg="closed gates")
 
 
 def test_zero_gate_is_the_base_with_a_biased_output_projection_too() -> None:
     """Only o_proj's linear part is added; the base output already holds its bias."""
     base = logits(tiny("llama", attention_bias=True), "llama")
     model = get_peft_model(tiny("llama", attention_bias=True), config())
-    assert torch.equal(logits(model, "llama"), base)
+    fresh = logits(model, "llama")
     open_gates(model)
-    assert not torch.allclose(logits(model, "llama"), base, atol=1e-3)
+    assert_close(fresh, base, changed_from=logits(model, "llama"), msg="closed gates")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -52,8 +52,8 @@ def test_disabled_is_the_base(arch: str) -> None:
     open_gates(model)
     adapted = logits(model, arch)
     with model.disable_adapter():
-        assert torch.equal(logits(model, arch), base)
-    assert torch.equal(logits(model, arch), adapted)
+        assert_close(logits(model, arch), base, changed_from=adapted, msg="disabled")
+    assert_close(logits(model, arch), adapted, changed_from=base, msg="enabled again")
 
 
 def test_the_top_layers_are_adapted() -> None:
@@ -81,10 +81,11 @@ def test_save_then_load_is_bit_identical(tmp_path) -> None:
     loaded = PeftModel.from_pretrained(tiny("llama"), tmp_path)
     loaded.load_adapter(tmp_path / "other", adapter_name="other")
     assert state(loaded).keys() == state(model).keys()
-    assert all(torch.equal(v, state(model)[k]) for k, v in state(loaded).items())
+    assert_identical(state(loaded), state(model), msg="reloaded state")
+    base = logits(tiny("llama"), "llama")
     for name in ("default", "other"):
         loaded.set_adapter(name)
-        assert torch.equal(logits(loaded, "llama"), expected[name])
+        assert_close(logits(loaded, "llama"), expected[name], changed_from=base, msg=f"reloaded {name!r}")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -119,8 +120,8 @@ def test_merging_is_refused_and_leaves_the_model_unchanged() -> None:
         model.merge_and_unload()
     with pytest.raises(MergeError):
         model.merge_adapter()
-    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
-    assert torch.equal(logits(model, "llama"), expected)
+    assert_identical(state(model), before, msg="after the refused merge")
+    assert_close(logits(model, "llama"), expected, changed_from=logits(tiny("llama"), "llama"))
     assert isinstance(model.base_model.model.model.layers[2].self_attn, AdaptedLayer)
 
 
@@ -163,7 +164,7 @@ def test_per_sample_adapters_with_per_sample_positions() -> None:
             else:
                 model.set_adapter(name)
                 alone = model(**one, position_ids=positions[i : i + 1]).logits
-            torch.testing.assert_close(routed[i : i + 1], alone)
+            assert_close(routed[i : i + 1], alone, msg=f"sample {i} routed to {name}")
 
 
 def test_half_precision_base_keeps_float32_adapters() -> None:
@@ -171,11 +172,11 @@ def test_half_precision_base_keeps_float32_adapters() -> None:
     expected = logits(base, "llama")
     model = get_peft_model(base, config())
     assert all(p.dtype == torch.float32 for p in prompt_parameters(model).values())
-    assert torch.equal(logits(model, "llama"), expected)
+    fresh = logits(model, "llama")
     open_gates(model)
     out = logits(model, "llama")
     assert out.dtype == torch.bfloat16
-    assert not torch.equal(out, expected)
+    assert_close(fresh, expected, changed_from=out, msg="closed gates in bfloat16")
 
 
 def test_two_active_prompts_add_their_deltas() -> None:
@@ -197,6 +198,5 @@ def test_two_active_prompts_add_their_deltas() -> None:
             outputs["+".join(active)] = attention(**call)[0]
         with model.disable_adapter():
             base = attention(**call)[0]
-    torch.testing.assert_close(outputs["a+b"] - base, (outputs["a"] - base) + (outputs["b"] - base))
-    assert not torch.allclose(outputs["a"], outputs["a+b"], atol=1e-3)
-    assert not torch.allclose(outputs["b"], outputs["a+b"], atol=1e-3)
+    assert_close(outputs["a+b"] - base, (outputs["a"] - base) + (outputs["b"] - base), changed_from=outputs["a"] - base)
+    assert_close(outputs["a+b"] - base, (outputs["a"] - base) + (outputs["b"] - base), changed_from=outputs["b"] - base)
