@@ -59,3 +59,7 @@ class AdapterLoadError(GraftingError, ValueError):
 
 class GraftingWarning(UserWarning):
     """Something worth knowing that does not stop the call."""
+
+
+class CombinationError(GraftingError, ValueError):
+    """``add_weighted_adapter`` cannot combine the given adapters as asked."""

@@ -16,6 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from grafting.combine import Combination, CombineRequest
     from grafting.config import AdapterConfig
     from grafting.layer import LayerAdapter
     from grafting.method import Method
@@ -87,4 +88,22 @@ def grafting_check_saved_shapes(config: AdapterConfig, shapes: dict[str, tuple[i
     shape. Return one line per inconsistency (an empty list when everything
     fits), or ``None`` when this plugin does not handle ``config``. Keys of
     ``modules_to_save`` copies may be present and are not the plugin's concern.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Combination | None:
+    """Combine existing adapters into a new one (``add_weighted_adapter``).
+
+    ``request`` names the source adapters, their configs (``target_modules``
+    resolved), their weights, ``combination_type`` and its options. Return
+    ``None`` when this plugin does not handle these configs (say, not all
+    of its method); otherwise a :class:`~grafting.combine.Combination`: the
+    new adapter's config, which the core adds like any other, and
+    ``fill(target, sources)``, which the core calls (without gradients)
+    wherever the new adapter sits, with the source adapters found there and
+    their weights, to write the new adapter's tensors. Raise
+    :class:`~grafting.errors.CombinationError` for a request this plugin
+    handles but refuses (an unknown ``combination_type``, a missing
+    ``density``). Pure tensor combiners are in :mod:`grafting.merge_utils`.
     """

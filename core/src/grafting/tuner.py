@@ -322,6 +322,49 @@ class AdapterModel(nn.Module):
         self.unmerge_adapter()
         return self._unload(merge=False, safe_merge=False, adapter_names=None, progressbar=False)
 
+    # -- combining ------------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, made from ``adapters`` weighted by ``weights`` (inactive until set).
+
+        The method's plugin derives the new config and fills its tensors
+        (the ``grafting_combine_adapters`` hook). LoRA's ``combination_type``:
+        ``svd`` (default), ``linear``, ``cat``, ``ties``, ``ties_svd``,
+        ``dare_linear``, ``dare_ties``, ``dare_linear_svd``, ``dare_ties_svd``,
+        ``magnitude_prune``, ``magnitude_prune_svd``; ``density`` is the kept
+        fraction for the pruning ones, ``majority_sign_method`` (``"total"`` or
+        ``"frequency"``) the sign election of the TIES ones, ``svd_rank`` /
+        ``svd_clamp`` / ``svd_full_matrices`` / ``svd_driver`` shape the SVD.
+        IA3 combines its vectors linearly. An existing ``adapter_name`` is
+        left alone with a warning (PEFT returns silently).
+        """
+        from grafting.combine import add_weighted_adapter
+
+        add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
+
     # -- deleting -------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
         self._require(adapter_name)

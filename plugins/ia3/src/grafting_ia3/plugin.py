@@ -7,7 +7,9 @@ import warnings
 from torch import nn
 
 from grafting import GraftingWarning, Method, hookimpl
+from grafting.combine import Combination, CombineRequest
 from grafting.weights import is_hf_conv1d
+from grafting_ia3.combine import combination
 from grafting_ia3.config import IA3Config, is_feedforward
 from grafting_ia3.defaults import defaults_for
 from grafting_ia3.layers import IA3Adapter, IA3Input, IA3Output, supports
@@ -43,3 +45,8 @@ def grafting_create_layer_adapter(
         )
     kind = IA3Input if is_feedforward(module_name, config.feedforward_for(model)) else IA3Output
     return kind(base_layer, init=config.init_ia3_weights, where=f"{module_name} (IA3 adapter {adapter_name!r})")
+
+
+@hookimpl
+def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Combination | None:
+    return combination(request, model)

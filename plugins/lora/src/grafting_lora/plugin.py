@@ -7,9 +7,11 @@ import warnings
 from torch import nn
 
 from grafting import GraftingWarning, Method, hookimpl
+from grafting.combine import Combination, CombineRequest
 from grafting.errors import UnsupportedLayerError
 from grafting.model_types import query_value_projections
 from grafting.weights import is_hf_conv1d
+from grafting_lora.combine import combination
 from grafting_lora.config import LoraConfig
 from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear, is_linear
 from grafting_lora.saved import check_shapes
@@ -64,3 +66,8 @@ def grafting_check_saved_shapes(config: object, shapes: dict[str, tuple[int, ...
     if not isinstance(config, LoraConfig):
         return None
     return check_shapes(config, shapes)
+
+
+@hookimpl
+def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Combination | None:
+    return combination(request)

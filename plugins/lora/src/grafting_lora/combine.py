@@ -1,0 +1,142 @@
+"""LoRA's ``add_weighted_adapter``: PEFT's combination types, on grafting's LoRA layers.
+
+Three families, as PEFT defines them:
+
+* ``cat``: the factors side by side, rank = the sum of the ranks; exact
+  (``ΔW = Σ wᵢ ΔWᵢ``).
+* ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``:
+  ``A`` and ``B`` combined separately (each with ``√|wᵢ·sᵢ|``, the sign on
+  ``A``), rank unchanged; an approximation, equal ranks required.
+* ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``,
+  ``magnitude_prune_svd``: the ``ΔWᵢ`` combined, then factored back to
+  ``svd_rank`` (default: the largest source rank) by a truncated SVD.
+
+The new adapter has ``lora_alpha = r`` and no rsLoRA, so its scaling is 1 and
+its factors carry the whole delta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+from torch import nn
+
+from grafting.combine import Combination, CombineRequest, union_of_targets
+from grafting.errors import CombinationError
+from grafting.merge_utils import ELECTS_SIGN, NEEDS_DENSITY, combine, low_rank
+from grafting_lora.config import LoraConfig
+
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINATION_TYPES = (*SVD_TYPES, *FACTOR_TYPES, "cat")
+
+
+def combination(request: CombineRequest) -> Combination | None:
+    """The new LoRA adapter's config and filler, or ``None`` if the sources are not all LoRA."""
+    configs = request.configs
+    if not all(isinstance(c, LoraConfig) for c in configs):
+        return None
+    kind = request.combination_type
+    if kind not in COMBINATION_TYPES:
+        raise CombinationError(f"combination_type={kind!r} is not one of LoRA's {list(COMBINATION_TYPES)}")
+    if len(configs) == 1:
+        kind = "linear"  # one adapter: scaled as it is, whatever was asked (PEFT does the same)
+    for name, config in zip(request.adapters, configs, strict=True):
+        assert isinstance(config, LoraConfig)
+        if config.use_dora or config.lora_bias:
+            feature = "DoRA" if config.use_dora else "lora_bias"
+            raise CombinationError(f"adapter {name!r} uses {feature}, which add_weighted_adapter cannot combine")
+    combiner = kind.removesuffix("_svd") if kind != "svd" else "linear"
+    if combiner in NEEDS_DENSITY and request.density is None:
+        raise CombinationError(f"combination_type={kind!r} prunes: give density (the fraction of entries kept)")
+    ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]  # type: ignore[attr-defined]
+    if kind == "cat":
+        rank = sum(ranks)
+    elif kind in SVD_TYPES:
+        rank = request.svd_rank or max(ranks)
+    elif len(set(ranks)) > 1:
+        raise CombinationError(
+            f"combination_type={kind!r} combines the factors themselves, so the adapters need one rank;"
+            f" {dict(zip(request.adapters, ranks, strict=True))} differ (use 'cat' or an SVD type)"
+        )
+    else:
+        rank = ranks[0]
+    config = attrs.evolve(
+        configs[0],
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=union_of_targets([c.target_modules for c in configs]),  # type: ignore[misc]
+    )
+    options = {
+        "density": request.density,
+        "majority_sign_method": request.majority_sign_method if combiner in ELECTS_SIGN else "total",
+    }
+
+    def fill(target: nn.Module, sources: list[tuple[nn.Module, float]]) -> None:
+        if not sources:
+            _write(target, torch.zeros_like(_a(target)), torch.zeros_like(_b(target)))
+        elif kind == "cat":
+            _cat(target, sources)
+        elif kind in SVD_TYPES:
+            delta = combine(combiner, [s.delta_matrix() for s, _ in sources], [w for _, w in sources], **options)
+            b, a = low_rank(
+                delta,
+                rank,
+                clamp=request.svd_clamp,
+                full_matrices=request.svd_full_matrices,
+                driver=request.svd_driver,
+            )
+            _write(target, a, b)
+        else:
+            _factorwise(target, sources, combiner, options)
+
+    return Combination(config, fill)
+
+
+# -- the factors of any LoRA layer as matrices: A (r, in·k), B (out, r) ------------------------------------
+def _a(adapter: nn.Module) -> torch.Tensor:
+    param = adapter.lora_embedding_A if hasattr(adapter, "lora_embedding_A") else adapter.lora_A.weight
+    return param.detach().flatten(1)
+
+
+def _b(adapter: nn.Module) -> torch.Tensor:
+    param = adapter.lora_embedding_B if hasattr(adapter, "lora_embedding_B") else adapter.lora_B.weight
+    return param.detach().flatten(1)
+
+
+def _write(target: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Set the target's factors from matrices, zero-padding a smaller rank."""
+    a_param = target.lora_embedding_A if hasattr(target, "lora_embedding_A") else target.lora_A.weight
+    b_param = target.lora_embedding_B if hasattr(target, "lora_embedding_B") else target.lora_B.weight
+    r = a_param.shape[0]
+    a_full = a.new_zeros(r, a.shape[1])
+    b_full = b.new_zeros(b.shape[0], r)
+    a_full[: a.shape[0]] = a
+    b_full[:, : b.shape[1]] = b
+    a_param.copy_(a_full.reshape(a_param.shape).to(a_param.dtype))
+    b_param.copy_(b_full.reshape(b_param.shape).to(b_param.dtype))
+
+
+def _cat(target: nn.Module, sources: list[tuple[nn.Module, float]]) -> None:
+    a = torch.cat([_a(s) * (w * s.scaling) for s, w in sources], dim=0)
+    b = torch.cat([_b(s).to(a.dtype) for s, _ in sources], dim=1)
+    _write(target, a, b)
+
+
+def _factorwise(target: nn.Module, sources: list[tuple[nn.Module, float]], combiner: str, options: dict) -> None:
+    shapes = {tuple(_a(s).shape) for s, _ in sources}
+    if len(shapes) > 1:
+        raise CombinationError(
+            f"combining LoRA factors needs one rank on each layer; this layer's adapters have A of shapes"
+            f" {sorted(shapes)}"
+        )
+    scaled = [w * s.scaling for s, w in sources]
+    root = [math.sqrt(abs(v)) for v in scaled]
+    a = combine(combiner, [_a(s) for s, _ in sources], [math.copysign(r, v) for r, v in zip(root, scaled)], **options)
+    b = combine(combiner, [_b(s) for s, _ in sources], root, **options)
+    _write(target, a, b)
