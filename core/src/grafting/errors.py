@@ -57,6 +57,13 @@ class AdapterLoadError(GraftingError, ValueError):
     """A saved adapter does not fit the model or is not an adapter at all."""
 
 
+class StateDictKeyError(GraftingError, KeyError):
+    """A state dict given to a save lacks a tensor of the adapter being saved."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class GraftingWarning(UserWarning):
     """Something worth knowing that does not stop the call."""
 

@@ -162,14 +162,27 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        state_dict: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter in PEFT's format: ``default`` at the root, others in a subfolder."""
+        """Write each adapter in PEFT's format: ``default`` at the root, others in a subfolder.
+
+        ``state_dict``: the whole model's tensors (keyed as ``self.state_dict()``) to save the adapters'
+        from, instead of the model's own, e.g. a full state dict gathered on rank 0 from a sharded model.
+        Without it, FSDP2-sharded adapter tensors are gathered from every rank: call this on all ranks
+        then, with ``is_main_process`` true on the one that writes.
+        """
         if os.path.isfile(save_directory):
             raise AdapterLoadError(f"cannot save adapters to {save_directory}: it is a file, not a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self.base_model._require(name)
+        saved = {
+            name: get_peft_model_state_dict(
+                self, state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
+            for name in names
+        }
         if not is_main_process:
             return
         root = os.fspath(save_directory)
@@ -178,7 +191,7 @@ class PeftModel(nn.Module):
         for name in names:
             folder = root if name == DEFAULT else os.path.join(root, name)
             os.makedirs(folder, exist_ok=True)
-            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            tensors = saved[name]
             weights = SAFETENSORS_NAME if safe_serialization else "adapter_model.bin"
             save_weights(tensors, os.path.join(folder, weights), safe_serialization=safe_serialization)
             config = self.peft_config[name]

@@ -9,7 +9,7 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.errors import AdapterLoadError
+from grafting.errors import AdapterLoadError, StateDictKeyError
 from grafting.matching import logical_path
 
 PREFIX = "base_model.model."
@@ -78,14 +78,53 @@ def get_peft_model_state_dict(
     unwrap_compiled: bool = False,
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, keyed as PEFT saves them (adapter name dropped)."""
+    """The tensors of one adapter, keyed as PEFT saves them (adapter name dropped).
+
+    Without ``state_dict`` they are read from the model; a tensor sharded by FSDP2 (a ``DTensor``) is
+    gathered, which is a collective: every rank must call. With ``state_dict`` (the whole model's, keyed as
+    ``model.state_dict()``, e.g. a full state dict gathered from a sharded model) the adapter's tensors are
+    taken from it instead; a model-level adapter's saved tensors are computed from the model, as PEFT does.
+    """
     tuner = tuner_of(model)
     tuner._require(adapter_name)
-    out = {key: slot.get().detach() for key, slot in adapter_slots(model, adapter_name).items()}
-    if adapter_name in tuner.model_adapters:
-        out.update({k: v.detach() for k, v in tuner.model_adapters[adapter_name].peft_state_dict().items()})
+    slots = adapter_slots(model, adapter_name)
     if save_embedding_layers is True:
-        out.update({key: slot.get().detach() for key, slot in embedding_slots(tuner, adapter_name).items()})
+        slots.update(embedding_slots(tuner, adapter_name))
+    if state_dict is None:
+        out = {key: full_tensor(slot.get()) for key, slot in slots.items()}
+    else:
+        out = _from_state_dict(model, slots, state_dict, adapter_name)
+    if adapter_name in tuner.model_adapters:
+        out.update({k: full_tensor(v) for k, v in tuner.model_adapters[adapter_name].peft_state_dict().items()})
+    return out
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, and whole: a ``DTensor`` shard (FSDP2) is gathered from every rank."""
+    tensor = tensor.detach()
+    gather = getattr(tensor, "full_tensor", None)  # torch.distributed.tensor.DTensor
+    return gather() if callable(gather) else tensor
+
+
+def _from_state_dict(
+    model: nn.Module, slots: dict[str, Slot], state_dict: dict[str, torch.Tensor], adapter_name: str
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors picked from ``state_dict`` (keyed as ``model.state_dict()``) by their slots."""
+    names: dict[tuple[int, str], list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for attr in [*module._parameters, *module._buffers]:
+            names.setdefault((id(module), attr), []).append(f"{path}.{attr}" if path else attr)
+    out: dict[str, torch.Tensor] = {}
+    for key, slot in slots.items():
+        candidates = names.get((id(slot.module), slot.attr), [])
+        found = next((name for name in candidates if name in state_dict), None)
+        if found is None:
+            raise StateDictKeyError(
+                f"the given state_dict has no tensor for adapter {adapter_name!r}'s {key}"
+                f" (looked for {candidates or 'a key of the model'}; is it the whole model's state dict, keyed as"
+                f" {type(model).__name__}.state_dict()?)"
+            )
+        out[key] = state_dict[found].detach()
     return out
 
 

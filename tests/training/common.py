@@ -1,0 +1,97 @@
+"""Pieces shared by the training scenarios: a peft blocker, an offline tokenizer, data, the model."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+VOCAB = 64  # grafting.testing.tiny_llama's vocabulary
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+
+
+def block_peft() -> None:
+    """Make ``import peft`` fail in this process, as if peft were not installed.
+
+    Must run before transformers, accelerate or TRL are imported: they decide once, at import, whether
+    peft is available (``importlib.util.find_spec`` answers ``None`` for a module set to ``None`` here).
+    """
+    if "transformers" in sys.modules or ("peft" in sys.modules and sys.modules["peft"] is not None):
+        raise RuntimeError("block_peft() must run before transformers or peft is imported")
+    sys.modules["peft"] = None  # type: ignore[assignment]
+
+
+def peft_blocked() -> dict[str, Any]:
+    """Evidence that this process trains without peft: the import fails and the libraries say so."""
+    import accelerate.utils
+    import transformers.utils
+
+    try:
+        import peft  # noqa: F401
+
+        importable = True
+    except ImportError:
+        importable = False
+    return {
+        "import_peft": importable,
+        "transformers_is_peft_available": transformers.utils.is_peft_available(),
+        "accelerate_is_peft_available": bool(accelerate.utils.is_peft_available()),
+    }
+
+
+def tokenizer() -> Any:
+    """A word-level tokenizer over ``w0 .. w59`` plus four special tokens: 64 ids, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
+    model = models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    core = Tokenizer(model)
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def texts(n: int, seed: int) -> list[str]:
+    """``n`` sentences of 6-10 words with a learnable pattern (each word is followed by the next one)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = int(torch.randint(0, 40, (1,), generator=gen))
+        length = int(torch.randint(6, 11, (1,), generator=gen))
+        out.append(" ".join(f"w{start + i}" for i in range(length)))
+    return out
+
+
+def lm_dataset(n: int, seed: int) -> Any:
+    """A ``datasets.Dataset`` of ``input_ids``/``attention_mask``/``labels`` (same length rows) and a text column."""
+    from datasets import Dataset
+
+    tok = tokenizer()
+    rows = texts(n, seed)
+    enc = tok(rows, padding="max_length", max_length=10, truncation=True)
+    labels = [
+        [t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])
+    ]
+    return Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels, "text": rows}
+    )
+
+
+def probe_inputs() -> dict[str, torch.Tensor]:
+    """The fixed batch whose logits the tests compare across libraries and ranks."""
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9], [20, 21, 22, 23, 24, 25]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def lora_model(seed: int = 0) -> Any:
+    """grafting's LoRA on the seeded tiny Llama, B initialised to zero as usual (training moves it)."""
+    import grafting
+    from grafting.testing import tiny_llama
+
+    base = tiny_llama(seed=0)
+    torch.manual_seed(seed)
+    return grafting.get_peft_model(base, grafting.LoraConfig(**LORA))

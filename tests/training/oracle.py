@@ -1,0 +1,99 @@
+"""Checks of saved training artifacts, run in the test process (peft importable there, as the oracle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from tests.training.common import probe_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+TRAINER_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
+
+
+def run(command: list[str], timeout: int = 600) -> None:
+    """Run ``command`` from the repository root on one thread; fail with its output if it fails."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"{command} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def result(folder: Path) -> dict[str, Any]:
+    """A scenario's result.json; a scenario that raised fails the test with its traceback."""
+    data = json.loads((folder / "result.json").read_text())
+    assert data["ok"], data["error"]
+    return data
+
+
+def recorded_logits(folder: Path) -> torch.Tensor:
+    return load_file(folder / "probe_logits.safetensors")["logits"]
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def base_logits() -> torch.Tensor:
+    from grafting.testing import tiny_llama
+
+    with torch.no_grad():
+        return tiny_llama(seed=0)(**probe_inputs()).logits
+
+
+def logits_in_peft(folder: Path) -> torch.Tensor:
+    """The probe logits of the saved adapter loaded by peft onto a fresh base model."""
+    import peft
+
+    from grafting.testing import tiny_llama
+
+    model = peft.PeftModel.from_pretrained(tiny_llama(seed=0), str(folder)).eval()
+    with torch.no_grad():
+        return model(**probe_inputs()).logits
+
+
+def logits_in_grafting(folder: Path) -> torch.Tensor:
+    import grafting
+    from grafting.testing import tiny_llama
+
+    model = grafting.PeftModel.from_pretrained(tiny_llama(seed=0), str(folder))
+    with torch.no_grad():
+        return model(**probe_inputs()).logits
+
+
+def assert_loads_with_same_logits(folder: Path, expected: torch.Tensor) -> None:
+    """peft and grafting both load ``folder`` and reproduce ``expected``, which the training moved off the base."""
+    moved = (expected - base_logits()).abs().max().item()
+    assert moved > 1e-2, f"the trained adapter barely changes the output ({moved:.2e}): the check would prove nothing"
+    torch.testing.assert_close(logits_in_peft(folder), expected)
+    torch.testing.assert_close(logits_in_grafting(folder), expected)
+
+
+def assert_adapter_only_checkpoint(folder: Path) -> None:
+    """A Trainer checkpoint: the adapter in PEFT's format plus the trainer's state, never the whole model."""
+    files = set(os.listdir(folder))
+    assert files >= ADAPTER_FILES | TRAINER_STATE, sorted(files)
+    assert not files & FULL_MODEL_FILES, sorted(files)
+    assert (folder / "adapter_model.safetensors").stat().st_size < 10_000  # r=4 on q/v of the tiny model: ~3 KB
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, exact: bool) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], msg=lambda m, key=key: f"{key}: {m}")
