@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
 
 from grafting.errors import AdapterLoadError
 from grafting.io import atomic_write_text
@@ -72,3 +75,51 @@ def write_model_card(folder: str, *, base_model: str | None, methods: list[str])
             metadata=data.to_yaml(), base=base_model or "a transformers model", methods=" + ".join(methods)
         )
     atomic_write_text(path, text)
+
+
+def push_folder(
+    write: Callable[[str], None],
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+) -> Any:
+    """Upload what ``write(folder)`` puts in an empty folder to the Hub model repo ``repo_id`` in one commit.
+
+    The repo is created if missing (``private`` applies then), as is the branch ``revision``. ``tags``
+    are added to the model card the folder holds. Returns huggingface_hub's ``CommitInfo``.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        write(folder)
+        if tags:
+            add_card_tags(folder, tags)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or "Upload adapter",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def add_card_tags(folder: str, tags: list[str]) -> None:
+    """Add ``tags`` to the model card (README.md) in ``folder``."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(folder, "README.md")
+    card = ModelCard.load(path)
+    existing = list(card.data.tags or [])
+    card.data.tags = existing + [t for t in tags if t not in existing]
+    atomic_write_text(path, str(card))

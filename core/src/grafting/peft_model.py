@@ -11,7 +11,7 @@ from torch import nn
 
 from grafting.config import CONFIG_NAME, AdapterConfig, TaskType
 from grafting.errors import AdapterLoadError, AdapterNotFoundError, AdapterStateError
-from grafting.hub import resolve_adapter_folder, write_model_card
+from grafting.hub import push_folder, resolve_adapter_folder, write_model_card
 from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
 from grafting.routing import BASE, route_samples
 from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
@@ -201,6 +201,47 @@ class PeftModel(nn.Module):
                 data["base_model_name_or_path"] = base_name
             type(config).from_dict(data).save_pretrained(folder)
         self.create_or_update_model_card(root)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+    ) -> Any:
+        """Upload the adapters to the Hub model repo ``repo_id``: exactly the folder :meth:`save_pretrained` writes.
+
+        One commit through ``huggingface_hub`` (the repo and the branch ``revision`` are created if missing);
+        ``tags`` go into the model card. Returns the ``CommitInfo``.
+        """
+
+        def write(folder: str) -> None:
+            self.save_pretrained(
+                folder,
+                safe_serialization=safe_serialization,
+                selected_adapters=selected_adapters,
+                save_embedding_layers=save_embedding_layers,
+            )
+
+        return push_folder(
+            write,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            tags=tags,
+        )
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None

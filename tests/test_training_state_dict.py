@@ -1,0 +1,91 @@
+"""``state_dict=`` in ``save_pretrained`` and ``get_peft_model_state_dict``: the adapter is taken from the given dict.
+
+This is how a sharded model is saved (gather a full state dict on one rank, then save from it), so the
+semantics are PEFT's: the dict is the whole model's, keyed as ``model.state_dict()``; the result is what
+PEFT returns for the same adapter and the same dict.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import grafting
+from grafting.state_dict import get_peft_model_state_dict
+from tests.helpers import ARCHS, adapted, assert_same_state, base_model, lora_configs, randomize
+
+WRAPPER_INTERNALS = re.compile(r"\.(modules_to_save|original_module)\.")
+EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def shifted(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Another value for every tensor of a state dict (so reading the model instead would show)."""
+    return {k: v * 2 + 1 if v.is_floating_point() else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@EXAMPLES
+@given(data=st.data())
+def test_given_state_dict_gives_what_peft_gives(arch: str, data: st.DataObject, tmp_path_factory: Any) -> None:
+    import peft
+
+    config = data.draw(lora_configs(arch))
+    model = adapted(arch, config)
+    randomize(model, 3)
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    theirs = peft.PeftModel.from_pretrained(base_model(arch), str(folder))
+
+    # (save_embedding_layers: PEFT's "auto" adds the embeddings when targeted; that choice is not what is tested here)
+    ours = get_peft_model_state_dict(model, state_dict=shifted(model.state_dict()), save_embedding_layers=False)
+    expected = peft.get_peft_model_state_dict(
+        theirs, state_dict=shifted(theirs.state_dict()), save_embedding_layers=False
+    )
+    # With bias="all" PEFT also returns a head wrapper's internals (`.modules_to_save.bias`, a copy of the saved
+    # head's bias, and `.original_module.bias`, the frozen one); grafting writes the head's tensors once.
+    expected = {k: v.contiguous() for k, v in expected.items() if not WRAPPER_INTERNALS.search(k)}
+    assert_same_state(ours, expected, "adapter from the given state dict")
+    own = get_peft_model_state_dict(model, save_embedding_layers=False)
+    assert any(not torch.equal(own[k], ours[k]) for k in own)  # taken from the dict, not from the model
+
+
+def test_save_pretrained_writes_the_given_tensors(tmp_path: Path) -> None:
+    model = adapted("llama", None, modules_to_save=["lm_head"])
+    model.add_adapter("second", grafting.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+    randomize(model, 5)
+    given_state = shifted(model.state_dict())
+    model.save_pretrained(tmp_path / "given", state_dict=given_state)
+    model.save_pretrained(tmp_path / "own")
+    for name, sub in (("default", ""), ("second", "second")):
+        written = load_file(tmp_path / "given" / sub / "adapter_model.safetensors")
+        assert_same_state(written, get_peft_model_state_dict(model, given_state, adapter_name=name), name)
+        own = load_file(tmp_path / "own" / sub / "adapter_model.safetensors")
+        assert sorted(own) == sorted(written)
+        assert all(not torch.equal(own[k], written[k]) for k in own)
+
+
+def test_a_state_dict_without_the_adapter_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    model = adapted("llama")
+    partial = {k: v for k, v in model.state_dict().items() if "lora_B" not in k}
+    with pytest.raises(grafting.StateDictKeyError, match=r"lora_B\.weight") as info:
+        model.save_pretrained(tmp_path / "out", state_dict=partial)
+    assert isinstance(info.value, KeyError)  # what PEFT's users catch for a missing key
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_level_adapter_saves_from_the_model_with_a_state_dict(tmp_path: Path) -> None:
+    """PEFT computes a prompt-learning adapter's saved embeddings from the model even when given a state dict."""
+    config = grafting.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    model = grafting.get_peft_model(base_model("llama"), config)
+    own = get_peft_model_state_dict(model)
+    assert_same_state(get_peft_model_state_dict(model, state_dict=shifted(model.state_dict())), own, "prompt")
+    model.save_pretrained(tmp_path, state_dict=model.state_dict())
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
