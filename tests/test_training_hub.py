@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import huggingface_hub
 import pytest
@@ -21,7 +21,7 @@ from tests.helpers import adapted, files_under, inputs, logits, randomize
 class RecordingHfApi:
     """The part of ``huggingface_hub.HfApi`` a push uses; records calls and uploaded files."""
 
-    instances: list[RecordingHfApi] = []
+    instances: ClassVar[list[RecordingHfApi]] = []
 
     def __init__(self, token: Any = None, **kwargs: Any) -> None:
         self.token = token
