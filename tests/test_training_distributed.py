@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
+from grafting.testing import assert_close
 from tests.training.oracle import adapter_tensors, assert_loads_with_same_logits, assert_same_tensors, python, run
 
 pytestmark = pytest.mark.xdist_group("torchrun")  # one launch of two processes at a time
@@ -39,7 +39,7 @@ def test_ranks_ran_without_peft(out: Path, rank: int) -> None:
 def test_ranks_agree(out: Path, mode: str) -> None:
     folder = out / mode
     assert_same_tensors(load_file(folder / "rank1.safetensors"), load_file(folder / "rank0.safetensors"), exact=True)
-    torch.testing.assert_close(
+    assert_close(
         load_file(folder / "logits1.safetensors")["logits"], load_file(folder / "logits0.safetensors")["logits"]
     )
 

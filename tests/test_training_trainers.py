@@ -90,8 +90,8 @@ def test_resumed_run_ends_on_the_uninterrupted_runs_weights(out: Path, scenario:
     resumed_dir = out / scenario / "resumed"
     assert not (resumed_dir / f"checkpoint-{EVERY}").exists()  # it did start from the checkpoint
     resumed = adapter_tensors(resumed_dir / f"checkpoint-{STEPS}")
-    assert any((uninterrupted[k] - start[k]).abs().max() > 1e-3 for k in start)  # steps after the checkpoint moved it
-    assert_same_tensors(resumed, uninterrupted, exact=False)
+    # computed by two runs: equal up to rounding, and far from where the checkpoint started them
+    assert_same_tensors(resumed, uninterrupted, exact=False, changed_from=start)
 
 
 def test_accelerate_loop_saves_an_adapter_peft_loads(out: Path) -> None:
