@@ -14,6 +14,7 @@ from grafting.errors import AdapterLoadError, AdapterNotFoundError, AdapterState
 from grafting.hub import push_folder, resolve_adapter_folder, write_model_card
 from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
 from grafting.routing import BASE, route_samples
+from grafting.signatures import FEATURE_INPUTS, LM_INPUTS, QA_INPUTS, SEQ2SEQ_INPUTS, keyword_forward
 from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from grafting.tuner import AdapterModel
 
@@ -364,25 +365,37 @@ def _with_mode(config: AdapterConfig, *, inference_mode: bool) -> AdapterConfig:
 class PeftModelForCausalLM(PeftModel):
     """Decoder-only language models (``task_type="CAUSAL_LM"``)."""
 
+    forward = keyword_forward(LM_INPUTS)
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder language models (``task_type="SEQ_2_SEQ_LM"``)."""
+
+    forward = keyword_forward(SEQ2SEQ_INPUTS)
 
 
 class PeftModelForSequenceClassification(PeftModel):
     """Sequence classification; the head (``classifier``/``score``) trains in full."""
 
+    forward = keyword_forward(LM_INPUTS)
+
 
 class PeftModelForTokenClassification(PeftModel):
     """Token classification; the head (``classifier``/``score``) trains in full."""
+
+    forward = keyword_forward(LM_INPUTS)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive question answering; ``qa_outputs`` trains in full."""
 
+    forward = keyword_forward(QA_INPUTS)
+
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Embedding models (``task_type="FEATURE_EXTRACTION"``)."""
+
+    forward = keyword_forward(FEATURE_INPUTS)
 
 
 class PeftMixedModel(PeftModel):
