@@ -72,12 +72,13 @@ def test_save_model_output_loads_in_peft_with_the_same_logits(out: Path, scenari
     assert_loads_with_same_logits(final, recorded_logits(final))
 
 
-def test_load_best_model_at_end_loads_the_best_checkpoint(out: Path) -> None:
-    data = result(out / "trainer")
-    run_dir = out / "trainer" / "run"
+@pytest.mark.parametrize("scenario", ["trainer", "sft"])
+def test_load_best_model_at_end_loads_the_best_checkpoint(out: Path, scenario: str) -> None:
+    data = result(out / scenario)
+    run_dir = out / scenario / "run"
     assert Path(data["best_model_checkpoint"]).name == f"checkpoint-{EVERY}"
     best, last = adapter_tensors(run_dir / f"checkpoint-{EVERY}"), adapter_tensors(run_dir / f"checkpoint-{STEPS}")
-    final = adapter_tensors(out / "trainer" / "final")
+    final = adapter_tensors(out / scenario / "final")
     assert_same_tensors(final, best, exact=True)  # weights copied from the file, bit for bit
     assert any(not torch.equal(final[k], last[k]) for k in final)
 

@@ -104,8 +104,9 @@ def scenario_sft(out: str) -> dict[str, Any]:
     train = Dataset.from_dict({"text": texts(32, seed=3)})
     evaluation = Dataset.from_dict({"text": texts(8, seed=4)})
 
-    def config(folder: str) -> SFTConfig:
+    def config(folder: str, **extra: Any) -> SFTConfig:
         return SFTConfig(
+            **extra,
             output_dir=folder,
             max_steps=STEPS,
             per_device_train_batch_size=4,
@@ -125,7 +126,10 @@ def scenario_sft(out: str) -> dict[str, Any]:
 
     trainer = SFTTrainer(
         model=lora_model(),
-        args=config(os.path.join(out, "run")),
+        # the highest eval loss is the best: checkpoint-3, so loading it at the end shows (as for Trainer)
+        args=config(
+            os.path.join(out, "run"), load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True
+        ),
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer(),
@@ -143,7 +147,11 @@ def scenario_sft(out: str) -> dict[str, Any]:
         processing_class=tokenizer(),
     )
     resumed.train(resume_from_checkpoint=os.path.join(out, "run", f"checkpoint-{EVERY}"))
-    return {"metrics": metrics, "log_history": trainer.state.log_history}
+    return {
+        "metrics": metrics,
+        "log_history": trainer.state.log_history,
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+    }
 
 
 def scenario_accelerate(out: str) -> dict[str, Any]:
