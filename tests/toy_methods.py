@@ -3,6 +3,8 @@
 ``TOY_DELTA`` adds a full matrix (``y += D x``), ``TOY_OUTPUT`` scales the
 output rows (``y ⊙ s``), ``TOY_INPUT`` scales the input (``x ⊙ s``); each can
 merge, so a stack of them checks the merge algebra of ARCHITECTURE.md.
+``TOY_SHARED`` adds ``v ⊙ (M x)`` with one bank ``M`` shared by every layer of
+the adapter (sized by the largest target, sliced per layer, VeRA's pattern).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grafting
-from grafting import AdapterConfig, DeltaAdapter, InputAdapter, Method, OutputAdapter, hookimpl
+from grafting import AdapterConfig, DeltaAdapter, InputAdapter, Method, OutputAdapter, SharedState, hookimpl
 from grafting.weights import add_to_weight, in_out_features, is_hf_conv1d, weight_matrix
 
 
@@ -33,6 +35,15 @@ class ToyOutputConfig(AdapterConfig):
 @attrs.define(kw_only=True)
 class ToyInputConfig(AdapterConfig):
     peft_type: ClassVar[str] = "TOY_INPUT"
+
+
+@attrs.define(kw_only=True)
+class ToySharedConfig(AdapterConfig):
+    peft_type: ClassVar[str] = "TOY_SHARED"
+    seed: int = 0
+    save_bank: bool = True  # False: a non-persistent buffer, regenerated from the seed
+    bank_device: str | None = "cpu"  # None: no explicit device (left on meta when loading: a plugin bug)
+    train_bank: bool = False  # a trained parameter instead of a frozen buffer
 
 
 def _random(*shape: int, seed: int, scale: float, around: float = 0.0) -> nn.Parameter:
@@ -102,6 +113,49 @@ class ToyInput(InputAdapter):
         weight_matrix(base_layer).div_(self.toy_s[None, :])
 
 
+class ToyBank(SharedState):
+    """One random matrix ``toy_bank`` as large as the largest target, shared by the adapter's layers."""
+
+    def __init__(
+        self, targets: dict[str, nn.Module], seed: int, save: bool, device: str | None, train: bool = False
+    ) -> None:
+        super().__init__()
+        sizes = [in_out_features(layer) for layer in targets.values()]
+        n_in, n_out = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        bank = torch.empty(n_out, n_in, device=device)
+        if not bank.is_meta:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            bank.copy_(0.2 * torch.randn(n_out, n_in, generator=gen, device="cpu"))  # explicit: see the meta rule
+        if train:
+            self.toy_bank = nn.Parameter(bank)
+        else:
+            self.register_buffer("toy_bank", bank, persistent=save)
+
+
+class ToySharedDelta(DeltaAdapter):
+    """``delta = v ⊙ (M[:out, :in] x)`` with the adapter's shared bank ``M``."""
+
+    def __init__(self, base_layer: nn.Module, shared: ToyBank, seed: int) -> None:
+        super().__init__()
+        self.n_in, self.n_out = in_out_features(base_layer)
+        self.use_shared(shared)
+        self.toy_v = _random(self.n_out, seed=seed, scale=0.5, around=1.0)
+
+    def matrix(self) -> torch.Tensor:
+        assert self.shared is not None
+        bank = self.shared.toy_bank[: self.n_out, : self.n_in]
+        return self.toy_v[:, None] * bank.to(self.toy_v)
+
+    def forward(self, x: torch.Tensor, call: grafting.LayerCall) -> torch.Tensor:
+        return F.linear(x.to(self.toy_v.dtype), self.matrix())
+
+    def merge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.matrix().detach())
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.matrix().detach(), alpha=-1.0)
+
+
 def _seed(adapter_name: str, module_name: str) -> int:
     return sum(map(ord, adapter_name + module_name))
 
@@ -115,15 +169,29 @@ class ToyPlugin:
             Method(peft_type="TOY_DELTA", name="toy_delta", config_class=ToyDeltaConfig),
             Method(peft_type="TOY_OUTPUT", name="toy_output", config_class=ToyOutputConfig),
             Method(peft_type="TOY_INPUT", name="toy_input", config_class=ToyInputConfig),
+            Method(peft_type="TOY_SHARED", name="toy_shared", config_class=ToySharedConfig),
         ]
+
+    def __init__(self) -> None:
+        self.shared_calls: list[list[str]] = []  # the targets each grafting_create_shared_state call saw
+
+    @hookimpl
+    def grafting_create_shared_state(self, config: Any, targets: dict[str, nn.Module]) -> SharedState | None:
+        if not isinstance(config, ToySharedConfig):
+            return None
+        self.shared_calls.append(list(targets))
+        return ToyBank(targets, config.seed, config.save_bank, config.bank_device, config.train_bank)
 
     @hookimpl
     def grafting_create_layer_adapter(
-        self, config: Any, base_layer: nn.Module, adapter_name: str, module_name: str
+        self, config: Any, base_layer: nn.Module, adapter_name: str, module_name: str, shared: SharedState | None
     ) -> nn.Module | None:
         if not (isinstance(base_layer, nn.Linear) or is_hf_conv1d(base_layer)):
             return None
         seed = _seed(adapter_name, module_name)
+        if isinstance(config, ToySharedConfig):
+            assert isinstance(shared, ToyBank)
+            return ToySharedDelta(base_layer, shared, seed)
         if isinstance(config, ToyDeltaConfig):
             return ToyDelta(base_layer, config.scale, seed)
         if isinstance(config, ToyOutputConfig):

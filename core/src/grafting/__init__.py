@@ -26,10 +26,8 @@ from grafting.errors import (
     UnknownMethodError,
     UnsupportedLayerError,
 )
-from grafting.hookspecs import hookimpl
-from grafting.layer import AdaptedLayer, DeltaAdapter, InputAdapter, LayerAdapter, LayerCall, OutputAdapter, Site
-from grafting.method import KNOWN_CONFIG_NAMES, Method
-from grafting.model_adapter import ModelAdapter
+from grafting.layer import AdaptedLayer
+from grafting.method import peft_type_of_config
 from grafting.peft_model import (
     PeftMixedModel,
     PeftModel,
@@ -43,6 +41,18 @@ from grafting.peft_model import (
     inject_adapter_in_model,
 )
 from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
+from grafting.protocol import (
+    DeltaAdapter,
+    InputAdapter,
+    LayerAdapter,
+    LayerCall,
+    Method,
+    ModelAdapter,
+    OutputAdapter,
+    SharedState,
+    Site,
+    hookimpl,
+)
 from grafting.routing import route_samples
 from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -56,8 +66,9 @@ def __getattr__(name: str) -> Any:
     for method in get_registry().methods.values():
         if method.config_class.__name__ == name:
             return method.config_class
-    if name in KNOWN_CONFIG_NAMES:
-        get_method(KNOWN_CONFIG_NAMES[name])  # raises UnknownMethodError with the install hint
+    known = peft_type_of_config(name)
+    if known is not None:
+        get_method(known)  # raises UnknownMethodError with the install hint
     raise AttributeError(f"module 'grafting' has no attribute {name!r}")
 
 
@@ -90,6 +101,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PluginConflictError",
     "PluginError",
+    "SharedState",
     "Site",
     "StateDictKeyError",
     "TargetNotFoundError",

@@ -1,97 +1,22 @@
-"""The layer protocol: adapters by site, and the wrapper that composes them.
+"""AdaptedLayer: the wrapper that holds a frozen base layer and composes its adapters by site.
 
-A method's layer adapter subclasses one of :class:`InputAdapter`,
-:class:`DeltaAdapter` or :class:`OutputAdapter`; :class:`AdaptedLayer` holds
-the frozen base layer and any number of adapters, of any methods, and
-composes them by site (ARCHITECTURE.md, section 3).
+The adapter classes it composes are the protocol's (:mod:`grafting.protocol`,
+re-exported here); ARCHITECTURE.md, section 3, gives the algebra.
 """
 
 from __future__ import annotations
 
 import copy
-import enum
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
+from grafting.protocol import DeltaAdapter, InputAdapter, LayerAdapter, LayerCall, OutputAdapter, Site
 from grafting.routing import current_routing, route_all
 
-
-class Site(enum.IntEnum):
-    """Where a layer adapter acts; the order is the composition (and merge) order."""
-
-    INPUT = 0
-    DELTA = 1
-    OUTPUT = 2
-
-
-class LayerCall:
-    """What a delta adapter may need besides its input: the base layer and its call.
-
-    ``args``/``kwargs`` are the layer's call for the whole batch; when the
-    layer is routed per sample, ``x`` and ``base_out`` hold only the batch
-    rows ``rows`` (``None`` otherwise), so an adapter that reads per-sample
-    tensors from the call takes those rows.
-    """
-
-    __slots__ = ("args", "base_layer", "base_out", "kwargs", "rows")
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        args: tuple,
-        kwargs: dict,
-        base_out: torch.Tensor,
-        rows: torch.Tensor | None = None,
-    ) -> None:
-        self.base_layer = base_layer
-        self.args = args
-        self.kwargs = kwargs
-        self.base_out = base_out
-        self.rows = rows
-
-
-class LayerAdapter(nn.Module):
-    """One adapter of one method on one layer.
-
-    Parameters and buffers are named as PEFT names them on disk, so that the
-    adapter's own ``state_dict()`` keys, prefixed by the layer's path, are the
-    saved keys. ``merge``/``unmerge`` fold the adapter into (out of) the base
-    layer's weights in place.
-    """
-
-    site: ClassVar[Site]
-    mergeable: ClassVar[bool] = True
-    #: True when ``merge`` computes from the weight it merges into, not only adds to it (DoRA's
-    #: row norms of ``W + ΔW``): it must see the layer's own weight, so it merges first in its
-    #: layer and never together with another such adapter or an input adapter.
-    reads_base_weight: bool = False
-
-    def merge(self, base_layer: nn.Module) -> None:
-        raise MergeError(f"{type(self).__name__} cannot be merged into a {type(base_layer).__name__}")
-
-    def unmerge(self, base_layer: nn.Module) -> None:
-        raise MergeError(f"{type(self).__name__} cannot be unmerged from a {type(base_layer).__name__}")
-
-
-class InputAdapter(LayerAdapter):
-    """Transforms the layer's input: ``forward(x) -> x'``."""
-
-    site = Site.INPUT
-
-
-class DeltaAdapter(LayerAdapter):
-    """Adds to the layer's output: ``forward(x, call) -> delta``; ``x`` is the layer's own input."""
-
-    site = Site.DELTA
-
-
-class OutputAdapter(LayerAdapter):
-    """Transforms the layer's output: ``forward(y) -> y'``."""
-
-    site = Site.OUTPUT
+__all__ = ["AdaptedLayer", "DeltaAdapter", "InputAdapter", "LayerAdapter", "LayerCall", "OutputAdapter", "Site"]
 
 
 def _primary(args: tuple, kwargs: dict) -> tuple[Any, str | int]:

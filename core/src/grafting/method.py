@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+import json
+from importlib import resources
+from typing import Any, Literal
 
 import attrs
 
@@ -29,24 +32,25 @@ class Method:
     entry_point: str | None = None
 
 
-#: Where each known method ships, for install hints when it is missing.
-KNOWN_DISTRIBUTIONS: dict[str, str] = {
-    "LORA": "grafting-lora",
-    "LOHA": "grafting-loha",
-    "IA3": "grafting-ia3",
-    "PREFIX_TUNING": "grafting-prefix",
-    "PROMPT_TUNING": "grafting-prefix",
-    "P_TUNING": "grafting-prefix",
-    "ADAPTION_PROMPT": "grafting-adaption-prompt",
-}
+@functools.cache
+def known_methods() -> dict[str, dict[str, Any]]:
+    """``known_methods.json``: for each ``peft_type`` grafting knows of, its distribution and config class names.
 
-#: Config class names the core can resolve lazily, with their peft_type.
-KNOWN_CONFIG_NAMES: dict[str, str] = {
-    "LoraConfig": "LORA",
-    "LoHaConfig": "LOHA",
-    "IA3Config": "IA3",
-    "PrefixTuningConfig": "PREFIX_TUNING",
-    "PromptTuningConfig": "PROMPT_TUNING",
-    "PromptEncoderConfig": "P_TUNING",
-    "AdaptionPromptConfig": "ADAPTION_PROMPT",
-}
+    Only for methods that are not installed (install hints, ``grafting.LoraConfig``
+    resolving to an install hint); an installed method's own :class:`Method` record wins.
+    """
+    text = resources.files("grafting").joinpath("known_methods.json").read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def distribution_of(peft_type: str) -> str | None:
+    """The distribution that provides ``peft_type``, if grafting knows it."""
+    return known_methods().get(peft_type, {}).get("distribution")
+
+
+def peft_type_of_config(class_name: str) -> str | None:
+    """The ``peft_type`` of a known config class name (``"LoraConfig"`` -> ``"LORA"``)."""
+    for peft_type, entry in known_methods().items():
+        if class_name in entry.get("configs", ()):
+            return peft_type
+    return None

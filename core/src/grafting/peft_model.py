@@ -337,10 +337,16 @@ class PeftModel(nn.Module):
                     f"{len(result.missing_keys)} adapter tensors are not in the file (first: {result.missing_keys[:3]})"
                 )
             raise AdapterLoadError(f"{folder} does not match adapter {adapter_name!r}: " + "; ".join(parts))
-        still_meta = [n for n, p in self.named_parameters() if p.is_meta]
+        still_meta = [
+            f"{path}.{name}"
+            for path, module in self.base_model.adapter_modules(adapter_name)
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+            if tensor.is_meta
+        ]
         if still_meta:
             raise AdapterLoadError(
-                f"{folder}: adapter {adapter_name!r} has tensors the file did not fill: {still_meta[:3]}"
+                f"{folder}: adapter {adapter_name!r} has tensors the file did not fill (left on the meta device):"
+                f" {still_meta[:3]}; a tensor the file does not hold must be created with an explicit device"
             )
 
 

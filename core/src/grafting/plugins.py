@@ -10,9 +10,9 @@ from typing import Any
 import attrs
 import pluggy
 
-from grafting import hookspecs
+from grafting import protocol
 from grafting.errors import PluginConflictError, PluginError, UnknownMethodError
-from grafting.method import KNOWN_DISTRIBUTIONS, Method
+from grafting.method import Method, distribution_of
 
 ENTRY_POINT_GROUP = "grafting"
 
@@ -31,8 +31,8 @@ class Registry:
     """The plugin manager plus the table of methods the plugins declared."""
 
     def __init__(self, *, load_entry_points: bool = True) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm = pluggy.PluginManager(protocol.PROJECT)
+        self.pm.add_hookspecs(protocol)
         self.failures: list[PluginLoadFailure] = []
         self.conflicts: dict[str, PluginConflictError] = {}
         self._methods: dict[str, Method] = {}
@@ -101,7 +101,18 @@ class Registry:
                     f"method {m.peft_type} is declared by both {first} and {second}; uninstall one of them",
                     peft_types=[m.peft_type],
                 )
-        self.pm.register(plugin, name=name)
+        label = describe_plugin(plugin, name)
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {label}: {exc}") from None
+        try:
+            self.pm.check_pending()  # a @hookimpl whose name is no hook (a misspelling)
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(plugin)
+            raise PluginError(
+                f"plugin {label}: {exc} (a misspelled hook name? the hooks are listed in grafting.protocol)"
+            ) from None
         for m in methods:
             self._methods[m.peft_type] = m
         return methods
@@ -134,9 +145,39 @@ class Registry:
     def hook(self) -> Any:
         return self.pm.hook
 
+    def create(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call a firstresult ``create`` hook and check the answer is what the hook promises.
+
+        An answer of another type is a :class:`PluginError` naming the plugin that gave it.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        expected = protocol.HOOK_RESULTS[hook_name]
+        impls = caller.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):  # let pluggy run wrappers
+            result, label = caller(**kwargs), "a plugin"
+        else:
+            result, label = None, "a plugin"
+            for impl in reversed(impls):  # pluggy's call order
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if result is not None:
+                    label = describe_plugin(impl.plugin, impl.plugin_name)
+                    break
+        if result is not None and not isinstance(result, expected):
+            raise PluginError(
+                f"plugin {label}: {hook_name} returned a {type(result).__name__}, not a grafting.{expected.__name__}"
+                " (or None)"
+            )
+        return result
+
+
+def describe_plugin(plugin: Any, name: str | None = None) -> str:
+    """A plugin's name for messages: its module (or class) and registered name."""
+    what = getattr(plugin, "__name__", None) or type(plugin).__name__
+    return f"{what!r}" if name is None or name == what or name.isdigit() else f"{name!r} ({what})"
+
 
 def missing_method_message(peft_type: str, registry: Registry | None = None) -> str:
-    dist = KNOWN_DISTRIBUTIONS.get(peft_type)
+    dist = distribution_of(peft_type)
     msg = f"no installed grafting plugin provides the method {peft_type!r}"
     if dist:
         msg += f"; install it with `pip install {dist}`"

@@ -68,6 +68,10 @@ def adapter_slots(model: nn.Module, adapter_name: str) -> dict[str, Slot]:
         slots[f"{PREFIX}{logical_path(tuner.model, owner_path)}.{attr}"] = Slot(owner, attr, _device_of(owner))
     if adapter_name in tuner.model_adapters:  # PEFT's base_model is the user's model itself for these methods
         slots = {MODEL_LEVEL_PREFIX + key[len(PREFIX) :]: slot for key, slot in slots.items()}
+    if adapter_name in tuner.shared_states:  # saved once, beside the layers: base_model.<key> (PEFT's vera_A)
+        near = next((layer.base_layer for _, layer in tuner.adapted_layers() if adapter_name in layer.adapters), None)
+        shared = tuner.shared_states[adapter_name]
+        slots.update(_local_slots(MODEL_LEVEL_PREFIX, shared, shared if near is None else near))
     return slots
 
 

@@ -21,9 +21,9 @@ from grafting.errors import (
 )
 from grafting.layer import AdaptedLayer
 from grafting.matching import candidate_modules, find_targets, name_matches, physical_path
-from grafting.model_adapter import ModelAdapter
 from grafting.modules_to_save import ModulesToSaveWrapper
 from grafting.plugins import get_method, get_registry
+from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
 from grafting.routing import BASE
 
 #: Heads trained in full for these task types, as PEFT does.
@@ -43,18 +43,23 @@ def _base_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | N
     return torch.device("cpu"), None
 
 
-def _place(adapter: nn.Module, base: nn.Module, autocast_adapter_dtype: bool, *, meta: bool) -> None:
-    """Put a new adapter on its base's device; float32 unless the base is float64 or autocast is off."""
+def _place(adapter: nn.Module, base: nn.Module, autocast_adapter_dtype: bool) -> None:
+    """Put a new adapter on its base's device; float32 unless the base is float64 or autocast is off.
+
+    Meta tensors (an adapter built for loading) stay on meta, only their dtype changes.
+    """
     device, dtype = _base_device_dtype(base)
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if dtype not in floats or (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
         target = torch.float32
     else:
         target = dtype
-    if meta:
-        adapter.to(dtype=target)
-    else:
-        adapter.to(device=device, dtype=target)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype=target) if t.is_floating_point() else t
+        return t if t.is_meta else t.to(device=device)
+
+    adapter._apply(convert)
 
 
 class AdapterModel(nn.Module):
@@ -69,6 +74,7 @@ class AdapterModel(nn.Module):
         super().__init__()
         self.model = model
         self.model_adapters = nn.ModuleDict()
+        self.shared_states = nn.ModuleDict()  # SharedState by adapter name (layer methods that share tensors)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
         self.mixed = mixed
@@ -92,6 +98,19 @@ class AdapterModel(nn.Module):
         for name, module in self.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(path, module) of everything adapter ``name`` added: layer adapters, copies, shared and model state."""
+        for path, layer in self.adapted_layers():
+            if name in layer.adapters:
+                yield f"model.{path}.adapters.{name}", layer.adapters[name]
+        for path, wrapper in self.save_wrappers():
+            if name in wrapper.modules_to_save:
+                yield f"model.{path}.modules_to_save.{name}", wrapper.modules_to_save[name]
+        if name in self.shared_states:
+            yield f"shared_states.{name}", self.shared_states[name]
+        if name in self.model_adapters:
+            yield f"model_adapters.{name}", self.model_adapters[name]
 
     def _require(self, name: str) -> None:
         if name not in self.peft_config:
@@ -123,34 +142,56 @@ class AdapterModel(nn.Module):
         method = get_method(config.peft_type)
         config = self._with_task_heads(config).for_model(self.model)
         config.validate_for_model(self.model)
-        hook = get_registry().hook
+        registry = get_registry()
         device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
-        created: list[tuple[str, nn.Module]] = []
+        created: list[tuple[str, LayerAdapter]] = []
         model_adapter: ModelAdapter | None = None
+        shared: SharedState | None = None
         if method.level == "layer":
-            defaults = hook.grafting_default_target_modules(config=config, model=self.model)
+            defaults = registry.hook.grafting_default_target_modules(config=config, model=self.model)
+            targets: dict[str, nn.Module] = {}
             for path in find_targets(self.model, config, defaults):
                 module = self.model.get_submodule(physical_path(self.model, path))
-                base = module.base_layer if isinstance(module, AdaptedLayer) else module
+                targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
+            with device_ctx:
+                shared = registry.create(
+                    "grafting_create_shared_state",
+                    config=config,
+                    model=self.model,
+                    adapter_name=adapter_name,
+                    targets=dict(targets),
+                )
+            if shared is not None:
+                clash = [k for k in shared.state_dict() if k.split(".")[0] == "model"]
+                if clash:
+                    raise PluginError(f"{method.name}: a shared state may not name tensors model.*, got {clash}")
+                _place(shared, next(iter(targets.values())), autocast_adapter_dtype)
+            for path, base in targets.items():
                 with device_ctx:
-                    adapter = hook.grafting_create_layer_adapter(
-                        config=config, base_layer=base, adapter_name=adapter_name, module_name=path, model=self.model
+                    adapter = registry.create(
+                        "grafting_create_layer_adapter",
+                        config=config,
+                        base_layer=base,
+                        adapter_name=adapter_name,
+                        module_name=path,
+                        model=self.model,
+                        shared=shared,
                     )
                 if adapter is None:
                     raise UnsupportedLayerError(
                         f"{config.peft_type} adapter {adapter_name!r}: {path} is a {type(base).__name__}, which no "
                         f"installed plugin can adapt with {config.peft_type}"
                     )
-                _place(adapter, base, autocast_adapter_dtype, meta=low_cpu_mem_usage)
+                _place(adapter, base, autocast_adapter_dtype)
                 created.append((path, adapter))
         else:
             with device_ctx:
-                model_adapter = hook.grafting_create_model_adapter(
-                    config=config, model=self.model, adapter_name=adapter_name
+                model_adapter = registry.create(
+                    "grafting_create_model_adapter", config=config, model=self.model, adapter_name=adapter_name
                 )
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
-            _place(model_adapter, self.model, autocast_adapter_dtype, meta=low_cpu_mem_usage)
+            _place(model_adapter, self.model, autocast_adapter_dtype)
         saved = self._modules_to_save_paths(config)
         # every check passed: install
         for path, adapter in created:
@@ -159,9 +200,11 @@ class AdapterModel(nn.Module):
             if not isinstance(module, AdaptedLayer):
                 module = AdaptedLayer(module)
                 self.model.set_submodule(where, module)
-            module.add_adapter(adapter_name, adapter)  # type: ignore[arg-type]
+            module.add_adapter(adapter_name, adapter)
         if model_adapter is not None:
             self.model_adapters[adapter_name] = model_adapter
+        if shared is not None:
+            self.shared_states[adapter_name] = shared
         for path in saved:
             where = physical_path(self.model, path)
             wrapper = self.model.get_submodule(where)
@@ -233,6 +276,8 @@ class AdapterModel(nn.Module):
                     wrapper.modules_to_save[name].requires_grad_(train)
             if name in self.model_adapters:
                 self.model_adapters[name].requires_grad_(train)
+            if name in self.shared_states:
+                self.shared_states[name].requires_grad_(train)
             if train:
                 for pname in config.trainable_base_parameters(self.model, [p for p, _ in self.adapted_layers()]):
                     self.model.get_parameter(pname).requires_grad_(True)
@@ -380,6 +425,8 @@ class AdapterModel(nn.Module):
                     self.model.set_submodule(path, wrapper.original_module)
         if adapter_name in self.model_adapters:
             del self.model_adapters[adapter_name]
+        if adapter_name in self.shared_states:
+            del self.shared_states[adapter_name]
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:

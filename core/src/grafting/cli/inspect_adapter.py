@@ -136,6 +136,10 @@ def describe(folder: Path) -> dict[str, Any]:
     weights = Path(weights_path(str(folder)))
     tensors = load_weights(str(folder))
     groups = group_keys(list(tensors), config.modules_to_save)
+    if method.level == "layer":  # a layer method's keys outside the layers are its shared state
+        groups["shared"] = groups.pop("model_level")
+    else:
+        groups["shared"] = []
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return {
         "path": str(folder),
@@ -185,8 +189,10 @@ def render(info: dict[str, Any]) -> str:
     ]
     if info["saved_modules"]:
         lines.append(f"saved       {', '.join(info['saved_modules'])} (trained in full)")
-    if info["model_level"]:
+    if info.get("model_level"):
         lines.append(f"model-level {', '.join(info['model_level'])}")
+    if info["shared"]:
+        lines.append(f"shared      {', '.join(info['shared'])} (one tensor for every layer)")
     dtypes = ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items())
     lines += [
         f"parameters  {info['parameters']:,} in {info['tensors']} tensors",

@@ -1,0 +1,376 @@
+"""The plugin author's manual: everything a method plugin implements, in one module.
+
+A method plugin is a module of hook implementations (``@grafting.hookimpl``)
+listed under the ``grafting`` entry-point group. It declares its methods
+(:func:`grafting_methods`) and builds, for each adapter a user adds, either
+
+* **layer adapters**, one per targeted module, each a subclass of
+  :class:`InputAdapter`, :class:`DeltaAdapter` or :class:`OutputAdapter`
+  (its :class:`Site`); optionally with one :class:`SharedState` per adapter
+  that all its layer adapters read, or
+* one **model adapter** (:class:`ModelAdapter`) that rewrites the model's call.
+
+The core composes adapters by site (ARCHITECTURE.md, section 3), saves and
+loads them in PEFT's format, merges them in site order; a plugin never wraps
+modules itself.
+
+Call order when a user adds an adapter (``get_peft_model``, ``add_adapter``,
+``from_pretrained``, ``load_adapter``)::
+
+    config.for_model(model) -> config.validate_for_model(model)
+    layer methods:  grafting_default_target_modules   (only if target_modules is None)
+                    matching, then config.select_targets(model, names)
+                    grafting_create_shared_state       (once, every target)
+                    grafting_create_layer_adapter      (once per target, model order)
+    model methods:  grafting_create_model_adapter      (once)
+    then, only when every call succeeded, the adapters are installed.
+
+**The meta device.** ``from_pretrained``, ``load_adapter`` and
+``low_cpu_mem_usage=True`` call the ``create`` hooks under
+``torch.device("meta")``: tensors created without an explicit device are
+meta tensors (no memory, no values) that the saved file then fills. A tensor
+the file does not hold (a non-persistent buffer, a projection regenerated
+from a seed) must be created with an explicit ``device="cpu"``; the core
+moves every adapter to its base layer's device and dtype. After loading,
+any parameter or buffer still on meta is an :class:`AdapterLoadError`.
+Outside of loading, adapters are created on the CPU and then moved.
+
+**Names.** An adapter names its parameters and buffers as PEFT names them on
+disk: the saved key of a layer adapter's tensor is
+``base_model.model.<module path>.<its state_dict key>``; of a shared state's
+``base_model.<its state_dict key>``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pluggy
+import torch
+from torch import nn
+
+from grafting.errors import MergeError
+from grafting.method import Method
+
+if TYPE_CHECKING:
+    from grafting.combine import Combination, CombineRequest
+    from grafting.config import AdapterConfig
+
+PROJECT = "grafting"
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Marks a plugin's hook implementation: ``@grafting.hookimpl`` (``tryfirst=True`` to take precedence).
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- where a layer adapter acts ------------------------------------------------------------
+class Site(enum.IntEnum):
+    """Where a layer adapter acts; the order is the composition (and merge) order."""
+
+    INPUT = 0
+    DELTA = 1
+    OUTPUT = 2
+
+
+class LayerCall:
+    """What a delta adapter may need besides its input: the base layer and its call.
+
+    ``base_out`` is the base layer's output (element 0 for a tuple) before any
+    delta. ``args``/``kwargs`` are the layer's call for the whole batch; under
+    per-sample routing ``x`` and ``base_out`` hold only the batch rows ``rows``
+    (``None`` otherwise), so an adapter that reads per-sample tensors from
+    the call takes those rows.
+    """
+
+    __slots__ = ("args", "base_layer", "base_out", "kwargs", "rows")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        base_out: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        self.base_layer = base_layer
+        self.args = args
+        self.kwargs = kwargs
+        self.base_out = base_out
+        self.rows = rows
+
+
+class SharedState(nn.Module):
+    """Tensors one adapter shares among all its layer adapters (VeRA's projections, a vector bank).
+
+    Built once per adapter by :func:`grafting_create_shared_state`, held by the
+    core, handed to every layer adapter of that adapter, which keeps it with
+    :meth:`LayerAdapter.use_shared`. Its ``state_dict()`` keys are saved as
+    ``base_model.<key>``: register a buffer with ``persistent=False`` to keep
+    it out of the file. Its parameters train when the adapter trains. It may
+    not name a tensor ``model.*``.
+    """
+
+
+class LayerAdapter(nn.Module):
+    """One adapter of one method on one layer; subclass one of the three site classes.
+
+    Parameters and buffers are named as PEFT names them on disk. The core
+    places the adapter on its base layer's device (float32 for a half-precision
+    base unless ``autocast_adapter_dtype=False``) and never calls ``forward``
+    on a merged adapter.
+    """
+
+    site: ClassVar[Site]
+    #: False for an adapter that cannot be folded into the weights (adaption prompt): merging it is a MergeError.
+    mergeable: ClassVar[bool] = True
+    #: True when ``merge`` computes from the weight it merges into, not only adds to it (DoRA's
+    #: row norms of ``W + ΔW``): it must see the layer's own weight, so it merges first in its
+    #: layer and never together with another such adapter or an input adapter.
+    reads_base_weight: bool = False
+    #: The adapter's shared state, set by :meth:`use_shared` (``None`` for methods without one).
+    shared: SharedState | None = None
+
+    def use_shared(self, shared: SharedState | None) -> None:
+        """Keep ``shared`` as a plain reference (not a submodule): it is saved once, not per layer."""
+        self.__dict__["shared"] = shared
+
+    def merge(self, base_layer: nn.Module) -> None:
+        """Fold this adapter into ``base_layer``'s weights in place (read and write them through ``grafting.weights``).
+
+        The core calls it in site order and undoes it with :meth:`unmerge` in
+        reverse order; afterwards the layer's output without this adapter must
+        equal its output with it before. Raise :class:`MergeError` to refuse.
+        """
+        raise MergeError(f"{type(self).__name__} cannot be merged into a {type(base_layer).__name__}")
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        """Take this adapter back out of ``base_layer``'s weights (the inverse of :meth:`merge`)."""
+        raise MergeError(f"{type(self).__name__} cannot be unmerged from a {type(base_layer).__name__}")
+
+
+class InputAdapter(LayerAdapter):
+    """Transforms the layer's input before the base layer: ``forward(x) -> x'``, same shape and dtype."""
+
+    site = Site.INPUT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DeltaAdapter(LayerAdapter):
+    """Adds to the layer's output: ``forward(x, call) -> delta``.
+
+    ``x`` is the layer's own input (before any input adapter); the delta has
+    the output's shape and may be in the adapter's dtype: the core sums the
+    deltas and rounds to the base output's dtype once.
+    """
+
+    site = Site.DELTA
+
+    def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OutputAdapter(LayerAdapter):
+    """Transforms the layer's output after the base layer and the deltas: ``forward(y) -> y'``."""
+
+    site = Site.OUTPUT
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ModelAdapter(nn.Module):
+    """An adapter on the model's call instead of its layers (prompt tuning, P-tuning, prefix tuning).
+
+    The core holds it in ``base_model.model_adapters[name]``; at most one is
+    active, and it cannot be merged or routed per sample.
+    """
+
+    def prepare(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """The keyword arguments to call ``model`` with, from those given to ``PeftModel.forward``.
+
+        A positional first argument arrives as ``input_ids``.
+        """
+        raise NotImplementedError
+
+    def prepare_generate(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """The same, once, for ``generate`` (whose steps then run in transformers); default :meth:`prepare`.
+
+        State what the first step needs in generate's terms: ``inputs_embeds``
+        beside ``input_ids``, or a pre-filled cache, and a mask to match.
+        """
+        return self.prepare(kwargs, model)
+
+    def finish(self, outputs: Any, kwargs: dict[str, Any]) -> Any:
+        """Post-process the model's outputs (``kwargs`` are the prepared ones); default: unchanged."""
+        return outputs
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors to save, keyed as PEFT saves them (``prompt_embeddings``); default ``state_dict()``."""
+        return dict(self.state_dict())
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Read back what :meth:`peft_state_dict` names (meta tensors are replaced, not copied into)."""
+        self.load_state_dict(state, strict=True, assign=any(p.is_meta for p in self.parameters()))
+
+
+#: What a create hook must answer, by hook name (checked by the registry, which names the plugin otherwise).
+HOOK_RESULTS: dict[str, type] = {}
+
+
+# -- the hooks ------------------------------------------------------------------------------
+@hookspec
+def grafting_methods() -> list[Method]:
+    """Declare the methods this plugin provides.
+
+    Called once, when the plugin is registered. Two plugins declaring one
+    ``peft_type`` is a :class:`PluginConflictError`.
+
+    :return: one :class:`Method` record per method.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def grafting_default_target_modules(config: AdapterConfig, model: nn.Module) -> list[str] | str | None:
+    """Name the modules to adapt when ``config.target_modules`` is ``None``.
+
+    :param config: the adapter's config (answer ``None`` for other methods' configs).
+    :param model: the user's model; look its type up with :func:`grafting.toolkit.model_type`.
+    :return: module names or a regex, or ``None`` when the model type is unknown
+        (the core then asks the user to set ``target_modules``).
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_create_shared_state(
+    config: AdapterConfig, model: nn.Module, adapter_name: str, targets: dict[str, nn.Module]
+) -> SharedState | None:
+    """Build the state all of one adapter's layer adapters share, once per adapter.
+
+    Called for layer methods after matching, before any layer adapter, under
+    the meta device when loading (see the module docstring).
+
+    :param config: the adapter's config (answer ``None`` for other methods' configs).
+    :param model: the user's model.
+    :param adapter_name: the adapter's name.
+    :param targets: every module the adapter will wrap, ``{logical name: base layer}`` in model order.
+    :return: a :class:`SharedState`, or ``None`` for no shared state.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_create_layer_adapter(
+    config: AdapterConfig,
+    base_layer: nn.Module,
+    adapter_name: str,
+    module_name: str,
+    model: nn.Module,
+    shared: SharedState | None,
+) -> LayerAdapter | None:
+    """Build the adapter that ``config`` puts on ``base_layer``.
+
+    Called once per target, in model order, after
+    :func:`grafting_create_shared_state`; under the meta device when loading.
+    Must not modify ``base_layer``. Answer ``None`` for configs or layer types
+    this plugin does not handle (a more specific plugin answers first with
+    ``tryfirst=True``); if no plugin answers, the user gets an
+    :class:`UnsupportedLayerError` naming the module.
+
+    :param config: the adapter's config.
+    :param base_layer: the module to adapt (the base layer itself, even when it is already adapted).
+    :param adapter_name: the adapter's name.
+    :param module_name: the module's logical dotted path (for ``rank_pattern``-style options).
+    :param model: the whole model (for options that depend on its type).
+    :param shared: this adapter's :class:`SharedState`, or ``None``; keep it with :meth:`LayerAdapter.use_shared`.
+    :return: a :class:`LayerAdapter` (input, delta or output), or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_create_model_adapter(config: AdapterConfig, model: nn.Module, adapter_name: str) -> ModelAdapter | None:
+    """Build the model-level adapter for ``config`` (methods declared with ``level="model"``).
+
+    :param config: the adapter's config (after ``for_model``).
+    :param model: the user's model.
+    :param adapter_name: the adapter's name.
+    :return: a :class:`ModelAdapter`, or ``None`` for other methods' configs.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_check_saved_shapes(config: AdapterConfig, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
+    """Check a saved adapter's tensor shapes against its config (``grafting inspect``).
+
+    :param config: the saved adapter's config.
+    :param shapes: every key of the weights file (PEFT's names: layer keys
+        ``base_model.model.<path>.<local>``, shared keys ``base_model.<key>``)
+        to its shape; keys of ``modules_to_save`` copies may be present and are
+        not the plugin's concern.
+    :return: one line per inconsistency (``[]`` when everything fits), or
+        ``None`` for other methods' configs.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The weight of a layer that stores it in a non-float form (quantized), dequantized.
+
+    Called only for weights that are not floating point, through
+    :func:`grafting.toolkit.dense_weight`.
+
+    :param layer: the base layer.
+    :return: a floating-point (out, in·k) matrix, or ``None`` for layers this plugin does not know.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_store_weight(layer: nn.Module, matrix: torch.Tensor) -> bool | None:
+    """Store a floating-point (out, in·k) ``matrix`` as the weight of such a layer (requantize it).
+
+    :param layer: the base layer.
+    :param matrix: the new weight, as :func:`grafting_dense_weight` returns it.
+    :return: ``True`` when stored, ``None`` for layers this plugin does not know.
+    """
+
+
+@hookspec(firstresult=True)
+def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Combination | None:
+    """Combine existing adapters of this plugin's method into a new one (``add_weighted_adapter``).
+
+    :param request: the source adapters, their configs (``target_modules``
+        resolved), their weights, ``combination_type`` and its options.
+    :param model: the user's model.
+    :return: ``None`` when this plugin does not handle these configs; otherwise a
+        :class:`grafting.combine.Combination`: the new adapter's config, which the core adds
+        like any other, and ``fill(target, sources)``, which the core calls (without
+        gradients) wherever the new adapter sits, with the source adapters found there and
+        their weights. Raise :class:`grafting.CombinationError` for a request this plugin
+        handles but refuses (an unknown ``combination_type``). Pure tensor combiners are in
+        :mod:`grafting.merge_utils`.
+    """
+
+
+HOOK_RESULTS.update(
+    {
+        "grafting_create_shared_state": SharedState,
+        "grafting_create_layer_adapter": LayerAdapter,
+        "grafting_create_model_adapter": ModelAdapter,
+    }
+)
+
+__all__ = [
+    "PROJECT",
+    "DeltaAdapter",
+    "InputAdapter",
+    "LayerAdapter",
+    "LayerCall",
+    "Method",
+    "ModelAdapter",
+    "OutputAdapter",
+    "SharedState",
+    "Site",
+    "hookimpl",
+    "hookspec",
+]
