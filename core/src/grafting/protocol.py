@@ -50,11 +50,11 @@ import pluggy
 import torch
 from torch import nn
 
+from grafting.combine import Combination, CombineRequest
 from grafting.errors import MergeError
 from grafting.method import Method
 
 if TYPE_CHECKING:
-    from grafting.combine import Combination, CombineRequest
     from grafting.config import AdapterConfig
 
 PROJECT = "grafting"
@@ -362,6 +362,8 @@ HOOK_RESULTS.update(
 
 __all__ = [
     "PROJECT",
+    "Combination",
+    "CombineRequest",
     "DeltaAdapter",
     "InputAdapter",
     "LayerAdapter",

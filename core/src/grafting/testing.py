@@ -100,7 +100,7 @@ def sample_inputs(arch: str, batch: int = 2, length: int = 6, seed: int = 0) -> 
     return inputs
 
 
-def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def model_output(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The logits of a forward pass, without gradients."""
     with torch.no_grad():
         return model(**inputs).logits
@@ -254,3 +254,92 @@ def _tolerance_of(expected: torch.Tensor, rtol: float | None, atol: float | None
 
 def _prefixed(where: str) -> Callable[[str], str]:
     return lambda message: f"{where}: {message}"
+
+
+# -- helpers for a plugin's tests ---------------------------------------------------------------------------
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The parameters of layer adapters, shared states and model adapters (of one adapter if given), by name."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        for part in (".adapters.", "shared_states.", "model_adapters."):
+            if part in name:
+                owner = name.split(part, 1)[1].split(".", 1)[0]
+                if adapter_name is None or owner == adapter_name:
+                    out[name] = p
+    return out
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None = None, scale: float = 0.3) -> None:
+    """Add seeded noise to every adapter parameter, so that a fresh (identity) adapter does something."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(adapter_parameters(model, adapter_name).items()):
+        p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+
+
+def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the base model's floating-point weights, keyed by their path in the plain model."""
+    from grafting.layer import AdaptedLayer
+
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            for name, tensor in module.base_layer.named_parameters():
+                out[f"{path}.{name}"] = tensor.detach().clone()
+    return out
+
+
+def check_layer_adapter_invariants(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    rebuild: Callable[[], nn.Module],
+    folder: str,
+    adapter_name: str = "default",
+) -> None:
+    """The properties every layer method must have, checked on ``model`` (a PeftModel with ``adapter_name`` active).
+
+    The adapter must change the output by :data:`MARGIN` tolerances at least
+    (randomize it first, :func:`randomize_adapters`); then: disabled = base; per-sample routing
+    = each sample alone; merged = unmerged and unmerge restores the weights;
+    saved then loaded (strictly, onto ``rebuild()``, a fresh copy of the base
+    model) = the same output; merge_and_unload = the same output, without any
+    grafting wrapper. Float64 models give the tightest check. ``inputs`` needs
+    a batch of 2 or more. Raises AssertionError naming the failed property.
+    """
+    import copy
+
+    from grafting.layer import AdaptedLayer
+    from grafting.peft_model import PeftModel
+    from grafting.routing import BASE
+
+    out = model_output(model, inputs)
+    # a merged layer rounds W + ΔW before the product: 1000 epsilons of the output's scale (float64 is tight)
+    merge_rtol = 1000 * torch.finfo(out.dtype).eps
+    merge_atol = merge_rtol * max(1.0, float(out.abs().max()))
+
+    def merged_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        assert_close(actual, expected, rtol=merge_rtol, atol=merge_atol, msg=what)
+
+    with model.disable_adapter():  # type: ignore[operator]
+        base = model_output(model, inputs)
+    assert_close(out, out, changed_from=base, rtol=merge_rtol, atol=merge_atol, msg="the adapter's effect")
+    batch = next(iter(inputs.values())).shape[0]
+    assert batch >= 2, "inputs need a batch of 2 or more for the routing check"
+    routes = [adapter_name if i % 2 == 0 else BASE for i in range(batch)]
+    routed = model_output(model, {**inputs, "adapter_names": routes})
+    for i, route in enumerate(routes):
+        assert_close(routed[i], (out if route == adapter_name else base)[i], msg=f"sample {i} routed to {route}")
+    weights = base_tensors(model)
+    model.merge_adapter([adapter_name])  # type: ignore[operator]
+    merged_close(model_output(model, inputs), out, "merged output")
+    model.unmerge_adapter()  # type: ignore[operator]
+    for key, value in base_tensors(model).items():
+        merged_close(value, weights[key], f"{key} after unmerge")
+    merged_close(model_output(model, inputs), out, "output after unmerge")
+    model.save_pretrained(folder, selected_adapters=[adapter_name])  # type: ignore[operator]
+    saved = folder if adapter_name == "default" else f"{folder}/{adapter_name}"
+    loaded = PeftModel.from_pretrained(rebuild(), saved, adapter_name=adapter_name)
+    assert_close(model_output(loaded, inputs), out, msg="output after save and load")
+    plain = copy.deepcopy(model).merge_and_unload(adapter_names=[adapter_name])  # type: ignore[operator]
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules()), "merge_and_unload left an adapted layer"
+    merged_close(model_output(plain, inputs), out, "merge_and_unload output")

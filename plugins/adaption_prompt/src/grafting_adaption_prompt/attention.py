@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from grafting.errors import UnsupportedLayerError
-from grafting.layer import LayerCall
+from grafting import LayerCall, UnsupportedLayerError
+from grafting.toolkit import model_type
 
 
 def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -137,10 +137,6 @@ KINDS: dict[str, ModelKind] = {
     "mistral": ModelKind("self_attn", _ROTARY),
     "gpt2": ModelKind("attn", FusedAttention()),
 }
-
-
-def model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def kind_for(model: nn.Module) -> ModelKind:

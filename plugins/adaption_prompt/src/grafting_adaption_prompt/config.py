@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 import attrs
 
-from grafting.config import AdapterConfig, positive_int
-from grafting.errors import ConfigError
+from grafting import AdapterConfig, ConfigError
+from grafting.toolkit import positive_int
 from grafting_adaption_prompt.attention import KINDS, kind_for, model_type
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grafting.layer import DeltaAdapter, LayerCall
+from grafting import DeltaAdapter, LayerCall
 from grafting_adaption_prompt.attention import AttentionKind
 
 

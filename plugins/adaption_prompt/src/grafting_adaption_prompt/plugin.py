@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from grafting import Method, hookimpl
-from grafting.errors import UnsupportedLayerError
+from grafting import Method, UnsupportedLayerError, hookimpl
 from grafting_adaption_prompt.attention import KINDS, kind_for, model_type
 from grafting_adaption_prompt.config import AdaptionPromptConfig
 from grafting_adaption_prompt.layers import AdaptionPrompt

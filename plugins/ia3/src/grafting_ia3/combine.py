@@ -6,8 +6,9 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.combine import Combination, CombineRequest, union_of_targets
-from grafting.errors import CombinationError
+from grafting import CombinationError
+from grafting.protocol import Combination, CombineRequest
+from grafting.toolkit import union_of_targets
 from grafting_ia3.config import IA3Config
 from grafting_ia3.layers import IA3Adapter
 

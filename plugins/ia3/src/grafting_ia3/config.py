@@ -7,32 +7,9 @@ from typing import Any, ClassVar
 
 import attrs
 
-from grafting.config import AdapterConfig
-from grafting.errors import ConfigError
-from grafting_ia3.defaults import defaults_for, model_type
-
-
-def _module_names(value: Any) -> Any:
-    """None, a regex string, or a list of names (a set becomes a sorted list); other values are left to check."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=str)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _names_check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(
-            f"IA3Config.{attribute.name} must be None, a regex string or a list of module names, got {value!r}"
-        )
-
-
-def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be True or False, got {value!r}")
+from grafting import AdapterConfig, ConfigError
+from grafting.toolkit import boolean, model_type, module_names, names
+from grafting_ia3.defaults import defaults_for
 
 
 def _check_subset(feedforward: list[str], targets: list[str], what: str) -> None:
@@ -75,11 +52,9 @@ class IA3Config(AdapterConfig):
     #: Shared options PEFT's IA3Config does not have: written only when set.
     absent_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
 
-    feedforward_modules: list[str] | str | None = attrs.field(
-        default=None, converter=_module_names, validator=_names_check
-    )
-    fan_in_fan_out: bool = attrs.field(default=False, validator=_boolean)
-    init_ia3_weights: bool = attrs.field(default=True, validator=_boolean)
+    feedforward_modules: list[str] | str | None = attrs.field(default=None, converter=module_names, validator=names)
+    fan_in_fan_out: bool = attrs.field(default=False, validator=boolean)
+    init_ia3_weights: bool = attrs.field(default=True, validator=boolean)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()

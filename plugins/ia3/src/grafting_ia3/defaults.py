@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from grafting.toolkit import model_type
+
 
 class Defaults(NamedTuple):
     """Default ``target_modules`` and, among them, the ``feedforward_modules``."""
@@ -54,11 +56,6 @@ DEFAULTS: dict[str, Defaults] = {
 }
 
 
-def model_type(model: Any) -> str | None:
-    """``model.config.model_type``, or ``None`` for a model without a transformers config."""
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
 def defaults_for(model: Any) -> Defaults | None:
     """The default IA3 modules of ``model``'s type, or ``None`` if the type is unknown."""
-    return DEFAULTS.get(model_type(model) or "")
+    return DEFAULTS.get(model_type(model))

@@ -13,16 +13,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from grafting.errors import GraftingWarning, MergeError
-from grafting.layer import InputAdapter, LayerAdapter, OutputAdapter
-from grafting.weights import dense_weight, in_out_features, is_hf_conv1d, store_weight
+from grafting import GraftingWarning, InputAdapter, LayerAdapter, MergeError, OutputAdapter
+from grafting.toolkit import dense_weight, in_out_features, is_linear, store_weight
 
 SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d)
 
 
 def supports(layer: nn.Module) -> bool:
     """The base layers IA3 adapts: ``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d``, ``nn.Conv3d``."""
-    return isinstance(layer, (nn.Linear, *SUPPORTED_CONVS)) or is_hf_conv1d(layer)
+    return is_linear(layer) or isinstance(layer, SUPPORTED_CONVS)
 
 
 def unmerge_tolerance(dtype: torch.dtype) -> float:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
-from grafting import GraftingWarning, Method, hookimpl
-from grafting.combine import Combination, CombineRequest
-from grafting.weights import is_hf_conv1d
+from grafting import Method, hookimpl
+from grafting.protocol import Combination, CombineRequest
+from grafting.toolkit import warn_fan_in_fan_out
 from grafting_ia3.combine import combination
 from grafting_ia3.config import IA3Config, is_feedforward
 from grafting_ia3.defaults import defaults_for
@@ -34,15 +32,7 @@ def grafting_create_layer_adapter(
 ) -> IA3Adapter | None:
     if not isinstance(config, IA3Config) or not supports(base_layer):
         return None
-    if (isinstance(base_layer, nn.Linear) or is_hf_conv1d(base_layer)) and config.fan_in_fan_out != is_hf_conv1d(
-        base_layer
-    ):
-        warnings.warn(
-            f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a {type(base_layer).__name__};"
-            " grafting uses the layer's own weight layout",
-            GraftingWarning,
-            stacklevel=2,
-        )
+    warn_fan_in_fan_out(config, base_layer)  # once per layer type, not once per layer
     kind = IA3Input if is_feedforward(module_name, config.feedforward_for(model)) else IA3Output
     return kind(base_layer, init=config.init_ia3_weights, where=f"{module_name} (IA3 adapter {adapter_name!r})")
 

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting.errors import ConfigError
-from grafting.layer import DeltaAdapter, LayerCall
-from grafting.weights import add_to_weight, in_out_features
+from grafting import ConfigError, DeltaAdapter, LayerCall
+from grafting.toolkit import add_to_weight, in_out_features
 from grafting_loha.hadamard import dense_delta, factored_delta, factored_linear, prefer_factored
 
 Path = Literal["auto", "dense", "factored"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from grafting import Method, hookimpl
-from grafting.model_types import query_value_projections
+from grafting.toolkit import query_value_projections
 from grafting_loha.config import LoHaConfig
 from grafting_loha.layers import LoHaConv, LoHaLinear
 

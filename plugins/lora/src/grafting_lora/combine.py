@@ -23,9 +23,10 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.combine import Combination, CombineRequest, union_of_targets
-from grafting.errors import CombinationError
+from grafting import CombinationError
 from grafting.merge_utils import ELECTS_SIGN, NEEDS_DENSITY, combine, low_rank
+from grafting.protocol import Combination, CombineRequest
+from grafting.toolkit import union_of_targets
 from grafting_lora.config import LoraConfig
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")

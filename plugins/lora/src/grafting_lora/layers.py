@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting.errors import MergeError
-from grafting.layer import DeltaAdapter, LayerCall
-from grafting.weights import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
+from grafting import DeltaAdapter, LayerCall, MergeError
+from grafting.toolkit import add_to_weight, dense_weight, in_out_features, store_weight
 from grafting_lora.scaled import embed_scale
 
 
@@ -221,7 +220,3 @@ class LoraConv(DeltaAdapter):
         add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
         if self.lora_B.bias is not None:
             base_layer.bias.sub_(self.lora_B.bias.to(base_layer.bias.dtype) * self.scaling)
-
-
-def is_linear(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or is_hf_conv1d(layer)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
-from grafting import GraftingWarning, Method, hookimpl
-from grafting.combine import Combination, CombineRequest
-from grafting.errors import UnsupportedLayerError
-from grafting.model_types import query_value_projections
-from grafting.weights import is_hf_conv1d
+from grafting import Method, UnsupportedLayerError, hookimpl
+from grafting.protocol import Combination, CombineRequest
+from grafting.toolkit import is_conv, is_linear, query_value_projections, warn_fan_in_fan_out
 from grafting_lora.combine import combination
 from grafting_lora.config import LoraConfig
-from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear, is_linear
+from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear
 from grafting_lora.saved import check_shapes
 
 
@@ -39,14 +35,7 @@ def grafting_create_layer_adapter(
         return None
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
     if is_linear(base_layer):
-        if config.fan_in_fan_out != is_hf_conv1d(base_layer):
-            # one message per mismatch kind (not per layer), so Python's warning filter shows it once
-            warnings.warn(
-                f"LoraConfig.fan_in_fan_out={config.fan_in_fan_out} does not fit the {type(base_layer).__name__}"
-                " layers it targets; grafting uses each layer's own weight layout",
-                GraftingWarning,
-                stacklevel=2,
-            )
+        warn_fan_in_fan_out(config, base_layer)
         return LoraLinear(
             base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.use_dora, config.lora_bias
         )
@@ -56,7 +45,7 @@ def grafting_create_layer_adapter(
         )
     if isinstance(base_layer, nn.Embedding):
         return LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
-    if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if is_conv(base_layer):
         return LoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.lora_bias)
     return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grafting.errors import UnsupportedLayerError
+from grafting import UnsupportedLayerError
 
 
 def embed_scale(layer: nn.Module) -> torch.Tensor | None:

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from grafting.errors import AdapterLoadError
-from grafting.model_adapter import ModelAdapter
+from grafting import AdapterLoadError, ModelAdapter
 from grafting_prefix.encoders import PromptTable
 
 #: The one tensor PEFT saves for these methods: the encoder's output.

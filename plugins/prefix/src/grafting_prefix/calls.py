@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.errors import GraftingWarning
+from grafting import GraftingWarning
 
 #: transformers 5.x renamed ``past_key_values`` to ``cache``; both are read, the model's own is passed.
 CACHE_NAMES = ("cache", "past_key_values")

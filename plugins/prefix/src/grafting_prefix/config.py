@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import attrs
 from torch import nn
 
-from grafting.config import AdapterConfig, one_of, positive_int, probability
-from grafting.errors import ConfigError, GraftingWarning, UnsupportedLayerError
+from grafting import AdapterConfig, ConfigError, GraftingWarning, UnsupportedLayerError
+from grafting.toolkit import one_of, positive_int, probability
 from grafting_prefix import calls, geometry
 
 optional_positive_int = attrs.validators.optional(positive_int)

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from grafting.errors import ConfigError, GraftingWarning
+from grafting import ConfigError, GraftingWarning
 from grafting_prefix import calls
 from grafting_prefix.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from grafting_prefix.encoders import LSTMPromptEncoder, MLPPromptEncoder, PrefixProjection, PromptTable

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from grafting import Method, hookimpl
-from grafting.model_adapter import ModelAdapter
+from grafting import Method, ModelAdapter, hookimpl
 from grafting_prefix import factory
 from grafting_prefix.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 

@@ -1,0 +1,154 @@
+"""The plugin author's toolkit: what every method plugin would otherwise rewrite.
+
+Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``),
+:mod:`grafting.protocol` (the contract) and :mod:`grafting.testing` (test helpers).
+
+* config fields: :func:`positive`, :func:`positive_int`, :func:`probability`,
+  :func:`boolean`, :func:`one_of`, :func:`names` with the :func:`module_names`
+  converter, :func:`pattern_of`; per-module ranks and alphas with
+  :class:`RankAlphaPatterns`;
+* default targets: :func:`model_type`, :func:`default_targets`,
+  :func:`query_value_projections`;
+* layers: :func:`is_linear`, :func:`is_conv`, :func:`is_hf_conv1d`,
+  :func:`in_out_features`, and the weight access every merge goes through
+  (:func:`dense_weight`, :func:`store_weight`, :func:`add_to_weight`,
+  :func:`weight_matrix`), which quantized layers support through the codec hooks;
+* base parameters a config trains: :func:`trainable_biases`;
+* warnings: :func:`warn_fan_in_fan_out`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from torch import nn
+
+from grafting.combine import union_of_targets
+from grafting.errors import GraftingWarning
+from grafting.matching import name_matches, pattern_value
+from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
+from grafting.validators import boolean, module_names, names, one_of, pattern_of, positive, positive_int, probability
+from grafting.weights import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight, weight_matrix
+
+
+# -- per-module options ------------------------------------------------------------------------------
+class RankAlphaPatterns:
+    """Config mixin: a module's rank and alpha, ``rank_pattern``/``alpha_pattern`` overriding the defaults.
+
+    The config declares the two dict fields, validated with :func:`pattern_of`
+    (``rank_pattern: dict[str, int] = attrs.field(factory=dict, validator=pattern_of(positive_int))``,
+    ``alpha_pattern`` with ``pattern_of(positive)``); a key is a regex matched as a
+    dotted suffix of the module name, the first matching key wins (PEFT's rule).
+    ``rank_option``/``alpha_option`` name the fields holding the defaults.
+    """
+
+    __slots__ = ()
+    rank_option: ClassVar[str] = "r"
+    alpha_option: ClassVar[str] = "alpha"
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(getattr(self, "rank_pattern"), module_name, getattr(self, self.rank_option))  # noqa: B009
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(getattr(self, "alpha_pattern"), module_name, getattr(self, self.alpha_option))  # noqa: B009
+
+    def scaling_for(self, module_name: str, *, rank_stabilized: bool = False) -> float:
+        """``alpha / r`` (``alpha / √r`` when ``rank_stabilized``) for the module."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if rank_stabilized else alpha / r
+
+
+# -- default targets ---------------------------------------------------------------------------------
+def default_targets(table: Mapping[str, Sequence[str]], model: Any) -> list[str] | None:
+    """``table[model_type(model)]`` as a list, or ``None`` for a model type the table lacks."""
+    found = table.get(model_type(model))
+    return list(found) if found is not None else None
+
+
+# -- base parameters -------------------------------------------------------------------------------
+#: Parameters inside grafting's wrappers that are not the base model's: adapters, and both sides of a
+#: modules_to_save wrapper (its copies train in full; the original stays frozen, as in PEFT).
+_WRAPPER_PARTS = ("adapters", "modules_to_save", "original_module", "shared_states", "model_adapters")
+
+
+def trainable_biases(model: nn.Module, adapted_paths: list[str], bias: str) -> list[str]:
+    """The base-model biases a PEFT-style ``bias`` option trains (for ``AdapterConfig.trainable_base_parameters``).
+
+    ``"none"``: none; ``"all"``: every bias of the base model; any other value
+    (``"lora_only"``, ``"vera_only"``): the biases of the adapted layers.
+    """
+    if bias == "none":
+        return []
+    if bias != "all":
+        return [
+            f"{path}.base_layer.bias"
+            for path in adapted_paths
+            if getattr(model.get_submodule(path).base_layer, "bias", None) is not None
+        ]
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith("bias") and not any(f".{part}." in name for part in _WRAPPER_PARTS)
+    ]
+
+
+# -- layers --------------------------------------------------------------------------------------------
+def is_linear(layer: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's linear layer, weight stored (in, out))."""
+    return isinstance(layer, nn.Linear) or is_hf_conv1d(layer)
+
+
+def is_conv(layer: nn.Module) -> bool:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def warn_fan_in_fan_out(config: Any, layer: nn.Module) -> None:
+    """Warn when ``config.fan_in_fan_out`` does not fit a linear ``layer``'s own weight layout.
+
+    grafting always reads each layer's own layout, so the option only matters
+    to PEFT. The message names the config class, the value and the layer type,
+    never the layer, so Python's warning filter shows it once, not once per layer.
+    """
+    value = bool(getattr(config, "fan_in_fan_out", False))
+    if not is_linear(layer) or value == is_hf_conv1d(layer):
+        return
+    warnings.warn(
+        f"{type(config).__name__}.fan_in_fan_out={value} does not fit the {type(layer).__name__} layers it"
+        " targets; grafting uses each layer's own weight layout",
+        GraftingWarning,
+        stacklevel=2,
+    )
+
+
+__all__ = [
+    "QUERY_VALUE_PROJECTIONS",
+    "RankAlphaPatterns",
+    "add_to_weight",
+    "boolean",
+    "default_targets",
+    "dense_weight",
+    "in_out_features",
+    "is_conv",
+    "is_hf_conv1d",
+    "is_linear",
+    "model_type",
+    "module_names",
+    "name_matches",
+    "names",
+    "one_of",
+    "pattern_of",
+    "pattern_value",
+    "positive",
+    "positive_int",
+    "probability",
+    "query_value_projections",
+    "store_weight",
+    "trainable_biases",
+    "union_of_targets",
+    "warn_fan_in_fan_out",
+    "weight_matrix",
+]

@@ -1,0 +1,133 @@
+"""The plugin toolkit (grafting.toolkit) and the rule that plugins use only grafting's public modules."""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import attrs
+import pytest
+from torch import nn
+
+import grafting
+from grafting import ConfigError, GraftingWarning
+from grafting.testing import tiny_model
+from grafting.toolkit import (
+    RankAlphaPatterns,
+    boolean,
+    default_targets,
+    is_conv,
+    is_linear,
+    model_type,
+    module_names,
+    names,
+    one_of,
+    pattern_of,
+    positive,
+    positive_int,
+    probability,
+    warn_fan_in_fan_out,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+#: What CONTRIBUTING calls grafting's public API for plugins.
+PUBLIC = {"grafting", "grafting.protocol", "grafting.toolkit", "grafting.merge_utils", "grafting.testing"}
+
+
+def _grafting_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "grafting":
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "grafting"]
+    return found
+
+
+def test_plugins_import_only_public_modules() -> None:
+    sources = sorted(ROOT.glob("plugins/*/src/**/*.py")) + sorted(ROOT.glob("contrib/*/src/**/*.py"))
+    assert len(sources) > 20
+    private = {
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in sources
+        for module in _grafting_imports(path)
+        if module not in PUBLIC
+    }
+    assert not private, f"plugins import grafting internals: {sorted(private)}"
+
+
+@attrs.define(kw_only=True)
+class _Options(RankAlphaPatterns):
+    r: int = attrs.field(default=8, validator=positive_int)
+    alpha: float = attrs.field(default=16, validator=positive)
+    dropout: float = attrs.field(default=0.0, validator=probability)
+    flag: bool = attrs.field(default=False, validator=boolean)
+    mode: str = attrs.field(default="a", validator=one_of("a", "b"))
+    modules: list[str] | str | None = attrs.field(default=None, converter=module_names, validator=names)
+    rank_pattern: dict[str, int] = attrs.field(factory=dict, validator=pattern_of(positive_int))
+    alpha_pattern: dict[str, float] = attrs.field(factory=dict, validator=pattern_of(positive))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("r", 0, r"_Options\.r must be an integer > 0, got 0"),
+        ("r", True, r"_Options\.r must be an integer > 0"),
+        ("alpha", -1.0, r"_Options\.alpha must be a number > 0"),
+        ("dropout", 1.0, r"_Options\.dropout must be in \[0, 1\)"),
+        ("flag", 1, r"_Options\.flag must be True or False"),
+        ("mode", "c", r"_Options\.mode must be one of \['a', 'b'\]"),
+        ("modules", [1], r"_Options\.modules must be None, a regex string or a list of module names"),
+        ("rank_pattern", {"q": 0}, r"_Options\.rank_pattern\['q'\] must be an integer > 0"),
+        ("alpha_pattern", ["q"], r"_Options\.alpha_pattern must be a dict of module pattern"),
+    ],
+)
+def test_validators_name_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _Options(**{field: value})
+
+
+def test_module_names_and_patterns() -> None:
+    options = _Options(modules={"v", "q"}, rank_pattern={"q_proj": 2, r"layers\.1\..*": 4}, alpha_pattern={"v_proj": 3})
+    assert options.modules == ["q", "v"]
+    assert options.rank_for("model.layers.0.self_attn.q_proj") == 2
+    assert options.rank_for("model.layers.1.mlp.up_proj") == 4
+    assert options.rank_for("model.layers.0.mlp.up_proj") == 8
+    assert options.scaling_for("model.layers.0.self_attn.v_proj") == 3 / 8
+    assert options.scaling_for("model.layers.0.self_attn.q_proj", rank_stabilized=True) == 16 / 2**0.5
+
+
+def test_layer_queries_and_default_targets() -> None:
+    gpt2, llama = tiny_model("gpt2"), tiny_model("llama")
+    assert is_linear(gpt2.transformer.h[0].attn.c_attn)
+    assert is_linear(llama.model.layers[0].self_attn.q_proj)
+    assert not is_linear(llama.model.embed_tokens)
+    assert is_conv(nn.Conv2d(1, 1, 1))
+    assert model_type(llama) == "llama"
+    assert model_type(nn.Linear(1, 1)) == ""
+    assert default_targets({"llama": ("q_proj",)}, llama) == ["q_proj"]
+    assert default_targets({"llama": ("q_proj",)}, gpt2) is None
+
+
+def test_the_fan_in_fan_out_warning_is_shown_once_per_layer_type() -> None:
+    model = tiny_model("gpt2", layers=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        grafting.get_peft_model(model, grafting.IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=[]))
+    messages = [str(w.message) for w in caught if issubclass(w.category, GraftingWarning)]
+    assert messages == [
+        "IA3Config.fan_in_fan_out=False does not fit the Conv1D layers it targets; grafting uses each layer's own weight layout"
+    ]
+
+
+def test_no_fan_in_fan_out_warning_when_it_fits() -> None:
+    class Config:
+        fan_in_fan_out = True
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_fan_in_fan_out(Config(), tiny_model("gpt2").transformer.h[0].attn.c_attn)
+        warn_fan_in_fan_out(Config(), nn.Embedding(2, 2))  # not a linear layer: nothing to say
+    with pytest.warns(GraftingWarning, match=r"Config\.fan_in_fan_out=True does not fit the Linear"):
+        warn_fan_in_fan_out(Config(), nn.Linear(2, 2))
