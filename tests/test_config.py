@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import grafting
-from grafting.config import AdapterConfig, config_from_dict
+from grafting import config_from_dict
+from grafting.config import AdapterConfig
 from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
 from grafting_lora import LoraConfig
 from tests.helpers import peft_lora_keys, read_json

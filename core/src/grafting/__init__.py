@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from grafting.config import AdapterConfig, TaskType, config_from_dict, get_peft_config
+from grafting.config import AdapterConfig, TaskType
+from grafting.dispatch import config_from_dict, get_peft_config
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,

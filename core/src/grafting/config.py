@@ -151,11 +151,10 @@ class AdapterConfig:
                         f"{source}: {cls.__name__} option {key}={value!r} is a PEFT feature grafting"
                         f" does not implement (only {cls.inert_keys[key]!r} is accepted)"
                     )
-            elif key in cls.informational_keys:
-                extra[key] = value
             else:
                 extra[key] = value
-                unknown.append(key)
+                if key not in cls.informational_keys:
+                    unknown.append(key)
         if unknown:
             warnings.warn(
                 f"{source}: {cls.__name__} does not know the keys {sorted(unknown)}; they are kept and"
@@ -165,9 +164,7 @@ class AdapterConfig:
             )
         try:
             return cls(**kwargs, extra=extra)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise ConfigError(f"{source}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # a ConfigError from a validator, or a wrong keyword
             raise ConfigError(f"{source}: {exc}") from None
 
     def to_json_string(self) -> str:
@@ -186,11 +183,18 @@ class AdapterConfig:
     def from_pretrained(
         cls, path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
     ) -> AdapterConfig:
-        """Read adapter_config.json from a folder; dispatches to the method's class."""
+        """Read adapter_config.json from a folder.
+
+        On a method's class, that class reads it; on ``AdapterConfig`` itself
+        (PEFT's ``PeftConfig.from_pretrained``) the installed method of its
+        ``peft_type`` does (:func:`grafting.dispatch.config_from_dict`).
+        """
         folder = os.path.join(path, subfolder) if subfolder else os.fspath(path)
         data = read_config_file(folder)
         data.update(kwargs)
         if cls is AdapterConfig:
+            from grafting.dispatch import config_from_dict  # the registry sits above this module
+
             return config_from_dict(data, source=os.path.join(folder, CONFIG_NAME))
         return cls.from_dict(data, source=os.path.join(folder, CONFIG_NAME))
 
@@ -244,22 +248,6 @@ def read_config_file(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterLoadError(f"{path} has no peft_type: it is not an adapter config")
     return data
-
-
-def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
-    """Build the right method's config from a dict with a ``peft_type``."""
-    from grafting.plugins import get_method
-
-    if "peft_type" not in data:
-        raise ConfigError(f"{source}: no peft_type given")
-    method = get_method(str(data["peft_type"]))
-    config_class: type[AdapterConfig] = method.config_class
-    return config_class.from_dict(data, source=source)
-
-
-def get_peft_config(config_dict: dict[str, Any]) -> AdapterConfig:
-    """PEFT's name for :func:`config_from_dict`."""
-    return config_from_dict(config_dict)
 
 
 # field validators, kept importable from here for code written before grafting.toolkit

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from grafting.config import CONFIG_NAME, AdapterConfig, TaskType
+from grafting.dispatch import load_config
 from grafting.errors import AdapterLoadError, AdapterNotFoundError, AdapterStateError
 from grafting.hub import push_folder, resolve_adapter_folder, write_model_card
 from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
@@ -275,7 +276,7 @@ class PeftModel(nn.Module):
         if mixed and config is None:
             return PeftMixedModel._load_all(model, folder, is_trainable=is_trainable, strict=strict)
         if config is None:
-            config = AdapterConfig.from_pretrained(folder)
+            config = load_config(folder)
         config = _with_mode(config, inference_mode=not is_trainable)
         klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
         flags = _grad_flags(model)
@@ -311,7 +312,7 @@ class PeftModel(nn.Module):
     ) -> None:
         """Load a saved adapter as ``adapter_name`` beside the ones the model holds."""
         folder = resolve_adapter_folder(model_id, subfolder, revision)
-        config = _with_mode(AdapterConfig.from_pretrained(folder), inference_mode=not is_trainable)
+        config = _with_mode(load_config(folder), inference_mode=not is_trainable)
         self.base_model.add_adapter(
             adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
         )
@@ -421,7 +422,7 @@ class PeftMixedModel(PeftModel):
                 f"{folder} holds no saved adapter (no adapter_config.json at its root or in a subfolder)"
             )
         (first, first_folder), rest = found[0], found[1:]
-        config = _with_mode(AdapterConfig.from_pretrained(first_folder), inference_mode=not is_trainable)
+        config = _with_mode(load_config(first_folder), inference_mode=not is_trainable)
         flags = _grad_flags(model)
         mixed = cls(model, config, first, low_cpu_mem_usage=True)
         try:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from loha_helpers import F64
 from torch import nn
 
-from grafting.errors import ConfigError
+from grafting import ConfigError
 from grafting.layer import LayerCall
 from grafting_loha import LoHaAdapter, LoHaConv, LoHaLinear
 
@@ -209,16 +209,16 @@ def test_autocast_runs_the_products_in_the_autocast_dtype() -> None:
     assert 1e-6 < error < 1e-2, f"relative error {error:.3g}: not bf16 products, or wrong ones"
 
 
-def test_invalid_path_or_precision_is_a_config_error() -> None:
+def test_invalid_path_or_precision_is_a_config_error_when_set() -> None:
     base = nn.Linear(4, 4)
     adapter = _adapter(base)
-    adapter.path = "sparse"  # type: ignore[assignment]
-    with pytest.raises(ConfigError, match="path"):
-        _call(adapter, base, torch.randn(2, 4))
-    adapter.path = "auto"
-    adapter.precision = "half"  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"path must be one of \['auto', 'dense', 'factored'\], got 'sparse'"):
+        adapter.path = "sparse"  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="precision"):
-        _call(adapter, base, torch.randn(2, 4))
+        adapter.precision = "half"  # type: ignore[assignment]
+    assert (adapter.path, adapter.precision) == ("auto", "input")  # unchanged
+    adapter.path = "dense"
+    _call(adapter, base, torch.randn(2, 4))
 
 
 def test_merge_adds_the_delta_matrix_and_unmerge_removes_it() -> None:

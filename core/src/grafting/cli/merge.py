@@ -96,7 +96,8 @@ def adapter_names(folders: list[Path]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from grafting import AdapterConfig, PeftModel
+    from grafting import PeftModel
+    from grafting.dispatch import load_config
 
     out = Path(args.out).expanduser()
     if out.is_file():
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise CommandError(f"--out {args.out} is not empty; choose another folder or pass --force")
     folders = [adapter_folder(p) for p in args.adapter]
-    configs = [AdapterConfig.from_pretrained(f) for f in folders]  # an unknown method fails here, before loading
+    configs = [load_config(f) for f in folders]  # an unknown method fails here, before loading
     names = adapter_names(folders)
     methods = sorted({c.peft_type for c in configs})
     model, tokenizer = load_base(args.base, configs[0].task_type, args.dtype)

@@ -47,6 +47,13 @@ class LoHaAdapter(DeltaAdapter):
     #: gradients and the optimizer state stay float32 either way.
     precision: Precision = "input"
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """``path`` and ``precision`` are checked when set, not at the next forward."""
+        allowed = {"path": PATHS, "precision": PRECISIONS}.get(name)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{type(self).__name__}.{name} must be one of {list(allowed)}, got {value!r}")
+        super().__setattr__(name, value)
+
     def __init__(
         self,
         n_out: int,
@@ -120,10 +127,6 @@ class LoHaAdapter(DeltaAdapter):
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the products run in: autocast's if it is on, else per :attr:`precision`."""
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"{type(self).__name__}.precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
-            )
         own = self.hada_w1_a.dtype
         if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (own, x.dtype):
             return torch.get_autocast_dtype(x.device.type)
@@ -132,8 +135,6 @@ class LoHaAdapter(DeltaAdapter):
         return own
 
     def _use_factored(self, n_flat: int, positions: int, allowed: bool = True) -> bool:
-        if self.path not in PATHS:
-            raise ConfigError(f"{type(self).__name__}.path must be one of {list(PATHS)}, got {self.path!r}")
         if not allowed or self.path == "dense":
             return False
         return self.path == "factored" or prefer_factored(self.n_out, n_flat, self.r, positions)

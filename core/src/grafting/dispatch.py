@@ -1,0 +1,32 @@
+"""Configs by ``peft_type``: the installed method's class reads an adapter_config.json dict.
+
+Apart from :mod:`grafting.config`, so the config base class knows nothing of the
+plugin registry above it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from grafting.config import CONFIG_NAME, AdapterConfig, read_config_file
+from grafting.errors import ConfigError
+from grafting.plugins import get_method
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
+    """Build the right method's config from a dict with a ``peft_type``."""
+    if "peft_type" not in data:
+        raise ConfigError(f"{source}: no peft_type given")
+    config_class: type[AdapterConfig] = get_method(str(data["peft_type"])).config_class
+    return config_class.from_dict(data, source=source)
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> AdapterConfig:
+    """PEFT's name for :func:`config_from_dict`."""
+    return config_from_dict(config_dict)
+
+
+def load_config(folder: str | os.PathLike[str]) -> AdapterConfig:
+    """The config saved in ``folder`` (adapter_config.json), as its method's class."""
+    return config_from_dict(read_config_file(folder), source=os.path.join(folder, CONFIG_NAME))
