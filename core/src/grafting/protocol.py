@@ -33,7 +33,7 @@ the file does not hold (a non-persistent buffer, a projection regenerated
 from a seed) must be created with an explicit ``device="cpu"``; the core
 moves every adapter to its base layer's device and dtype. After loading,
 any parameter or buffer still on meta is an :class:`AdapterLoadError`.
-Outside of loading, adapters are created on the CPU and then moved.
+Outside of loading they are created on the default device and then moved.
 
 **Names.** An adapter names its parameters and buffers as PEFT names them on
 disk: the saved key of a layer adapter's tensor is
