@@ -12,7 +12,14 @@ import pytest
 from safetensors.torch import load_file
 
 from grafting.testing import assert_close
-from tests.training.oracle import adapter_tensors, assert_loads_with_same_logits, assert_same_tensors, python, run
+from tests.training.oracle import (
+    adapter_tensors,
+    assert_adapter_only_checkpoint,
+    assert_loads_with_same_logits,
+    assert_same_tensors,
+    python,
+    run,
+)
 
 pytestmark = pytest.mark.xdist_group("torchrun")  # one launch of two processes at a time
 
@@ -35,7 +42,7 @@ def test_ranks_ran_without_peft(out: Path, rank: int) -> None:
     }
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "trainer_ddp"])
 def test_ranks_agree(out: Path, mode: str) -> None:
     folder = out / mode
     assert_same_tensors(load_file(folder / "rank1.safetensors"), load_file(folder / "rank0.safetensors"), exact=True)
@@ -56,3 +63,18 @@ def test_fsdp2_full_state_dict_recipe_saves_the_same_adapter(out: Path) -> None:
     from_full = folder / "adapter_from_full_state_dict"
     assert_same_tensors(adapter_tensors(from_full), adapter_tensors(folder / "adapter"), exact=True)
     assert (from_full / "adapter_config.json").read_text() == (folder / "adapter" / "adapter_config.json").read_text()
+
+
+def test_trainer_under_torchrun_checkpoints_resumes_and_saves_the_adapter(out: Path) -> None:
+    folder = out / "trainer_ddp"
+    for step in (2, 4):
+        assert_adapter_only_checkpoint(folder / "run" / f"checkpoint-{step}")
+    start = adapter_tensors(folder / "run" / "checkpoint-2")
+    assert_same_tensors(
+        adapter_tensors(folder / "resumed" / "checkpoint-4"),
+        adapter_tensors(folder / "run" / "checkpoint-4"),
+        exact=False,
+        changed_from=start,
+    )
+    assert_same_tensors(adapter_tensors(folder / "final"), load_file(folder / "rank0.safetensors"), exact=True)
+    assert_loads_with_same_logits(folder / "final", load_file(folder / "logits0.safetensors")["logits"])

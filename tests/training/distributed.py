@@ -8,7 +8,9 @@ and the adapter is saved as documented in the README:
 * DDP: ``model.module.save_pretrained(dir, is_main_process=rank == 0)``;
 * FSDP2: ``model.save_pretrained(dir, is_main_process=rank == 0)`` called on every rank (the sharded
   adapter tensors are gathered), and the usual recipe of a full state dict gathered to rank 0
-  (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``) saved with ``state_dict=``.
+  (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``) saved with ``state_dict=``;
+* grafting's ``Trainer`` launched by torchrun (DDP; accelerate offers FSDP on GPUs only): checkpoints,
+  resume from one, ``save_model``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,40 @@ def fsdp2(out: str, rank: int) -> None:
         model.save_pretrained(os.path.join(folder, "adapter_from_full_state_dict"), state_dict=full)
 
 
+def trainer_ddp(out: str, rank: int) -> None:
+    """grafting's Trainer under torchrun (DDP: accelerate enables FSDP on GPUs only): checkpoints, resume, save_model."""
+    from transformers import TrainingArguments
+
+    from grafting.integrations.transformers import Trainer
+    from tests.training.common import lm_dataset, tokenizer
+
+    folder = os.path.join(out, "trainer_ddp")
+
+    def run(name: str, seed: int, resume: str | None = None) -> Any:
+        args = TrainingArguments(
+            os.path.join(folder, name),
+            max_steps=4,
+            save_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=5e-2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = Trainer(
+            model=lora_model(seed), args=args, train_dataset=lm_dataset(16, 8), processing_class=tokenizer()
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+        return trainer
+
+    trainer = run("run", 0)
+    trainer.save_model(os.path.join(folder, "final"))
+    record(trainer.model, trainer.model, folder, rank)
+    run("resumed", 123, resume=os.path.join(folder, "run", "checkpoint-2"))
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -94,6 +130,8 @@ def main(out: str) -> None:
         ddp(out, rank)
         dist.barrier()
         fsdp2(out, rank)
+        dist.barrier()
+        trainer_ddp(out, rank)
         dist.barrier()
     finally:
         dist.destroy_process_group()
