@@ -1,43 +1,36 @@
-"""Per-sample adapters: ``model(**inputs, adapter_names=[...])`` equals each sample run alone."""
+"""Per-sample routing in the core, on the toy methods of every site: each sample equals itself run alone."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grafting
 from grafting.routing import BASE
-from tests.helpers import (
-    ARCHS,
-    adapted,
-    assert_close,
-    base_logits,
-    inputs,
-    logits,
-    lora,
-    lora_configs,
-    model_output,
-    randomize,
-)
+from grafting.testing import assert_close, model_output, sample_inputs, tiny_model
+from tests.helpers import ARCHS, ATTENTION, TASK_TYPES
+from tests.toy_methods import ToyDeltaConfig, ToyInputConfig, ToyOutputConfig, ToyPlugin, ToySharedConfig
 
 BATCH = 4
+NAMES = ("delta", "output", "input", "shared", BASE)
 
 
-def _two_adapters(arch: str, first: Any, second: Any) -> Any:
-    """Two random adapters on a float64 model: routing is checked where rounding cannot blur it."""
-    model = adapted(arch, first, dtype=torch.float64)
-    model.add_adapter("other", second)
-    randomize(model, 9)
+def _model(arch: str, seed: int) -> grafting.PeftModel:
+    """A float64 mixed model with one toy adapter of each site (and a shared-state one) on the attention."""
+    targets = {"target_modules": ATTENTION[arch], "task_type": TASK_TYPES[arch]}
+    model = grafting.get_peft_model(
+        tiny_model(arch, seed=seed).double(), ToyDeltaConfig(**targets), adapter_name="delta", mixed=True
+    )
+    model.add_adapter("output", ToyOutputConfig(**targets))
+    model.add_adapter("input", ToyInputConfig(**targets))
+    model.add_adapter("shared", ToySharedConfig(seed=seed, **targets))
     return model
 
 
-def _alone(model: Any, arch: str, index: int, name: str) -> torch.Tensor:
-    """Sample ``index`` run by itself, through adapter ``name`` (or the base)."""
-    sample = {k: v[index : index + 1] for k, v in inputs(arch, BATCH).items()}
+def _alone(model: grafting.PeftModel, arch: str, index: int, name: str, seed: int) -> torch.Tensor:
+    sample = {k: v[index : index + 1] for k, v in sample_inputs(arch, batch=BATCH, seed=seed).items()}
     if name == BASE:
         with model.disable_adapter():
             return model_output(model, sample)
@@ -45,50 +38,41 @@ def _alone(model: Any, arch: str, index: int, name: str) -> torch.Tensor:
     return model_output(model, sample)
 
 
+@settings(max_examples=3, deadline=None)
 @pytest.mark.parametrize("arch", ARCHS)
-@given(data=st.data(), names=st.lists(st.sampled_from(["default", "other", BASE]), min_size=BATCH, max_size=BATCH))
-def test_each_sample_goes_through_its_adapter(arch: str, data: st.DataObject, names: list[str]) -> None:
-    model = _two_adapters(arch, data.draw(lora_configs(arch)), data.draw(lora_configs(arch)))
-    routed = logits(model, arch, BATCH, adapter_names=names)
+@given(seed=st.integers(0, 2**16), names=st.lists(st.sampled_from(NAMES), min_size=BATCH, max_size=BATCH))
+def test_each_sample_goes_through_its_adapter(toy_methods: ToyPlugin, arch: str, seed: int, names: list[str]) -> None:
+    model = _model(arch, seed)
+    inputs = sample_inputs(arch, batch=BATCH, seed=seed)
+    routed = model_output(model, {**inputs, "adapter_names": names})
+    with model.disable_adapter():
+        base = model_output(model, inputs)
     for i, name in enumerate(names):
-        assert_close(routed[i : i + 1], _alone(model, arch, i, name), f"sample {i} through {name!r}", tol=1e-12)
+        alone = _alone(model, arch, i, name, seed)
+        if name == BASE:
+            assert_close(routed[i : i + 1], alone, msg=f"sample {i} through the base")
+        else:
+            assert_close(routed[i : i + 1], alone, changed_from=base[i : i + 1], msg=f"sample {i} through {name!r}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_base_for_every_sample_is_the_base_model(arch: str) -> None:
-    model = _two_adapters(arch, lora(arch, use_dora=True), lora(arch, target_modules="all-linear"))
-    routed = logits(model, arch, adapter_names=[BASE] * 3)
-    assert_close(routed, base_logits(arch, dtype=torch.float64), "every sample to the base", tol=1e-12)
+def test_one_adapter_for_every_sample_and_the_active_one_stays(toy_methods: ToyPlugin) -> None:
+    model = _model("llama", 0)
+    inputs = sample_inputs("llama", batch=3)
+    model.set_adapter("input")
+    expected = model_output(model, inputs)
+    model.set_adapter(["delta", "output"])
+    assert_close(model_output(model, {**inputs, "adapter_names": ["input"] * 3}), expected)
+    assert model.active_adapters == ["delta", "output"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_one_adapter_for_every_sample_is_that_adapter(arch: str) -> None:
-    model = _two_adapters(arch, lora(arch), lora(arch, r=2, target_modules="all-linear"))
-    model.set_adapter("other")
-    expected = logits(model, arch)
-    model.set_adapter("default")
-    assert_close(logits(model, arch, adapter_names=["other"] * 3), expected, "all samples to 'other'", tol=1e-12)
-    assert model.active_adapters == ["default"]  # routing does not change the active adapter
-
-
-def test_classification_heads_are_routed_too() -> None:
-    """BERT (SEQ_CLS) trains a classifier copy per adapter; each sample uses its adapter's copy."""
-    model = _two_adapters("bert", lora("bert"), lora("bert", target_modules=["key"]))
-    heads = [w for _, w in model.base_model.save_wrappers()]
-    assert len(heads) == 1
-    assert sorted(heads[0].modules_to_save) == ["default", "other"]
-    names = ["other", BASE, "default", "other"]
-    routed = logits(model, "bert", BATCH, adapter_names=names)
-    for i, name in enumerate(names):
-        assert_close(routed[i : i + 1], _alone(model, "bert", i, name), f"sample {i} through {name!r}", tol=1e-5)
-
-
-def test_routing_errors() -> None:
-    model = _two_adapters("llama", lora("llama"), lora("llama"))
+def test_routing_errors(toy_methods: ToyPlugin) -> None:
+    model = _model("llama", 0)
+    inputs = sample_inputs("llama", batch=3)
     with pytest.raises(grafting.AdapterNotFoundError, match="nope"):
-        logits(model, "llama", adapter_names=["default", "nope", BASE])
+        model_output(model, {**inputs, "adapter_names": ["delta", "nope", BASE]})
     with pytest.raises(grafting.AdapterStateError, match="2 entries but the batch has 3"):
-        logits(model, "llama", adapter_names=["default", "other"])
+        model_output(model, {**inputs, "adapter_names": ["delta", "output"]})
+    model.set_adapter("delta")
     model.merge_adapter()
     with pytest.raises(grafting.AdapterStateError, match="unmerged"):
-        logits(model, "llama", adapter_names=["default", "other", BASE])
+        model_output(model, {**inputs, "adapter_names": ["delta", "output", BASE]})
