@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grafting import AdaptionPromptConfig, ConfigError, get_peft_config
+from grafting import AdaptionPromptConfig, ConfigError, get_peft_config, get_peft_model
+from grafting.testing import tiny_model
 
 
 def peft_dict(**options) -> dict:
@@ -50,7 +51,6 @@ def test_grafting_config_round_trips_and_peft_reads_it(adapter_len, adapter_laye
     ("options", "field"),
     [
         ({"adapter_len": 0, "adapter_layers": 1}, "adapter_len"),
-        ({"adapter_len": 2}, "adapter_layers"),
         ({"adapter_len": 2.5, "adapter_layers": 1}, "adapter_len"),
         ({"adapter_len": 2, "adapter_layers": True}, "adapter_layers"),
         ({"adapter_len": 2, "adapter_layers": 1, "target_modules": ["q_proj", "v_proj"]}, "target_modules"),
@@ -62,6 +62,19 @@ def test_grafting_config_round_trips_and_peft_reads_it(adapter_len, adapter_laye
 def test_invalid_options_name_the_field(options: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         AdaptionPromptConfig(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "missing"),
+    [({"adapter_len": 2}, "adapter_layers"), ({"adapter_layers": 1}, "adapter_len"), ({}, "adapter_len and")],
+)
+def test_configs_build_without_lengths_and_refuse_when_added(options: dict, missing: str) -> None:
+    config = AdaptionPromptConfig(**options)  # PEFT builds it too, and checks when the config is used
+    assert peft.AdaptionPromptConfig(**options).adapter_len == options.get("adapter_len")
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=missing):
+        get_peft_model(model, config)
+    assert not any(".adapters." in n for n, _ in model.named_parameters())
 
 
 def test_a_file_with_a_bad_value_is_a_config_error_naming_the_file() -> None:

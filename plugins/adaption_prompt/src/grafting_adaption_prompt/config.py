@@ -51,8 +51,9 @@ class AdaptionPromptConfig(AdapterConfig):
     )
 
     target_modules: list[str] | None = attrs.field(default=None, converter=_one_name, validator=_check_one_name)
-    adapter_len: int = attrs.field(default=None, validator=positive_int)
-    adapter_layers: int = attrs.field(default=None, validator=positive_int)
+    #: Both are required when the adapter is added; a config may be built without them, as in PEFT.
+    adapter_len: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive_int))
+    adapter_layers: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive_int))
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -73,6 +74,9 @@ class AdaptionPromptConfig(AdapterConfig):
 
     def for_model(self, model: Any) -> AdaptionPromptConfig:
         """A copy naming the model type's attention modules when ``target_modules`` is ``None``, as PEFT saves it."""
+        unset = [name for name in ("adapter_len", "adapter_layers") if getattr(self, name) is None]
+        if unset:
+            raise ConfigError(f"AdaptionPromptConfig: {' and '.join(unset)} not set; give both to add the adapter")
         found = KINDS.get(model_type(model) or "")
         if self.target_modules is None and found is not None:
             return attrs.evolve(self, target_modules=[found.attention])
@@ -84,6 +88,7 @@ class AdaptionPromptConfig(AdapterConfig):
 
     def select_targets(self, model: Any, names: list[str]) -> list[str]:
         """The top ``adapter_layers`` of the matched attention modules."""
+        assert self.adapter_layers is not None  # for_model checked it
         if len(names) < self.adapter_layers:
             raise ConfigError(
                 f"AdaptionPromptConfig.adapter_layers={self.adapter_layers}, but the model has only {len(names)}"

@@ -30,14 +30,15 @@ def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 class PromptLearningConfig(AdapterConfig):
     """Options the virtual-token methods share.
 
-    ``num_virtual_tokens`` is required. ``token_dim``, ``num_layers``,
+    ``num_virtual_tokens`` is required when the adapter is added (a config
+    may be built without it, as in PEFT). ``token_dim``, ``num_layers``,
     ``num_attention_heads`` and ``num_transformer_submodules`` describe the
     model; left ``None``, they are read from the model's config when the
     adapter is added, and saved (as PEFT saves them).
     """
 
     #: Task types the method runs on (the task decides how labels and token types are extended).
-    task_types: ClassVar[tuple[str, ...]] = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM")
+    task_types: ClassVar[tuple[str, ...]] = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
     #: Whether the virtual tokens are embeddings fed with the input's (prompt tuning, P-tuning).
     feeds_embeddings: ClassVar[bool] = True
     #: Layer-targeting options of every config: they do not apply here and PEFT does not write them.
@@ -58,7 +59,7 @@ class PromptLearningConfig(AdapterConfig):
         super().__attrs_post_init__()
         name = type(self).__name__
         n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise ConfigError(f"{name}.num_virtual_tokens must be an integer > 0, got {n!r}")
         for key in self.absent_in_peft:
             if getattr(self, key) is not None:
@@ -70,6 +71,8 @@ class PromptLearningConfig(AdapterConfig):
     # -- the model -----------------------------------------------------------------------
     def for_model(self, model: nn.Module) -> PromptLearningConfig:
         """A copy with the unset model dimensions read from ``model``'s config."""
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens is not set: give the number of virtual tokens")
         config = geometry.text_config(model)
         derived: dict[str, Any] = {}
         for field, names in (
@@ -208,7 +211,15 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
-    task_types: ClassVar[tuple[str, ...]] = ("CAUSAL_LM",)
+    #: Any model whose forward takes a key/value cache; an encoder-decoder's goes to its decoder.
+    task_types: ClassVar[tuple[str, ...]] = (
+        "CAUSAL_LM",
+        "SEQ_2_SEQ_LM",
+        "SEQ_CLS",
+        "TOKEN_CLS",
+        "QUESTION_ANS",
+        "FEATURE_EXTRACTION",
+    )
     feeds_embeddings: ClassVar[bool] = False
 
     init_weights: str | None = attrs.field(default=None, validator=one_of(None, "zero"))
@@ -236,6 +247,8 @@ class PrefixTuningConfig(PromptLearningConfig):
                 f"PrefixTuningConfig: token_dim={self.token_dim} is not a multiple of"
                 f" num_attention_heads={self.num_attention_heads}"
             )
+        if self.task_type == "SEQ_2_SEQ_LM":
+            self._check_decoder(model)
         expected = self._model_heads(model)
         actual = (self.num_layers, self.num_attention_heads, self.token_dim // self.num_attention_heads)
         if expected is not None and actual != expected:
@@ -253,6 +266,21 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise ConfigError(
                 "PrefixTuningConfig: the model uses gradient checkpointing, which recomputes layers without the"
                 " prefix cache; disable it for prefix tuning"
+            )
+
+    def _check_decoder(self, model: nn.Module) -> None:
+        """An encoder-decoder model's prefix goes to its decoder, one block of keys and values per decoder layer."""
+        if self.num_transformer_submodules != 2:
+            raise ConfigError(
+                f"PrefixTuningConfig.num_transformer_submodules={self.num_transformer_submodules}: on an"
+                " encoder-decoder model prefix tuning needs 2 (PEFT's default); with 1, PEFT hands one cache to"
+                " both the self- and the cross-attention, which grafting does not reproduce"
+            )
+        decoder_layers = geometry.read(geometry.text_config(model), geometry.DECODER_LAYERS)
+        if decoder_layers is not None and decoder_layers != self.num_layers:
+            raise ConfigError(
+                f"PrefixTuningConfig.num_layers={self.num_layers}, but {type(model).__name__}'s decoder has"
+                f" {decoder_layers} layers"
             )
 
     @staticmethod

@@ -122,5 +122,12 @@ def prefix_tuning(config: PrefixTuningConfig, model: nn.Module) -> PrefixAdapter
         if zero:
             nn.init.zeros_(encoder.embedding.weight)
     return PrefixAdapter(
-        encoder, layers=config.num_layers, heads=heads, head_dim=width // heads, rows=rows, device=_device(model)
+        encoder,
+        layers=config.num_layers,
+        heads=heads,
+        head_dim=width // heads,
+        rows=rows,
+        device=_device(model),
+        task_type=config.task_type or "",
+        submodules=config.num_transformer_submodules or 1,
     )

@@ -8,6 +8,7 @@ from torch import nn
 
 #: Config attribute names, in the order they are tried (transformers' and older spellings).
 LAYERS = ("num_hidden_layers", "num_layers", "n_layer")
+DECODER_LAYERS = ("num_decoder_layers", "decoder_layers")
 WIDTH = ("hidden_size", "n_embd", "d_model")
 HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
 

@@ -10,6 +10,11 @@ from torch import nn
 from grafting_prefix import calls
 from grafting_prefix.base import VirtualTokenAdapter
 
+#: Tasks that keep token_type_ids (they type the real tokens; the prefix has none).
+TOKEN_TYPES_KEPT = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+#: Tasks of encoder-decoder models: the prefix goes to the decoder.
+ENCODER_DECODER = {"SEQ_2_SEQ_LM"}
+
 METHOD = "prefix tuning"
 
 
@@ -22,21 +27,46 @@ class PrefixAdapter(VirtualTokenAdapter):
     holding them, and an attention mask with ones in front; the model
     counts positions after the prefix. A call that brings a non-empty cache
     continues it (the prefix is already there).
+
+    On an encoder-decoder model (``SEQ_2_SEQ_LM``) the prefix goes to the
+    decoder's self-attention, in an ``EncoderDecoderCache`` whose
+    cross-attention part is left empty, and ``decoder_attention_mask`` gets
+    the ones; decoder layer ``j`` reads the keys and values of block
+    ``(j · num_transformer_submodules) mod layers``, where PEFT puts them.
+    ``token_type_ids`` are kept for classification and question answering
+    (they type the real tokens), dropped otherwise, as PEFT does.
     """
 
-    def __init__(self, encoder: nn.Module, *, layers: int, heads: int, head_dim: int, rows: int, device: Any) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        layers: int,
+        heads: int,
+        head_dim: int,
+        rows: int,
+        device: Any,
+        task_type: str = "CAUSAL_LM",
+        submodules: int = 1,
+    ) -> None:
         super().__init__(encoder, method=METHOD, rows=rows, width=layers * 2 * heads * head_dim, device=device)
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.task_type, self.submodules = task_type, submodules
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.task_type in ENCODER_DECODER
 
     def key_values(
         self, batch: int, dtype: torch.dtype, device: torch.device
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, keys and values of shape (batch, heads, num_virtual_tokens, head_dim)."""
+        """Per (decoder) layer, keys and values of shape (batch, heads, num_virtual_tokens, head_dim)."""
         n = self.num_virtual_tokens
         flat = self.tokens().to(device=device, dtype=dtype)
         kv = flat.view(n, 2 * self.layers, self.heads, self.head_dim).permute(1, 2, 0, 3)
         kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)]
+        blocks = [(j * self.submodules) % self.layers if self.seq2seq else j for j in range(self.layers)]
+        return [(kv[2 * b], kv[2 * b + 1]) for b in blocks]
 
     def _with_prefix(self, kwargs: dict[str, Any], model: nn.Module, *, generating: bool) -> dict[str, Any]:
         kwargs = dict(kwargs)
@@ -45,16 +75,18 @@ class PrefixAdapter(VirtualTokenAdapter):
         cache = calls.pop_cache(kwargs)
         if cache is None or not cache.get_seq_length():
             pairs = self.key_values(batch, calls.model_dtype(model, torch.float32), device)
-            cache = _filled(cache, pairs, model)
+            cache = _filled(cache, pairs, model, seq2seq=self.seq2seq)
         kwargs[calls.cache_argument(model) or calls.CACHE_NAMES[0]] = cache
-        mask = kwargs.get("attention_mask")
-        if mask is None and generating:  # generate must see the prefix in the mask to keep input_ids whole
+        mask_name = "decoder_attention_mask" if self.seq2seq else "attention_mask"
+        mask = kwargs.get(mask_name)
+        if mask is None and generating and not self.seq2seq:  # generate must see the prefix to keep input_ids whole
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
         if mask is not None:
-            kwargs["attention_mask"] = calls.prefixed(mask, n, 1)
+            kwargs[mask_name] = calls.prefixed(mask, n, 1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
-        calls.drop(kwargs, "token_type_ids", METHOD)
+        if self.task_type not in TOKEN_TYPES_KEPT:
+            calls.drop(kwargs, "token_type_ids", METHOD)
         return kwargs
 
     def prepare(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -66,12 +98,20 @@ class PrefixAdapter(VirtualTokenAdapter):
         return self._with_prefix(kwargs, model, generating=True)
 
 
-def _filled(cache: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> Any:
-    """``cache`` (an empty transformers cache, or ``None`` for a new DynamicCache) holding ``pairs``."""
-    if cache is None:
-        from transformers import DynamicCache
+def _filled(cache: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]], model: nn.Module, *, seq2seq: bool) -> Any:
+    """``cache`` (an empty transformers cache, or ``None`` for a new one) holding ``pairs``.
 
-        return DynamicCache(pairs, config=getattr(model, "config", None))
+    For an encoder-decoder model the pairs fill the self-attention part of an
+    ``EncoderDecoderCache``; its cross-attention part starts empty (the
+    model fills it from the encoder's output).
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    config = getattr(model, "config", None)
+    if cache is None:
+        filled = DynamicCache(pairs, config=config)
+        return EncoderDecoderCache(filled, DynamicCache(config=config)) if seq2seq else filled
+    own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     for i, (keys, values) in enumerate(pairs):
-        cache.update(keys, values, i)
+        own.update(keys, values, i)
     return cache
