@@ -67,6 +67,8 @@ def __getattr__(name: str) -> Any:
     for method in get_registry().methods.values():
         if method.config_class.__name__ == name:
             return method.config_class
+        if name in method.exports:
+            return method.exports[name]
     known = peft_type_of_config(name)
     if known is not None:
         get_method(known)  # raises UnknownMethodError with the install hint

@@ -19,6 +19,8 @@ class Method:
     ``peft_type`` is the upper-case name written in adapter_config.json
     (``"LORA"``); ``name`` the short lower-case name (``"lora"``); ``level``
     says whether the method wraps layers or acts on the whole model.
+    ``exports`` are further public names of the method that ``grafting``
+    resolves lazily, as it does config classes (``grafting.PromptTuningInit``).
     The plugin manager fills ``distribution`` and ``entry_point``.
     """
 
@@ -27,6 +29,7 @@ class Method:
     config_class: type = attrs.field()
     level: Level = attrs.field(default="layer", validator=attrs.validators.in_(("layer", "model")))
     description: str = ""
+    exports: dict[str, object] = attrs.field(factory=dict, eq=False, repr=False)
     distribution: str | None = None
     version: str | None = None
     entry_point: str | None = None

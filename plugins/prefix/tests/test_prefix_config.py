@@ -25,6 +25,22 @@ def test_grafting_resolves_the_config_classes() -> None:
     assert grafting.PrefixTuningConfig is PrefixTuningConfig
 
 
+def test_prompt_tuning_init_is_exported_and_is_a_str_enum_like_peft_s() -> None:
+    import grafting_prefix
+
+    init = grafting.PromptTuningInit
+    assert init is grafting_prefix.PromptTuningInit
+    assert [m.value for m in init] == [m.value for m in peft.PromptTuningInit]
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=2,
+        prompt_tuning_init=init.TEXT,
+        prompt_tuning_init_text="hello",
+        tokenizer_name_or_path="some/tokenizer",
+    )
+    assert config.to_dict()["prompt_tuning_init"] == "TEXT" == init.TEXT
+
+
 @pytest.mark.parametrize("n", [0, -2, 2.5, True, "3"])
 @pytest.mark.parametrize("klass", [PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig])
 def test_num_virtual_tokens_must_be_a_positive_integer(klass: type, n: object) -> None:

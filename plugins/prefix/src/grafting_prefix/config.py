@@ -129,9 +129,9 @@ class PromptLearningConfig(AdapterConfig):
 class PromptTuningInit(str, enum.Enum):
     """How prompt tuning initializes its virtual tokens."""
 
-    RANDOM = "RANDOM"
     TEXT = "TEXT"
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
 
 
 @attrs.define(kw_only=True)

@@ -6,7 +6,7 @@ from torch import nn
 
 from grafting import Method, ModelAdapter, hookimpl
 from grafting_prefix import factory
-from grafting_prefix.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from grafting_prefix.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
 
 
 @hookimpl
@@ -18,6 +18,7 @@ def grafting_methods() -> list[Method]:
             config_class=PromptTuningConfig,
             level="model",
             description="Learned virtual-token embeddings prepended to the input",
+            exports={"PromptTuningInit": PromptTuningInit},
         ),
         Method(
             peft_type="P_TUNING",
