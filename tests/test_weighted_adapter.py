@@ -295,3 +295,27 @@ def test_rslora_sources_combine_exactly() -> None:
     for _, layer in model.base_model.adapted_layers():
         expected = 0.5 * layer.adapters["a"].delta_matrix() + 2.0 * layer.adapters["b"].delta_matrix()
         torch.testing.assert_close(layer.adapters["ab"].delta_matrix(), expected)
+
+
+def test_lora_and_loha_combine_into_one_lora_adapter() -> None:
+    """Across methods (a grafting extra): an SVD type of full rank reproduces the mix exactly."""
+    model = grafting.get_peft_model(
+        base_model("llama"), lora("llama", target_modules=["q_proj", "v_proj"]), "a", mixed=True
+    )
+    model.add_adapter("b", grafting.LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "k_proj"], init_weights=False))
+    randomize(model, 8)
+    model.set_adapter(["a", "b"])
+    mixed = logits(model, "llama")
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="svd", svd_rank=16)  # full rank
+    assert type(model.peft_config["ab"]).__name__ == "LoraConfig"
+    for path, layer in model.base_model.adapted_layers():
+        parts = [layer.adapters[n].delta_matrix() for n in ("a", "b") if n in layer.adapters]
+        assert_close(layer.adapters["ab"].delta_matrix(), sum(parts), msg=path)
+    model.set_adapter("ab")
+    assert_close(logits(model, "llama"), mixed, changed_from=logits(base_model("llama"), "llama"))
+    with pytest.raises(CombinationError, match="SVD type"):
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "cat", combination_type="cat")
+    model.add_adapter("c", grafting.IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
+    with pytest.raises(CombinationError, match="no fixed ΔW"):
+        model.add_weighted_adapter(["a", "c"], [1.0, 1.0], "ac")
+    assert "ac" not in model.peft_config

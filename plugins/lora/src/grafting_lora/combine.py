@@ -13,10 +13,16 @@ Three families, as PEFT defines them:
 
 The new adapter has ``lora_alpha = r`` and no rsLoRA, so its scaling is 1 and
 its factors carry the whole delta.
+
+Across methods (a grafting extra; PEFT combines one method at a time): the SVD
+types also take sources of other methods whose layer adapters have a fixed
+``ΔW`` (``delta_matrix()``, as LoHa's do), in a mixed model; the result is a
+LoRA adapter of rank ``svd_rank`` (default: the largest source ``r``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -38,7 +44,7 @@ def combination(request: CombineRequest) -> Combination | None:
     """The new LoRA adapter's config and filler, or ``None`` if the sources are not all LoRA."""
     configs = request.configs
     if not all(isinstance(c, LoraConfig) for c in configs):
-        return None
+        return _across_methods(request) if any(isinstance(c, LoraConfig) for c in configs) else None
     kind = request.combination_type
     if kind not in COMBINATION_TYPES:
         raise CombinationError(f"combination_type={kind!r} is not one of LoRA's {list(COMBINATION_TYPES)}")
@@ -84,19 +90,74 @@ def combination(request: CombineRequest) -> Combination | None:
         elif kind == "cat":
             _cat(target, sources)
         elif kind in SVD_TYPES:
-            delta = combine(combiner, [s.delta_matrix() for s, _ in sources], [w for _, w in sources], **options)
-            b, a = low_rank(
-                delta,
-                rank,
-                clamp=request.svd_clamp,
-                full_matrices=request.svd_full_matrices,
-                driver=request.svd_driver,
-            )
-            _write(target, a, b)
+            _svd(target, sources, combiner, options, request, rank)
         else:
             _factorwise(target, sources, combiner, options)
 
     return Combination(config, fill)
+
+
+def _across_methods(request: CombineRequest) -> Combination:
+    """LoRA plus adapters of other methods with a fixed ΔW, combined by an SVD type into a new LoRA adapter."""
+    kind = request.combination_type
+    if kind not in SVD_TYPES:
+        raise CombinationError(
+            f"adapters of different methods ({request.peft_types()}) combine only by an SVD type"
+            f" {list(SVD_TYPES)}, not combination_type={kind!r}"
+        )
+    for name, config in zip(request.adapters, request.configs, strict=True):
+        if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
+            raise CombinationError(
+                f"adapter {name!r} uses DoRA or lora_bias, which add_weighted_adapter cannot combine"
+            )
+    combiner = "linear" if kind == "svd" else kind.removesuffix("_svd")
+    if combiner in NEEDS_DENSITY and request.density is None:
+        raise CombinationError(f"combination_type={kind!r} prunes: give density (the fraction of entries kept)")
+    ranks = [r for c in request.configs if isinstance(r := getattr(c, "r", None), int)]
+    rank = request.svd_rank or max(ranks)
+    first = request.configs[0]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=union_of_targets([c.target_modules for c in request.configs]),  # type: ignore[misc]
+        task_type=first.task_type,
+        modules_to_save=first.modules_to_save,
+        base_model_name_or_path=first.base_model_name_or_path,
+    )
+    options = {
+        "density": request.density,
+        "majority_sign_method": request.majority_sign_method if combiner in ELECTS_SIGN else "total",
+    }
+    names = dict(zip(request.adapters, request.configs, strict=True))
+
+    def fill(target: nn.Module, sources: list[tuple[nn.Module, float]]) -> None:
+        for source, _ in sources:
+            if not callable(getattr(source, "delta_matrix", None)):
+                kind_of = type(source).__name__
+                raise CombinationError(
+                    f"a {kind_of} adapter has no fixed ΔW to combine (of {sorted(names)}); across methods only"
+                    " adapters that add a weight delta combine"
+                )
+        _svd(target, sources, combiner, options, request, rank)
+
+    return Combination(config, fill)
+
+
+def _svd(
+    target: nn.Module,
+    sources: list[tuple[nn.Module, float]],
+    combiner: str,
+    options: dict,
+    request: CombineRequest,
+    rank: int,
+) -> None:
+    """The sources' ΔW combined, then factored to ``rank`` into the target's A and B."""
+    deltas = [s.delta_matrix().detach() for s, _ in sources]
+    wide = functools.reduce(torch.promote_types, [d.dtype for d in deltas])
+    delta = combine(combiner, [d.to(wide) for d in deltas], [w for _, w in sources], **options)
+    clamp, full, driver = request.svd_clamp, request.svd_full_matrices, request.svd_driver
+    b, a = low_rank(delta, rank, clamp=clamp, full_matrices=full, driver=driver)
+    _write(target, a, b)
 
 
 # -- the factors of any LoRA layer as matrices: A (r, in·k), B (out, r) ------------------------------------
