@@ -272,16 +272,16 @@ def test_existing_name_warns_and_changes_nothing(ranked_pair: Pair) -> None:
     assert all(torch.equal(v, before[k]) for k, v in state_of(ranked_pair.ours).items())
 
 
-def test_dora_and_mixed_methods_are_refused() -> None:
+def test_dora_and_methods_without_a_combination_are_refused() -> None:
     model = adapted("llama", lora("llama", use_dora=True), "a")
     model.add_adapter("b", lora("llama"))
     with pytest.raises(CombinationError, match="DoRA"):
         model.add_weighted_adapter(["a", "b"], [1, 1], "c")
-    mixed = grafting.get_peft_model(base_model("llama"), lora("llama"), adapter_name="a", mixed=True)
-    mixed.add_adapter("b", grafting.IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
-    with pytest.raises(CombinationError, match="no installed plugin combines"):
-        mixed.add_weighted_adapter(["a", "b"], [1, 1], "c")
-    assert sorted(mixed.peft_config) == ["a", "b"]
+    loha = grafting.get_peft_model(base_model("llama"), grafting.LoHaConfig(target_modules=["q_proj"]), "a")
+    loha.add_adapter("b", grafting.LoHaConfig(target_modules=["q_proj"]))
+    with pytest.raises(CombinationError, match="no installed plugin combines"):  # PEFT has none for LoHa either
+        loha.add_weighted_adapter(["a", "b"], [1, 1], "c")
+    assert sorted(loha.peft_config) == ["a", "b"]
 
 
 def test_rslora_sources_combine_exactly() -> None:
