@@ -189,9 +189,12 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def files_under(folder: str | os.PathLike[str]) -> list[str]:
+    """The files of a saved folder, less the save lock grafting keeps there (``grafting.transaction``)."""
+    from grafting.transaction import is_bookkeeping
+
     out = []
     for root, _, names in os.walk(folder):
-        out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names if not is_bookkeeping(n)]
     return sorted(out)
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grafting
-from grafting.errors import AdapterStateError, TargetNotFoundError, UnsupportedLayerError
+from grafting.errors import AdapterStateError, ConfigError, TargetNotFoundError, UnsupportedLayerError
 from grafting.layer import AdaptedLayer
 from grafting.matching import find_targets
 from grafting_lora import LoraConfig
@@ -273,8 +273,9 @@ def test_dora_on_an_embedding_is_unsupported_and_changes_nothing() -> None:
         ("second", lora("llama", target_modules=["nothing_here"]), TargetNotFoundError),
         ("second", lora("llama", target_modules=["q_proj", "model.norm"]), UnsupportedLayerError),
         ("default", lora("llama"), AdapterStateError),
-        ("has.dot", lora("llama"), AdapterStateError),
-        ("__base__", lora("llama"), AdapterStateError),
+        ("has.dot", lora("llama"), ConfigError),
+        ("__base__", lora("llama"), ConfigError),
+        ("/tmp/outside", lora("llama"), ConfigError),
     ],
 )
 def test_a_failing_add_adapter_leaves_the_model_unchanged(name: str, config: LoraConfig, error: type) -> None:

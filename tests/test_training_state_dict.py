@@ -7,7 +7,6 @@ PEFT returns for the same adapter and the same dict.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 import grafting
 from grafting.state_dict import get_peft_model_state_dict
-from tests.helpers import ARCHS, adapted, assert_same_state, base_model, lora_configs, randomize
+from tests.helpers import ARCHS, adapted, assert_same_state, base_model, files_under, lora_configs, randomize
 
 WRAPPER_INTERNALS = re.compile(r"\.(modules_to_save|original_module)\.")
 EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -88,4 +87,4 @@ def test_model_level_adapter_saves_from_the_model_with_a_state_dict(tmp_path: Pa
     own = get_peft_model_state_dict(model)
     assert_same_state(get_peft_model_state_dict(model, state_dict=shifted(model.state_dict())), own, "prompt")
     model.save_pretrained(tmp_path, state_dict=model.state_dict())
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert files_under(tmp_path) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

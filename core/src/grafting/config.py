@@ -5,12 +5,27 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import warnings
 from typing import Any, ClassVar, TypeVar
 
 import attrs
 
 from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
+
+# field validators, kept importable from here for code written before grafting.toolkit
+from grafting.validators import (
+    boolean,
+    names,
+    one_of,
+    optional_string,
+    positive,
+    positive_int,
+    probability,
+    regexes,
+)
+
+__all__ = ["AdapterConfig", "TaskType", "one_of", "positive", "positive_int", "probability", "read_config_file"]
 
 CONFIG_NAME = "adapter_config.json"
 C = TypeVar("C", bound="AdapterConfig")
@@ -57,7 +72,9 @@ def _layer_indices(value: Any) -> Any:
 
 
 def _check_indices(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is not None and not (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+    if value is not None and not (
+        isinstance(value, list) and all(isinstance(v, int) and 0 <= v < 2**31 for v in value)
+    ):
         raise ConfigError(
             f"{type(instance).__name__}.{attribute.name} must be a layer index or a list of them, got {value!r}"
         )
@@ -91,15 +108,17 @@ class AdapterConfig:
     informational_keys: ClassVar[tuple[str, ...]] = ("auto_mapping", "peft_version")
 
     task_type: str | None = attrs.field(default=None, converter=_task_type)
-    base_model_name_or_path: str | None = None
-    revision: str | None = None
-    inference_mode: bool = False
-    target_modules: list[str] | str | None = attrs.field(default=None, converter=_names, validator=_check_names)
-    exclude_modules: list[str] | str | None = attrs.field(default=None, converter=_names, validator=_check_names)
+    base_model_name_or_path: str | None = attrs.field(default=None, validator=optional_string)
+    revision: str | None = attrs.field(default=None, validator=optional_string)
+    inference_mode: bool = attrs.field(default=False, validator=boolean)
+    target_modules: list[str] | str | None = attrs.field(default=None, converter=_names, validator=names)
+    exclude_modules: list[str] | str | None = attrs.field(default=None, converter=_names, validator=names)
     layers_to_transform: list[int] | None = attrs.field(
         default=None, converter=_layer_indices, validator=_check_indices
     )
-    layers_pattern: list[str] | str | None = attrs.field(default=None, converter=_names, validator=_check_names)
+    layers_pattern: list[str] | str | None = attrs.field(
+        default=None, converter=_names, validator=[_check_names, regexes]
+    )
     modules_to_save: list[str] | None = attrs.field(default=None, converter=_names, validator=_check_names)
     extra: dict[str, Any] = attrs.field(factory=dict, repr=False)
 
@@ -136,11 +155,14 @@ class AdapterConfig:
         """Build a config from adapter_config.json content (PEFT's, any version)."""
         data = dict(data)
         peft_type = data.pop("peft_type", cls.peft_type)
-        if cls.peft_type and str(peft_type).upper() != cls.peft_type:
-            raise ConfigError(f"{source}: peft_type {peft_type!r} is not {cls.peft_type!r} ({cls.__name__})")
+        if not isinstance(peft_type, str) or (cls.peft_type and peft_type.upper() != cls.peft_type):
+            raise ConfigError(f"{source}: field peft_type {peft_type!r} is not {cls.peft_type!r} ({cls.__name__})")
         known = {f.name for f in attrs.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
-        extra: dict[str, Any] = dict(data.pop("extra", {}) or {})
+        extra_value = data.pop("extra", None) or {}
+        if not isinstance(extra_value, dict):
+            raise ConfigError(f"{source}: field extra must be a dict, got {extra_value!r}")
+        extra: dict[str, Any] = dict(extra_value)
         unknown: list[str] = []
         for key, value in data.items():
             if key in known:
@@ -164,7 +186,7 @@ class AdapterConfig:
             )
         try:
             return cls(**kwargs, extra=extra)
-        except (TypeError, ValueError) as exc:  # a ConfigError from a validator, or a wrong keyword
+        except (TypeError, ValueError, OverflowError, RecursionError, re.error) as exc:  # a validator, a keyword
             raise ConfigError(f"{source}: {exc}") from None
 
     def to_json_string(self) -> str:
@@ -236,19 +258,44 @@ def _same(a: Any, b: Any) -> bool:
     return a in empty and b in empty and type(a) is type(b)
 
 
+#: adapter_config.json larger than this is refused before it is read (PEFT's are a few KiB).
+MAX_CONFIG_BYTES = 16 * 2**20
+#: JSON nested deeper than this is refused (PEFT's configs nest 3 levels).
+MAX_CONFIG_DEPTH = 32
+
+
 def read_config_file(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``folder``/adapter_config.json; AdapterLoadError naming the file if it is not one."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise AdapterLoadError(f"{folder} is not an adapter folder: {CONFIG_NAME} is missing")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise AdapterLoadError(f"{path} is not valid JSON: {exc}") from None
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise AdapterLoadError(f"cannot read {path}: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterLoadError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: it is not an adapter config")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterLoadError(f"{path} is not UTF-8 text: {exc}") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise AdapterLoadError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise AdapterLoadError(f"{path} nests deeper than {MAX_CONFIG_DEPTH} levels: it is not an adapter config")
     if not isinstance(data, dict) or "peft_type" not in data:
         raise AdapterLoadError(f"{path} has no peft_type: it is not an adapter config")
     return data
 
 
-# field validators, kept importable from here for code written before grafting.toolkit
-from grafting.validators import one_of, positive, positive_int, probability  # noqa: E402, F401
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_CONFIG_DEPTH:
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest

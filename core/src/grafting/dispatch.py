@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from grafting.config import CONFIG_NAME, AdapterConfig, read_config_file
-from grafting.errors import ConfigError
+from grafting.errors import ConfigError, UnknownMethodError
 from grafting.plugins import get_method
 
 
@@ -18,7 +18,13 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Adapter
     """Build the right method's config from a dict with a ``peft_type``."""
     if "peft_type" not in data:
         raise ConfigError(f"{source}: no peft_type given")
-    config_class: type[AdapterConfig] = get_method(str(data["peft_type"])).config_class
+    if not isinstance(data["peft_type"], str):
+        raise ConfigError(f"{source}: field peft_type must be a string, got {data['peft_type']!r}")
+    try:
+        method = get_method(data["peft_type"])
+    except UnknownMethodError as exc:
+        raise UnknownMethodError(f"{source}: field peft_type: {exc}") from None
+    config_class: type[AdapterConfig] = method.config_class
     return config_class.from_dict(data, source=source)
 
 

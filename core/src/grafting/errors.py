@@ -64,6 +64,10 @@ class StateDictKeyError(GraftingError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class FolderLockedError(GraftingError, TimeoutError):
+    """Another process holds the folder's save lock for longer than grafting waits."""
+
+
 class GraftingWarning(UserWarning):
     """Something worth knowing that does not stop the call."""
 

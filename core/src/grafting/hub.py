@@ -9,6 +9,7 @@ from typing import Any
 
 from grafting.errors import AdapterLoadError
 from grafting.io import atomic_write_text
+from grafting.transaction import is_bookkeeping
 
 
 def resolve_adapter_folder(
@@ -102,6 +103,9 @@ def push_folder(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         write(folder)
+        for name in os.listdir(folder):  # the save lock is the local folder's, not part of the upload
+            if is_bookkeeping(name):
+                os.remove(os.path.join(folder, name))
         if tags:
             add_card_tags(folder, tags)
         return api.upload_folder(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from grafting.errors import AdapterLoadError
@@ -49,12 +52,18 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[b
         yield fh
 
 
-def save_weights(tensors: dict[str, torch.Tensor], path: str, *, safe_serialization: bool = True) -> None:
-    """Write a weights file atomically (safetensors, or torch pickle if asked)."""
+def save_weights(
+    tensors: dict[str, torch.Tensor],
+    path: str,
+    *,
+    safe_serialization: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a weights file atomically (safetensors with ``metadata``, or torch pickle if asked)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with staged_file(path) as tmp:
         if safe_serialization:
-            save_file(_untie(tensors), tmp, metadata={"format": "pt"})
+            save_file(_untie(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
         else:
             torch.save(tensors, tmp)
 
@@ -70,6 +79,38 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+#: safetensors metadata key: the digest of the config saved with these weights (see :func:`config_digest`).
+CONFIG_DIGEST_KEY = "grafting_config_sha256"
+#: Config keys that describe and do not shape the adapter: editing them keeps weights and config a pair.
+_DESCRIPTIVE_KEYS = ("base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
+
+
+def config_digest(data: dict[str, Any]) -> str:
+    """SHA-256 of a config's content, less the descriptive keys, in a canonical JSON form."""
+    kept = {k: v for k, v in data.items() if k not in _DESCRIPTIVE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def check_pair(folder: str, config_data: dict[str, Any]) -> None:
+    """AdapterLoadError if the folder's safetensors weights were saved with another config than ``config_data``.
+
+    grafting records the config's digest in the weights' metadata; files without it (PEFT's) pass.
+    """
+    path = weights_path(folder)
+    if not path.endswith(".safetensors"):
+        return
+    try:
+        with safe_open(path, framework="pt") as fh:
+            recorded = (fh.metadata() or {}).get(CONFIG_DIGEST_KEY)
+    except Exception as exc:
+        raise AdapterLoadError(f"cannot read adapter weights {path}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    if recorded is not None and recorded != config_digest(config_data):
+        raise AdapterLoadError(
+            f"{path} was saved with another adapter_config.json than the one beside it (a save that did not finish,"
+            " or files copied from two saves): refusing to load a mismatched pair"
+        )
+
+
 def weights_path(folder: str) -> str:
     for name in (SAFETENSORS_NAME, BIN_NAME):
         candidate = os.path.join(folder, name)
@@ -83,7 +124,13 @@ def load_weights(folder: str, device: str | torch.device = "cpu") -> dict[str, t
     path = weights_path(folder)
     try:
         if path.endswith(".safetensors"):
-            return load_file(path, device=str(device))
-        return torch.load(path, map_location=device, weights_only=True)
+            loaded: Any = load_file(path, device=str(device))
+        else:
+            loaded = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise AdapterLoadError(f"cannot read adapter weights {path}: {type(exc).__name__}: {exc}") from None
+        raise AdapterLoadError(f"cannot read adapter weights {path}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise AdapterLoadError(f"{path} does not hold a dict of named tensors: it is not adapter weights")
+    return dict(loaded)

@@ -173,10 +173,28 @@ class AdaptedLayer(nn.Module):
         a model-wide safe merge can refuse before any layer's weights change.
         """
         target = set(self.merged) | {n for n in names if n in self.adapters}
-        if target != set(self.merged):
-            self._check(target, layer_name)
-            if safe:
-                copy.deepcopy(self)._rebuild(target, safe=True, layer_name=layer_name)
+        self.check_rebuild(target, safe=safe, layer_name=layer_name)
+
+    def check_rebuild(
+        self, target: set[str], *, safe: bool = False, layer_name: str = "layer", without: str | None = None
+    ) -> None:
+        """Raise :class:`MergeError` if bringing the merged set to ``target`` would be refused; touches no weight.
+
+        The order checks come first; then, when adapters must come out of the weights (a method may refuse
+        to unmerge, as IA3 does near zero) or ``safe`` asks for finite weights, the change is tried on a copy
+        of this layer. ``without`` leaves an adapter out of the active set (one about to be deleted).
+        """
+        if target == set(self.merged):
+            return
+        trial: AdaptedLayer = self
+        if without is not None:
+            trial = copy.deepcopy(self)
+            trial.active = tuple(n for n in trial.active if n != without)
+        trial._check(target, layer_name)
+        if safe or self.merged:
+            if trial is self:
+                trial = copy.deepcopy(self)
+            trial._rebuild(target, safe=safe, layer_name=layer_name)
 
     def _check(self, target: set[str], layer_name: str) -> None:
         for name in target:

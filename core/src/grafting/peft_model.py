@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-from grafting.config import CONFIG_NAME, AdapterConfig, TaskType
+from grafting.config import CONFIG_NAME, AdapterConfig, TaskType, read_config_file
 from grafting.dispatch import load_config
 from grafting.errors import AdapterLoadError, AdapterNotFoundError, AdapterStateError
 from grafting.hub import push_folder, resolve_adapter_folder, write_model_card
-from grafting.io import SAFETENSORS_NAME, load_weights, save_weights
+from grafting.io import (
+    BIN_NAME,
+    CONFIG_DIGEST_KEY,
+    SAFETENSORS_NAME,
+    atomic_write_text,
+    check_pair,
+    config_digest,
+    load_weights,
+    save_weights,
+    weights_path,
+)
 from grafting.routing import BASE, route_samples
 from grafting.signatures import FEATURE_INPUTS, LM_INPUTS, QA_INPUTS, SEQ2SEQ_INPUTS, keyword_forward
-from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.state_dict import get_peft_model_state_dict, plan_peft_model_state_dict
+from grafting.transaction import inside, is_bookkeeping, reading, save_transaction
 from grafting.tuner import AdapterModel
 
 DEFAULT = "default"
@@ -188,21 +201,30 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         root = os.fspath(save_directory)
-        os.makedirs(root, exist_ok=True)
+        weights = SAFETENSORS_NAME if safe_serialization else BIN_NAME
+        other = BIN_NAME if safe_serialization else SAFETENSORS_NAME
+        folders = {name: "" if name == DEFAULT else name for name in names}
         base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
-        for name in names:
-            folder = root if name == DEFAULT else os.path.join(root, name)
-            os.makedirs(folder, exist_ok=True)
-            tensors = saved[name]
-            weights = SAFETENSORS_NAME if safe_serialization else "adapter_model.bin"
-            save_weights(tensors, os.path.join(folder, weights), safe_serialization=safe_serialization)
-            config = self.peft_config[name]
-            data = config.to_dict()
-            data["inference_mode"] = True
-            if data.get("base_model_name_or_path") is None:
-                data["base_model_name_or_path"] = base_name
-            type(config).from_dict(data).save_pretrained(folder)
-        self.create_or_update_model_card(root)
+        # every adapter of this call in one transaction: after a crash the folder holds all old or all new
+        with save_transaction(root, remove=[os.path.join(f, other) for f in folders.values()]) as staging:
+            for name, sub in folders.items():
+                folder = inside(staging, os.path.join(staging, sub))
+                os.makedirs(folder, exist_ok=True)
+                tensors = saved[name]
+                config = self.peft_config[name]
+                data = config.to_dict()
+                data["inference_mode"] = True
+                if data.get("base_model_name_or_path") is None:
+                    data["base_model_name_or_path"] = base_name
+                text = type(config).from_dict(data).to_json_string()
+                digest = config_digest(json.loads(text))
+                path = inside(folder, os.path.join(folder, weights))
+                save_weights(tensors, path, safe_serialization=safe_serialization, metadata={CONFIG_DIGEST_KEY: digest})
+                atomic_write_text(inside(folder, os.path.join(folder, CONFIG_NAME)), text)
+            card = os.path.join(root, "README.md")
+            if os.path.isfile(card):
+                shutil.copyfile(card, os.path.join(staging, "README.md"))
+            self.create_or_update_model_card(staging)
 
     def push_to_hub(
         self,
@@ -273,29 +295,30 @@ class PeftModel(nn.Module):
         subfolder with an adapter_config.json) is loaded and all are activated.
         """
         folder = resolve_adapter_folder(model_id, subfolder, revision)
-        if mixed and config is None:
-            return PeftMixedModel._load_all(model, folder, is_trainable=is_trainable, strict=strict)
-        if config is None:
-            config = load_config(folder)
-        config = _with_mode(config, inference_mode=not is_trainable)
-        klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
-        flags = _grad_flags(model)
-        peft_model = klass(
-            model,
-            config,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=True,
-            mixed=mixed,
-        )
-        try:
-            peft_model._load_weights(folder, adapter_name, strict=strict)
-        except BaseException:
-            _give_back(peft_model, flags)
-            raise
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
+        with reading(folder):
+            if mixed and config is None:
+                return PeftMixedModel._load_all(model, folder, is_trainable=is_trainable, strict=strict)
+            if config is None:
+                config = load_config(folder)
+            config = _with_mode(config, inference_mode=not is_trainable)
+            klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
+            flags = _grad_flags(model)
+            peft_model = klass(
+                model,
+                config,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=True,
+                mixed=mixed,
+            )
+            try:
+                peft_model._load_weights(folder, adapter_name, strict=strict)
+            except BaseException:
+                _give_back(peft_model, flags)
+                raise
+            if not is_trainable:
+                peft_model.eval()
+            return peft_model
 
     def load_adapter(
         self,
@@ -312,21 +335,24 @@ class PeftModel(nn.Module):
     ) -> None:
         """Load a saved adapter as ``adapter_name`` beside the ones the model holds."""
         folder = resolve_adapter_folder(model_id, subfolder, revision)
-        config = _with_mode(load_config(folder), inference_mode=not is_trainable)
-        self.base_model.add_adapter(
-            adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
-        )
-        try:
-            self._load_weights(folder, adapter_name, strict=strict)
-        except BaseException:
-            self.base_model.delete_adapter(adapter_name)
-            raise
+        with reading(folder):
+            config = _with_mode(load_config(folder), inference_mode=not is_trainable)
+            self.base_model.add_adapter(
+                adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
+            )
+            try:
+                self._load_weights(folder, adapter_name, strict=strict)
+            except BaseException:
+                self.base_model.delete_adapter(adapter_name)
+                raise
         if not is_trainable:
             self.eval()
 
     def _load_weights(self, folder: str, adapter_name: str, *, strict: bool) -> None:
+        """Read the folder's weights and load them; every check passes before any tensor of the model changes."""
         tensors = load_weights(folder)
-        result = set_peft_model_state_dict(self, tensors, adapter_name=adapter_name)
+        plan = plan_peft_model_state_dict(self, tensors, adapter_name=adapter_name, source=weights_path(folder))
+        result = plan.result
         if strict and (result.unexpected_keys or result.missing_keys):
             parts = []
             if result.unexpected_keys:
@@ -338,17 +364,27 @@ class PeftModel(nn.Module):
                     f"{len(result.missing_keys)} adapter tensors are not in the file (first: {result.missing_keys[:3]})"
                 )
             raise AdapterLoadError(f"{folder} does not match adapter {adapter_name!r}: " + "; ".join(parts))
-        still_meta = [
-            f"{path}.{name}"
-            for path, module in self.base_model.adapter_modules(adapter_name)
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]
-            if tensor.is_meta
-        ]
-        if still_meta:
+        if plan.unfilled_meta:
             raise AdapterLoadError(
                 f"{folder}: adapter {adapter_name!r} has tensors the file did not fill (left on the meta device):"
-                f" {still_meta[:3]}; a tensor the file does not hold must be created with an explicit device"
+                f" {plan.unfilled_meta[:3]}"
             )
+        check_pair(folder, read_config_file(folder))  # shapes fit: are these weights the config's own?
+
+        def filled() -> None:
+            still_meta = [
+                f"{path}.{name}"
+                for path, module in self.base_model.adapter_modules(adapter_name)
+                for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+                if tensor.is_meta
+            ]
+            if still_meta:
+                raise AdapterLoadError(
+                    f"{folder}: adapter {adapter_name!r} has tensors the file did not fill (left on the meta device):"
+                    f" {still_meta[:3]}; a tensor the file does not hold must be created with an explicit device"
+                )
+
+        plan.apply(after=filled)
 
 
 def _grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -445,7 +481,7 @@ def saved_adapters(folder: str) -> list[tuple[str, str]]:
         found.append((DEFAULT, folder))
     for entry in sorted(os.listdir(folder)):
         sub = os.path.join(folder, entry)
-        if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        if not is_bookkeeping(entry) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
             found.append((entry, sub))
     return found
 

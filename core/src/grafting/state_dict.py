@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -163,6 +163,184 @@ class LoadResult:
     unexpected_keys: list[str]
 
 
+#: Floating dtypes a file's tensor may be cast from into a floating parameter (any of them to any other).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def checked_value(key: str, value: Any, current: torch.Tensor, *, where: str) -> torch.Tensor:
+    """``value`` from a file, cast for the model tensor ``current``; AdapterLoadError if it does not fit.
+
+    The casting rule: a floating-point model tensor takes a float16, bfloat16, float32 or float64 tensor,
+    cast to its own dtype (as ``torch.nn.Module.load_state_dict`` does); integer, bool and complex tensors
+    are refused, never cast. Any other model tensor (a quantized weight) takes only its own dtype. Every
+    value must be finite, before and after the cast (a float32 1e6 does not fit a float16 parameter).
+    """
+    if not isinstance(value, torch.Tensor):
+        raise AdapterLoadError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
+    if tuple(current.shape) != tuple(value.shape):
+        raise AdapterLoadError(
+            f"{where}: {key} has shape {tuple(value.shape)} in the file but {tuple(current.shape)} in the model"
+            " (is the config's r or target set the one it was saved with?)"
+        )
+    if current.is_floating_point():
+        if value.dtype not in FLOAT_DTYPES:
+            raise AdapterLoadError(
+                f"{where}: {key} is {value.dtype} in the file; the model's {current.dtype} tensor takes only"
+                f" floating-point values ({', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)})"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise AdapterLoadError(f"{where}: {key} holds NaN or infinite values")
+        cast = value.to(dtype=current.dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise AdapterLoadError(f"{where}: {key} has values too large for the model's {current.dtype}")
+        return cast
+    if value.dtype != current.dtype:
+        raise AdapterLoadError(f"{where}: {key} is {value.dtype} in the file but {current.dtype} in the model")
+    return value
+
+
+@attrs.define
+class LoadPlan:
+    """What a load would write, checked in full before anything is: slots and their new values."""
+
+    tuner: Any
+    adapter_name: str
+    writes: list[tuple[Slot, torch.Tensor]]
+    model_level: dict[str, torch.Tensor]
+    result: LoadResult
+    unfilled_meta: list[str]
+
+    def apply(self, after: Callable[[], None] | None = None) -> None:
+        """Write every value, then call ``after`` (a last check); should either fail, every write is undone."""
+        saved: list[tuple[Slot, torch.Tensor]] = []
+        adapter = self.tuner.model_adapters[self.adapter_name] if self.model_level else None
+        adapter_state = {k: v.clone() for k, v in adapter.state_dict().items()} if adapter is not None else None
+        try:
+            with torch.no_grad():
+                for slot, value in self.writes:
+                    current = slot.get()
+                    if current.is_meta:
+                        saved.append((slot, current))
+                        new = value.to(device=slot.device)
+                        if isinstance(current, nn.Parameter):
+                            new = nn.Parameter(new, requires_grad=current.requires_grad)
+                        setattr(slot.module, slot.attr, new)
+                    else:
+                        saved.append((slot, current.detach().clone()))
+                        current.copy_(value)
+                if adapter is not None:
+                    adapter.load_peft_state_dict(self.model_level)
+            if after is not None:
+                after()
+        except BaseException:
+            with torch.no_grad():
+                for slot, old in reversed(saved):
+                    if old.is_meta:
+                        setattr(slot.module, slot.attr, old)
+                    else:
+                        slot.get().copy_(old)
+                if adapter is not None and adapter_state is not None:
+                    adapter.load_state_dict(adapter_state, strict=False)
+            raise
+
+
+def plan_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, Any],
+    adapter_name: str = "default",
+    *,
+    source: str = "state dict",
+) -> LoadPlan:
+    """Check every key, shape, dtype and value of a PEFT-keyed state dict against adapter ``adapter_name``.
+
+    Nothing of the model changes here; :meth:`LoadPlan.apply` writes. A tensor that does not fit its
+    slot is an :class:`AdapterLoadError` naming it (see :func:`checked_value` for the dtype rule).
+    """
+    tuner = tuner_of(model)
+    tuner._require(adapter_name)
+    where = f"{source} (adapter {adapter_name!r})"
+    state = dict(peft_model_state_dict)
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise AdapterLoadError(f"{where}: keys must be strings, got {bad_keys[:3]!r}")
+    model_level: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    unfilled: list[str] = []
+    if adapter_name in tuner.model_adapters:
+        wanted = tuner.model_adapters[adapter_name].peft_state_dict()
+        for key, like in wanted.items():
+            if key in state:
+                model_level[key] = checked_value(key, state.pop(key), like, where=where)
+            else:
+                missing.append(key)
+    writes: list[tuple[Slot, torch.Tensor]] = []
+    for key, slot in adapter_slots(model, adapter_name).items():
+        if key not in state:
+            missing.append(key)
+            if slot.get().is_meta:
+                unfilled.append(key)
+            continue
+        writes.append((slot, checked_value(key, state.pop(key), slot.get(), where=where)))
+    _drop_wrapper_copies(tuner, adapter_name, state)
+    embedding: dict[str, tuple[Slot, torch.Tensor]] = {}
+    for key, slot in embedding_slots(tuner, adapter_name).items():  # optional: only if the file holds them
+        if key in state:
+            embedding[key] = (slot, checked_value(key, state.pop(key), slot.get(), where=where))
+    _check_tied(embedding, where)
+    _check_tied_to_base(tuner, adapter_name, embedding, where)
+    writes += list(embedding.values())
+    return LoadPlan(
+        tuner,
+        adapter_name,
+        writes,
+        model_level,
+        LoadResult(missing_keys=missing, unexpected_keys=sorted(state)),
+        unfilled,
+    )
+
+
+def _check_tied(embedding: dict[str, tuple[Slot, torch.Tensor]], where: str) -> None:
+    """Two keys for one tied tensor (GPT-2's lm_head and wte) must hold the same values, or neither loads."""
+    by_tensor: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for key, (slot, value) in embedding.items():
+        by_tensor.setdefault(id(slot.get()), []).append((key, value))
+    for items in by_tensor.values():
+        (first, value), rest = items[0], items[1:]
+        for key, other in rest:
+            if not torch.equal(value, other):
+                raise AdapterLoadError(
+                    f"{where}: {first} and {key} are one tied tensor in the model, but the file holds different"
+                    " values for them (untie the model's embeddings to load both)"
+                )
+
+
+def _check_tied_to_base(
+    tuner: Any, adapter_name: str, embedding: dict[str, tuple[Slot, torch.Tensor]], where: str
+) -> None:
+    """A file may change an embedding tied to the output head (GPT-2) only if the adapter targets an embedding.
+
+    Otherwise the key is a saved head the config does not account for (no ``modules_to_save``), and
+    loading it would silently change both the head and the input embeddings.
+    """
+    from grafting.layer import AdaptedLayer
+
+    modules = [
+        getattr(tuner.model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(tuner.model, g)
+    ]
+    modules = [m for m in modules if m is not None]
+    if any(isinstance(m, AdaptedLayer) and adapter_name in m.adapters for m in modules):
+        return
+    bases = [m.base_layer if isinstance(m, AdaptedLayer) else m for m in modules]
+    weights = [getattr(b, "weight", None) for b in bases]
+    tied = len(weights) == 2 and weights[0] is not None and weights[0] is weights[1]
+    for key, (slot, value) in embedding.items():
+        if tied and slot.get() is weights[0] and not torch.equal(value.to(slot.get().device), slot.get()):
+            raise AdapterLoadError(
+                f"{where}: {key} would change the model's input embeddings and output head, which are tied, but"
+                " the adapter targets no embedding layer (a saved head its config does not declare); refusing"
+            )
+
+
 def set_peft_model_state_dict(
     model: nn.Module,
     peft_model_state_dict: dict[str, torch.Tensor],
@@ -172,61 +350,20 @@ def set_peft_model_state_dict(
 ) -> LoadResult:
     """Load PEFT-keyed tensors into adapter ``adapter_name``.
 
-    Shapes are checked for every key before any tensor is written, so a bad
-    file leaves the adapter as it was. Meta tensors (``low_cpu_mem_usage``)
-    are materialized on their base layer's device.
+    Keys, shapes, dtypes and values are checked for every tensor before any is written
+    (:func:`plan_peft_model_state_dict`), so a bad state dict leaves the model as it was. Meta tensors
+    (``low_cpu_mem_usage``) are materialized on their base layer's device. With
+    ``ignore_mismatched_sizes`` tensors whose shape differs are skipped.
     """
-    tuner = tuner_of(model)
-    tuner._require(adapter_name)
     state = dict(peft_model_state_dict)
-    model_level: dict[str, torch.Tensor] = {}
-    missing: list[str] = []
-    if adapter_name in tuner.model_adapters:
-        wanted = tuner.model_adapters[adapter_name].peft_state_dict()
-        for key in wanted:
-            if key in state:
-                model_level[key] = state.pop(key)
-            else:
-                missing.append(key)
-    slots = adapter_slots(model, adapter_name)
-    plan: list[tuple[Slot, torch.Tensor]] = []
-    for key, slot in slots.items():
-        if key not in state:
-            missing.append(key)
-            continue
-        value = state.pop(key)
-        current = slot.get()
-        if tuple(current.shape) != tuple(value.shape):
-            if ignore_mismatched_sizes:
-                continue
-            raise AdapterLoadError(
-                f"adapter {adapter_name!r}: {key} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(current.shape)} in the model (is the config's r or target set the one it was saved with?)"
-            )
-        plan.append((slot, value))
-    _drop_wrapper_copies(tuner, adapter_name, state)
-    for key, slot in embedding_slots(tuner, adapter_name).items():  # optional: only if the file holds them
-        if key in state:
-            value = state.pop(key)
-            if tuple(slot.get().shape) != tuple(value.shape):
-                raise AdapterLoadError(
-                    f"adapter {adapter_name!r}: {key} has shape {tuple(value.shape)} in the file but "
-                    f"{tuple(slot.get().shape)} in the model (resize the model's embeddings first)"
-                )
-            plan.append((slot, value))
-    with torch.no_grad():
-        for slot, value in plan:
-            current = slot.get()
-            if current.is_meta:
-                new = value.to(device=slot.device, dtype=current.dtype)
-                if isinstance(current, nn.Parameter):
-                    new = nn.Parameter(new, requires_grad=current.requires_grad)
-                setattr(slot.module, slot.attr, new)
-            else:
-                current.copy_(value.to(dtype=current.dtype))
-        if model_level:
-            tuner.model_adapters[adapter_name].load_peft_state_dict(model_level)
-    return LoadResult(missing_keys=missing, unexpected_keys=sorted(state))
+    if ignore_mismatched_sizes:
+        slots = adapter_slots(model, adapter_name)
+        for key in [k for k, v in state.items() if k in slots and isinstance(v, torch.Tensor)]:
+            if tuple(slots[key].get().shape) != tuple(state[key].shape):
+                del state[key]
+    plan = plan_peft_model_state_dict(model, state, adapter_name)
+    plan.apply()
+    return plan.result
 
 
 def _drop_wrapper_copies(tuner: Any, adapter_name: str, state: dict[str, torch.Tensor]) -> None:

@@ -4,8 +4,9 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
 :mod:`grafting.protocol` (the contract) and :mod:`grafting.testing` (test helpers).
 
 * config fields: :func:`positive`, :func:`positive_int`, :func:`probability`,
-  :func:`boolean`, :func:`one_of`, :func:`names` with the :func:`module_names`
-  converter, :func:`pattern_of`; per-module ranks and alphas with
+  :func:`boolean`, :func:`one_of`, :func:`optional_string`, :func:`names` with the
+  :func:`module_names` converter, :func:`pattern_of` (strict: bools are bools, numbers
+  finite and bounded, regexes compile; :func:`check_count` for a count checked by hand); per-module ranks and alphas with
   :class:`RankAlphaPatterns`;
 * default targets: :func:`model_type`, :func:`default_targets`,
   :func:`query_value_projections`;
@@ -30,7 +31,18 @@ from grafting.combine import union_of_targets
 from grafting.errors import GraftingWarning
 from grafting.matching import name_matches, pattern_value
 from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
-from grafting.validators import boolean, module_names, names, one_of, pattern_of, positive, positive_int, probability
+from grafting.validators import (
+    boolean,
+    check_count,
+    module_names,
+    names,
+    one_of,
+    optional_string,
+    pattern_of,
+    positive,
+    positive_int,
+    probability,
+)
 from grafting.weights import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight, weight_matrix
 
 
@@ -129,6 +141,7 @@ __all__ = [
     "RankAlphaPatterns",
     "add_to_weight",
     "boolean",
+    "check_count",
     "default_targets",
     "dense_weight",
     "in_out_features",
@@ -140,6 +153,7 @@ __all__ = [
     "name_matches",
     "names",
     "one_of",
+    "optional_string",
     "pattern_of",
     "pattern_value",
     "positive",

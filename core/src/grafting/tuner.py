@@ -24,7 +24,7 @@ from grafting.matching import candidate_modules, find_targets, name_matches, phy
 from grafting.modules_to_save import ModulesToSaveWrapper
 from grafting.plugins import get_method, get_registry
 from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
-from grafting.routing import BASE
+from grafting.validators import check_adapter_name
 
 #: Heads trained in full for these task types, as PEFT does.
 TASK_HEADS: dict[str, list[str]] = {
@@ -126,8 +126,7 @@ class AdapterModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         """Create adapter ``adapter_name`` from ``config``; on any error the model is unchanged."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE:
-            raise AdapterStateError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.'")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"the model already holds an adapter named {adapter_name!r}")
         if not isinstance(config, AdapterConfig):
@@ -252,9 +251,8 @@ class AdapterModel(nn.Module):
             raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
         if len([n for n in names if n in self.model_adapters]) > 1:
             raise AdapterStateError(f"only one model-level adapter can be active at a time, got {names}")
+        self._rebuild_all({path: set() for path, layer in self.adapted_layers() if set(layer.merged) - set(names)})
         for _, layer in self.adapted_layers():
-            if layer.merged and set(layer.merged) - set(names):
-                layer.unmerge()
             layer.set_active(names)
         for _, wrapper in self.save_wrappers():
             wrapper.set_active(names)
@@ -285,10 +283,8 @@ class AdapterModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as its base (merged adapters are unmerged meanwhile)."""
-        merged = {path: list(layer.merged) for path, layer in self.adapted_layers() if layer.merged}
-        layers = dict(self.adapted_layers())
-        for path in merged:
-            layers[path].unmerge(layer_name=path)
+        merged = {path: set(layer.merged) for path, layer in self.adapted_layers() if layer.merged}
+        self._rebuild_all({path: set() for path in merged})
         modules = [m for _, m in self.adapted_layers()] + [w for _, w in self.save_wrappers()]
         previous = self.disabled
         for m in modules:
@@ -300,8 +296,7 @@ class AdapterModel(nn.Module):
             for m in modules:
                 m.disabled = False
             self.disabled = previous
-            for path, names in merged.items():
-                layers[path].merge(names, layer_name=path)
+            self._rebuild_all(merged)
 
     # -- model-level adapters in forward ----------------------------------------------
     def active_model_adapter(self) -> ModelAdapter | None:
@@ -336,8 +331,35 @@ class AdapterModel(nn.Module):
             raise
 
     def unmerge_adapter(self) -> None:
-        for path, layer in self.adapted_layers():
-            layer.unmerge(layer_name=path)
+        """Take every merged adapter out of the base weights, all layers or none."""
+        self._rebuild_all({path: set() for path, layer in self.adapted_layers() if layer.merged})
+
+    def _rebuild_all(self, targets: dict[str, set[str]], *, without: str | None = None) -> None:
+        """Bring each layer at ``path`` to the merged set ``targets[path]``, every layer or none.
+
+        Every change is checked first (:meth:`AdaptedLayer.check_rebuild`, on a copy of the layer where
+        weights would come out), so a refusal leaves all weights as they were. Should a layer still fail,
+        the layers already changed are brought back.
+        """
+        layers = dict(self.adapted_layers())
+        changes = [
+            (path, layers[path], target) for path, target in targets.items() if target != set(layers[path].merged)
+        ]
+        for path, layer, target in changes:
+            layer.check_rebuild(target, layer_name=path, without=without)
+        done: list[tuple[str, AdaptedLayer, list[str], tuple[str, ...]]] = []
+        try:
+            for path, layer, target in changes:
+                before, active = list(layer.merged), layer.active
+                if without is not None:
+                    layer.active = tuple(n for n in layer.active if n != without)
+                done.append((path, layer, before, active))
+                layer._rebuild(target, safe=False, layer_name=path)
+        except BaseException:
+            for path, layer, before, active in reversed(done):
+                layer._rebuild(set(before), safe=False, layer_name=path)
+                layer.active = active
+            raise
 
     def _unload(
         self, *, merge: bool, safe_merge: bool, adapter_names: list[str] | None, progressbar: bool
@@ -412,7 +434,16 @@ class AdapterModel(nn.Module):
 
     # -- deleting -------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (taken out of the weights first where merged); on a refusal nothing changes."""
         self._require(adapter_name)
+        self._rebuild_all(
+            {
+                path: set(layer.merged) - {adapter_name}
+                for path, layer in self.adapted_layers()
+                if adapter_name in layer.merged
+            },
+            without=adapter_name,
+        )
         for path, layer in list(self.adapted_layers())[::-1]:  # inner layers first
             if adapter_name in layer.adapters:
                 layer.remove_adapter(adapter_name)

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from grafting.cli.common import adapter_folder, human_size, sub_adapters
-from grafting.config import CONFIG_NAME, AdapterConfig, read_config_file
+from grafting.config import CONFIG_NAME, read_config_file
+from grafting.dispatch import config_from_dict
 from grafting.io import load_weights, weights_path
 from grafting.matching import name_matches
 from grafting.plugins import get_method, get_registry
+from grafting.state_dict import FLOAT_DTYPES
 
 #: On-disk keys of layer adapters and saved modules start with this (PEFT's layout).
 MODEL_PREFIX = "base_model.model."
@@ -110,12 +112,17 @@ def non_default_options(config: Any) -> dict[str, Any]:
 
 
 def sanity_check(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Non-finite values, and shapes against the config (by the method's plugin, where it can)."""
+    """Dtypes a parameter cannot take, non-finite values, and shapes against the config (by the method's plugin).
+
+    The config itself was validated when it was read, as a load validates it.
+    """
     problems: list[str] = []
     if not tensors:
         problems.append("the weights file holds no tensors")
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.dtype not in FLOAT_DTYPES:
+            problems.append(f"{key}: {str(tensor.dtype).removeprefix('torch.')} values cannot load into a parameter")
+        elif not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             problems.append(f"{key}: {bad} of {tensor.numel()} values are NaN or infinite")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -128,11 +135,10 @@ def sanity_check(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any
 def describe(folder: Path) -> dict[str, Any]:
     """Everything ``grafting inspect`` reports about one adapter folder."""
     data = read_config_file(folder)
-    method = get_method(str(data["peft_type"]))
-    config_class: type[AdapterConfig] = method.config_class
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = config_class.from_dict(data, source=str(folder / CONFIG_NAME))
+        config = config_from_dict(data, source=str(folder / CONFIG_NAME))  # the checks a load makes
+    method = get_method(config.peft_type)
     weights = Path(weights_path(str(folder)))
     tensors = load_weights(str(folder))
     groups = group_keys(list(tensors), config.modules_to_save)

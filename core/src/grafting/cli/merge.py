@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from grafting.cli.common import CommandError, adapter_folder, human_size
+from grafting.transaction import is_bookkeeping, save_transaction
 
 #: The transformers auto class for each ``task_type`` an adapter config records.
 TASK_AUTO_CLASSES = {
@@ -93,6 +94,19 @@ def adapter_names(folders: list[Path]) -> list[str]:
     return names
 
 
+def _weight_files(out: Path) -> list[str]:
+    """The weights files of a model saved in ``out`` before: the new save replaces them all, whatever their names."""
+    if not out.is_dir():
+        return []
+    patterns = (
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+    )
+    return sorted({p.name for pattern in patterns for p in out.glob(pattern)})
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -102,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.is_file():
         raise CommandError(f"--out {args.out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
+    if out.is_dir() and any(not is_bookkeeping(p.name) for p in out.iterdir()) and not args.force:
         raise CommandError(f"--out {args.out} is not empty; choose another folder or pass --force")
     folders = [adapter_folder(p) for p in args.adapter]
     configs = [load_config(f) for f in folders]  # an unknown method fails here, before loading
@@ -121,11 +135,12 @@ def run(args: argparse.Namespace) -> int:
         layer.merge(names, safe=True, layer_name=path)
     merged: Any = peft.merge_and_unload(adapter_names=names)  # every layer is merged already: this unwraps them
 
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    # staged inside --out and committed at once: a crash leaves the previous folder (or none), never a mix
+    with save_transaction(out, remove=_weight_files(out)) as staging:
+        merged.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not is_bookkeeping(p.name))
     kind = "mixed " if mixed else ""
     print(
         f"merged {len(names)} {kind}adapter(s) ({', '.join(methods)}: {', '.join(names)}) into {len(layers)} layers "

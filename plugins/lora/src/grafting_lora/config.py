@@ -9,6 +9,7 @@ import attrs
 from grafting import AdapterConfig, ConfigError
 from grafting.toolkit import (
     RankAlphaPatterns,
+    boolean,
     one_of,
     pattern_of,
     positive,
@@ -54,18 +55,18 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     r: int = attrs.field(default=8, validator=positive_int)
     lora_alpha: float = attrs.field(default=8, validator=positive)
     lora_dropout: float = attrs.field(default=0.0, validator=probability)
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool = attrs.field(default=False, validator=boolean)
     bias: str = attrs.field(default="none", validator=one_of("none", "all", "lora_only"))
-    use_rslora: bool = False
+    use_rslora: bool = attrs.field(default=False, validator=boolean)
     init_lora_weights: bool | str = attrs.field(default=True)
     rank_pattern: dict[str, int] = attrs.field(factory=dict, validator=pattern_of(positive_int))
     alpha_pattern: dict[str, float] = attrs.field(factory=dict, validator=pattern_of(positive))
-    use_dora: bool = False
-    lora_bias: bool = False
+    use_dora: bool = attrs.field(default=False, validator=boolean)
+    lora_bias: bool = attrs.field(default=False, validator=boolean)
 
     @init_lora_weights.validator
     def _check_init(self, attribute: attrs.Attribute, value: Any) -> None:
-        if not (value is True or value is False or value == "gaussian"):
+        if not (value is True or value is False or (isinstance(value, str) and value == "gaussian")):
             raise ConfigError(
                 f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {value!r}"
                 " (PEFT's data-driven initializations such as 'pissa' or 'loftq' are not implemented)"

@@ -10,7 +10,7 @@ import attrs
 from torch import nn
 
 from grafting import AdapterConfig, ConfigError, GraftingWarning, UnsupportedLayerError
-from grafting.toolkit import one_of, positive_int, probability
+from grafting.toolkit import boolean, check_count, one_of, optional_string, positive_int, probability
 from grafting_prefix import calls, geometry
 
 optional_positive_int = attrs.validators.optional(positive_int)
@@ -19,11 +19,6 @@ optional_positive_int = attrs.validators.optional(positive_int)
 def _plain(value: Any) -> Any:
     """An enum member (PEFT's ``PromptTuningInit.TEXT``) becomes its string value."""
     return value.value if isinstance(value, enum.Enum) else value
-
-
-def _boolean(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{type(instance).__name__}.{attribute.name} must be True or False, got {value!r}")
 
 
 @attrs.define(kw_only=True)
@@ -58,9 +53,8 @@ class PromptLearningConfig(AdapterConfig):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         name = type(self).__name__
-        n = self.num_virtual_tokens
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
-            raise ConfigError(f"{name}.num_virtual_tokens must be an integer > 0, got {n!r}")
+        if self.num_virtual_tokens is not None:
+            check_count(self.num_virtual_tokens, f"{name}.num_virtual_tokens")
         for key in self.absent_in_peft:
             if getattr(self, key) is not None:
                 raise ConfigError(
@@ -149,8 +143,8 @@ class PromptTuningConfig(PromptLearningConfig):
     prompt_tuning_init: str = attrs.field(
         default="RANDOM", converter=_plain, validator=one_of(*(m.value for m in PromptTuningInit))
     )
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
+    prompt_tuning_init_text: str | None = attrs.field(default=None, validator=optional_string)
+    tokenizer_name_or_path: str | None = attrs.field(default=None, validator=optional_string)
     tokenizer_kwargs: dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -224,7 +218,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     init_weights: str | None = attrs.field(default=None, validator=one_of(None, "zero"))
     encoder_hidden_size: int | None = attrs.field(default=None, validator=optional_positive_int)
-    prefix_projection: bool = attrs.field(default=False, validator=_boolean)
+    prefix_projection: bool = attrs.field(default=False, validator=boolean)
 
     def for_model(self, model: nn.Module) -> PrefixTuningConfig:
         config: PrefixTuningConfig = super().for_model(model)  # type: ignore[assignment]
