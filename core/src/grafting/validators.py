@@ -71,7 +71,7 @@ def _where(instance: Any, attribute: attrs.Attribute) -> str:
 def check_count(value: Any, where: str, *, minimum: int = 1) -> None:
     """A ConfigError naming ``where`` unless ``value`` is an integer in ``[minimum, MAX_COUNT]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= int(value) <= MAX_COUNT:
-        raise ConfigError(f"{where} must be an integer in [{minimum}, {MAX_COUNT}], got {value!r}")
+        raise ConfigError(f"{where} must be an integer > {minimum - 1}, got {value!r} (the limit is {MAX_COUNT})")
 
 
 def check_scale(value: Any, where: str) -> None:
@@ -82,7 +82,7 @@ def check_scale(value: Any, where: str) -> None:
         or not math.isfinite(float(value))
         or not 0 < float(value) <= MAX_SCALE
     ):
-        raise ConfigError(f"{where} must be a finite number in (0, {MAX_SCALE:g}], got {value!r}")
+        raise ConfigError(f"{where} must be a number > 0, got {value!r} (finite, at most {MAX_SCALE:g})")
 
 
 def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
