@@ -64,8 +64,30 @@ def save_weights(
     with staged_file(path) as tmp:
         if safe_serialization:
             save_file(_untie(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
+            _sort_metadata(tmp)
         else:
             torch.save(tensors, tmp)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, so a save is byte-for-byte reproducible.
+
+    safetensors writes the metadata in hash-map order, which varies between runs once it holds two keys.
+    The header keeps its length (same content, reordered); if it would not, the file is left as written.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) != len(raw.rstrip(b" ")):
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
