@@ -1,4 +1,7 @@
-"""Shared pieces of the cross-distribution tests: base models, configs, comparisons, the PEFT oracle."""
+"""Shared pieces of the cross-distribution tests: base models, configs, the PEFT oracle.
+
+Comparisons are grafting.testing's assert_close and assert_identical (see CONTRIBUTING.md, Numerics).
+"""
 
 from __future__ import annotations
 
@@ -145,41 +148,9 @@ def randomize_named(model: nn.Module, keyword: str, seed: int = 0, scale: float 
             p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
 
 
-# -- comparisons ---------------------------------------------------------------------------------
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensors") -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if not torch.equal(actual, expected):
-        diff = (actual.float() - expected.float()).abs().max().item()
-        raise AssertionError(f"{what} differ (max abs diff {diff:.3g})")
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensors", tol: float = 1e-5) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
-
-
-def assert_merged_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "merged output") -> None:
-    """Merging rounds differently from the unmerged forward: the tolerance follows the dtype and the outputs' scale."""
-    # float32: 1000 eps = 1.2e-4; float64 models still take softmax in float32 (transformers' attention)
-    tol = 1e-6 if expected.dtype == torch.float64 else 1000 * torch.finfo(expected.dtype).eps
-    atol = tol * (1.0 + expected.abs().max().item())
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
-    """The adapter must do something, else an equality check would prove nothing."""
-    assert not torch.allclose(actual, expected, atol=1e-4), f"{what} equals the base output: the adapter is trivial"
-
-
+# -- states --------------------------------------------------------------------------------------
 def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str = "state") -> None:
-    assert sorted(actual) == sorted(expected), f"{what}: keys differ: {sorted(set(actual) ^ set(expected))[:5]}"
-    for key in expected:
-        assert_equal(actual[key], expected[key], f"{what} {key}")
 
 
 # -- files -----------------------------------------------------------------------------------------

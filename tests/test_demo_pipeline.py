@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from demo import finetune, make_data
 from demo.pipeline import answer_ids, answer_loss, encode, left_pad, positions, prompt_ids
 from demo.task import INSTRUCTION, exact_match, parse_answer, read_jsonl, score, target_text
-from grafting.testing import tiny_llama
+from grafting.testing import assert_close, tiny_llama
 from grafting.transaction import is_bookkeeping
 
 DAYS = {d[:3].lower(): d for d in make_data.DAYS}
@@ -160,7 +160,7 @@ def test_answer_loss_counts_the_answer_tokens_only(tiny_folder: Path) -> None:
             logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
             losses.append(torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum"))
             count += len(answer)
-    torch.testing.assert_close(got, torch.stack(losses).sum() / count, rtol=1e-4, atol=1e-5)
+    assert_close(got, torch.stack(losses).sum() / count, msg="padded batch loss")
 
 
 def test_demo_end_to_end_on_a_tiny_model(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

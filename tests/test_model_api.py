@@ -12,15 +12,13 @@ from torch import nn
 
 import grafting
 from grafting.layer import AdaptedLayer
+from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,
     EMBEDDING,
     LINEAR,
     adapted,
     adapter_params,
-    assert_differs,
-    assert_equal,
-    assert_merged_close,
     base_logits,
     base_model,
     logits,
@@ -59,10 +57,11 @@ def test_a_bfloat16_base_gives_peft_logits(arch: str, use_dora: bool, tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(base_model(arch).to(torch.bfloat16), str(tmp_path))
-    assert_equal(logits(model, arch), logits(theirs, arch), "bfloat16 logits")
+    base = logits(base_model(arch).to(torch.bfloat16), arch)
+    assert_close(logits(model, arch), logits(theirs, arch), changed_from=base, msg="bfloat16 logits")
     loaded = grafting.PeftModel.from_pretrained(base_model(arch).to(torch.bfloat16), tmp_path)
     assert {p.dtype for n, p in loaded.named_parameters() if ".lora_" in n} == {torch.float32}
-    assert_equal(logits(loaded, arch), logits(model, arch), "reloaded bfloat16 logits")
+    assert_close(logits(loaded, arch), logits(model, arch), changed_from=base, msg="reloaded bfloat16 logits")
 
 
 def _fields(config: Any, use_dora: bool) -> dict[str, Any]:
@@ -114,8 +113,7 @@ def test_inject_adapter_in_model(arch: str) -> None:
     wrapped = adapted(arch, config)
     for path, layer in wrapped.base_model.adapted_layers():
         layer.adapters["default"].load_state_dict(layers[path].adapters["default"].state_dict())
-    assert_equal(logits(model, arch), logits(wrapped, arch), "injected vs wrapped")
-    assert_differs(logits(model, arch), base_logits(arch))
+    assert_close(logits(model, arch), logits(wrapped, arch), changed_from=base_logits(arch), msg="injected vs wrapped")
 
 
 # -- task classes ------------------------------------------------------------------------------------------
@@ -195,23 +193,22 @@ def test_a_mixed_stack_merges_to_its_forward(toy_methods: ToyPlugin) -> None:
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert list(layer.adapters) == ["default", "delta", "out", "in"]
     out = logits(model, "llama")
-    assert_differs(out, base_logits("llama", dtype=torch.float64))
+    base = base_logits("llama", dtype=torch.float64)
     # merged sets must be a prefix of INPUT < DELTA < OUTPUT
     for refused in (["default"], ["out"], ["default", "delta", "out"]):
         before = state_of(model)
         with pytest.raises(grafting.MergeError, match="stays unmerged"):
             model.merge_adapter(refused)
-        after = state_of(model)
-        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert_identical(state_of(model), before, msg=f"after the refused merge of {refused}")
     model.merge_adapter(["in"])
     assert layer.merged == ["in"]
-    assert_merged_close(logits(model, "llama"), out, "input adapter merged")
+    assert_close(logits(model, "llama"), out, changed_from=base, msg="input adapter merged")
     model.merge_adapter(["default", "delta"])
     assert layer.merged == ["in", "default", "delta"]
-    assert_merged_close(logits(model, "llama"), out, "input and delta adapters merged")
+    assert_close(logits(model, "llama"), out, changed_from=base, msg="input and delta adapters merged")
     plain = model.merge_and_unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    assert_merged_close(logits(plain, "llama"), out, "merged and unloaded")
+    assert_close(logits(plain, "llama"), out, changed_from=base, msg="merged and unloaded")
 
 
 def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyPlugin) -> None:
@@ -220,12 +217,12 @@ def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyP
     before = state_of(model)
     with pytest.raises(grafting.MergeError, match="own weight"):
         model.merge_adapter()
-    after = state_of(model)
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_identical(state_of(model), before, msg="after the refused merge")
     model.set_adapter(["default", "delta", "out"])  # without the input adapter it merges
     out = logits(model, "llama")
     model.merge_adapter()
-    assert_merged_close(logits(model, "llama"), out, "DoRA, delta and output merged")
+    base = base_logits("llama", dtype=torch.float64)
+    assert_close(logits(model, "llama"), out, changed_from=base, msg="DoRA, delta and output merged")
 
 
 def test_a_mixed_model_saves_and_loads_back(toy_methods: ToyPlugin, tmp_path: Path) -> None:
@@ -234,9 +231,10 @@ def test_a_mixed_model_saves_and_loads_back(toy_methods: ToyPlugin, tmp_path: Pa
     model.save_pretrained(tmp_path)
     loaded = grafting.PeftModel.from_pretrained(base_model("llama", torch.float64), tmp_path, mixed=True)
     assert sorted(loaded.active_adapters) == ["default", "delta", "in", "out"]
-    assert_equal(logits(loaded, "llama"), out, "mixed model reloaded")
+    base = base_logits("llama", dtype=torch.float64)
+    assert_close(logits(loaded, "llama"), out, changed_from=base, msg="mixed model reloaded")
     with loaded.disable_adapter():
-        assert_equal(logits(loaded, "llama"), base_logits("llama", dtype=torch.float64), "mixed model disabled")
+        assert_close(logits(loaded, "llama"), base, changed_from=out, msg="mixed model disabled")
 
 
 def test_methods_do_not_mix_outside_a_mixed_model(toy_methods: ToyPlugin) -> None:

@@ -20,7 +20,8 @@ from grafting import AdapterConfig, DeltaAdapter, LayerCall, Method, get_peft_mo
 from grafting.layer import AdaptedLayer
 from grafting.matching import candidate_modules, logical_path, physical_path
 from grafting.state_dict import get_peft_model_state_dict
-from tests.helpers import assert_close, base_logits, base_model, inputs, logits, randomize
+from grafting.testing import assert_close
+from tests.helpers import base_logits, base_model, inputs, logits, randomize
 
 
 @attrs.define(kw_only=True)
@@ -104,7 +105,7 @@ def test_forward_composes_through_the_inner_adapter_and_keys_are_those_of_lora_a
     x = torch.randn(2, 3, 16)
     with torch.no_grad():
         expected = mlp.base_layer(x) + 0.5 * mlp.base_layer.down_proj(mlp.base_layer.up_proj(x))
-        assert_close(mlp(x), expected, "block output")
+        assert_close(mlp(x), expected, changed_from=mlp.base_layer(x), msg="block output")
     alone = get_peft_model(base_model("llama"), grafting.LoraConfig(**LORA))
     assert sorted(get_peft_model_state_dict(model, adapter_name="lora")) == sorted(get_peft_model_state_dict(alone))
     assert sorted(get_peft_model_state_dict(model, adapter_name="block")) == [
@@ -118,10 +119,10 @@ def test_save_load_and_unload(order: str, tmp_path) -> None:
     expected = logits(model, "llama")
     model.save_pretrained(tmp_path)
     loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path, mixed=True)
-    assert_close(logits(loaded, "llama"), expected, "reloaded mix")
+    assert_close(logits(loaded, "llama"), expected, changed_from=base_logits("llama"), msg="reloaded mix")
     plain = loaded.unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    assert_close(logits(plain, "llama"), base_logits("llama"), "unloaded")
+    assert_close(logits(plain, "llama"), base_logits("llama"), changed_from=expected, msg="unloaded")
 
 
 def test_delete_the_outer_adapter_keeps_the_inner_one() -> None:
@@ -149,5 +150,5 @@ def test_routed_samples_see_only_their_adapter_in_nested_layers() -> None:
             else:
                 model.set_adapter(name)
                 alone = model(**one).logits
-            assert_close(routed[i : i + 1], alone, f"sample routed to {name}")
+            assert_close(routed[i : i + 1], alone, msg=f"sample routed to {name}")
     model.set_adapter(["block", "lora"])

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 import grafting
-from grafting.testing import MARGIN, assert_close, assert_identical, model_output, sample_inputs, tiny_model, tolerance
+from grafting.testing import (
+    MARGIN,
+    TOLERANCES,
+    assert_close,
+    assert_identical,
+    margin,
+    model_output,
+    sample_inputs,
+    tiny_model,
+    tolerance,
+)
 
 
 def _rounded_differently(x: torch.Tensor) -> torch.Tensor:
@@ -121,3 +131,14 @@ def test_close_with_changed_from_needs_a_margin_not_just_a_difference() -> None:
     with pytest.raises(AssertionError, match="tolerances away"):
         assert_close(x, x, changed_from=barely)
     assert_close(x, x, changed_from=x - (atol + rtol * x.abs()) * (MARGIN * 2))
+
+
+def test_close_asks_coarse_dtypes_for_the_margin_they_can_show() -> None:
+    assert margin(TOLERANCES[torch.float32][0]) == MARGIN
+    assert margin(TOLERANCES[torch.bfloat16][0]) == pytest.approx(31.25)
+    x = torch.randn(4, 8).to(torch.bfloat16)
+    rtol, atol = tolerance(x)
+    moved = (x.float() + (atol + rtol * x.float().abs()) * 40).to(torch.bfloat16)  # 40 tolerances: enough here
+    assert_close(x, x, changed_from=moved)
+    with pytest.raises(AssertionError, match="tolerances away"):
+        assert_close(x, x, changed_from=(x.float() + (atol + rtol * x.float().abs()) * 20).to(torch.bfloat16))

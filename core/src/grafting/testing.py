@@ -128,7 +128,7 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.complex128: (1e-7, 1e-7),
 }
 #: How many tolerances apart ``expected`` and ``changed_from`` must be, at least, somewhere: a result
-#: off by more than 1/MARGIN of the adapter's effect then fails.
+#: off by more than 1/MARGIN of the adapter's effect then fails. Coarse dtypes get fewer (see :func:`margin`).
 MARGIN = 100.0
 
 Nested = Any  # a tensor, or tuples/lists/dicts/ModelOutputs of them (other leaves compare with ==)
@@ -150,6 +150,15 @@ def tolerance(expected: torch.Tensor) -> tuple[float, float]:
     if math.isfinite(scale) and scale > 0.0:
         atol *= scale
     return rtol, atol
+
+
+def margin(rtol: float) -> float:
+    """How many tolerances ``changed_from`` must be away: :data:`MARGIN`, but at most ``0.5 / rtol``.
+
+    A move of ``1 / rtol`` tolerances is as large as the output itself; bfloat16 (rtol 1.6e-2) thus
+    asks for 31 tolerances (an error of 3% of the adapter's effect fails), float32 and float64 for 100.
+    """
+    return min(MARGIN, 0.5 / rtol) if rtol > 0 else MARGIN
 
 
 def _leaves(value: Nested, path: str = "") -> list[tuple[str, Any]]:
@@ -226,7 +235,7 @@ def assert_close(
     e.g. float64 against a float64 formula. Dtypes and shapes must match; integer leaves compare exactly.
 
     With ``changed_from`` (say, the base model's output), ``expected`` must also differ from it by
-    at least :data:`MARGIN` times the tolerance somewhere, so the check would fail if the adapter
+    at least :func:`margin` (100) times the tolerance somewhere, so the check would fail if the adapter
     had no effect or an effect too small to tell a right result from a wrong one.
     """
     for where, a, e in _pairs(actual, expected, msg):
@@ -234,16 +243,17 @@ def assert_close(
         torch.testing.assert_close(a, e, rtol=r, atol=t, equal_nan=True, msg=_prefixed(where))
     if changed_from is None:
         return
-    moved = 0.0
+    moved, needed = 0.0, MARGIN
     for _, b, e in _pairs(changed_from, expected, f"{msg}: changed_from" if msg else "changed_from"):
         if e.numel() and (e.is_floating_point() or e.is_complex()):
             r, t = _tolerance_of(e, rtol, atol)
             moved = max(moved, ((e - b).abs() / (t + r * e.abs())).nan_to_num(0.0).max().item())
-    if moved < MARGIN:
+            needed = min(needed, margin(r))
+    if moved < needed:
         prefix = f"{msg}: " if msg else ""
         raise AssertionError(
             f"{prefix}the expected result is only {moved:.3g} tolerances away from `changed_from` (at least "
-            f"{MARGIN:g} required): a no-op or wrong adapter would pass this comparison"
+            f"{needed:.3g} required): a no-op or wrong adapter would pass this comparison"
         )
 
 
