@@ -8,7 +8,7 @@ import torch
 from ia3_helpers import ia3_parameters, randomize
 
 from grafting import IA3Config, PeftModel, get_peft_model
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import assert_close, model_output, sample_inputs, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # fan_in_fan_out notices on GPT-2, both libraries
 
@@ -42,17 +42,15 @@ def test_peft_saves_grafting_loads(arch: str, explicit: bool, tmp_path) -> None:
     )
     theirs.eval()
     expected = model_output(theirs, inputs)
-    assert not torch.allclose(expected, model_output(tiny_model(arch, seed=1), inputs))
+    base = model_output(tiny_model(arch, seed=1), inputs)
     theirs.save_pretrained(tmp_path)
 
     ours = PeftModel.from_pretrained(tiny_model(arch, seed=1), tmp_path)
-    torch.testing.assert_close(model_output(ours, inputs), expected)
+    assert_close(model_output(ours, inputs), expected, changed_from=base, msg="PEFT's adapter in grafting")
     # the merged weights agree too: rows, columns and biases are scaled alike
     reference = merged_state(theirs.merge_and_unload())
     merged = merged_state(ours.merge_and_unload())
-    assert merged.keys() == reference.keys()
-    for name, tensor in reference.items():
-        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert_close(merged, reference, msg="merged weights")
 
 
 @pytest.mark.parametrize("explicit", [False, True])
@@ -68,10 +66,11 @@ def test_grafting_saves_peft_loads(arch: str, explicit: bool, tmp_path) -> None:
     ours.save_pretrained(tmp_path)
 
     theirs = peft.PeftModel.from_pretrained(tiny_model(arch, seed=2), tmp_path)
-    torch.testing.assert_close(model_output(theirs, inputs), expected)
+    base = model_output(tiny_model(arch, seed=2), inputs)
+    assert_close(model_output(theirs, inputs), expected, changed_from=base, msg="grafting's adapter in PEFT")
     theirs.load_adapter(tmp_path / "other", adapter_name="other")
     theirs.set_adapter("other")
-    torch.testing.assert_close(model_output(theirs, inputs), expected_other)
+    assert_close(model_output(theirs, inputs), expected_other, changed_from=expected, msg="the other adapter")
 
 
 def test_both_libraries_put_ia3_l_on_the_same_layers_with_the_same_sides(tmp_path) -> None:
