@@ -11,6 +11,7 @@ from loha_helpers import F64, base, hada_params, output, randomize, weights_of
 
 from grafting import LoraConfig, PeftModel, get_peft_model
 from grafting.layer import AdaptedLayer
+from grafting.testing import assert_close
 from grafting_loha import LoHaConfig
 
 SHARED = {"llama": ["q_proj", "down_proj"], "conv": ["conv_a", "seq"]}
@@ -75,7 +76,7 @@ def test_a_shared_layer_adds_the_lora_and_the_loha_delta(arch: str) -> None:
             loha = _apply(layer.base_layer, _loha_delta(layer), x)
             assert lora.abs().max() > 1e-3
             assert loha.abs().max() > 1e-3
-            torch.testing.assert_close(layer(x), base_out + lora + loha, rtol=1e-10, atol=1e-10, msg=name)
+            assert_close(layer(x), base_out + lora + loha, changed_from=base_out, rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "conv"])
@@ -94,8 +95,8 @@ def test_merging_both_folds_the_sum_of_the_deltas_into_the_weight(arch: str) -> 
     plain = model.merge_and_unload()
     merged = weights_of(plain)
     for key, value in expected.items():
-        torch.testing.assert_close(merged[key], value, rtol=1e-12, atol=1e-12, msg=key)
-    torch.testing.assert_close(output(plain, arch), adapted, rtol=1e-10, atol=1e-10)
+        assert_close(merged[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    assert_close(output(plain, arch), adapted, changed_from=output(base(arch), arch), rtol=1e-10, atol=1e-10)
 
 
 def test_the_mix_saves_and_loads_in_both_libraries(tmp_path) -> None:
@@ -106,10 +107,11 @@ def test_the_mix_saves_and_loads_in_both_libraries(tmp_path) -> None:
     ours = PeftModel.from_pretrained(base("llama"), tmp_path, mixed=True)
     assert sorted(ours.active_adapters) == ["default", "loha"]
     assert hada_params(ours).keys() == hada_params(model).keys()
-    torch.testing.assert_close(output(ours, "llama"), expected, rtol=1e-10, atol=1e-10)
+    plain = output(base("llama"), "llama")
+    assert_close(output(ours, "llama"), expected, changed_from=plain, rtol=1e-10, atol=1e-10, msg="grafting")
 
     theirs = peft.PeftMixedModel.from_pretrained(base("llama"), tmp_path, adapter_name="default")
     theirs.load_adapter(tmp_path / "loha", adapter_name="loha")
     theirs.set_adapter(["default", "loha"])
     theirs.eval()
-    torch.testing.assert_close(output(theirs, "llama"), expected, rtol=1e-10, atol=1e-10)
+    assert_close(output(theirs, "llama"), expected, changed_from=plain, rtol=1e-10, atol=1e-10, msg="PEFT")

@@ -14,15 +14,22 @@ import grafting
 from grafting import PeftModel, get_peft_model
 from grafting.errors import UnsupportedLayerError
 from grafting.layer import AdaptedLayer
+from grafting.testing import assert_close, assert_identical
 from grafting_loha import LoHaAdapter, LoHaConfig
 
 ARCHS = ("llama", "bert", "conv")
+#: float64 models against float64 formulas: rounding stays near 1e-15, a wrong delta is far above this
+TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 
 
 @st.composite
 def configs(draw: Any, arch: str, **fixed: Any) -> LoHaConfig:
     names = targets(arch)
     chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
+    if arch == "bert" and set(chosen) <= {"query", "key"}:
+        # tiny BERT's attention is near uniform: query/key deltas alone move the logits by ~1e-7, below
+        # what a check can tell from rounding, so the draw always adapts a layer that matters too
+        chosen.append("value")
     kwargs: dict[str, Any] = {
         "r": draw(st.integers(1, 4)),
         "alpha": draw(st.sampled_from([1.0, 2.5, 8.0])),
@@ -47,10 +54,9 @@ def test_disabled_adapter_gives_the_base_output(arch: str, data: st.DataObject) 
     model = _model(arch, data.draw(configs(arch)))
     expected = output(base(arch), arch)
     adapted = output(model, arch)
-    assert not torch.equal(adapted, expected)  # (query-only on BERT barely moves its near-uniform attention)
     with model.disable_adapter():
-        assert torch.equal(output(model, arch), expected)
-    assert torch.equal(output(model, arch), adapted)
+        assert_close(output(model, arch), expected, changed_from=adapted, msg="disabled")
+    assert_close(output(model, arch), adapted, changed_from=expected, msg="enabled again")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,7 +64,9 @@ def test_disabled_adapter_gives_the_base_output(arch: str, data: st.DataObject) 
 def test_a_fresh_adapter_gives_the_base_output(arch: str, data: st.DataObject) -> None:
     model = get_peft_model(base(arch), data.draw(configs(arch, init_weights=True)))
     assert hada_params(model)
-    assert torch.equal(output(model, arch), output(base(arch), arch))
+    fresh = output(model, arch)
+    randomize(model, 0)  # the same adapter, no longer fresh, does move the output
+    assert_close(fresh, output(base(arch), arch), changed_from=output(model, arch), msg="fresh adapter")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,14 +75,12 @@ def test_merging_keeps_the_output_and_unmerging_restores_the_weights(arch: str, 
     model = _model(arch, data.draw(configs(arch)))
     original = weights_of(base(arch))
     adapted = output(model, arch)
+    plain = output(base(arch), arch)
     model.merge_adapter()
-    torch.testing.assert_close(output(model, arch), adapted, rtol=1e-10, atol=1e-10)
+    assert_close(output(model, arch), adapted, changed_from=plain, **TIGHT, msg="merged")
     model.unmerge_adapter()
-    torch.testing.assert_close(output(model, arch), adapted, rtol=1e-10, atol=1e-10)
-    restored = weights_of(model.unload())
-    assert restored.keys() == original.keys()
-    for key, value in original.items():
-        torch.testing.assert_close(restored[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    assert_close(output(model, arch), adapted, changed_from=plain, **TIGHT, msg="unmerged")
+    assert_close(weights_of(model.unload()), original, rtol=1e-12, atol=1e-12, msg="unmerged weights")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -83,7 +89,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_adapted_output(arch: str)
     adapted = output(model, arch)
     plain = model.merge_and_unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    torch.testing.assert_close(output(plain, arch), adapted, rtol=1e-10, atol=1e-10)
+    assert_close(output(plain, arch), adapted, changed_from=output(base(arch), arch), **TIGHT, msg="merged")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -91,9 +97,7 @@ def test_unload_gives_back_the_untouched_base(arch: str) -> None:
     model = _model(arch, LoHaConfig(r=2, target_modules=targets(arch), init_weights=False))
     plain = model.unload()
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
-    original = weights_of(base(arch))
-    for key, value in weights_of(plain).items():
-        assert torch.equal(value, original[key]), key
+    assert_identical(weights_of(plain), weights_of(base(arch)), msg="unloaded weights")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -104,11 +108,9 @@ def test_save_then_load_is_bit_identical(arch: str, data: st.DataObject, tmp_pat
     model.eval()
     model.save_pretrained(folder)
     loaded = PeftModel.from_pretrained(base(arch), folder)
-    mine, theirs = hada_params(model), hada_params(loaded)
-    assert mine.keys() == theirs.keys()
-    for key, value in mine.items():
-        assert torch.equal(theirs[key], value), key
-    assert torch.equal(output(loaded, arch), output(model, arch))
+    assert_identical(hada_params(loaded), hada_params(model), msg="reloaded factors")
+    expected = output(model, arch)
+    assert_close(output(loaded, arch), expected, changed_from=output(base(arch), arch), msg="reloaded output")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -147,20 +149,20 @@ def test_two_adapters_switch_stack_and_go_away(arch: str) -> None:
     alone = get_peft_model(base(arch), LoHaConfig(r=3, alpha=5, target_modules=names[:2]))
     for name, p in hada_params(alone).items():
         p.data.copy_(hada_params(model, "other")[name.replace(".default.", ".other.")])
-    torch.testing.assert_close(second, output(alone, arch), rtol=0, atol=0)
-    assert not torch.allclose(first, second)
+    assert_close(second, output(alone, arch), changed_from=first, msg="'other' alone")
 
     model.set_adapter(["default", "other"])  # both deltas add up on the layers they share
     layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer) and len(m.adapters) == 2)
     x = torch.randn(2, *_input_shape(layer.base_layer), dtype=torch.float64)
     total = sum(_dense(layer.adapters[n], layer.base_layer, x) for n in ("default", "other"))
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), layer.base_layer(x) + total, rtol=1e-10, atol=1e-10)
+        plain = layer.base_layer(x)
+        assert_close(layer(x), plain + total, changed_from=plain, **TIGHT, msg="both deltas")
 
     model.delete_adapter("other")
     model.set_adapter("default")
     assert not hada_params(model, "other")
-    torch.testing.assert_close(output(model, arch), first, rtol=0, atol=0)
+    assert_close(output(model, arch), first, changed_from=second, msg="'other' deleted")
 
 
 def _input_shape(layer: torch.nn.Module) -> tuple[int, ...]:

@@ -11,9 +11,10 @@ import torch
 from loha_helpers import base, hada_params, output, randomize, targets, train_output, weights_of
 
 from grafting import PeftModel, get_peft_model
+from grafting.testing import assert_close
 from grafting_loha import LoHaAdapter, LoHaConfig
 
-TOL = {"rtol": 1e-10, "atol": 1e-10}
+TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64 against float64: far below any wrong delta
 CASES = [("llama", False), ("bert", False), ("conv", False), ("conv", True)]
 
 
@@ -39,9 +40,7 @@ def _peft_key(name: str) -> str:
 
 def _assert_same_merge(ours: Any, theirs: Any) -> None:
     mine, reference = weights_of(ours.merge_and_unload()), weights_of(theirs.merge_and_unload())
-    assert mine.keys() == reference.keys()
-    for key, value in reference.items():
-        torch.testing.assert_close(mine[key], value, **TOL, msg=key)
+    assert_close(mine, reference, **TOL, msg="merged weights")
 
 
 @pytest.mark.parametrize(("arch", "effective"), CASES)
@@ -50,7 +49,7 @@ def test_peft_saves_grafting_loads(arch: str, effective: bool, tmp_path) -> None
     randomize(theirs, 1)
     theirs.eval()
     expected = output(theirs, arch)
-    assert not torch.allclose(expected, output(base(arch), arch))
+    plain = output(base(arch), arch)
     theirs.save_pretrained(tmp_path)
 
     ours = PeftModel.from_pretrained(base(arch), tmp_path)
@@ -58,7 +57,7 @@ def test_peft_saves_grafting_loads(arch: str, effective: bool, tmp_path) -> None
     for path in ("dense", "factored", "auto"):
         for adapter in (m for m in ours.modules() if isinstance(m, LoHaAdapter)):
             adapter.path = path
-        torch.testing.assert_close(output(ours, arch), expected, **TOL, msg=lambda m, p=path: f"{p}: {m}")
+        assert_close(output(ours, arch), expected, changed_from=plain, **TOL, msg=f"{path} path")
     _assert_same_merge(ours, theirs)
 
 
@@ -73,10 +72,10 @@ def test_grafting_saves_peft_loads(arch: str, effective: bool, tmp_path) -> None
     ours.save_pretrained(tmp_path)
 
     theirs = peft.PeftModel.from_pretrained(base(arch), tmp_path)
-    torch.testing.assert_close(output(theirs, arch), expected, **TOL)
+    assert_close(output(theirs, arch), expected, changed_from=output(base(arch), arch), **TOL, msg="default")
     theirs.load_adapter(tmp_path / "other", adapter_name="other")
     theirs.set_adapter("other")
-    torch.testing.assert_close(output(theirs, arch), expected_other, **TOL)
+    assert_close(output(theirs, arch), expected_other, changed_from=expected, **TOL, msg="other")
 
 
 def _cp_weight_by_autograd(t1, w1a, w1b, t2, w2a, w2b, scale):  # type: ignore[no-untyped-def]
@@ -104,7 +103,7 @@ def test_training_gradients_equal_peft(arch: str, effective: bool, path: str, tm
     reference = {n: p.grad for n, p in hada_params(theirs).items()}
     for name, p in hada_params(ours).items():
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, reference[_peft_key(name)], rtol=1e-9, atol=1e-9, msg=name)
+        assert_close(p.grad, reference[_peft_key(name)], rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_rank_and_module_dropout_draw_as_peft_does(tmp_path) -> None:
@@ -122,8 +121,7 @@ def test_rank_and_module_dropout_draw_as_peft_does(tmp_path) -> None:
         expected = train_output(theirs, "llama")
         torch.manual_seed(seed)
         actual = train_output(ours, "llama")
-        torch.testing.assert_close(actual, expected, **TOL)
-        assert not torch.allclose(actual, without_dropout), "dropout should change the training output"
+        assert_close(actual, expected, changed_from=without_dropout, **TOL, msg=f"dropout draw {seed}")
 
 
 def test_peft_effective_conv_backward_disagrees_with_its_forward() -> None:
