@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import grafting
 from grafting.state_dict import get_peft_model_state_dict
-from tests.helpers import ARCHS, adapted, assert_same_state, base_model, files_under, lora_configs, randomize
+from grafting.testing import assert_identical
+from tests.helpers import ARCHS, adapted, base_model, files_under, lora_configs, randomize
 
 WRAPPER_INTERNALS = re.compile(r"\.(modules_to_save|original_module)\.")
 EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -51,7 +52,7 @@ def test_given_state_dict_gives_what_peft_gives(arch: str, data: st.DataObject, 
     # With bias="all" PEFT also returns a head wrapper's internals (`.modules_to_save.bias`, a copy of the saved
     # head's bias, and `.original_module.bias`, the frozen one); grafting writes the head's tensors once.
     expected = {k: v.contiguous() for k, v in expected.items() if not WRAPPER_INTERNALS.search(k)}
-    assert_same_state(ours, expected, "adapter from the given state dict")
+    assert_identical(ours, expected, msg="adapter from the given state dict")
     own = get_peft_model_state_dict(model, save_embedding_layers=False)
     assert any(not torch.equal(own[k], ours[k]) for k in own)  # taken from the dict, not from the model
 
@@ -65,7 +66,7 @@ def test_save_pretrained_writes_the_given_tensors(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "own")
     for name, sub in (("default", ""), ("second", "second")):
         written = load_file(tmp_path / "given" / sub / "adapter_model.safetensors")
-        assert_same_state(written, get_peft_model_state_dict(model, given_state, adapter_name=name), name)
+        assert_identical(written, get_peft_model_state_dict(model, given_state, adapter_name=name), msg=name)
         own = load_file(tmp_path / "own" / sub / "adapter_model.safetensors")
         assert sorted(own) == sorted(written)
         assert all(not torch.equal(own[k], written[k]) for k in own)
@@ -85,6 +86,6 @@ def test_model_level_adapter_saves_from_the_model_with_a_state_dict(tmp_path: Pa
     config = grafting.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     model = grafting.get_peft_model(base_model("llama"), config)
     own = get_peft_model_state_dict(model)
-    assert_same_state(get_peft_model_state_dict(model, state_dict=shifted(model.state_dict())), own, "prompt")
+    assert_identical(get_peft_model_state_dict(model, state_dict=shifted(model.state_dict())), own, msg="prompt")
     model.save_pretrained(tmp_path, state_dict=model.state_dict())
     assert files_under(tmp_path) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
