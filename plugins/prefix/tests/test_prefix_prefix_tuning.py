@@ -9,7 +9,7 @@ from prefix_helpers import adapter_parameters, configs, greedy_reference, snapsh
 from safetensors.torch import load_file
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import assert_close, assert_identical, model_output, sample_inputs, tiny_model
 from grafting_prefix.encoders import PromptTable
 
 ARCHS = ("llama", "gpt2")
@@ -26,14 +26,14 @@ def test_peft_saves_grafting_loads(method: str, arch: str, tmp_path) -> None:
     torch.manual_seed(21)
     theirs = peft.get_peft_model(tiny_model(arch, seed=21), configs(method, n=N)[1]).eval()
     expected = model_output(theirs, inputs)
-    assert not torch.allclose(expected, model_output(tiny_model(arch, seed=21), inputs))
+    plain = model_output(tiny_model(arch, seed=21), inputs)
     theirs.save_pretrained(tmp_path)
 
     ours = PeftModel.from_pretrained(tiny_model(arch, seed=21), tmp_path)
-    torch.testing.assert_close(model_output(ours, inputs), expected)
+    assert_close(model_output(ours, inputs), expected, changed_from=plain, msg="PEFT's prefix in grafting")
     labels = inputs["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs, labels=labels).loss, theirs(**inputs, labels=labels).loss)
+        assert_close(ours(**inputs, labels=labels).loss, theirs(**inputs, labels=labels).loss, msg="loss")
         ids = ours.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(ids, greedy_reference(theirs, inputs["input_ids"], 5))
 
@@ -49,7 +49,8 @@ def test_grafting_saves_peft_loads(method: str, arch: str, tmp_path) -> None:
     assert load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"].shape == (N, WIDTH[arch])
 
     theirs = peft.PeftModel.from_pretrained(tiny_model(arch, seed=22), tmp_path).eval()
-    torch.testing.assert_close(model_output(theirs, inputs), expected)
+    plain = model_output(tiny_model(arch, seed=22), inputs)
+    assert_close(model_output(theirs, inputs), expected, changed_from=plain, msg="grafting's prefix in PEFT")
     with torch.no_grad():
         ids = ours.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(ids, greedy_reference(theirs, inputs["input_ids"], 5))
@@ -69,7 +70,7 @@ def test_training_changes_only_the_prefix_and_reloading_is_exact(method: str, ar
 
     expected = model_output(ours, inputs)
     with ours.disable_adapter():
-        assert torch.equal(model_output(ours, inputs), model_output(base, inputs))
+        assert_close(model_output(ours, inputs), model_output(base, inputs), changed_from=expected, msg="disabled")
         with torch.no_grad():
             plain = ours.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert torch.equal(plain, base.generate(**inputs, max_new_tokens=3, do_sample=False))
@@ -78,7 +79,7 @@ def test_training_changes_only_the_prefix_and_reloading_is_exact(method: str, ar
     ours.save_pretrained(tmp_path)
     for trainable in (False, True):
         loaded = PeftModel.from_pretrained(tiny_model(arch, seed=23), tmp_path, is_trainable=trainable)
-        assert torch.equal(model_output(loaded, inputs), expected)
+        assert_close(model_output(loaded, inputs), expected, changed_from=model_output(base, inputs), msg="reloaded")
         with torch.no_grad():
             assert torch.equal(loaded.generate(**inputs, max_new_tokens=4, do_sample=False), generated)
         table = loaded.base_model.model_adapters["default"].encoder
@@ -91,8 +92,8 @@ def test_position_ids_count_after_the_prefix() -> None:
     ours = get_peft_model(tiny_model("llama", seed=24), configs("prefix", n=N)[0]).eval()
     positions = torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)
     expected = model_output(ours, inputs)
-    assert torch.equal(model_output(ours, {**inputs, "position_ids": positions}), expected)
-    assert not torch.allclose(model_output(ours, {**inputs, "position_ids": positions + 2}), expected)
+    shifted = model_output(ours, {**inputs, "position_ids": positions + 2})
+    assert_close(model_output(ours, {**inputs, "position_ids": positions}), expected, changed_from=shifted)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -107,7 +108,7 @@ def test_a_returned_cache_continues_the_sequence(arch: str) -> None:
         cache = getattr(first, "cache", None) or first.past_key_values
         assert cache.get_seq_length() == N + ids.shape[1] - 1
         last = ours(input_ids=ids[:, -1:], attention_mask=mask, cache=cache).logits
-    torch.testing.assert_close(last[:, -1], full[:, -1])
+    assert_close(last[:, -1], full[:, -1], msg="continued from the cache")
 
 
 def test_zero_init_matches_peft(tmp_path) -> None:
@@ -117,8 +118,8 @@ def test_zero_init_matches_peft(tmp_path) -> None:
         peft.get_peft_model(tiny_model("gpt2"), theirs).save_pretrained(tmp_path / method / "theirs")
         mine = load_file(tmp_path / method / "ours" / "adapter_model.safetensors")["prompt_embeddings"]
         reference = load_file(tmp_path / method / "theirs" / "adapter_model.safetensors")["prompt_embeddings"]
-        assert torch.equal(mine, torch.zeros(N, WIDTH["gpt2"]))
-        assert torch.equal(mine, reference)
+        assert_identical(mine, torch.zeros(N, WIDTH["gpt2"]), msg="zero init")
+        assert_identical(mine, reference, msg="PEFT's zero init")
 
 
 def test_an_empty_cache_given_to_the_call_gets_the_prefix() -> None:
@@ -128,7 +129,8 @@ def test_an_empty_cache_given_to_the_call_gets_the_prefix() -> None:
     ours = get_peft_model(tiny_model("gpt2", seed=26), configs("prefix", n=N)[0]).eval()
     expected = model_output(ours, inputs)
     cache = DynamicCache()
-    assert torch.equal(model_output(ours, {**inputs, "cache": cache}), expected)
+    plain = model_output(tiny_model("gpt2", seed=26), inputs)
+    assert_close(model_output(ours, {**inputs, "cache": cache}), expected, changed_from=plain, msg="given cache")
     assert cache.get_seq_length() == N + inputs["input_ids"].shape[1]
 
 

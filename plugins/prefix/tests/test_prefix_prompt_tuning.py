@@ -11,11 +11,18 @@ from prefix_helpers import adapter_parameters, configs, greedy_reference, snapsh
 from safetensors.torch import load_file
 
 from grafting import AdapterStateError, PeftModel, get_peft_model
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import assert_close, assert_identical, model_output, sample_inputs, tiny_model
 from grafting_prefix import PromptTuningConfig
 
 CASES = [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
 N = 3
+
+
+def assert_prompted(actual: torch.Tensor, expected: torch.Tensor, plain: torch.Tensor, msg: str) -> None:
+    """``actual`` is ``expected`` up to rounding, and the prompts moved the last position away from ``plain``
+    (a causal LM's prompted logits hold N more positions than the base model's)."""
+    assert_close(actual, expected, msg=msg)
+    assert_close(actual[:, -1], expected[:, -1], changed_from=plain[:, -1], msg=f"{msg}, last position")
 
 
 def labels_for(arch: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,14 +49,13 @@ def test_peft_saves_grafting_loads(arch: str, task: str, tmp_path) -> None:
     theirs.eval()
     expected = model_output(theirs, inputs)
     base = model_output(tiny_model(arch, seed=1), inputs)
-    assert not torch.allclose(expected[:, -1], base[:, -1])
     theirs.save_pretrained(tmp_path)
 
     ours = PeftModel.from_pretrained(tiny_model(arch, seed=1), tmp_path)
-    torch.testing.assert_close(model_output(ours, inputs), expected)
+    assert_prompted(model_output(ours, inputs), expected, base, "PEFT's prompts in grafting")
     labels = labels_for(arch, inputs)
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs, labels=labels).loss, theirs(**inputs, labels=labels).loss)
+        assert_close(ours(**inputs, labels=labels).loss, theirs(**inputs, labels=labels).loss, msg="loss")
     if task == "CAUSAL_LM":
         with torch.no_grad():
             ids = ours.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -72,7 +78,8 @@ def test_grafting_saves_peft_loads(arch: str, task: str, tmp_path) -> None:
     assert tensors["prompt_embeddings"].shape == (N, 16)
 
     theirs = peft.PeftModel.from_pretrained(tiny_model(arch, seed=2), tmp_path).eval()
-    torch.testing.assert_close(model_output(theirs, inputs), expected)
+    base = model_output(tiny_model(arch, seed=2), inputs)
+    assert_prompted(model_output(theirs, inputs), expected, base, "grafting's prompts in PEFT")
     if task == "CAUSAL_LM":
         with torch.no_grad():
             ids = ours.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -86,8 +93,10 @@ def test_disabled_is_the_base_model(arch: str, task: str) -> None:
     ours = get_peft_model(tiny_model(arch, seed=3), configs("prompt", task, N)[0])
     perturb_heads(ours, 3)
     ours.eval()
+    prompted = model_output(ours, inputs)
     with ours.disable_adapter():
-        assert torch.equal(model_output(ours, inputs), model_output(base, inputs))
+        disabled = model_output(ours, inputs)
+        assert_prompted(model_output(base, inputs), disabled, prompted, "disabled")
         if task == "CAUSAL_LM":
             with torch.no_grad():
                 got = ours.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -113,7 +122,8 @@ def test_training_changes_only_the_prompts_and_save_load_is_exact(arch: str, tas
     expected = model_output(ours, inputs)
     ours.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model(arch, seed=4), tmp_path)
-    assert torch.equal(model_output(loaded, inputs), expected)
+    base = model_output(tiny_model(arch, seed=4), inputs)
+    assert_prompted(model_output(loaded, inputs), expected, base, "reloaded")
     if task == "CAUSAL_LM":
         with torch.no_grad():
             assert torch.equal(
@@ -128,10 +138,12 @@ def test_inputs_embeds_and_position_ids() -> None:
     expected = model_output(ours, inputs)
     embeds = ours.get_base_model().get_input_embeddings()(inputs["input_ids"])
     got = model_output(ours, {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]})
-    torch.testing.assert_close(got, expected)
+    base = model_output(tiny_model("llama", seed=5), inputs)
+    assert_prompted(got, expected, base, "from inputs_embeds")
     positions = torch.arange(inputs["input_ids"].shape[1]).expand(2, -1) + 7
     with pytest.warns(UserWarning, match="position_ids"):
-        assert torch.equal(model_output(ours, {**inputs, "position_ids": positions}), expected)
+        ignored = model_output(ours, {**inputs, "position_ids": positions})
+    assert_close(ignored, expected, msg="position_ids ignored, as PEFT does")
 
 
 def test_generate_lengths_count_from_the_input_ids() -> None:
@@ -182,9 +194,9 @@ def test_text_init_matches_peft(tokenizer_path: str, n: int, tmp_path) -> None:
     theirs.save_pretrained(tmp_path / "theirs")
     mine = load_file(tmp_path / "ours" / "adapter_model.safetensors")["prompt_embeddings"]
     reference = load_file(tmp_path / "theirs" / "adapter_model.safetensors")["prompt_embeddings"]
-    assert torch.equal(mine, reference)
+    assert_identical(mine, reference, msg="PEFT's text init")
     ids = torch.tensor(([5, 9, 11] * 3)[:n])
-    assert torch.equal(mine, ours.get_base_model().get_input_embeddings().weight[ids])
+    assert_identical(mine, ours.get_base_model().get_input_embeddings().weight[ids].detach(), msg="embedding rows")
     for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
         assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())[key] == theirs_config.to_dict()[key]
 
@@ -225,10 +237,11 @@ def test_a_second_prompt_adapter_saves_to_its_subfolder_for_peft(tmp_path) -> No
     ours.save_pretrained(tmp_path)
 
     theirs = peft.PeftModel.from_pretrained(tiny_model("llama", seed=8), tmp_path).eval()
-    torch.testing.assert_close(model_output(theirs, inputs), first)
+    base = model_output(tiny_model("llama", seed=8), inputs)
+    assert_prompted(model_output(theirs, inputs), first, base, "first adapter in PEFT")
     theirs.load_adapter(tmp_path / "other", adapter_name="other")
     theirs.set_adapter("other")
-    torch.testing.assert_close(model_output(theirs, inputs), second)
+    assert_prompted(model_output(theirs, inputs), second, first, "second adapter in PEFT")
 
 
 def test_prompts_compose_with_lora_in_a_mixed_model(tmp_path) -> None:
@@ -246,9 +259,10 @@ def test_prompts_compose_with_lora_in_a_mixed_model(tmp_path) -> None:
     embeds = mixed.get_base_model().get_input_embeddings()(inputs["input_ids"])
     prompted = {"inputs_embeds": torch.cat([prompts.expand(2, -1, -1), embeds], dim=1)}
     mixed.set_adapter("default")
-    torch.testing.assert_close(got, model_output(mixed, prompted))
+    lora_only = model_output(mixed, inputs)
+    assert_prompted(got, model_output(mixed, prompted), lora_only, "LoRA on the prompted embeddings")
 
     mixed.set_adapter(["default", "prompt"])
     mixed.save_pretrained(tmp_path)
     back = PeftModel.from_pretrained(tiny_model("llama", seed=9), tmp_path, mixed=True)
-    assert torch.equal(model_output(back, inputs), got)
+    assert_prompted(model_output(back, inputs), got, lora_only, "reloaded mix")
