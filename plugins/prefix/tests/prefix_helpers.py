@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import grafting_prefix
+from grafting.testing import assert_close
 
 #: grafting's and PEFT's config class for each method.
 CONFIGS: dict[str, tuple[type, type]] = {
@@ -75,3 +76,10 @@ def train_steps(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_prompted(actual: torch.Tensor, expected: torch.Tensor, plain: torch.Tensor, msg: str) -> None:
+    """``actual`` is ``expected`` up to rounding, and the prompts moved the last position away from ``plain``
+    (a causal LM's prompted logits hold N more positions than the base model's)."""
+    assert_close(actual, expected, msg=msg)
+    assert_close(actual[:, -1], expected[:, -1], changed_from=plain[:, -1], msg=f"{msg}, last position")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from prefix_helpers import adapter_parameters, configs, greedy_reference, snapshot, train_steps
+from prefix_helpers import adapter_parameters, assert_prompted, configs, greedy_reference, snapshot, train_steps
 from safetensors.torch import load_file
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import assert_close, model_output, sample_inputs, tiny_model
 from grafting_prefix.encoders import PromptTable
 
 CASES = [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
@@ -31,7 +31,8 @@ def test_peft_saves_grafting_loads(method: str, arch: str, task: str, tmp_path) 
     theirs.save_pretrained(tmp_path)
 
     ours = PeftModel.from_pretrained(tiny_model(arch, seed=11), tmp_path)
-    torch.testing.assert_close(model_output(ours, inputs), expected)
+    base = model_output(tiny_model(arch, seed=11), inputs)
+    assert_prompted(model_output(ours, inputs), expected, base, "PEFT's tokens in grafting")
     if task == "CAUSAL_LM":
         with torch.no_grad():
             ids = ours.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -48,11 +49,12 @@ def test_grafting_saves_peft_loads(method: str, arch: str, task: str, tmp_path) 
     ours.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
     adapter = ours.base_model.model_adapters["default"]
-    with torch.no_grad():
-        assert torch.equal(saved, adapter.encoder())  # the encoder's output, not its table
+    with torch.no_grad():  # the encoder's output, not its table
+        assert_close(saved, adapter.encoder(), changed_from=adapter.encoder.embedding.weight, msg="saved tokens")
 
     theirs = peft.PeftModel.from_pretrained(tiny_model(arch, seed=12), tmp_path).eval()
-    torch.testing.assert_close(model_output(theirs, inputs), expected)
+    base = model_output(tiny_model(arch, seed=12), inputs)
+    assert_prompted(model_output(theirs, inputs), expected, base, "grafting's tokens in PEFT")
     if task == "CAUSAL_LM":
         with torch.no_grad():
             ids = ours.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -74,12 +76,13 @@ def test_training_changes_only_the_encoder_and_reloading_is_exact(method: str, a
     assert changed <= adapter | heads
 
     expected = model_output(ours, inputs)
+    base = model_output(tiny_model(arch, seed=13), inputs)
     with ours.disable_adapter():
-        assert torch.equal(model_output(ours, inputs), model_output(tiny_model(arch, seed=13), inputs))
+        assert_prompted(model_output(ours, inputs), base, expected, "disabled")
     ours.save_pretrained(tmp_path)
     for trainable in (False, True):
         loaded = PeftModel.from_pretrained(tiny_model(arch, seed=13), tmp_path, is_trainable=trainable)
-        assert torch.equal(model_output(loaded, inputs), expected)
+        assert_prompted(model_output(loaded, inputs), expected, base, "reloaded")
         encoder = loaded.base_model.model_adapters["default"].encoder
         assert isinstance(encoder, PromptTable)  # PEFT's format keeps the tokens, not the encoder
         assert encoder.embedding.weight.requires_grad is trainable
@@ -98,8 +101,8 @@ def test_saved_tokens_are_the_eval_mode_output() -> None:
     ours.train()
     adapter = ours.base_model.model_adapters["default"]
     first, second = adapter.peft_state_dict()["prompt_embeddings"], adapter.peft_state_dict()["prompt_embeddings"]
-    assert torch.equal(first, second)
+    assert_close(first, second, changed_from=adapter.encoder.embedding.weight, msg="saved twice")
     assert adapter.training  # the mode is restored
     adapter.eval()
     with torch.no_grad():
-        assert torch.equal(first, adapter.encoder())
+        assert_close(first, adapter.encoder(), changed_from=adapter.encoder.embedding.weight, msg="eval-mode tokens")

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from prefix_helpers import adapter_parameters, configs, greedy_reference, snapshot, train_steps
+from prefix_helpers import adapter_parameters, assert_prompted, configs, greedy_reference, snapshot, train_steps
 from safetensors.torch import load_file
 
 from grafting import AdapterStateError, PeftModel, get_peft_model
@@ -16,13 +16,6 @@ from grafting_prefix import PromptTuningConfig
 
 CASES = [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")]
 N = 3
-
-
-def assert_prompted(actual: torch.Tensor, expected: torch.Tensor, plain: torch.Tensor, msg: str) -> None:
-    """``actual`` is ``expected`` up to rounding, and the prompts moved the last position away from ``plain``
-    (a causal LM's prompted logits hold N more positions than the base model's)."""
-    assert_close(actual, expected, msg=msg)
-    assert_close(actual[:, -1], expected[:, -1], changed_from=plain[:, -1], msg=f"{msg}, last position")
 
 
 def labels_for(arch: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

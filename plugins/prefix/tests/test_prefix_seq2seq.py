@@ -9,7 +9,7 @@ from prefix_helpers import configs
 from safetensors.torch import load_file
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import assert_close, model_output, sample_inputs, tiny_model
 
 METHODS = ("prompt", "p_mlp")
 N = 3
@@ -36,17 +36,17 @@ def test_peft_saves_grafting_loads(method: str, tmp_path) -> None:
     torch.manual_seed(31)
     theirs = peft.get_peft_model(tiny_model("t5", seed=31), configs(method, "SEQ_2_SEQ_LM", N)[1]).eval()
     expected = model_output(theirs, inputs)
-    assert not torch.allclose(expected, model_output(tiny_model("t5", seed=31), inputs))
+    base = model_output(tiny_model("t5", seed=31), inputs)
     theirs.save_pretrained(tmp_path)
     # the file holds a second block of rows for the decoder, which the forward does not use
     assert load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"].shape == (2 * N, 16)
 
     ours = PeftModel.from_pretrained(tiny_model("t5", seed=31), tmp_path)
-    torch.testing.assert_close(model_output(ours, inputs), expected)
+    assert_close(model_output(ours, inputs), expected, changed_from=base, msg="PEFT's tokens in grafting")
     labels = inputs["decoder_input_ids"]
     with torch.no_grad():
         loss = ours(**encoder_inputs(inputs), labels=labels).loss
-        torch.testing.assert_close(loss, theirs(**encoder_inputs(inputs), labels=labels).loss)
+        assert_close(loss, theirs(**encoder_inputs(inputs), labels=labels).loss, msg="loss")
         ids = ours.generate(**encoder_inputs(inputs), max_new_tokens=4, do_sample=False)
         reference = theirs.generate(**encoder_inputs(inputs), max_new_tokens=4, do_sample=False)
     assert torch.equal(ids, reference)  # PEFT's seq2seq generate needs no cache tricks, so it is an oracle here
@@ -59,15 +59,16 @@ def test_grafting_saves_peft_loads_and_disabled_is_the_base(method: str, tmp_pat
     torch.manual_seed(32)
     ours = get_peft_model(tiny_model("t5", seed=32), configs(method, "SEQ_2_SEQ_LM", N)[0]).eval()
     expected = model_output(ours, inputs)
+    base = model_output(tiny_model("t5", seed=32), inputs)
     with ours.disable_adapter():
-        assert torch.equal(model_output(ours, inputs), model_output(tiny_model("t5", seed=32), inputs))
+        assert_close(model_output(ours, inputs), base, changed_from=expected, msg="disabled")
     ours.save_pretrained(tmp_path)
     assert ours.peft_config["default"].num_transformer_submodules == 2
 
     theirs = peft.PeftModel.from_pretrained(tiny_model("t5", seed=32), tmp_path).eval()
-    torch.testing.assert_close(model_output(theirs, inputs), expected)
+    assert_close(model_output(theirs, inputs), expected, changed_from=base, msg="grafting's tokens in PEFT")
     with torch.no_grad():
         ids = ours.generate(**encoder_inputs(inputs), max_new_tokens=4, do_sample=False)
     assert torch.equal(ids, greedy_seq2seq(theirs, inputs, 4))
     loaded = PeftModel.from_pretrained(tiny_model("t5", seed=32), tmp_path)
-    assert torch.equal(model_output(loaded, inputs), expected)
+    assert_close(model_output(loaded, inputs), expected, changed_from=base, msg="reloaded")
