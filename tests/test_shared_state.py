@@ -19,14 +19,12 @@ import grafting
 from grafting import AdapterLoadError, PluginError
 from grafting.cli import inspect_adapter
 from grafting.layer import AdaptedLayer
+from grafting.testing import assert_close, assert_identical
 from grafting.weights import in_out_features
 from tests.helpers import (
     ATTENTION,
     LINEAR,
     adapted,
-    assert_close,
-    assert_differs,
-    assert_merged_close,
     base_logits,
     base_model,
     logits,
@@ -57,7 +55,9 @@ def test_created_once_with_every_target_and_handed_to_each_layer(toy_methods: To
     adapters = _layer_adapters(model)
     assert all(a.shared is bank for a in adapters)
     assert all(set(a.state_dict()) == {"toy_v"} for a in adapters)  # a reference, not a submodule
-    assert_differs(logits(model, arch), base_logits(arch))
+    out = logits(model, arch)
+    with model.disable_adapter():
+        assert_close(logits(model, arch), base_logits(arch), changed_from=out, msg="the shared bank takes part")
 
 
 def test_saved_once_under_base_model_and_loaded_strictly(toy_methods: ToyPlugin, tmp_path: object) -> None:
@@ -68,8 +68,8 @@ def test_saved_once_under_base_model_and_loaded_strictly(toy_methods: ToyPlugin,
     expected = logits(model, "llama")
     model.save_pretrained(tmp_path)
     loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    assert torch.equal(loaded.base_model.shared_states["default"].toy_bank, state["base_model.toy_bank"])
-    assert_close(logits(loaded, "llama"), expected, "loaded logits")
+    assert_identical(loaded.base_model.shared_states["default"].toy_bank, state["base_model.toy_bank"], msg="bank")
+    assert_close(logits(loaded, "llama"), expected, changed_from=base_logits("llama"), msg="loaded logits")
     # strict: the file must hold the shared tensor, and a model without it must not take one
     del state["base_model.toy_bank"]
     fresh = adapted("llama", _config("llama", seed=3))
@@ -84,8 +84,7 @@ def test_a_wrong_shared_shape_is_refused_before_anything_is_written(toy_methods:
     before = {k: v.clone() for k, v in grafting.get_peft_model_state_dict(model).items()}
     with pytest.raises(AdapterLoadError, match=r"base_model\.toy_bank has shape"):
         grafting.set_peft_model_state_dict(model, state)
-    after = grafting.get_peft_model_state_dict(model)
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_identical(grafting.get_peft_model_state_dict(model), before, msg="after the refused load")
 
 
 def test_a_non_persistent_shared_buffer_is_regenerated_not_saved(toy_methods: ToyPlugin, tmp_path: object) -> None:
@@ -94,7 +93,7 @@ def test_a_non_persistent_shared_buffer_is_regenerated_not_saved(toy_methods: To
     expected = logits(model, "gpt2")
     model.save_pretrained(tmp_path)
     loaded = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path)
-    assert_close(logits(loaded, "gpt2"), expected, "loaded logits")
+    assert_close(logits(loaded, "gpt2"), expected, changed_from=base_logits("gpt2"), msg="loaded logits")
 
 
 def test_a_buffer_left_on_meta_is_a_load_error_naming_it(toy_methods: ToyPlugin, tmp_path: object) -> None:
@@ -121,17 +120,17 @@ def test_merge_routing_and_mixing_go_through_the_layer_adapters(toy_methods: Toy
     alone = logits(model, arch)
     model.set_adapter("other")
     other = logits(model, arch)
-    assert_differs(alone, base_logits(arch, dtype=torch.float64))
-    assert_differs(other, alone)
+    plain = base_logits(arch, dtype=torch.float64)
     routed = logits(model, arch, adapter_names=["default", "other", "__base__"])
-    assert_close(routed[0], alone[0], "routed to default", tol=1e-10)
-    assert_close(routed[1], other[1], "routed to other", tol=1e-10)
-    assert_close(routed[2], base_logits(arch, dtype=torch.float64)[2], "routed to the base", tol=1e-10)
+    tight = {"rtol": 1e-10, "atol": 1e-10}  # float64: rounding near 1e-15
+    assert_close(routed[0], alone[0], changed_from=plain[0], **tight, msg="routed to default")
+    assert_close(routed[1], other[1], changed_from=alone[1], **tight, msg="routed to other")
+    assert_close(routed[2], plain[2], changed_from=alone[2], **tight, msg="routed to the base")
     model.set_adapter(["default", "delta"])
     model.merge_adapter()
-    assert_merged_close(logits(model, arch), both)
+    assert_close(logits(model, arch), both, changed_from=alone, msg="merged")
     model.unmerge_adapter()
-    assert_close(logits(model, arch), both, "unmerged", tol=1e-10)
+    assert_close(logits(model, arch), both, changed_from=alone, **tight, msg="unmerged")
 
 
 def test_delete_adapter_drops_its_shared_state(toy_methods: ToyPlugin) -> None:
