@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import grafting
 from grafting.routing import BASE
+from grafting.testing import assert_close
 from tests.helpers import (
     ARCHS,
     adapted,
-    assert_close,
     base_logits,
     inputs,
     logits,
@@ -25,6 +25,10 @@ from tests.helpers import (
 )
 
 BATCH = 4
+#: float64 sums of a few dozen terms of order 1: rounding stays far below this, a wrong route far above
+TIGHT = {"rtol": 1e-12, "atol": 1e-12}
+#: Another route for a sample, to check that its own route made a difference.
+OTHER_ROUTE = {"default": "other", "other": BASE, BASE: "default"}
 
 
 def _two_adapters(arch: str, first: Any, second: Any) -> Any:
@@ -51,14 +55,19 @@ def test_each_sample_goes_through_its_adapter(arch: str, data: st.DataObject, na
     model = _two_adapters(arch, data.draw(lora_configs(arch)), data.draw(lora_configs(arch)))
     routed = logits(model, arch, BATCH, adapter_names=names)
     for i, name in enumerate(names):
-        assert_close(routed[i : i + 1], _alone(model, arch, i, name), f"sample {i} through {name!r}", tol=1e-12)
+        changed_from = _alone(model, arch, i, OTHER_ROUTE[name])
+        expected = _alone(model, arch, i, name)
+        assert_close(
+            routed[i : i + 1], expected, changed_from=changed_from, **TIGHT, msg=f"sample {i} through {name!r}"
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_base_for_every_sample_is_the_base_model(arch: str) -> None:
     model = _two_adapters(arch, lora(arch, use_dora=True), lora(arch, target_modules="all-linear"))
     routed = logits(model, arch, adapter_names=[BASE] * 3)
-    assert_close(routed, base_logits(arch, dtype=torch.float64), "every sample to the base", tol=1e-12)
+    base = base_logits(arch, dtype=torch.float64)
+    assert_close(routed, base, changed_from=logits(model, arch), **TIGHT, msg="every sample to the base")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,7 +76,8 @@ def test_one_adapter_for_every_sample_is_that_adapter(arch: str) -> None:
     model.set_adapter("other")
     expected = logits(model, arch)
     model.set_adapter("default")
-    assert_close(logits(model, arch, adapter_names=["other"] * 3), expected, "all samples to 'other'", tol=1e-12)
+    routed = logits(model, arch, adapter_names=["other"] * 3)
+    assert_close(routed, expected, changed_from=logits(model, arch), **TIGHT, msg="all samples to 'other'")
     assert model.active_adapters == ["default"]  # routing does not change the active adapter
 
 
@@ -80,7 +90,9 @@ def test_classification_heads_are_routed_too() -> None:
     names = ["other", BASE, "default", "other"]
     routed = logits(model, "bert", BATCH, adapter_names=names)
     for i, name in enumerate(names):
-        assert_close(routed[i : i + 1], _alone(model, "bert", i, name), f"sample {i} through {name!r}", tol=1e-5)
+        changed_from = _alone(model, "bert", i, OTHER_ROUTE[name])
+        expected = _alone(model, "bert", i, name)
+        assert_close(routed[i : i + 1], expected, changed_from=changed_from, msg=f"sample {i} through {name!r}")
 
 
 def test_routing_errors() -> None:
