@@ -9,12 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from grafting.config import AdapterConfig, TaskType
+from grafting.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from grafting.config import AdapterConfig, PeftType, TaskType
 from grafting.dispatch import config_from_dict, get_peft_config
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterStateError,
+    BaseStateDictError,
     CombinationError,
     ConfigError,
     GraftingError,
@@ -26,7 +36,9 @@ from grafting.errors import (
     TargetNotFoundError,
     UnknownMethodError,
     UnsupportedLayerError,
+    UnusedOptionWarning,
 )
+from grafting.hub import load_peft_weights
 from grafting.layer import AdaptedLayer
 from grafting.method import peft_type_of_config
 from grafting.peft_model import (
@@ -42,6 +54,11 @@ from grafting.peft_model import (
     inject_adapter_in_model,
 )
 from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
+from grafting.prepare import (
+    cast_mixed_precision_params,
+    prepare_model_for_gradient_checkpointing,
+    prepare_model_for_kbit_training,
+)
 from grafting.protocol import (
     DeltaAdapter,
     InputAdapter,
@@ -55,11 +72,20 @@ from grafting.protocol import (
     hookimpl,
 )
 from grafting.routing import route_samples
-from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 __version__ = "0.1.0"
 
 PeftConfig = AdapterConfig
+#: PEFT's names for grafting's base classes, so ``except PeftError`` and warning filters keep working.
+PeftError = GraftingError
+PeftWarning = GraftingWarning
+NoMatchingPeftModuleError = TargetNotFoundError
 
 
 def __getattr__(name: str) -> Any:
@@ -81,6 +107,14 @@ __all__ = [
     "AdapterLoadError",
     "AdapterNotFoundError",
     "AdapterStateError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "BaseStateDictError",
     "CombinationError",
     "ConfigError",
     "DeltaAdapter",
@@ -92,8 +126,10 @@ __all__ = [
     "MergeError",
     "Method",
     "ModelAdapter",
+    "NoMatchingPeftModuleError",
     "OutputAdapter",
     "PeftConfig",
+    "PeftError",
     "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -102,6 +138,8 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
+    "PeftWarning",
     "PluginConflictError",
     "PluginError",
     "SharedState",
@@ -111,7 +149,10 @@ __all__ = [
     "TaskType",
     "UnknownMethodError",
     "UnsupportedLayerError",
+    "UnusedOptionWarning",
+    "cast_mixed_precision_params",
     "config_from_dict",
+    "get_base_model_state_dict",
     "get_method",
     "get_peft_config",
     "get_peft_model",
@@ -119,8 +160,12 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "inject_adapter_in_model",
+    "load_peft_weights",
+    "prepare_model_for_gradient_checkpointing",
+    "prepare_model_for_kbit_training",
     "register_plugin",
     "route_samples",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "unregister_plugin",
 ]

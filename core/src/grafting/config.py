@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
+from grafting.errors import AdapterLoadError, ConfigError, GraftingError, GraftingWarning
 
 # field validators, kept importable from here for code written before grafting.toolkit
 from grafting.validators import (
@@ -29,6 +30,70 @@ __all__ = ["AdapterConfig", "TaskType", "one_of", "positive", "positive_int", "p
 
 CONFIG_NAME = "adapter_config.json"
 C = TypeVar("C", bound="AdapterConfig")
+
+
+class PeftType(str, enum.Enum):
+    """A method's name as adapter_config.json writes it (PEFT 0.21's members; grafting implements some).
+
+    ``config.peft_type`` is a member when the method's name is one; a
+    third-party method outside PEFT's list keeps its plain string.
+    """
+
+    PROMPT_TUNING = "PROMPT_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    ADAMSS = "ADAMSS"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    IA3 = "IA3"
+    BEFT = "BEFT"
+    LILY = "LILY"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    POLY = "POLY"
+    LN_TUNING = "LN_TUNING"
+    VERA = "VERA"
+    FROD = "FROD"
+    PVERA = "PVERA"
+    FOURIERFT = "FOURIERFT"
+    GLORA = "GLORA"
+    XLORA = "XLORA"
+    HRA = "HRA"
+    VBLORA = "VBLORA"
+    UNILORA = "UNILORA"
+    CPT = "CPT"
+    MISS = "MISS"
+    RANDLORA = "RANDLORA"
+    ROAD = "ROAD"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    HIRA = "HIRA"
+    SHIRA = "SHIRA"
+    C3A = "C3A"
+    WAVEFT = "WAVEFT"
+    OSF = "OSF"
+    DELORA = "DELORA"
+    GRALORA = "GRALORA"
+    CARTRIDGE = "CARTRIDGE"
+    TINYLORA = "TINYLORA"
+    PSOFT = "PSOFT"
+    PEANUT = "PEANUT"
+    SHADOW = "SHADOW"
+    SUPERTUNING = "SUPERTUNING"
+    DEFT = "DEFT"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def as_peft_type(value: Any) -> Any:
+    """``value`` as a :class:`PeftType` member when PEFT knows the name, else unchanged."""
+    if isinstance(value, str) and not isinstance(value, PeftType) and value in PeftType._value2member_map_:
+        return PeftType(value)
+    return value
 
 
 class TaskType(str, enum.Enum):
@@ -90,6 +155,26 @@ def _task_type(value: Any) -> str | None:
         raise ConfigError(f"task_type {value!r} is not one of {known}") from None
 
 
+class _DataclassFields:
+    """``__dataclass_fields__`` of a config class, built from its attrs fields on first use.
+
+    With it, the standard library's ``dataclasses.replace``, ``fields``,
+    ``asdict`` and ``is_dataclass`` work on grafting's configs as on PEFT's
+    dataclasses (``replace`` builds a new config through ``__init__``, so the
+    fields are validated again).
+    """
+
+    def __get__(self, instance: Any, owner: type) -> dict[str, dataclasses.Field]:
+        cached = owner.__dict__.get("_dataclass_fields_cache")
+        if cached is None:
+            names: list[Any] = [("peft_type", Any, dataclasses.field(init=False))]  # read-only, as asdict shows it
+            names += [(f.name, Any) for f in attrs.fields(owner) if f.init]
+            shadow = dataclasses.make_dataclass(owner.__name__, names, kw_only=True)
+            cached = dict(shadow.__dataclass_fields__)  # type: ignore[attr-defined]
+            type.__setattr__(owner, "_dataclass_fields_cache", cached)
+        return cached
+
+
 @attrs.define(kw_only=True)
 class AdapterConfig:
     """Options every method shares. Subclasses set ``peft_type`` and add their own fields.
@@ -99,13 +184,23 @@ class AdapterConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    __dataclass_fields__: ClassVar[Any] = _DataclassFields()
     #: Keys PEFT writes for features grafting does not implement, with PEFT's
     #: default. Read and written back; any other value is a ConfigError.
     inert_keys: ClassVar[dict[str, Any]] = {}
     #: Shared options that PEFT's config class for this method lacks: written only when set.
     absent_in_peft: ClassVar[tuple[str, ...]] = ()
+    #: Fields that map module-name patterns to per-module values (``rank_pattern``): a key that
+    #: matches none of the adapted modules is reported with an ``UnusedOptionWarning``.
+    pattern_fields: ClassVar[tuple[str, ...]] = ()
     #: Keys kept and written back whatever they hold (informational).
     informational_keys: ClassVar[tuple[str, ...]] = ("auto_mapping", "peft_version")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("peft_type")
+        if declared is not None:  # a plugin's plain string becomes PEFT's enum member when PEFT has one
+            cls.peft_type = as_peft_type(declared)
 
     task_type: str | None = attrs.field(default=None, converter=_task_type)
     base_model_name_or_path: str | None = attrs.field(default=None, validator=optional_string)
@@ -144,7 +239,7 @@ class AdapterConfig:
                 continue
             value = getattr(self, field.name)
             out[field.name] = _jsonable(value)
-        out["peft_type"] = self.peft_type
+        out["peft_type"] = str(_jsonable(self.peft_type))
         for key in self.absent_in_peft:
             if out.get(key) is None:
                 out.pop(key, None)
@@ -194,8 +289,8 @@ class AdapterConfig:
         # (the first rank_pattern key that matches a module wins)
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write adapter_config.json atomically into ``save_directory``."""
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write adapter_config.json atomically into ``save_directory`` (``kwargs`` are accepted for PEFT's sake)."""
         from grafting.io import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
@@ -203,15 +298,19 @@ class AdapterConfig:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
     ) -> AdapterConfig:
-        """Read adapter_config.json from a folder.
+        """Read adapter_config.json from a folder or a Hub repository.
 
         On a method's class, that class reads it; on ``AdapterConfig`` itself
         (PEFT's ``PeftConfig.from_pretrained``) the installed method of its
         ``peft_type`` does (:func:`grafting.dispatch.config_from_dict`).
+        ``revision`` picks the Hub revision; other keyword arguments override config fields.
         """
-        folder = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+        from grafting.hub import resolve_adapter_folder
+
+        revision = kwargs.pop("revision", None)
+        folder = resolve_adapter_folder(pretrained_model_name_or_path, subfolder, revision)
         data = read_config_file(folder)
         data.update(kwargs)
         if cls is AdapterConfig:
@@ -219,6 +318,42 @@ class AdapterConfig:
 
             return config_from_dict(data, source=os.path.join(folder, CONFIG_NAME))
         return cls.from_dict(data, source=os.path.join(folder, CONFIG_NAME))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+        """The content of a JSON config file as a dict (PEFT's helper; build a config with ``from_dict``)."""
+        with open(path_json_file, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path_json_file} does not hold a JSON object")
+        data.pop("runtime_config", None)  # PEFT never reads it back either
+        return data
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> AdapterConfig:
+        """The config of the method named by ``kwargs["peft_type"]``, built from the other keyword arguments."""
+        from grafting.dispatch import config_from_dict
+
+        return config_from_dict(kwargs)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """The keyword arguments a config is built from, unchanged (PEFT's hook for subclasses)."""
+        return kwargs
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for methods that act on the model's inputs (prompt tuning, P-tuning, prefix tuning)."""
+        from grafting.plugins import get_method
+
+        try:
+            return get_method(str(self.peft_type)).level == "model"
+        except GraftingError:
+            return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return self.peft_type == PeftType.ADAPTION_PROMPT
 
     # -- per-method extension points ----------------------------------------------
     def trainable_base_parameters(self, model: Any, adapted_paths: list[str]) -> list[str]:

@@ -38,8 +38,11 @@ class UnsupportedLayerError(GraftingError, TypeError):
     """A matched module is of a type no plugin can adapt for this method."""
 
 
-class AdapterNotFoundError(GraftingError, KeyError):
-    """An adapter name that the model does not hold."""
+class AdapterNotFoundError(GraftingError, KeyError, ValueError):
+    """An adapter name that the model does not hold.
+
+    A ``ValueError`` as PEFT raises there, and a ``KeyError`` as a name lookup.
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -49,8 +52,12 @@ class AdapterStateError(GraftingError, RuntimeError):
     """The requested operation conflicts with the adapters' current state."""
 
 
-class MergeError(GraftingError, RuntimeError):
-    """Merging or unmerging would give wrong weights, so nothing was changed."""
+class MergeError(GraftingError, RuntimeError, ValueError):
+    """Merging or unmerging would give wrong weights, so nothing was changed.
+
+    PEFT raises ``RuntimeError`` (a bias to merge into is missing) or
+    ``ValueError`` (non-finite merged weights) there; this is both.
+    """
 
 
 class AdapterLoadError(GraftingError, ValueError):
@@ -68,8 +75,19 @@ class FolderLockedError(GraftingError, TimeoutError):
     """Another process holds the folder's save lock for longer than grafting waits."""
 
 
+class BaseStateDictError(GraftingError, RuntimeError):
+    """A base-model state dict does not fit the model under the adapters (a RuntimeError, as load_state_dict's)."""
+
+
 class GraftingWarning(UserWarning):
-    """Something worth knowing that does not stop the call."""
+    """Something worth knowing that does not stop the call (PEFT's ``PeftWarning`` plays this role)."""
+
+
+class UnusedOptionWarning(GraftingWarning, RuntimeWarning):
+    """An option had no effect (a ``rank_pattern`` key that matches no adapted module).
+
+    A ``RuntimeWarning`` too, the category PEFT uses there, so existing filters keep working.
+    """
 
 
 class CombinationError(GraftingError, ValueError):

@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from grafting.errors import AdapterLoadError
 from grafting.io import atomic_write_text
 from grafting.transaction import is_bookkeeping
@@ -127,3 +129,22 @@ def add_card_tags(folder: str, tags: list[str]) -> None:
     existing = list(card.data.tags or [])
     card.data.tags = existing + [t for t in tags if t not in existing]
     atomic_write_text(path, str(card))
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike[str],
+    device: str | None = None,
+    key_mapping: dict[str, str] | None = None,
+    **hf_hub_download_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter (a local folder or a Hub repository), keys as saved (PEFT's helper).
+
+    ``key_mapping`` renames keys (regex -> replacement, the first match wins);
+    ``subfolder`` and ``revision`` among the keyword arguments pick where on the Hub.
+    """
+    from grafting.io import load_weights, remap_keys
+
+    folder = resolve_adapter_folder(
+        model_id, hf_hub_download_kwargs.get("subfolder"), hf_hub_download_kwargs.get("revision")
+    )
+    return remap_keys(load_weights(folder, device=device or "cpu"), key_mapping)

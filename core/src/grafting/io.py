@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -156,3 +157,24 @@ def load_weights(folder: str, device: str | torch.device = "cpu") -> dict[str, t
     ):
         raise AdapterLoadError(f"{path} does not hold a dict of named tensors: it is not adapter weights")
     return dict(loaded)
+
+
+def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Rename saved keys with ``key_mapping`` (regex -> replacement; the first pattern that matches wins).
+
+    The patterns see each key without its ``base_model.model.`` (or
+    ``base_model.``) prefix, as PEFT applies them.
+    """
+    if not key_mapping:
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        rest = key[len(prefix) :]
+        for pattern, replacement in key_mapping.items():
+            renamed, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = renamed
+                break
+        out[prefix + rest] = value
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -36,6 +37,22 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def warn_unmatched_patterns(config: Any, names: list[str]) -> None:
+    """Warn about keys of the config's ``pattern_fields`` that match none of the adapted modules ``names``."""
+    from grafting.errors import UnusedOptionWarning
+
+    for field in getattr(config, "pattern_fields", ()):
+        patterns = getattr(config, field, None) or {}
+        unmatched = sorted(key for key in patterns if not any(pattern_key([key], name) for name in names))
+        if unmatched:
+            warnings.warn(
+                f"{type(config).__name__}.{field} keys {unmatched} match none of the adapted modules; they have"
+                " no effect",
+                UnusedOptionWarning,
+                stacklevel=4,
+            )
 
 
 def pattern_value(patterns: Mapping[str, V], name: str, default: V) -> V:

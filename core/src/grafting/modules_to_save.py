@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
+from grafting.errors import UnsupportedLayerError
 from grafting.routing import current_routing
 
 
@@ -36,6 +38,12 @@ class ModulesToSaveWrapper(nn.Module):
         routing = current_routing()
         if routing is not None and args:
             out = self.original_module(*args, **kwargs)
+            if not isinstance(out, torch.Tensor) or not isinstance(args[0], torch.Tensor):
+                raise UnsupportedLayerError(
+                    f"per-sample adapter_names cannot route the batch through modules_to_save copies of"
+                    f" {type(self.original_module).__name__}: it returns a {type(out).__name__}, not one tensor"
+                    " with the batch first; run those samples in separate calls"
+                )
             for name in routing.adapter_names:
                 if name in self.modules_to_save:
                     rows = routing.rows(name, out.device)

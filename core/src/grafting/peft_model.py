@@ -6,14 +6,23 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from grafting.config import CONFIG_NAME, AdapterConfig, TaskType, read_config_file
 from grafting.dispatch import load_config
-from grafting.errors import AdapterLoadError, AdapterNotFoundError, AdapterStateError
+from grafting.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    GraftingWarning,
+    TargetNotFoundError,
+)
 from grafting.hub import push_folder, resolve_adapter_folder, write_model_card
 from grafting.io import (
     BIN_NAME,
@@ -23,12 +32,19 @@ from grafting.io import (
     check_pair,
     config_digest,
     load_weights,
+    remap_keys,
     save_weights,
     weights_path,
 )
 from grafting.routing import BASE, route_samples
 from grafting.signatures import FEATURE_INPUTS, LM_INPUTS, QA_INPUTS, SEQ2SEQ_INPUTS, keyword_forward
-from grafting.state_dict import get_peft_model_state_dict, plan_peft_model_state_dict
+from grafting.state_dict import (
+    LoadResult,
+    attach_tuner,
+    get_peft_model_state_dict,
+    injected_tuner,
+    plan_peft_model_state_dict,
+)
 from grafting.transaction import inside, is_bookkeeping, reading, save_transaction
 from grafting.tuner import AdapterModel
 
@@ -55,6 +71,8 @@ class PeftModel(nn.Module):
             autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage,
         )
+        if _is_checkpointing(model):  # as PEFT: adapters behind checkpointed blocks get gradients
+            self.prepare_model_for_gradient_checkpointing(model)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -81,15 +99,65 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> AdapterConfig:
         return self.peft_config[self.active_adapter]
 
-    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new adapter (inactive until :meth:`set_adapter`, unless it is the only one)."""
-        self.base_model.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.base_model.model, "dtype", None)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self.base_model.set_adapter(adapter_name)
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether some adapter is active and the adapters are not disabled."""
+        return bool(self.active_adapters) and not self.base_model.disabled
 
-    def delete_adapter(self, adapter_name: str) -> None:
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The module names every adapter's ``modules_to_save`` lists (task heads included), or None."""
+        names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
+        return names or None
+
+    @property
+    def prompt_encoder(self) -> nn.ModuleDict:
+        """The model-level adapters (prompt tuning, P-tuning, prefix tuning) by adapter name."""
+        return self.base_model.model_adapters
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: AdapterConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter, inactive and frozen until :meth:`set_adapter` (unless it is the only one).
+
+        ``autocast_adapter_dtype`` keeps a float16/bfloat16 base's new adapter in float32.
+        """
+        self.base_model.add_adapter(
+            adapter_name,
+            peft_config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``; it becomes trainable unless ``inference_mode`` (PEFT's behaviour)."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Let the given adapters train, or freeze them, whether active or not."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        """Remove one adapter or a list of them."""
         self.base_model.delete_adapter(adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = DEFAULT) -> bool:
+        """Whether the adapter is additive (``W + ΔW`` on every layer it touches), so LoRA can express it."""
+        return self.base_model.supports_lora_conversion(adapter_name)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the embeddings' output require grad (unless ``model`` is quantized), so checkpointed blocks backprop."""
+        from grafting.prepare import prepare_model_for_gradient_checkpointing
+
+        return prepare_model_for_gradient_checkpointing(model)
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: inside it the model computes as the base model."""
@@ -216,6 +284,12 @@ class PeftModel(nn.Module):
                 data["inference_mode"] = True
                 if data.get("base_model_name_or_path") is None:
                     data["base_model_name_or_path"] = base_name
+                if data.get("task_type") is None:  # for AutoPeftModel, as PEFT writes it
+                    base_class = type(self.base_model.model)
+                    data["auto_mapping"] = {
+                        "base_model_class": base_class.__name__,
+                        "parent_library": base_class.__module__,
+                    }
                 text = type(config).from_dict(data).to_json_string()
                 digest = config_digest(json.loads(text))
                 path = inside(folder, os.path.join(folder, weights))
@@ -282,7 +356,10 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: AdapterConfig | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        *,
         mixed: bool = False,
         strict: bool = True,
         subfolder: str | None = None,
@@ -293,6 +370,11 @@ class PeftModel(nn.Module):
 
         With ``mixed=True`` every adapter saved in the folder (the root and each
         subfolder with an adapter_config.json) is loaded and all are activated.
+        A ``config`` given is the one the model keeps (its ``inference_mode`` is
+        set from ``is_trainable``, as PEFT does). ``key_mapping`` (regex ->
+        replacement, first match wins) renames the file's keys, after their
+        ``base_model.model.`` prefix, before loading; by default the model's
+        ``_checkpoint_conversion_mapping``. ``ephemeral_gpu_offload`` is accepted and has no effect.
         """
         folder = resolve_adapter_folder(model_id, subfolder, revision)
         with reading(folder):
@@ -300,7 +382,11 @@ class PeftModel(nn.Module):
                 return PeftMixedModel._load_all(model, folder, is_trainable=is_trainable, strict=strict)
             if config is None:
                 config = load_config(folder)
-            config = _with_mode(config, inference_mode=not is_trainable)
+            elif not isinstance(config, AdapterConfig):
+                raise TypeError(f"config must be a grafting adapter config, got {type(config).__name__}")
+            config.inference_mode = not is_trainable  # the config given is the one kept, as in PEFT
+            if key_mapping is None and not _is_prompt_learning(config):
+                key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
             klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
             flags = _grad_flags(model)
             peft_model = klass(
@@ -312,7 +398,7 @@ class PeftModel(nn.Module):
                 mixed=mixed,
             )
             try:
-                peft_model._load_weights(folder, adapter_name, strict=strict)
+                peft_model._load_weights(folder, adapter_name, strict=strict, key_mapping=key_mapping)
             except BaseException:
                 _give_back(peft_model, flags)
                 raise
@@ -327,30 +413,50 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         torch_device: str | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        *,
         strict: bool = True,
         subfolder: str | None = None,
         revision: str | None = None,
         **kwargs: Any,
-    ) -> None:
-        """Load a saved adapter as ``adapter_name`` beside the ones the model holds."""
+    ) -> LoadResult:
+        """Load a saved adapter as ``adapter_name`` beside the ones the model holds.
+
+        Returns the load result (``missing_keys``: adapter tensors the file
+        lacked; ``unexpected_keys``: file keys that fit nothing), both empty
+        unless ``strict=False``. With ``is_trainable`` the adapter trains even
+        while inactive, as in PEFT.
+        """
         folder = resolve_adapter_folder(model_id, subfolder, revision)
         with reading(folder):
-            config = _with_mode(load_config(folder), inference_mode=not is_trainable)
-            self.base_model.add_adapter(
-                adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
+            config = load_config(folder)
+            config.inference_mode = not is_trainable
+            if key_mapping is None and not _is_prompt_learning(config):
+                key_mapping = getattr(self.base_model.model, "_checkpoint_conversion_mapping", None)
+            self.base_model.add_adapter(  # on the meta device unless tensors may be missing (strict=False)
+                adapter_name,
+                config,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=strict or low_cpu_mem_usage,
             )
             try:
-                self._load_weights(folder, adapter_name, strict=strict)
+                result = self._load_weights(folder, adapter_name, strict=strict, key_mapping=key_mapping)
             except BaseException:
                 self.base_model.delete_adapter(adapter_name)
                 raise
-        if not is_trainable:
+        if is_trainable:
+            self.base_model.set_requires_grad(adapter_name, True)
+        else:
             self.eval()
+        return result
 
-    def _load_weights(self, folder: str, adapter_name: str, *, strict: bool) -> None:
+    def _load_weights(
+        self, folder: str, adapter_name: str, *, strict: bool, key_mapping: dict[str, str] | None = None
+    ) -> LoadResult:
         """Read the folder's weights and load them; every check passes before any tensor of the model changes."""
-        tensors = load_weights(folder)
+        tensors = remap_keys(load_weights(folder), key_mapping)
         plan = plan_peft_model_state_dict(self, tensors, adapter_name=adapter_name, source=weights_path(folder))
         result = plan.result
         if strict and (result.unexpected_keys or result.missing_keys):
@@ -385,6 +491,7 @@ class PeftModel(nn.Module):
                 )
 
         plan.apply(after=filled)
+        return result
 
 
 def _grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -400,9 +507,20 @@ def _give_back(peft_model: PeftModel, flags: list[tuple[nn.Parameter, bool]]) ->
 
 
 def _with_mode(config: AdapterConfig, *, inference_mode: bool) -> AdapterConfig:
-    import attrs
+    config.inference_mode = inference_mode
+    return config
 
-    return attrs.evolve(config, inference_mode=inference_mode)
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` has gradient checkpointing on (True for a model that cannot say, as PEFT assumes)."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
+        if flag in dir(type(model)) or flag in model.__dict__:
+            return bool(getattr(model, flag))
+    return True
+
+
+def _is_prompt_learning(config: AdapterConfig) -> bool:
+    return bool(config.is_prompt_learning)
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -468,7 +586,7 @@ class PeftMixedModel(PeftModel):
         except BaseException:
             _give_back(mixed, flags)
             raise
-        mixed.set_adapter([name for name, _ in found])
+        mixed.set_adapter([name for name, _ in found], inference_mode=not is_trainable)
         if not is_trainable:
             mixed.eval()
         return mixed
@@ -505,11 +623,32 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter from ``peft_config``; the class follows ``task_type``."""
-    if revision is not None:
-        import attrs
+    """Wrap ``model`` with a new adapter from ``peft_config``; the class follows ``task_type``.
 
-        peft_config = attrs.evolve(peft_config, revision=revision)
+    As in PEFT, ``peft_config`` is the config the model keeps: its
+    ``base_model_name_or_path`` becomes the model's name (a warning says so when
+    that renames it; a model without a name keeps the config's) and ``revision``
+    is written into it.
+    """
+    name = model.__dict__.get("name_or_path") or None
+    if name is not None:
+        old = peft_config.base_model_name_or_path
+        if old is not None and old != name:
+            warnings.warn(
+                f"the config's base_model_name_or_path {old!r} is replaced by the model's name {name!r}; the saved"
+                " adapter names that base model",
+                GraftingWarning,
+                stacklevel=2,
+            )
+        peft_config.base_model_name_or_path = name
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(
+                f"the config's revision {peft_config.revision!r} is replaced by revision={revision!r}",
+                GraftingWarning,
+                stacklevel=2,
+            )
+        peft_config.revision = revision
     klass = PeftMixedModel if mixed else TASK_CLASSES.get(peft_config.task_type or "", PeftModel)
     return klass(
         model,
@@ -522,11 +661,76 @@ def get_peft_model(
 
 
 def inject_adapter_in_model(
-    peft_config: AdapterConfig, model: nn.Module, adapter_name: str = DEFAULT, low_cpu_mem_usage: bool = False
+    peft_config: AdapterConfig,
+    model: nn.Module,
+    adapter_name: str = DEFAULT,
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Put adapters into ``model`` in place, without a PeftModel wrapper; returns ``model``."""
-    AdapterModel(model).add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    """Put adapters into ``model`` in place, without a PeftModel wrapper; returns ``model``.
+
+    The adapters' tuner stays reachable from ``model`` (a plain attribute, so
+    ``model.state_dict()`` is unchanged), so ``get_peft_model_state_dict(model)``
+    and ``set_peft_model_state_dict(model, sd)`` work on it with PEFT's keys
+    (without the ``base_model.model.`` prefix). With ``state_dict``, the
+    modules its keys name are adapted instead of the config's targets (its
+    values are not loaded). ``low_cpu_mem_usage`` creates the adapter on the
+    meta device, to be filled by ``set_peft_model_state_dict``.
+    """
+    if peft_config.is_prompt_learning:
+        raise ConfigError(
+            f"inject_adapter_in_model cannot add a {peft_config.peft_type} adapter: it acts on the model's inputs,"
+            " so it needs get_peft_model"
+        )
+    tuner = injected_tuner(model)
+    if tuner is None:
+        tuner = AdapterModel(model, mixed=True)
+    if state_dict is not None:
+        peft_config = _targets_from_state_dict(peft_config, model, state_dict)
+    tuner.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    attach_tuner(model, tuner)
     return model
+
+
+def _targets_from_state_dict(
+    config: AdapterConfig, model: nn.Module, state_dict: dict[str, torch.Tensor]
+) -> AdapterConfig:
+    """``config`` aimed at the modules that ``state_dict``'s keys hold adapter tensors for (PEFT's rule)."""
+    import attrs
+
+    from grafting.matching import candidate_modules, find_targets
+    from grafting.plugins import get_registry
+
+    modules = dict(candidate_modules(model))
+    targets: set[str] = set()
+    for key in state_dict:
+        key = key.removeprefix("base_model.model.")
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the longest module name the key starts with
+            name = ".".join(parts[:cut])
+            if name in modules:
+                rest = ".".join(parts[cut:])
+                if rest not in dict(modules[name].named_parameters()) | dict(modules[name].named_buffers()):
+                    targets.add(name)  # an adapter tensor, not one of the module's own (modules_to_save)
+                break
+    if not targets:
+        raise TargetNotFoundError("inject_adapter_in_model: the state_dict's keys name no module of the model")
+    defaults = get_registry().hook.grafting_default_target_modules(config=config, model=model)
+    try:
+        from_config = set(find_targets(model, config, defaults))
+    except TargetNotFoundError:
+        from_config = set()
+    if from_config != targets:
+        warnings.warn(
+            "inject_adapter_in_model: the state_dict adapts other modules than the config's target_modules;"
+            f" following the state_dict (config only: {sorted(from_config - targets)},"
+            f" state_dict only: {sorted(targets - from_config)})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return attrs.evolve(
+        config, target_modules=sorted(targets), layers_to_transform=None, layers_pattern=None, exclude_modules=None
+    )
 
 
 __all__ = [

@@ -127,6 +127,9 @@ class LayerAdapter(nn.Module):
     #: row norms of ``W + ΔW``): it must see the layer's own weight, so it merges first in its
     #: layer and never together with another such adapter or an input adapter.
     reads_base_weight: bool = False
+    #: True when the adapter's effect is a weight delta ``W + ΔW`` that a LoRA adapter could
+    #: express (``supports_lora_conversion``); PEFT says so for LoRA, its variants and LoHa.
+    lora_convertible: ClassVar[bool] = False
     #: The adapter's shared state, set by :meth:`use_shared` (``None`` for methods without one).
     shared: SharedState | None = None
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
 from torch import nn
 
-from grafting.errors import AdapterLoadError, StateDictKeyError
+from grafting.errors import AdapterLoadError, BaseStateDictError, StateDictKeyError
 from grafting.matching import logical_path
 
 PREFIX = "base_model.model."
@@ -17,8 +17,23 @@ PREFIX = "base_model.model."
 MODEL_LEVEL_PREFIX = "base_model."
 
 
+#: The attribute of a model that ``inject_adapter_in_model`` changed, holding its tuner.
+TUNER_ATTRIBUTE = "_grafting_tuner"
+
+
+def attach_tuner(model: nn.Module, tuner: Any) -> None:
+    """Keep ``tuner`` reachable from ``model`` as a plain attribute (not a submodule: state_dict stays as it was)."""
+    model.__dict__[TUNER_ATTRIBUTE] = tuner
+    model.__dict__["peft_config"] = tuner.peft_config  # as PEFT sets it on an injected model
+
+
+def injected_tuner(model: nn.Module) -> Any:
+    """The tuner ``inject_adapter_in_model`` left on ``model``, or None."""
+    return model.__dict__.get(TUNER_ATTRIBUTE)
+
+
 def tuner_of(model: nn.Module) -> Any:
-    """The AdapterModel behind a PeftModel (or the AdapterModel itself)."""
+    """The AdapterModel behind a PeftModel, an injected model, or the AdapterModel itself."""
     from grafting.tuner import AdapterModel
 
     if isinstance(model, AdapterModel):
@@ -26,7 +41,22 @@ def tuner_of(model: nn.Module) -> Any:
     base = getattr(model, "base_model", None)
     if isinstance(base, AdapterModel):
         return base
+    injected = injected_tuner(model)
+    if isinstance(injected, AdapterModel):
+        return injected
     raise TypeError(f"{type(model).__name__} holds no grafting adapters")
+
+
+def _injected_only(model: nn.Module) -> bool:
+    """True when ``model`` is a model ``inject_adapter_in_model`` changed (not a PeftModel or tuner).
+
+    Its adapter keys lack ``base_model.model.``: the model is its own root, as in PEFT.
+    """
+    try:
+        tuner = tuner_of(model)
+    except TypeError:
+        return False
+    return tuner is injected_tuner(model) and tuner is not model and getattr(model, "base_model", None) is not tuner
 
 
 @attrs.frozen
@@ -100,6 +130,8 @@ def get_peft_model_state_dict(
         out = _from_state_dict(model, slots, state_dict, adapter_name)
     if adapter_name in tuner.model_adapters:
         out.update({k: full_tensor(v) for k, v in tuner.model_adapters[adapter_name].peft_state_dict().items()})
+    if _injected_only(model):
+        out = {key.removeprefix(PREFIX): value for key, value in out.items()}
     return out
 
 
@@ -155,9 +187,30 @@ def embedding_slots(tuner: Any, adapter_name: str) -> dict[str, Slot]:
     return slots
 
 
-@attrs.frozen
-class LoadResult:
-    """Keys of the file that fit nothing, and adapter tensors the file did not provide."""
+def base_bias_slots(tuner: Any, adapter_name: str) -> dict[str, Slot]:
+    """The base model's biases, keyed as PEFT saves them with ``bias="all"``.
+
+    A file that holds them loads them whatever the loading config's ``bias``
+    option says, as PEFT does (its loader takes every key that names a model tensor).
+    """
+    prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
+    slots: dict[str, Slot] = {}
+    for name, param in tuner.model.named_parameters():
+        owner_path, _, attr = name.rpartition(".")
+        if attr != "bias" or any(f".{part}." in f".{name}" for part in _WRAPPER_PARTS):
+            continue
+        owner = tuner.model.get_submodule(owner_path) if owner_path else tuner.model
+        key = f"{prefix}{logical_path(tuner.model, owner_path)}.{attr}" if owner_path else f"{prefix}{attr}"
+        slots[key] = Slot(owner, attr, param.device)
+    return slots
+
+
+#: Path segments of grafting's wrappers that hold adapter copies, not base tensors.
+_WRAPPER_PARTS = ("adapters", "modules_to_save", "original_module")
+
+
+class LoadResult(NamedTuple):
+    """Adapter tensors the file did not provide, and keys of the file that fit nothing (torch's order)."""
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -263,6 +316,8 @@ def plan_peft_model_state_dict(
     bad_keys = [k for k in state if not isinstance(k, str)]
     if bad_keys:
         raise AdapterLoadError(f"{where}: keys must be strings, got {bad_keys[:3]!r}")
+    if _injected_only(model):  # PEFT's keys for an injected model start at the model itself
+        state = {k if k.startswith(MODEL_LEVEL_PREFIX) else PREFIX + k: v for k, v in state.items()}
     model_level: dict[str, torch.Tensor] = {}
     missing: list[str] = []
     unfilled: list[str] = []
@@ -289,6 +344,9 @@ def plan_peft_model_state_dict(
     _check_tied(embedding, where)
     _check_tied_to_base(tuner, adapter_name, embedding, where)
     writes += list(embedding.values())
+    for key, slot in base_bias_slots(tuner, adapter_name).items():  # loaded if the file holds them, as PEFT does
+        if key in state:
+            writes.append((slot, checked_value(key, state.pop(key), slot.get(), where=where)))
     return LoadPlan(
         tuner,
         adapter_name,
@@ -384,3 +442,58 @@ def _device_of(module: nn.Module) -> torch.device:
         if not tensor.is_meta:
             return tensor.device
     return torch.device("cpu")
+
+
+def _base_slots(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Slot]]:
+    """The base model's tensors under their original names: wrappers seen through, adapters left out."""
+    from grafting.layer import AdaptedLayer
+    from grafting.modules_to_save import ModulesToSaveWrapper
+
+    if isinstance(module, AdaptedLayer):
+        yield from _base_slots(module.base_layer, prefix)
+        return
+    if isinstance(module, ModulesToSaveWrapper):
+        yield from _base_slots(module.original_module, prefix)
+        return
+    for name, param in module._parameters.items():
+        if param is not None:
+            yield prefix + name, Slot(module, name, param.device)
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            yield prefix + name, Slot(module, name, buffer.device)
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _base_slots(child, f"{prefix}{name}.")
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under the keys it had before adapters were added (adapter tensors left out)."""
+    return {key: slot.get() for key, slot in _base_slots(tuner_of(model).model)}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> LoadResult:
+    """Load a state dict keyed as the plain base model into the base model under the adapters.
+
+    With ``strict`` a missing or unexpected key is a ``RuntimeError`` (as
+    ``load_state_dict`` and PEFT raise) and nothing is written.
+    """
+    slots = dict(_base_slots(tuner_of(model).model))
+    missing = [key for key in slots if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in slots]
+    if strict and (missing or unexpected):
+        raise BaseStateDictError(
+            f"the state dict does not fit the base model: missing keys {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, slot in slots.items():  # check every shape before writing anything
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(slot.get().shape):
+            raise BaseStateDictError(
+                f"{key} has shape {tuple(state_dict[key].shape)} in the state dict but {tuple(slot.get().shape)}"
+                " in the base model"
+            )
+    with torch.no_grad():
+        for key, slot in slots.items():
+            if key in state_dict:
+                slot.get().copy_(state_dict[key])
+    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)

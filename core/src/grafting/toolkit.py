@@ -58,6 +58,8 @@ class RankAlphaPatterns:
     """
 
     __slots__ = ()
+    #: The core warns about keys of these fields that match no adapted module (AdapterConfig.pattern_fields).
+    pattern_fields: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
     rank_option: ClassVar[str] = "r"
     alpha_option: ClassVar[str] = "alpha"
 

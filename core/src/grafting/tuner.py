@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -14,13 +15,14 @@ from grafting.config import AdapterConfig, TaskType
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
+    GraftingWarning,
     MergeError,
     PluginError,
     TargetNotFoundError,
     UnsupportedLayerError,
 )
 from grafting.layer import AdaptedLayer
-from grafting.matching import candidate_modules, find_targets, name_matches, physical_path
+from grafting.matching import candidate_modules, find_targets, name_matches, physical_path, warn_unmatched_patterns
 from grafting.modules_to_save import ModulesToSaveWrapper
 from grafting.plugins import get_method, get_registry
 from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
@@ -77,6 +79,7 @@ class AdapterModel(nn.Module):
         self.shared_states = nn.ModuleDict()  # SharedState by adapter name (layer methods that share tensors)
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
+        self.trainable_adapters: set[str] = set()  # whose parameters require grad (PEFT: set_adapter trains)
         self.mixed = mixed
         self.disabled = False  # the base is frozen by the first add_adapter that succeeds
 
@@ -139,7 +142,8 @@ class AdapterModel(nn.Module):
                     "(get_peft_model(..., mixed=True))"
                 )
         method = get_method(config.peft_type)
-        config = self._with_task_heads(config).for_model(self.model)
+        derived = self._with_task_heads(config).for_model(self.model)
+        config = config if derived == config else derived  # the caller's own object when nothing was filled in
         config.validate_for_model(self.model)
         registry = get_registry()
         device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
@@ -149,7 +153,9 @@ class AdapterModel(nn.Module):
         if method.level == "layer":
             defaults = registry.hook.grafting_default_target_modules(config=config, model=self.model)
             targets: dict[str, nn.Module] = {}
-            for path in find_targets(self.model, config, defaults):
+            found = find_targets(self.model, config, defaults)
+            warn_unmatched_patterns(config, found)
+            for path in found:
                 module = self.model.get_submodule(physical_path(self.model, path))
                 targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
             with device_ctx:
@@ -213,8 +219,8 @@ class AdapterModel(nn.Module):
             wrapper.add_copy(adapter_name)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
-            self.set_adapter(adapter_name)
-        else:
+            self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+        else:  # a new inactive adapter starts frozen, as in PEFT
             self._refresh_trainable()
 
     def _with_task_heads(self, config: AdapterConfig) -> AdapterConfig:
@@ -241,8 +247,17 @@ class AdapterModel(nn.Module):
         return paths
 
     # -- activation -------------------------------------------------------------------
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` (one name or a list) the active adapters."""
+    @property
+    def active_adapter(self) -> list[str]:
+        """The active adapters' names (a list, as PEFT's tuner gives it; ``PeftModel.active_adapter`` is the name)."""
+        return list(self.active_adapters)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (one name or a list) the active adapters.
+
+        As in PEFT, the activated adapters become trainable and every other
+        adapter is frozen; ``inference_mode=True`` freezes the activated ones too.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._require(name)
@@ -257,15 +272,26 @@ class AdapterModel(nn.Module):
         for _, wrapper in self.save_wrappers():
             wrapper.set_active(names)
         self.active_adapters = names
+        self.trainable_adapters = set() if inference_mode else set(names)
+        self._refresh_trainable()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Let the given adapters' parameters train (``requires_grad=True``) or freeze them, active or not."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require(name)
+        if requires_grad:
+            self.trainable_adapters |= set(names)
+        else:
+            self.trainable_adapters -= set(names)
         self._refresh_trainable()
 
     def _refresh_trainable(self) -> None:
-        """Active adapters train (unless in inference mode); everything else is frozen."""
-        active = set(self.active_adapters)
+        """The adapters in ``trainable_adapters`` train; everything else is frozen."""
         for p in self.model.parameters():
             p.requires_grad_(False)
         for name, config in self.peft_config.items():
-            train = name in active and not config.inference_mode
+            train = name in self.trainable_adapters
             for _, layer in self.adapted_layers():
                 if name in layer.adapters:
                     layer.adapters[name].requires_grad_(train)
@@ -298,6 +324,29 @@ class AdapterModel(nn.Module):
             self.disabled = previous
             self._rebuild_all(merged)
 
+    def disable_adapter_layers(self) -> None:
+        """Compute as the base model until :meth:`enable_adapter_layers` (merged adapters are unmerged)."""
+        self.unmerge_adapter()
+        self._set_disabled(True)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_disabled(False)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        modules: list[AdaptedLayer | ModulesToSaveWrapper] = [m for _, m in self.adapted_layers()]
+        modules += [w for _, w in self.save_wrappers()]
+        for m in modules:
+            m.disabled = disabled
+        self.disabled = disabled
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether adapter ``adapter_name`` is ``W + ΔW`` on every layer it touches (its adapters say so)."""
+        self._require(adapter_name)
+        if adapter_name in self.model_adapters:
+            return False
+        found = [layer.adapters[adapter_name] for _, layer in self.adapted_layers() if adapter_name in layer.adapters]
+        return bool(found) and all(getattr(a, "lora_convertible", False) for a in found)
+
     # -- model-level adapters in forward ----------------------------------------------
     def active_model_adapter(self) -> ModelAdapter | None:
         if self.disabled:
@@ -317,6 +366,16 @@ class AdapterModel(nn.Module):
                 raise MergeError(
                     f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
                 )
+        already = sorted({n for _, layer in self.adapted_layers() for n in layer.merged})
+        if already:  # as PEFT warns (a UserWarning)
+            more = [n for n in names if n not in already]
+            warnings.warn(
+                f"adapters {already} are already merged; now also merging {more}"
+                if more
+                else f"adapters {already} are already merged; nothing to do",
+                GraftingWarning,
+                stacklevel=3,
+            )
         for path, layer in self.adapted_layers():  # refuse before any layer's weights change
             layer.check_merge(names, safe=safe_merge, layer_name=path)
         done: list[tuple[str, AdaptedLayer, list[str]]] = []
@@ -433,9 +492,20 @@ class AdapterModel(nn.Module):
         )
 
     # -- deleting -------------------------------------------------------------------------
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (taken out of the weights first where merged); on a refusal nothing changes."""
-        self._require(adapter_name)
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        """Remove one adapter or a list of them, each taken out of the weights first where merged.
+
+        Every name is checked before anything is removed; a refusal leaves the
+        adapter it concerns in place. When an active adapter goes, the remaining
+        active ones (else the first remaining adapter) become active and trainable, as in PEFT.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+        for name in dict.fromkeys(names):
+            self._delete_one(name)
+
+    def _delete_one(self, adapter_name: str) -> None:
         self._rebuild_all(
             {
                 path: set(layer.merged) - {adapter_name}
@@ -459,7 +529,11 @@ class AdapterModel(nn.Module):
         if adapter_name in self.shared_states:
             del self.shared_states[adapter_name]
         del self.peft_config[adapter_name]
+        self.trainable_adapters.discard(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
+        if remaining == self.active_adapters:  # an inactive adapter went: nothing else changes
+            self._refresh_trainable()
+            return
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self.active_adapters = []

@@ -39,6 +39,8 @@ class LoHaAdapter(DeltaAdapter):
     rows of ``ΔW``, the kept rows divided by the kept fraction.
     """
 
+    lora_convertible = True  # an additive ΔW, as PEFT says for LoHa
+
     #: Set per instance (or on the class) to force an evaluation; tests and benchmarks do.
     path: Path = "auto"
     #: For a bf16/fp16 input and float32 factors (outside autocast): ``"input"`` runs the

@@ -34,6 +34,8 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 class LoraLinear(DeltaAdapter):
     """``delta = B(A(dropout(x))) · scaling`` for ``nn.Linear`` and ``Conv1D``; DoRA optional."""
 
+    lora_convertible = True
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -133,6 +135,8 @@ class LoraLinear(DeltaAdapter):
 class LoraEmbedding(DeltaAdapter):
     """``delta = embed(x, Aᵀ) · Bᵀ · scaling`` for ``nn.Embedding`` (saved as lora_embedding_A/B)."""
 
+    lora_convertible = True
+
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, init: bool | str = True) -> None:
         super().__init__()
         embed_scale(base_layer)  # refuse a scale that is not one number before anything is built
@@ -173,6 +177,8 @@ class LoraEmbedding(DeltaAdapter):
 
 class LoraConv(DeltaAdapter):
     """``delta = B(A(dropout(x))) · scaling`` for ``nn.Conv1d/2d/3d``: A a conv, B a 1×1 conv."""
+
+    lora_convertible = True
 
     def __init__(
         self,

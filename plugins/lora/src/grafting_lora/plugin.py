@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from grafting import Method, UnsupportedLayerError, hookimpl
+from grafting import GraftingWarning, Method, UnsupportedLayerError, hookimpl
 from grafting.protocol import Combination, CombineRequest
 from grafting.toolkit import is_conv, is_linear, query_value_projections, warn_fan_in_fan_out
 from grafting_lora.combine import combination
@@ -34,6 +36,13 @@ def grafting_create_layer_adapter(
     if not isinstance(config, LoraConfig):
         return None
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
+    if config.lora_bias and getattr(base_layer, "bias", None) is None and not isinstance(base_layer, nn.Embedding):
+        warnings.warn(  # as PEFT warns; merging such an adapter is refused
+            f"LoraConfig.lora_bias=True on a {type(base_layer).__name__} without a bias: the adapter trains a bias"
+            " but cannot be merged",
+            GraftingWarning,
+            stacklevel=2,
+        )
     if is_linear(base_layer):
         warn_fan_in_fan_out(config, base_layer)
         return LoraLinear(
