@@ -80,6 +80,8 @@ def _absent_reason(name: str) -> str | None:
         method = name.removesuffix(suffix)
         if name.endswith(suffix) and not hasattr(grafting, method + "Config"):
             return "a method grafting does not implement"
+    if name.endswith("Model"):  # a method grafting implements: its tuner is AdapterModel
+        return ABSENT["LoraModel"]
     return None
 
 
