@@ -654,3 +654,18 @@ def test_load_peft_weights_as_peft(tmp_path: Path) -> None:
         assert sorted(ours) == sorted(theirs)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert any(".query_projection." in k for k in grafting.load_peft_weights(tmp_path, key_mapping=mapping))
+
+
+def test_auto_peft_model_grows_embeddings_to_the_adapter_s_tokenizer_as_peft(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    folder, _ = _saved_base_and_adapter(tmp_path, "CAUSAL_LM")
+    vocab = {f"t{i}": i for i in range(70)}  # more tokens than the model's 64 embeddings
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    tokenizer.save_pretrained(folder)
+    ours = grafting.AutoPeftModelForCausalLM.from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.AutoPeftModelForCausalLM.from_pretrained(folder)
+    assert ours.get_input_embeddings().weight.shape == theirs.get_input_embeddings().weight.shape == (70, 16)
