@@ -44,7 +44,6 @@ ABSENT: dict[str, str] = {
             "PromptEncoder",
             "PromptEncoderReparameterizationType",
             "PromptLearningConfig",
-            "PromptTuningInit",
             "MultitaskPromptTuningInit",
             "CPTEmbedding",
             "CartridgeEncoder",
