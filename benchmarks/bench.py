@@ -1,6 +1,7 @@
 """grafting vs PEFT, side by side in one run: training-step time, inference time and memory.
 
 Usage: python benchmarks/bench.py [--hidden 256 --layers 4 --batch 4 --seq 128 --steps 10 --json out.json]
+       python benchmarks/bench.py --bound [bound.py's options]   (GPU: ratios to the hardware bound)
 
 For each method both libraries wrap the same Llama-shaped model with the same
 config; the script times a training step (forward, backward, AdamW) and an
@@ -18,6 +19,7 @@ import copy
 import gc
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +127,11 @@ def saved_for_backward_mib(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def main() -> None:
+    if "--bound" in sys.argv[1:]:  # the GPU mode: every method against the frozen-base bound (bound.py)
+        import bound
+
+        bound.main([a for a in sys.argv[1:] if a != "--bound"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

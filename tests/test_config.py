@@ -21,7 +21,7 @@ from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
 from grafting_lora import LoraConfig
 from tests.helpers import peft_lora_keys, read_json
 
-LORA_FIELDS = [f.name for f in attrs.fields(LoraConfig) if f.name != "extra"]
+LORA_FIELDS = [f.name for f in attrs.fields(LoraConfig) if f.name not in ("extra", *LoraConfig.absent_in_peft)]
 
 
 # -- validation -------------------------------------------------------------------------------------

@@ -97,6 +97,10 @@ class AdaptedLayer(nn.Module):
         live = [self._get(n) for n in names if n not in self.merged]
         if not live:
             return self.base_layer(*args, **kwargs)
+        if len(live) == 1 and live[0].site is Site.DELTA and len(args) == 1 and not kwargs:
+            fused = cast(DeltaAdapter, live[0]).fused_call(self.base_layer, args[0])
+            if fused is not None:
+                return fused
         live.sort(key=lambda a: a.site)
         x, where = _primary(args, kwargs)
         base_args, base_kwargs = args, kwargs
@@ -114,7 +118,7 @@ class AdaptedLayer(nn.Module):
             if adapter.site is Site.DELTA:
                 if call is None:
                     call = LayerCall(self.base_layer, args, kwargs, y)
-                y = y + adapter(x, call)
+                y = cast(DeltaAdapter, adapter).add_delta(y, x, call)
             elif adapter.site is Site.OUTPUT:
                 y = adapter(y)
         y = y.to(dtype)  # a delta may come in its adapter's wider dtype: the sum is rounded once, as in PEFT
@@ -131,9 +135,17 @@ class AdaptedLayer(nn.Module):
         out = self.base_layer(*args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
         result = y
-        for name in routing.adapter_names:
-            if name not in self.adapters:
-                continue
+        pending = [n for n in routing.adapter_names if n in self.adapters]
+        for group in self._groups(pending):
+            adapters = [cast(DeltaAdapter, self._get(n)) for n in group]
+            index = routing.index(group, y.device)
+            value = type(adapters[0]).add_grouped(
+                adapters, result, x, index, LayerCall(self.base_layer, args, kwargs, y)
+            )
+            if value is not None:
+                result = value.to(y.dtype)
+                pending = [n for n in pending if n not in group]
+        for name in pending:
             adapter = self._get(name)
             rows = routing.rows(name, y.device)
             with route_all(name):  # adapted layers nested in this one see these rows, routed to `name`
@@ -142,13 +154,24 @@ class AdaptedLayer(nn.Module):
                     sub = self.base_layer(*sub_args, **sub_kwargs)
                     value = sub[0] if isinstance(sub, tuple) else sub
                 elif adapter.site is Site.DELTA:
-                    value = y[rows] + adapter(x[rows], LayerCall(self.base_layer, args, kwargs, y[rows], rows))
+                    own = y[rows]
+                    call = LayerCall(self.base_layer, args, kwargs, own, rows)
+                    value = cast(DeltaAdapter, adapter).add_delta(own, x[rows], call)
                 else:
                     value = adapter(y[rows])
             if result is y:
                 result = y.clone()
             result = result.index_copy(0, rows, value.to(result.dtype))
         return (result, *out[1:]) if isinstance(out, tuple) else result
+
+    def _groups(self, names: list[str]) -> list[tuple[str, ...]]:
+        """Routed delta adapters by class, for :meth:`DeltaAdapter.add_grouped`."""
+        groups: dict[type, list[str]] = {}
+        for name in names:
+            adapter = self._get(name)
+            if adapter.site is Site.DELTA:
+                groups.setdefault(type(adapter), []).append(name)
+        return [tuple(group) for group in groups.values()]
 
     # -- merging ------------------------------------------------------------------
     def merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:

@@ -44,6 +44,7 @@ disk: the saved key of a layer adapter's tensor is
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pluggy
@@ -172,6 +173,40 @@ class DeltaAdapter(LayerAdapter):
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """``y + delta(x, call)``: what the layer calls. ``y`` is the output so far.
+
+        Override to form the sum in fewer kernels (one ``addmm`` that accumulates the
+        last product into ``y``); the result must equal ``y + self(x, call)`` up to
+        rounding. Never write into ``y`` in place: ``call.base_out`` may be ``y``.
+        """
+        return y + self(x, call)
+
+    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``base_layer(x)`` plus this adapter's delta in one step, or ``None`` (the default).
+
+        The layer asks only when this adapter is the one adapter acting on it and the
+        layer was called with ``x`` alone; ``None`` makes it call the base layer and
+        :meth:`add_delta`. An adapter that computes the base layer itself (one autograd
+        node for both, gradients accumulated in place) returns the layer's output.
+        """
+        return None
+
+    @classmethod
+    def add_grouped(
+        cls, adapters: Sequence[DeltaAdapter], y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, call: LayerCall
+    ) -> torch.Tensor | None:
+        """Per-sample routing of several adapters of this class at once, or ``None`` (the default).
+
+        ``index[i]`` is the position in ``adapters`` of the adapter sample ``i`` is routed
+        to, or -1 for a sample routed elsewhere (which keeps its row of ``y``). Returns
+        ``y`` with each routed sample's own delta added, computed for all adapters together
+        (one gathered product, as multi-adapter servers batch them); ``None`` makes the
+        layer apply the adapters one at a time on their rows. ``x`` is the whole batch; the
+        result must not depend on calling the base layer's submodules.
+        """
+        return None
 
 
 class OutputAdapter(LayerAdapter):

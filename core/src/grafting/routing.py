@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,10 +27,19 @@ class Routing:
         for i, name in enumerate(self.names):
             self._groups.setdefault(name, []).append(i)
         self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._index: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
 
     @property
     def adapter_names(self) -> list[str]:
         return [n for n in self._groups if n != BASE]
+
+    def index(self, group: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """For each sample, the position of its adapter in ``group``, or -1 (another adapter, the base)."""
+        key = (group, device)
+        if key not in self._index:
+            position = {name: k for k, name in enumerate(group)}
+            self._index[key] = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.long, device=device)
+        return self._index[key]
 
     def rows(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, device)
@@ -39,22 +48,40 @@ class Routing:
         return self._cache[key]
 
 
-_current: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("grafting_routing", default=None)
+class _State(threading.local):
+    """The routing in force, per thread.
+
+    A thread-local, not a ``ContextVar``: ``torch.compile`` traces reads of a
+    thread-local attribute (and guards on it), while ``ContextVar.get`` breaks
+    the graph in every adapted layer.
+    """
+
+    def __init__(self) -> None:  # runs once in each thread: the attribute always exists there
+        self.routing: Routing | None = None
+
+
+_state = _State()
 
 
 def current_routing() -> Routing | None:
-    return _current.get()
+    return _state.routing
+
+
+@contextlib.contextmanager
+def _routed(routing: Routing) -> Iterator[Routing]:
+    previous = _state.routing
+    _state.routing = routing
+    try:
+        yield routing
+    finally:
+        _state.routing = previous
 
 
 @contextlib.contextmanager
 def route_samples(names: Sequence[str]) -> Iterator[Routing]:
     """Within this block, sample ``i`` of every batch goes through adapter ``names[i]``."""
-    routing = Routing(names)
-    token = _current.set(routing)
-    try:
+    with _routed(Routing(names)) as routing:
         yield routing
-    finally:
-        _current.reset(token)
 
 
 @contextlib.contextmanager
@@ -64,9 +91,5 @@ def route_all(name: str) -> Iterator[Routing]:
     An adapted layer sets it while one of its adapters computes on the rows
     routed to it, so the adapted layers nested inside see those rows alone.
     """
-    routing = Routing([], single=name)
-    token = _current.set(routing)
-    try:
+    with _routed(Routing([], single=name)) as routing:
         yield routing
-    finally:
-        _current.reset(token)

@@ -31,6 +31,7 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     alpha_option: ClassVar[str] = "lora_alpha"
+    absent_in_peft: ClassVar[tuple[str, ...]] = (*AdapterConfig.absent_in_peft, "precision")
     inert_keys: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -63,6 +64,10 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     alpha_pattern: dict[str, float] = attrs.field(factory=dict, validator=pattern_of(positive))
     use_dora: bool = attrs.field(default=False, validator=boolean)
     lora_bias: bool = attrs.field(default=False, validator=boolean)
+    #: grafting's own: ``None``/``"input"`` runs a float32 adapter on a bf16/fp16 base in the base's
+    #: dtype (tensor cores, as autocast would); ``"adapter"`` in float32, PEFT's numerics. Written
+    #: to adapter_config.json only when set.
+    precision: str | None = attrs.field(default=None, validator=one_of(None, "input", "adapter"))
 
     @init_lora_weights.validator
     def _check_init(self, attribute: attrs.Attribute, value: Any) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting import DeltaAdapter, LayerCall, MergeError
-from grafting.toolkit import add_to_weight, dense_weight, in_out_features, store_weight
+from grafting import ConfigError, DeltaAdapter, LayerCall, MergeError
+from grafting.toolkit import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
+from grafting_lora.fused import LoraLinearFunction
 from grafting_lora.scaled import embed_scale
 
 
@@ -31,8 +34,108 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
+Precision = Literal["input", "adapter"]
+PRECISIONS: tuple[str, ...] = ("input", "adapter")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(precision: str, own: torch.dtype, x: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter's products run in, for input ``x`` and adapter weights of dtype ``own``.
+
+    Under autocast: autocast's. Else, for a half-precision input and wider weights,
+    ``"input"`` runs them in the input's dtype (the weights cast down, on tensor
+    cores, as autocast would) and ``"adapter"`` in the weights' dtype (the input
+    cast up: PEFT's numerics). Weights, gradients and optimizer state keep ``own``.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"LoRA precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (own, x.dtype):
+        return torch.get_autocast_dtype(x.device.type)
+    if precision == "input" and x.dtype in _HALF and own.itemsize > x.dtype.itemsize:
+        return x.dtype
+    return own
+
+
+def low_rank_add(
+    y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y + (h·aᵀ)·bᵀ (+ bias)`` with the last product accumulated into ``y`` by one ``addmm``.
+
+    ``a`` (r, in) and ``b`` (out, r) already carry the scaling and the compute dtype;
+    ``y`` is left untouched (autograd may hold it, and ``LayerCall.base_out`` is it).
+    """
+    low = F.linear(h, a)
+    if bias is not None:
+        y = y + bias
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())
+    return flat.view(y.shape)
+
+
+def _stacked(adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The adapters' A (n+1, r, in) and scaled B (n+1, out, r) in ``dtype``, zero-padded, slot n all zero.
+
+    Without autograd (inference, outside ``torch.compile``) the stacks are kept on the first
+    adapter until a weight changes (its version counter), a scaling, or the group does.
+    """
+    cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    key = (
+        tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling, a.r) for a in adapters),
+        dtype,
+        device,
+    )
+    if cache:
+        hit = getattr(adapters[0], "_stacked_cache", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    rank = max(a.r for a in adapters)
+    n_in, n_out = adapters[0].lora_A.in_features, adapters[0].lora_B.out_features
+    stack_a = torch.zeros(len(adapters) + 1, rank, n_in, dtype=dtype, device=device)
+    stack_b = torch.zeros(len(adapters) + 1, n_out, rank, dtype=dtype, device=device)
+    for k, adapter in enumerate(adapters):
+        stack_a[k, : adapter.r] = adapter.lora_A.weight
+        stack_b[k, :, : adapter.r] = adapter.lora_B.weight * adapter.scaling
+    if cache:
+        adapters[0]._stacked_cache = (key, (stack_a, stack_b))
+    return stack_a, stack_b
+
+
+def grouped_low_rank_add(
+    y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, adapters: Sequence[LoraLinear]
+) -> torch.Tensor:
+    """``y`` plus, for each sample ``i``, the delta of ``adapters[index[i]]`` (none where ``index[i]`` is -1).
+
+    One gathered product for all adapters (as multi-LoRA servers batch them): the A and B
+    matrices are stacked (ranks zero-padded to the largest, a zero slot for -1), each sample
+    gathers its own pair and two batched products run over the whole batch.
+    """
+    dtype = y.dtype
+    stack_a, stack_b = _stacked(adapters, dtype, y.device)
+    slot = torch.where(index < 0, len(adapters), index)
+    seq = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)  # (batch, positions, in)
+    low = torch.bmm(seq, stack_a[slot].transpose(1, 2))
+    out = torch.baddbmm(y.reshape(y.shape[0], -1, y.shape[-1]), low, stack_b[slot].transpose(1, 2))
+    return out.view(y.shape)
+
+
 class LoraLinear(DeltaAdapter):
-    """``delta = B(A(dropout(x))) · scaling`` for ``nn.Linear`` and ``Conv1D``; DoRA optional."""
+    """``delta = B(A(dropout(x))) · scaling`` for ``nn.Linear`` and ``Conv1D``; DoRA optional.
+
+    With a bf16/fp16 base and float32 adapter weights the products run in the
+    base's dtype (:attr:`precision`), with the scaling folded into ``B`` and the
+    last product accumulated into the base output by one ``addmm``. In float32
+    and float64, and with ``precision = "adapter"``, the delta is formed in
+    PEFT's order of operations and added in the wider dtype (PEFT's bits).
+    """
+
+    #: ``"input"`` (default): products in the base's half precision, weights cast down as
+    #: autocast would; ``"adapter"``: the input cast up to the weights' dtype, as PEFT does.
+    precision: Precision = "input"
+    #: ``False`` forces the plain composition ``y + B(A(h))·scaling`` (the reference the
+    #: fused path is tested against).
+    fused: bool = True
+    #: Under ``torch.compile`` the plain ops (``add_delta``) are traced and fused by the compiler;
+    #: ``True`` keeps the one-node layer of :meth:`fused_call` there too.
+    node_when_compiling: bool = False
 
     lora_convertible = True
 
@@ -78,17 +181,88 @@ class LoraLinear(DeltaAdapter):
         return torch.linalg.vector_norm(weight + delta, dim=1)
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        dtype = self.lora_A.weight.dtype
+        dtype = compute_dtype(self.precision, self.lora_A.weight.dtype, x)
         h = self.lora_dropout(x.to(dtype))
-        out = self.lora_B(self.lora_A(h))
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        bias = None if self.lora_B.bias is None else self.lora_B.bias.to(dtype)
+        out = F.linear(F.linear(h, a), b, bias)
         out = self._dora(h, out, call) if self.use_dora else out * self.scaling
-        return out  # in the adapter's dtype: the layer adds it to the base output and rounds once
+        return out  # in the compute dtype: the layer adds it to the base output and rounds once
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        dtype = compute_dtype(self.precision, self.lora_A.weight.dtype, x)
+        if not self.fused or dtype not in _HALF or y.dtype != dtype:
+            return y + self(x, call)
+        h = self.lora_dropout(x.to(dtype))
+        a = self.lora_A.weight.to(dtype)
+        b = (self.lora_B.weight * self.scaling).to(dtype)  # the scaling folded into the (out, r) matrix
+        if not self.use_dora:
+            bias = None if self.lora_B.bias is None else (self.lora_B.bias * self.scaling).to(dtype)
+            return low_rank_add(y, h, a, b, bias)
+        return self._dora_add(y, h, a, b, call)
+
+    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The base linear layer and this delta as one autograd node (:mod:`grafting_lora.fused`).
+
+        Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks) in half precision, without
+        DoRA, ``lora_bias`` or active dropout; else ``None`` (the layer composes as usual).
+        """
+        if not self.fused or self.use_dora or self.lora_B.bias is not None or x.dtype not in _HALF:
+            return None
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            return None
+        if torch.compiler.is_compiling() and not self.node_when_compiling:
+            return None
+        if base_layer._forward_hooks or base_layer._forward_pre_hooks:
+            return None
+        if type(base_layer) is nn.Linear:
+            weight = base_layer.weight
+        elif is_hf_conv1d(base_layer):
+            weight = base_layer.weight.t()
+        else:
+            return None
+        if weight.dtype != x.dtype or compute_dtype(self.precision, self.lora_A.weight.dtype, x) != x.dtype:
+            return None
+        return LoraLinearFunction.apply(
+            x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+        )
+
+    @classmethod
+    def add_grouped(
+        cls, adapters: Sequence[DeltaAdapter], y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, call: LayerCall
+    ) -> torch.Tensor | None:
+        """Plain LoRA adapters routed per sample: one gathered product for all (:func:`grouped_low_rank_add`)."""
+        loras = [a for a in adapters if isinstance(a, LoraLinear)]
+        if len(loras) != len(adapters) or any(not a.fused or a.use_dora or a.lora_B.bias is not None for a in loras):
+            return None
+        if any(a.training and not isinstance(a.lora_dropout, nn.Identity) for a in loras):
+            return None  # each adapter draws its own dropout mask on its own rows
+        if y.dtype not in _HALF or any(compute_dtype(a.precision, a.lora_A.weight.dtype, x) != y.dtype for a in loras):
+            return None  # float32/float64 or precision "adapter": PEFT's order of operations, one at a time
+        return grouped_low_rank_add(y, x, index, loras)
+
+    def _dora_add(
+        self, y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, call: LayerCall
+    ) -> torch.Tensor:
+        """DoRA in the compute dtype: ``y + (s-1)·Wh + s·lora = s·(Wh + lora) + bias`` without dropout."""
+        base = call.base_layer
+        with torch.no_grad():
+            norm = self._weight_norm(_wide(dense_weight(base)))
+        scale = (self.lora_magnitude_vector / norm).to(h.dtype)
+        bias = getattr(base, "bias", None)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            plain = y if bias is None else y - bias.to(y.dtype)  # W·x: the base output without its bias
+            out = low_rank_add(plain, h, a, b) * scale
+            return out if bias is None else out + bias.to(y.dtype)
+        # with dropout the base product is of the dropped input: W·h, as PEFT computes it
+        dropped = F.linear(h, dense_weight(base).to(h.dtype))
+        return y + low_rank_add(dropped, h, a, b) * scale - dropped
 
     def _dora(self, h: torch.Tensor, lora_out: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """DoRA's delta; ``lora_out`` is ``B(A(h))`` unscaled, multiplied in PEFT's order (same bits)."""
         base = call.base_layer
         with torch.no_grad():  # DoRA treats the norm as a constant: no graph, nothing saved for backward
-            norm = self._weight_norm(dense_weight(base).to(h.dtype))
+            norm = self._weight_norm(_wide(dense_weight(base).to(h.dtype)))
         scale = self.lora_magnitude_vector / norm
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             # the base output in its own dtype: the product promotes, and autograd keeps no wider copy
@@ -211,9 +385,15 @@ class LoraConv(DeltaAdapter):
     def delta_matrix(self) -> torch.Tensor:
         return (self.lora_B.weight.flatten(1) @ self.lora_A.weight.flatten(1)) * self.scaling
 
+    #: as :attr:`LoraLinear.precision`
+    precision: Precision = "input"
+
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return self.lora_B(self.lora_A(h)) * self.scaling
+        dtype = compute_dtype(self.precision, self.lora_A.weight.dtype, x)
+        h = self.lora_dropout(x.to(dtype))
+        b_bias = None if self.lora_B.bias is None else self.lora_B.bias.to(dtype)
+        mid = self.lora_A._conv_forward(h, self.lora_A.weight.to(dtype), None)
+        return self.lora_B._conv_forward(mid, self.lora_B.weight.to(dtype), b_bias) * self.scaling
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:

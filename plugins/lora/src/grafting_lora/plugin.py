@@ -45,8 +45,11 @@ def grafting_create_layer_adapter(
         )
     if is_linear(base_layer):
         warn_fan_in_fan_out(config, base_layer)
-        return LoraLinear(
-            base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.use_dora, config.lora_bias
+        return _with_precision(
+            LoraLinear(
+                base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.use_dora, config.lora_bias
+            ),
+            config,
         )
     if config.use_dora:
         raise UnsupportedLayerError(
@@ -55,8 +58,16 @@ def grafting_create_layer_adapter(
     if isinstance(base_layer, nn.Embedding):
         return LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
     if is_conv(base_layer):
-        return LoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.lora_bias)
+        return _with_precision(
+            LoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.lora_bias), config
+        )
     return None
+
+
+def _with_precision(adapter: LoraLinear | LoraConv, config: LoraConfig) -> LoraLinear | LoraConv:
+    if config.precision is not None:
+        adapter.precision = config.precision  # type: ignore[assignment]
+    return adapter
 
 
 @hookimpl

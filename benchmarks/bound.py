@@ -1,0 +1,315 @@
+"""Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
+
+Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json]
+(also `nox -s bench -- --bound ...`).
+
+The bound is the frozen base model's training forward plus its activation
+gradients (no adapter, no optimizer): what any adapter's step must at least do.
+A step of a variant is forward, backward and AdamW over the adapter weights;
+each figure is its CUDA-event median over ``--steps`` steps after warm-up,
+reported as a ratio to the bound measured in the same run (the compiled bound
+for compiled variants). Inference figures are no-grad forwards against the
+base's forward; the routed figure is four adapters routed per sample against
+one adapter. Peak memory is what a step allocates above what is resident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS: dict[str, dict[str, int]] = {
+    "1b": {"hidden": 2048, "intermediate": 5632, "layers": 16, "heads": 32, "kv": 4, "batch": 8, "seq": 1024},
+    "8b": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv": 8, "batch": 4, "seq": 1024},
+    "tiny": {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 4, "kv": 2, "batch": 2, "seq": 32},
+}
+VOCAB = 32000
+
+
+def libraries() -> dict[str, Any]:
+    """grafting (its plugins registered in-process when not installed) and PEFT."""
+    import peft
+
+    import grafting
+
+    known = grafting.get_registry().methods
+    for peft_type, module in (("LORA", "grafting_lora"), ("IA3", "grafting_ia3"), ("LOHA", "grafting_loha")):
+        if peft_type not in known:
+            with contextlib.suppress(ImportError):
+                grafting.register_plugin(__import__(f"{module}.plugin", fromlist=["plugin"]))
+    if "PREFIX_TUNING" not in known:
+        with contextlib.suppress(ImportError):
+            grafting.register_plugin(__import__("grafting_prefix.plugin", fromlist=["plugin"]))
+    return {"grafting": grafting, "peft": peft}
+
+
+def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
+    """The config for ``method`` in ``lib``'s spelling, and get_peft_model options."""
+    lora = {"r": r, "lora_alpha": 2 * r, "target_modules": TARGETS, "init_lora_weights": False}
+    if method == "lora":
+        return lib.LoraConfig(**lora), {}
+    if method == "lora-bf16":
+        return lib.LoraConfig(**lora), {"autocast_adapter_dtype": False}
+    if method == "lora-exact":  # grafting only: PEFT's float32 adapter arithmetic
+        return lib.LoraConfig(**lora, precision="adapter"), {}
+    if method == "lora-node":  # grafting only: the one-node layer kept under torch.compile too
+        import grafting_lora.layers
+
+        grafting_lora.layers.LoraLinear.node_when_compiling = True
+        return lib.LoraConfig(**lora), {}
+    if method == "lora-dropout":
+        return lib.LoraConfig(**lora, lora_dropout=0.05), {}
+    if method == "dora":
+        return lib.LoraConfig(**lora, use_dora=True), {}
+    if method == "ia3":
+        cfg = lib.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        )
+        return cfg, {}
+    if method == "prefix":
+        return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=30), {}
+    if method == "loha":
+        return lib.LoHaConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
+    raise ValueError(method)
+
+
+def build_base(shape: dict[str, int], device: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        max_position_embeddings=4096,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return model.requires_grad_(False)
+
+
+def _embeds_need_grad(model: nn.Module) -> None:
+    """The bound: activation gradients all the way down, as an adapter on the first layer needs."""
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+
+
+def timer(device: str) -> Callable[[Callable[[], Any], int, int], float]:
+    def run(fn: Callable[[], Any], warmup: int, steps: int) -> float:
+        for _ in range(warmup):
+            fn()
+        if not device.startswith("cuda"):
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - start))
+            return statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(b.elapsed_time(e) for b, e in events)
+
+    return run
+
+
+def peak_mib(fn: Callable[[], Any], device: str) -> float:
+    if not device.startswith("cuda"):
+        return float("nan")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - resident) / 2**20
+
+
+def train_step(model: nn.Module, ids: torch.Tensor, params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+
+    return step
+
+
+def wrap(lib_name: str, libs: dict[str, Any], base: nn.Module, method: str, r: int) -> nn.Module:
+    cfg, options = config(libs[lib_name], method, r)
+    return libs[lib_name].get_peft_model(copy.deepcopy(base), cfg, **options)
+
+
+def profile(step: Callable[[], None], label: str) -> None:
+    """Print one step's top kernels by device time and its number of kernel launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 1000
+    print(f"--- profile {label}: {len(kernels)} kernels, {total:.1f} ms of kernel time", flush=True)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time / 1000)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:14]
+    for name, times in top:
+        print(f"  {sum(times):8.2f} ms {len(times):5d}x  {name}", flush=True)
+
+
+def dynamo_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="1b", choices=sorted(PRESETS))
+    parser.add_argument("--part", default="eager", choices=["eager", "compile", "big"])
+    parser.add_argument("--methods", default="lora,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha")
+    parser.add_argument("--libs", default="grafting,peft")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="append each result as one JSON line here")
+    parser.add_argument("--profile", default="", help="variants (method:lib,...) to profile: top kernels, launches")
+    args = parser.parse_args(argv)
+
+    shape = PRESETS[args.preset]
+    libs = libraries()
+    run = timer(args.device)
+    base = build_base(shape, args.device)
+    ids = torch.randint(0, VOCAB, (shape["batch"], shape["seq"]), device=args.device)
+    rows: list[dict[str, Any]] = []
+    header = {
+        "preset": args.preset,
+        "shape": shape,
+        "part": args.part,
+        "r": args.r,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "peft": libs["peft"].__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
+    print(json.dumps(header), flush=True)
+
+    def record(figure: str, lib: str, ms: float, against: float, peak: float = float("nan"), **more: Any) -> None:
+        row = {"figure": figure, "lib": lib, "ms": ms, "ratio": ms / against, "peak_mib": peak, **more}
+        rows.append(row)
+        print(f"{figure:28} {lib:9} {ms:9.2f} ms  {row['ratio']:5.2f}x  peak {peak:8.0f} MiB {more or ''}", flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps({**header, **row}) + "\n")
+
+    methods = args.methods.split(",")
+    lib_names = args.libs.split(",")
+    compiled = args.part == "compile"
+
+    bound_model = copy.deepcopy(base)
+    _embeds_need_grad(bound_model)
+    bound_model.train()
+    target = torch.compile(bound_model) if compiled else bound_model
+    bound_step = train_step(target, ids, [])
+    bound = run(bound_step, args.warmup, args.steps)
+    if "bound" in args.profile.split(","):
+        profile(bound_step, "bound")
+    record("bound (train)", "base", bound, bound, peak_mib(bound_step, args.device))
+    bound_model.eval()
+    base_fwd = run(infer(target, ids), args.warmup, args.steps)
+    record("base forward", "base", base_fwd, base_fwd)
+    del bound_model, target, bound_step
+    if compiled:
+        torch._dynamo.reset()
+
+    for method in methods:
+        for lib in lib_names:
+            if lib == "peft" and method in ("lora-exact", "lora-node"):
+                continue
+            try:
+                model = wrap(lib, libs, base, method, args.r)
+            except Exception as exc:  # a method or option one library lacks
+                print(f"{method} {lib}: skipped ({type(exc).__name__}: {exc})", flush=True)
+                continue
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            if compiled:
+                from torch._dynamo.utils import counters
+
+                counters.clear()
+            target = torch.compile(model) if compiled else model
+            step = train_step(target, ids, params)
+            start = time.perf_counter()
+            ms = run(step, args.warmup, args.steps)
+            more = {"wall_s": round(time.perf_counter() - start, 1)}
+            if compiled:
+                more.update(dynamo_counts())
+            record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
+            if f"{method}:{lib}" in args.profile.split(","):
+                profile(step, f"{method} {lib}")
+            if method in ("lora", "lora-bf16"):
+                model.eval()
+                record(f"{method} inference", lib, run(infer(target, ids), args.warmup, args.steps), base_fwd)
+            if method == "lora" and not compiled:
+                record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
+            del model, target, step, params
+            gc.collect()
+            if compiled:
+                torch._dynamo.reset()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    if args.json:
+        print(f"rows appended to {args.json}", file=sys.stderr)
+
+
+def _routed(
+    lib: str, libs: dict[str, Any], model: nn.Module, ids: torch.Tensor, args: argparse.Namespace, run: Callable
+) -> tuple[float, float]:
+    """Four adapters routed per sample against the same model with one adapter for all (inference)."""
+    cfg, _ = config(libs[lib], "lora", args.r)
+    one = run(infer(model, ids), args.warmup, args.steps)
+    for k in range(1, 4):
+        model.add_adapter(f"extra{k}", copy.deepcopy(cfg))
+    names = [["default", "extra1", "extra2", "extra3"][i % 4] for i in range(ids.shape[0])]
+    model.eval()
+    four = run(infer(model, ids, adapter_names=names), args.warmup, args.steps)
+    print(f"  4 adapters per sample: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x", flush=True)
+    return four, one
+
+
+if __name__ == "__main__":
+    main()
