@@ -269,3 +269,19 @@ def test_the_gathered_product_agrees_with_one_adapter_at_a_time(dtype: torch.dty
     assert len(g_grouped) == 7  # x, and A and B of all three adapters
     for name, grad in g_grouped.items():
         assert _relative(grad, g_plain[name]) <= 2 * tol, name
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_inference_takes_the_same_fused_forward(dtype: torch.dtype) -> None:
+    """Without autograd the fused forward runs as plain ops: the same values as with autograd and as the reference."""
+    layer = _layer("linear", dtype)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x).detach()
+    layer.adapters["a"].fused = False
+    with torch.no_grad():
+        reference = layer(x)
+    assert _relative(inference, training) <= _tolerance(dtype)  # the same kernels
+    assert _relative(inference, reference) <= _tolerance(dtype)
+    assert _relative(layer.base_layer(x), reference) > 10 * _tolerance(dtype)

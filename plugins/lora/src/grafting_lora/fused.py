@@ -17,6 +17,23 @@ from typing import Any
 import torch
 
 
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The forward of :class:`LoraLinearFunction` as plain ops (no autograd node), for inference."""
+    dtype = x.dtype
+    flat = x.reshape(-1, x.shape[-1])
+    low = flat @ lora_a.to(dtype).t()
+    y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+    y.addmm_(low, lora_b.to(dtype).t(), alpha=scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ`` for ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r)."""
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall, MergeError
 from grafting.toolkit import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
-from grafting_lora.fused import LoraLinearFunction
+from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.scaled import embed_scale
 
 
@@ -223,6 +223,8 @@ class LoraLinear(DeltaAdapter):
             return None
         if weight.dtype != x.dtype or compute_dtype(self.precision, self.lora_A.weight.dtype, x) != x.dtype:
             return None
+        if not torch.is_grad_enabled():  # inference: the same kernels without an autograd node's overhead
+            return lora_linear(x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         return LoraLinearFunction.apply(
             x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
         )
