@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,10 +62,24 @@ def saved_state(model: Any) -> dict[str, dict[str, torch.Tensor]]:
     return {n: get_peft_model_state_dict(model, adapter_name=n) for n in NAMES}
 
 
+def _own_progress_lock() -> None:
+    """Give this forked child its own tqdm lock.
+
+    tqdm's default lock includes a multiprocessing semaphore that a forked child shares with its parent;
+    a child killed while it draws a progress bar would leave it held and hang the parent's next bar.
+    """
+    import tqdm
+    import tqdm.auto
+
+    for cls in {tqdm.tqdm, tqdm.auto.tqdm}:
+        cls.set_lock(threading.RLock())
+
+
 def _child(work: Callable[[int], Callable[[], Any]], pipe: int) -> None:
     """Run generations 1, 2, ... forever, reporting each start and end; never returns."""
     try:
         torch.set_num_threads(1)
+        _own_progress_lock()
         g = 1
         while True:
             prepared = work(-g)  # build outside the timed window
@@ -230,6 +245,7 @@ def test_concurrent_savers_and_loaders_see_whole_saves(tmp_path: Path) -> None:
         if pid == 0:
             try:
                 torch.set_num_threads(1)
+                _own_progress_lock()
                 for _ in range(6):
                     model.save_pretrained(folder)
             finally:
