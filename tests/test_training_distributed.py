@@ -18,18 +18,19 @@ from tests.training.oracle import (
     assert_loads_with_same_logits,
     assert_same_tensors,
     python,
-    run,
+    run_once,
 )
 
-pytestmark = pytest.mark.xdist_group("torchrun")  # one launch of two processes at a time
+# One worker for the module's tests (where xdist honours groups); run_once makes the scenario run once anyway.
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("torchrun")
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run(python(*launcher, "-m", "tests.training.distributed", str(folder)))
-    return folder
+    return run_once(
+        tmp_path_factory, "torchrun", lambda folder: python(*launcher, "-m", "tests.training.distributed", str(folder))
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 1])

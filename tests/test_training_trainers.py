@@ -22,18 +22,19 @@ from tests.training.oracle import (
     python,
     recorded_logits,
     result,
-    run,
+    run_once,
 )
 from tests.training.without_peft import EVERY, STEPS
 
-pytestmark = pytest.mark.xdist_group("training_without_peft")  # one worker runs the scenarios once
+# One worker for the module's tests (where xdist honours groups); run_once makes the scenario run once anyway.
+pytestmark = pytest.mark.xdist_group("training_without_peft")
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("without_peft")
-    run(python("-m", "tests.training.without_peft", str(folder)))
-    return folder
+    return run_once(
+        tmp_path_factory, "without_peft", lambda folder: python("-m", "tests.training.without_peft", str(folder))
+    )
 
 
 @pytest.mark.parametrize("scenario", ["trainer", "sft", "accelerate"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,36 @@ def run(command: list[str], timeout: int = 600) -> None:
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"{command} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+
+
+def run_once(tmp_path_factory: Any, name: str, command: Callable[[Path], list[str]]) -> Path:
+    """Run ``command(folder)`` once per test run and return ``folder``; later calls wait for it and reuse it.
+
+    pytest-xdist's ``xdist_group`` does not keep a module's tests on one worker here (pytest 9.2 with
+    xdist 3.8: the group suffix never reaches the node ids), so each worker sets the module fixture up:
+    a lock in the run's shared temporary folder makes the first one run the scenario and the others
+    wait for its result (its failure too) instead of running it again, in parallel.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's folder, shared by its workers
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        failed = root / f"{name}.failed"
+        if failed.exists():
+            raise AssertionError(failed.read_text())
+        if not (folder / "DONE").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            try:
+                run(command(folder))
+            except AssertionError as exc:
+                failed.write_text(str(exc))
+                raise
+            (folder / "DONE").touch()
+    return folder
 
 
 def python(*args: str) -> list[str]:
