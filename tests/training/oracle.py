@@ -54,8 +54,8 @@ def run_once(tmp_path_factory: Any, name: str, command: Callable[[Path], list[st
             folder.mkdir(parents=True)
             try:
                 run(command(folder))
-            except AssertionError as exc:
-                failed.write_text(str(exc))
+            except Exception as exc:  # a failure or a timeout: the waiting workers report it too
+                failed.write_text(f"{type(exc).__name__}: {exc}")
                 raise
             (folder / "DONE").touch()
     return folder
