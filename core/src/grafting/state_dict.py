@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -9,7 +10,7 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.errors import AdapterLoadError, BaseStateDictError, StateDictKeyError
+from grafting.errors import AdapterLoadError, BaseStateDictError, GraftingWarning, StateDictKeyError
 from grafting.matching import logical_path
 
 PREFIX = "base_model.model."
@@ -119,11 +120,21 @@ def get_peft_model_state_dict(
     ``model.state_dict()``, e.g. a full state dict gathered from a sharded model) the adapter's tensors are
     taken from it instead; a model-level adapter's saved tensors are computed from the model, as PEFT does.
     """
+    from grafting.save_embeddings import saves_embeddings
+
     tuner = tuner_of(model)
     tuner._require(adapter_name)
     slots = adapter_slots(model, adapter_name)
-    if save_embedding_layers is True:
-        slots.update(embedding_slots(tuner, adapter_name))
+    save, targeted = saves_embeddings(save_embedding_layers, tuner.peft_config[adapter_name], tuner.model)
+    if save and not callable(getattr(tuner.model, "get_input_embeddings", None)):
+        warnings.warn(
+            f"save_embedding_layers: {type(tuner.model).__name__} has no get_input_embeddings (not a transformers"
+            " model), so no embedding layer is saved",
+            GraftingWarning,
+            stacklevel=2,
+        )
+    elif save:
+        slots.update(embedding_slots(tuner, adapter_name, adapted_only=targeted))
     if state_dict is None:
         out = {key: full_tensor(slot.get()) for key, slot in slots.items()}
     else:
@@ -164,20 +175,23 @@ def _from_state_dict(
     return out
 
 
-def embedding_slots(tuner: Any, adapter_name: str) -> dict[str, Slot]:
+def embedding_slots(tuner: Any, adapter_name: str, adapted_only: bool = False) -> dict[str, Slot]:
     """The input and output embedding weights, keyed as PEFT saves them with ``save_embedding_layers``.
 
-    PEFT writes them (``<path>.base_layer.weight`` for an adapted embedding)
-    when an adapter targets ``embed_tokens``, so that a resized vocabulary
-    comes back; a file that holds them loads them into the base model.
+    PEFT writes them (``<path>.base_layer.weight`` for an adapted embedding) so that a resized
+    vocabulary comes back (see grafting.save_embeddings for when); a file that holds them loads them
+    into the base model. ``adapted_only``: only the embedding layers an adapter wraps (those the
+    config targets).
     """
     from grafting.layer import AdaptedLayer
 
     prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
     slots: dict[str, Slot] = {}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(tuner.model, getter, None)
+    getters = [getattr(tuner.model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")]
+    for fn in getters:
         emb = fn() if callable(fn) else None
+        if adapted_only and not isinstance(emb, AdaptedLayer):
+            continue
         base = emb.base_layer if isinstance(emb, AdaptedLayer) else emb
         if not isinstance(getattr(base, "weight", None), torch.Tensor):
             continue
