@@ -38,8 +38,12 @@ LORA_FIELDS = [f.name for f in attrs.fields(LoraConfig) if f.name not in ("extra
         ("lora_dropout", 1.0),
         ("lora_dropout", -0.1),
         ("bias", "some"),
-        ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "PiSSA"),
+        ("init_lora_weights", "pissa_niter_"),
         ("init_lora_weights", "loftq"),
+        ("init_lora_weights", "eva"),
+        ("trainable_token_indices", [3, 3]),
+        ("trainable_token_indices", {"embed_tokens": [-1]}),
         ("init_lora_weights", 1.5),
         ("rank_pattern", {"q_proj": 0}),
         ("alpha_pattern", {"q_proj": -2}),
@@ -55,7 +59,8 @@ LORA_FIELDS = [f.name for f in attrs.fields(LoraConfig) if f.name not in ("extra
 )
 def test_invalid_values_are_config_errors_naming_the_field(field: str, value: Any) -> None:
     """``value`` is the field's value, or (a combination PEFT refuses too) a dict of fields."""
-    fields = value if isinstance(value, dict) and field not in ("rank_pattern", "alpha_pattern") else {field: value}
+    dict_fields = ("rank_pattern", "alpha_pattern", "trainable_token_indices")
+    fields = value if isinstance(value, dict) and field not in dict_fields else {field: value}
     with pytest.raises(ConfigError, match=re.escape(field)):
         LoraConfig(**fields)
     # the same through adapter_config.json content
@@ -91,7 +96,7 @@ patterns = st.dictionaries(st.sampled_from(["q_proj", "v_proj", r"layers\.0\..*"
 def lora_config_dicts(draw: Any) -> dict[str, Any]:
     targets = draw(st.none() | names | st.sampled_from(["all-linear", r".*\.q_proj"]))
     layers = None if isinstance(targets, str) else draw(st.none() | st.lists(st.integers(0, 5), min_size=1, max_size=3))
-    init = draw(st.sampled_from([True, False, "gaussian"]))
+    init = draw(st.sampled_from([True, False, "gaussian", "pissa", "pissa_niter_4", "olora", "orthogonal"]))
     use_dora = draw(st.booleans())
     return {
         "r": draw(st.integers(1, 64)),

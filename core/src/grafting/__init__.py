@@ -69,6 +69,7 @@ from grafting.protocol import (
     OutputAdapter,
     SharedState,
     Site,
+    WeightAdapter,
     hookimpl,
 )
 from grafting.routing import route_samples
@@ -150,6 +151,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedLayerError",
     "UnusedOptionWarning",
+    "WeightAdapter",
     "cast_mixed_precision_params",
     "config_from_dict",
     "get_base_model_state_dict",

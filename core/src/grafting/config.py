@@ -371,6 +371,17 @@ class AdapterConfig:
     def validate_for_model(self, model: Any) -> None:
         """Check options that need the model (subclasses may override)."""
 
+    def as_update_of_base(self: C, tensors: dict[str, Any], initial: dict[str, Any]) -> tuple[C, dict[str, Any]]:
+        """The config and tensors of an adapter that applies to the *original* base model.
+
+        ``tensors`` are this adapter's saved tensors after training, ``initial`` the
+        ones it was created with. For methods whose initialization rewrote the base
+        weight (LoRA's PiSSA, OLoRA): ``save_pretrained(...,
+        path_initial_model_for_weight_conversion=...)`` writes the result. Default:
+        the method has no such conversion.
+        """
+        raise ConfigError(f"{type(self).__name__} adapters cannot be converted against an initial adapter")
+
     def select_targets(self, model: Any, names: list[str]) -> list[str]:
         """The modules to adapt among those the options matched (logical names, model order); default all."""
         return names

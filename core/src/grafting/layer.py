@@ -13,10 +13,27 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
-from grafting.protocol import DeltaAdapter, InputAdapter, LayerAdapter, LayerCall, OutputAdapter, Site
+from grafting.protocol import (
+    DeltaAdapter,
+    InputAdapter,
+    LayerAdapter,
+    LayerCall,
+    OutputAdapter,
+    Site,
+    WeightAdapter,
+)
 from grafting.routing import current_routing, route_all
 
-__all__ = ["AdaptedLayer", "DeltaAdapter", "InputAdapter", "LayerAdapter", "LayerCall", "OutputAdapter", "Site"]
+__all__ = [
+    "AdaptedLayer",
+    "DeltaAdapter",
+    "InputAdapter",
+    "LayerAdapter",
+    "LayerCall",
+    "OutputAdapter",
+    "Site",
+    "WeightAdapter",
+]
 
 
 def _primary(args: tuple, kwargs: dict) -> tuple[Any, str | int]:
@@ -110,7 +127,7 @@ class AdaptedLayer(nn.Module):
                 x_in = adapter(x_in)
         if x_in is not x:
             base_args, base_kwargs = _replace(args, kwargs, where, x_in)
-        out = self.base_layer(*base_args, **base_kwargs)
+        out = self._call_base([a for a in live if a.site is Site.WEIGHT], base_args, base_kwargs)
         y = out[0] if isinstance(out, tuple) else out
         dtype = y.dtype
         call: LayerCall | None = None
@@ -124,9 +141,26 @@ class AdaptedLayer(nn.Module):
         y = y.to(dtype)  # a delta may come in its adapter's wider dtype: the sum is rounded once, as in PEFT
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
+    def _call_base(self, weight_adapters: list[LayerAdapter], args: tuple, kwargs: dict) -> Any:
+        """The base layer's call, with ``W + Σ ΔW`` in place of the parameters weight adapters change."""
+        if not weight_adapters:
+            return self.base_layer(*args, **kwargs)
+        params: dict[str, torch.Tensor] = {}
+        for adapter in weight_adapters:
+            for name, delta in cast(WeightAdapter, adapter).weight_deltas(self.base_layer).items():
+                current = params[name] if name in params else self.base_layer.get_parameter(name)
+                params[name] = current + delta.to(current.dtype)
+        return torch.func.functional_call(self.base_layer, params, args, kwargs, strict=False)
+
     def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:
         if self.merged:
             raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
+        for name in routing.adapter_names:
+            if name in self.adapters and self._get(name).site is Site.WEIGHT:
+                raise AdapterStateError(
+                    f"adapter {name!r} ({type(self._get(name)).__name__}) changes the layer's weights; per-sample"
+                    " adapter_names cannot route it (PEFT refuses it too)"
+                )
         x, where = _primary(args, kwargs)
         if x.shape[0] != routing.batch_size:
             raise AdapterStateError(

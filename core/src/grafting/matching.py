@@ -178,8 +178,7 @@ def find_targets(model: nn.Module, config: Any, defaults: list[str] | str | None
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         names = [n for n in names if layer_index(n, config.layers_pattern) in wanted]
-    if names:
-        names = config.select_targets(model, names)
+    names = config.select_targets(model, names)  # may add modules other options adapt (LoRA's target_parameters)
     if not names:
         raise TargetNotFoundError(_no_match_message(config, spec, [n for n, _ in candidates]))
     return names

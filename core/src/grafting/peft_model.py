@@ -246,6 +246,7 @@ class PeftModel(nn.Module):
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
         state_dict: dict[str, Any] | None = None,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter in PEFT's format: ``default`` at the root, others in a subfolder.
@@ -254,6 +255,11 @@ class PeftModel(nn.Module):
         from, instead of the model's own, e.g. a full state dict gathered on rank 0 from a sharded model.
         Without it, FSDP2-sharded adapter tensors are gathered from every rank: call this on all ranks
         then, with ``is_main_process`` true on the one that writes.
+
+        ``path_initial_model_for_weight_conversion`` names the folder an adapter whose
+        initialization rewrote the base weight (PiSSA, OLoRA) was saved to right after
+        creation; each adapter is then written as one that applies to the original
+        base model (``AdapterConfig.as_update_of_base``). That folder is only read.
         """
         if os.path.isfile(save_directory):
             raise AdapterLoadError(f"cannot save adapters to {save_directory}: it is a file, not a folder")
@@ -268,6 +274,13 @@ class PeftModel(nn.Module):
         }
         if not is_main_process:
             return
+        outputs: dict[str, tuple[AdapterConfig, dict[str, Any]]] = {}
+        for name in names:  # every conversion is checked before anything is written
+            config, tensors = self.peft_config[name], saved[name]
+            if path_initial_model_for_weight_conversion is not None:
+                initial = load_weights(os.fspath(path_initial_model_for_weight_conversion))
+                config, tensors = config.as_update_of_base(tensors, initial)
+            outputs[name] = (config, tensors)
         root = os.fspath(save_directory)
         weights = SAFETENSORS_NAME if safe_serialization else BIN_NAME
         other = BIN_NAME if safe_serialization else SAFETENSORS_NAME
@@ -278,8 +291,7 @@ class PeftModel(nn.Module):
             for name, sub in folders.items():
                 folder = inside(staging, os.path.join(staging, sub))
                 os.makedirs(folder, exist_ok=True)
-                tensors = saved[name]
-                config = self.peft_config[name]
+                config, tensors = outputs[name]
                 data = config.to_dict()
                 data["inference_mode"] = True
                 if data.get("base_model_name_or_path") is None:

@@ -5,8 +5,8 @@ listed under the ``grafting`` entry-point group. It declares its methods
 (:func:`grafting_methods`) and builds, for each adapter a user adds, either
 
 * **layer adapters**, one per targeted module, each a subclass of
-  :class:`InputAdapter`, :class:`DeltaAdapter` or :class:`OutputAdapter`
-  (its :class:`Site`); optionally with one :class:`SharedState` per adapter
+  :class:`InputAdapter`, :class:`DeltaAdapter`, :class:`OutputAdapter` or
+  :class:`WeightAdapter` (its :class:`Site`); optionally with one :class:`SharedState` per adapter
   that all its layer adapters read, or
 * one **model adapter** (:class:`ModelAdapter`) that rewrites the model's call.
 
@@ -68,9 +68,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 class Site(enum.IntEnum):
     """Where a layer adapter acts; the order is the composition (and merge) order."""
 
-    INPUT = 0
-    DELTA = 1
-    OUTPUT = 2
+    WEIGHT = 0
+    INPUT = 1
+    DELTA = 2
+    OUTPUT = 3
 
 
 class LayerCall:
@@ -138,6 +139,15 @@ class LayerAdapter(nn.Module):
         """Keep ``shared`` as a plain reference (not a submodule): it is saved once, not per layer."""
         self.__dict__["shared"] = shared
 
+    def attach(self, base_layer: nn.Module) -> None:
+        """Called once when the adapter is installed on ``base_layer``; default: nothing.
+
+        The one place an adapter may change its base layer at creation (PiSSA and
+        OLoRA leave the residual ``W − ΔW₀`` there). The core calls it only after
+        every target of the ``add_adapter`` call was created, so anything that can
+        fail belongs in ``__init__``, which must only read the base layer.
+        """
+
     def merge(self, base_layer: nn.Module) -> None:
         """Fold this adapter into ``base_layer``'s weights in place (read and write them through ``grafting.weights``).
 
@@ -150,6 +160,35 @@ class LayerAdapter(nn.Module):
     def unmerge(self, base_layer: nn.Module) -> None:
         """Take this adapter back out of ``base_layer``'s weights (the inverse of :meth:`merge`)."""
         raise MergeError(f"{type(self).__name__} cannot be unmerged from a {type(base_layer).__name__}")
+
+
+class WeightAdapter(LayerAdapter):
+    """Changes parameters of the layer for the call: ``weight_deltas(base_layer) -> {name: ΔW}``.
+
+    For layers that use a weight where no hook sees it (``nn.MultiheadAttention``'s
+    ``in_proj_weight``, the 3-D expert tensors of mixture-of-experts layers): the
+    layer runs with ``W + ΔW`` in place of each named parameter (``name`` as in
+    ``base_layer.named_parameters()``, ``ΔW`` in the parameter's shape), gradients
+    flowing into the adapter. Merging adds ``ΔW`` in place; per-sample routing
+    refuses it (the batch shares the weights).
+    """
+
+    site = Site.WEIGHT
+
+    def weight_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        for name, delta in self.weight_deltas(base_layer).items():
+            param = base_layer.get_parameter(name)
+            param.add_(delta.to(param.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        for name, delta in self.weight_deltas(base_layer).items():
+            param = base_layer.get_parameter(name)
+            param.sub_(delta.to(param.dtype))
 
 
 class InputAdapter(LayerAdapter):
@@ -411,6 +450,7 @@ __all__ = [
     "OutputAdapter",
     "SharedState",
     "Site",
+    "WeightAdapter",
     "hookimpl",
     "hookspec",
 ]

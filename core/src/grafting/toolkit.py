@@ -29,7 +29,7 @@ from torch import nn
 
 from grafting.combine import union_of_targets
 from grafting.errors import GraftingWarning
-from grafting.matching import name_matches, pattern_value
+from grafting.matching import candidate_modules, name_matches, pattern_value
 from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
 from grafting.validators import (
     boolean,
@@ -143,6 +143,7 @@ __all__ = [
     "RankAlphaPatterns",
     "add_to_weight",
     "boolean",
+    "candidate_modules",
     "check_count",
     "default_targets",
     "dense_weight",

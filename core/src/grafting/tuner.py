@@ -206,6 +206,7 @@ class AdapterModel(nn.Module):
                 module = AdaptedLayer(module)
                 self.model.set_submodule(where, module)
             module.add_adapter(adapter_name, adapter)
+            adapter.attach(module.base_layer)
         if model_adapter is not None:
             self.model_adapters[adapter_name] = model_adapter
         if shared is not None:

@@ -88,6 +88,8 @@ class AdaptionPromptConfig(AdapterConfig):
 
     def select_targets(self, model: Any, names: list[str]) -> list[str]:
         """The top ``adapter_layers`` of the matched attention modules."""
+        if not names:
+            return names  # the core reports that nothing matched
         assert self.adapter_layers is not None  # for_model checked it
         if len(names) < self.adapter_layers:
             raise ConfigError(

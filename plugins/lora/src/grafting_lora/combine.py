@@ -52,9 +52,15 @@ def combination(request: CombineRequest) -> Combination | None:
         kind = "linear"  # one adapter: scaled as it is, whatever was asked (PEFT does the same)
     for name, config in zip(request.adapters, configs, strict=True):
         assert isinstance(config, LoraConfig)
-        if config.use_dora or config.lora_bias:
-            feature = "DoRA" if config.use_dora else "lora_bias"
-            raise CombinationError(f"adapter {name!r} uses {feature}, which add_weighted_adapter cannot combine")
+        refused = {
+            "DoRA": config.use_dora,
+            "lora_bias": config.lora_bias,
+            "trainable_token_indices": config.trainable_token_indices is not None,
+            "target_parameters": bool(config.target_parameters),
+        }
+        for feature, used in refused.items():
+            if used:
+                raise CombinationError(f"adapter {name!r} uses {feature}, which add_weighted_adapter cannot combine")
     combiner = kind.removesuffix("_svd") if kind != "svd" else "linear"
     if combiner in NEEDS_DENSITY and request.density is None:
         raise CombinationError(f"combination_type={kind!r} prunes: give density (the fraction of entries kept)")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import attrs
+import torch
 
 from grafting import AdapterConfig, ConfigError
 from grafting.toolkit import (
     RankAlphaPatterns,
     boolean,
+    candidate_modules,
+    name_matches,
     one_of,
     pattern_of,
     positive,
@@ -17,6 +21,9 @@ from grafting.toolkit import (
     probability,
     trainable_biases,
 )
+from grafting_lora.init import check_init
+from grafting_lora.parameters import parameter_plan
+from grafting_lora.trainable_tokens import TokenPlan, check_weight_tying, token_plan
 
 
 @attrs.define(kw_only=True)
@@ -36,7 +43,6 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
         "alora_invocation_tokens": None,
         "arrow_config": None,
         "corda_config": None,
-        "ensure_weight_tying": False,
         "eva_config": None,
         "kasa_config": None,
         "layer_replication": None,
@@ -46,8 +52,6 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": 16,
-        "target_parameters": None,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
@@ -68,14 +72,32 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     #: dtype (tensor cores, as autocast would); ``"adapter"`` in float32, PEFT's numerics. Written
     #: to adapter_config.json only when set.
     precision: str | None = attrs.field(default=None, validator=one_of(None, "input", "adapter"))
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = attrs.field(default=None)
+    target_parameters: list[str] | None = attrs.field(default=None)
+    ensure_weight_tying: bool = attrs.field(default=False, validator=boolean)
+
+    @target_parameters.validator
+    def _check_parameters(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"LoraConfig.target_parameters must be a list of parameter names, got {value!r}")
+
+    @trainable_token_indices.validator
+    def _check_tokens(self, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None:
+            return
+        groups = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, ids in groups:
+            where = "LoraConfig.trainable_token_indices" + (f"[{key!r}]" if key is not None else "")
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ConfigError(f"{where} must be a non-empty list of token ids, got {ids!r}")
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise ConfigError(f"{where} must hold token ids (ints >= 0), got {ids!r}")
+            if len(set(ids)) != len(ids):
+                raise ConfigError(f"{where} lists a token id twice: {ids!r}")
 
     @init_lora_weights.validator
     def _check_init(self, attribute: attrs.Attribute, value: Any) -> None:
-        if not (value is True or value is False or (isinstance(value, str) and value == "gaussian")):
-            raise ConfigError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {value!r}"
-                " (PEFT's data-driven initializations such as 'pissa' or 'loftq' are not implemented)"
-            )
+        check_init(value)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -86,6 +108,82 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
                 f"LoraConfig: lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}"
                 " (PEFT refuses it too)"
             )
+
+    def token_plan(self, model: Any) -> TokenPlan:
+        """Where ``trainable_token_indices`` puts trainable rows on ``model`` (empty when unset)."""
+        if self.trainable_token_indices is None:
+            return TokenPlan(own={}, tied={})
+        return token_plan(self.trainable_token_indices, model, ensure_tying=self.ensure_weight_tying)
+
+    def validate_for_model(self, model: Any) -> None:
+        super().validate_for_model(model)
+        if self.ensure_weight_tying:
+            check_weight_tying(self, model)
+        plan = self.token_plan(model)
+        for path in sorted(plan.own):
+            if name_matches(path, self.modules_to_save):
+                raise ConfigError(
+                    f"LoraConfig: {path} is in both modules_to_save and trainable_token_indices; train it one way"
+                )
+
+    def parameter_plan(self, model: Any) -> dict[str, list[str]]:
+        """Module path -> its parameters that ``target_parameters`` adapts (empty when unset)."""
+        return parameter_plan(self.target_parameters, model) if self.target_parameters else {}
+
+    def select_targets(self, model: Any, names: list[str]) -> list[str]:
+        """The matched modules, plus the embeddings that carry trainable tokens and the modules whose
+        parameters ``target_parameters`` names, in model order."""
+        extra = {
+            "trainable_token_indices": self.token_plan(model).paths,
+            "target_parameters": set(self.parameter_plan(model)),
+        }
+        for option, paths in extra.items():
+            both = sorted(set(names) & paths)
+            if both:
+                raise ConfigError(
+                    f"LoraConfig: {both} are matched by target_modules and by {option}; adapt each module one way"
+                )
+        added = extra["trainable_token_indices"] | extra["target_parameters"]
+        if not added:
+            return names
+        order = {n: i for i, (n, _) in enumerate(candidate_modules(model))}
+        return sorted({*names, *added}, key=order.__getitem__)
+
+    def as_update_of_base(self, tensors: dict[str, Any], initial: dict[str, Any]) -> tuple[LoraConfig, dict[str, Any]]:
+        """PiSSA/OLoRA after training as plain LoRA on the original weight (PEFT's conversion).
+
+        ``W_res + s·B·A = W + s·(B·A − B₀·A₀) = W + s·[B | −B₀]·[A ; A₀]``: rank and alpha
+        double (rsLoRA: alpha × √2), so the scaling stays; the other tensors are kept.
+        """
+        if self.use_dora:
+            raise ConfigError("LoraConfig: a DoRA adapter cannot be converted to plain LoRA against its initial state")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            raise ConfigError(
+                "LoraConfig: converting against the initial adapter does not support use_rslora together with"
+                " rank_pattern or alpha_pattern (PEFT refuses it too)"
+            )
+        out: dict[str, Any] = {}
+        for key, value in tensors.items():
+            a_side = key.endswith((".lora_A.weight", ".lora_embedding_A"))
+            b_side = key.endswith((".lora_B.weight", ".lora_embedding_B"))
+            if (a_side or b_side) and key not in initial:
+                raise ConfigError(f"LoraConfig: the initial adapter has no {key}; was it saved from this model?")
+            if a_side:
+                out[key] = torch.cat([value, initial[key].to(value)], dim=0)
+            elif b_side:
+                out[key] = torch.cat([value, -initial[key].to(value)], dim=1)
+            else:
+                out[key] = value
+        alpha_factor = math.sqrt(2) if self.use_rslora else 2
+        converted = attrs.evolve(
+            self,
+            init_lora_weights=True,
+            r=2 * self.r,
+            lora_alpha=self.lora_alpha * alpha_factor,
+            rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+            alpha_pattern={k: 2 * v for k, v in self.alpha_pattern.items()},
+        )
+        return converted, out
 
     def scaling_for(self, module_name: str, *, rank_stabilized: bool | None = None) -> float:
         """``lora_alpha / r`` for the module (``/ √r`` with ``use_rslora``)."""

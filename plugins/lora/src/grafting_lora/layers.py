@@ -13,11 +13,17 @@ from torch import nn
 from grafting import ConfigError, DeltaAdapter, LayerCall, MergeError
 from grafting.toolkit import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
 from grafting_lora.fused import LoraLinearFunction, lora_linear
+from grafting_lora.init import subtract_initial_delta
 from grafting_lora.scaled import embed_scale
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
-    """A random, B zero (so the adapter starts as the identity), unless ``init`` is False."""
+    """A random, B zero (so the adapter starts as the identity), unless ``init`` is False.
+
+    The other string initializations (init.py) set both factors themselves, drawing no numbers here.
+    """
+    if isinstance(init, str) and init != "gaussian":
+        return
     with torch.no_grad():
         if init == "gaussian":
             nn.init.normal_(a, std=1 / r)
@@ -166,6 +172,13 @@ class LoraLinear(DeltaAdapter):
                     norm = self._weight_norm(_wide(dense_weight(base_layer)))
             self.lora_magnitude_vector = nn.Parameter(norm)
         self._dora_merge_scale: torch.Tensor | None = None
+
+    #: Set by a PiSSA/OLoRA initialization (init.py): ``attach`` leaves ``W − scaling·B·A`` in the base.
+    leaves_residual = False
+
+    def attach(self, base_layer: nn.Module) -> None:
+        if self.leaves_residual:
+            subtract_initial_delta(base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @property
     def reads_base_weight(self) -> bool:  # type: ignore[override]

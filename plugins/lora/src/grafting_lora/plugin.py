@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 from torch import nn
 
-from grafting import GraftingWarning, Method, UnsupportedLayerError, hookimpl
+from grafting import ConfigError, GraftingWarning, Method, PluginError, UnsupportedLayerError, hookimpl
 from grafting.protocol import Combination, CombineRequest
 from grafting.toolkit import is_conv, is_linear, query_value_projections, warn_fan_in_fan_out
 from grafting_lora.combine import combination
 from grafting_lora.config import LoraConfig
+from grafting_lora.dora import DoraConv, DoraEmbedding
+from grafting_lora.init import initialize
 from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear
+from grafting_lora.parameters import LoraMultiheadAttention, LoraParameters, check_parameter_options
 from grafting_lora.saved import check_shapes
+from grafting_lora.trainable_tokens import TiedTrainableTokens, TrainableTokens, TrainableTokensHead
 
 
 @hookimpl
@@ -29,12 +34,49 @@ def grafting_default_target_modules(config: object, model: nn.Module) -> list[st
     return query_value_projections(model)
 
 
+#: The trainable-token adapters of embeddings made while an adapter is being added, for the tied heads
+#: created after them in the same call (the model, adapter name -> embedding path -> adapter).
+_token_adapters: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], TrainableTokens]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tokens_adapter(
+    config: LoraConfig, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+) -> nn.Module | None:
+    """A trainable-tokens adapter if ``module_name`` carries ``trainable_token_indices``, else None."""
+    plan = config.token_plan(model)
+    made = _token_adapters.setdefault(model, {})
+    if module_name in plan.own:
+        init = config.init_lora_weights is not False
+        if isinstance(base_layer, nn.Linear):  # an output head: one row per token id
+            return TrainableTokensHead(base_layer, plan.own[module_name], init=init)
+        if not isinstance(base_layer, nn.Embedding):
+            raise UnsupportedLayerError(
+                f"{module_name}: trainable_token_indices needs an nn.Embedding or an output nn.Linear, not a"
+                f" {type(base_layer).__name__}"
+            )
+        adapter = TrainableTokens(base_layer, plan.own[module_name], init=init)
+        made[(adapter_name, module_name)] = adapter
+        return adapter
+    if module_name in plan.tied:
+        embedding = made.get((adapter_name, plan.tied[module_name]))
+        if embedding is None:
+            raise PluginError(f"{module_name}: the embedding whose trainable tokens it follows was not adapted first")
+        return TiedTrainableTokens(base_layer, embedding, base_layer.weight)
+    return None
+
+
 @hookimpl
 def grafting_create_layer_adapter(
-    config: object, base_layer: nn.Module, adapter_name: str, module_name: str
+    config: object, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
 ) -> nn.Module | None:
     if not isinstance(config, LoraConfig):
         return None
+    if config.trainable_token_indices is not None:
+        tokens = _tokens_adapter(config, base_layer, adapter_name, module_name, model)
+        if tokens is not None:
+            return tokens
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
     if config.lora_bias and getattr(base_layer, "bias", None) is None and not isinstance(base_layer, nn.Embedding):
         warnings.warn(  # as PEFT warns; merging such an adapter is refused
@@ -43,21 +85,39 @@ def grafting_create_layer_adapter(
             GraftingWarning,
             stacklevel=2,
         )
+    if config.target_parameters:
+        names = config.parameter_plan(model).get(module_name)
+        if names:
+            check_parameter_options(config, module_name)
+            return LoraParameters(base_layer, names, r, scaling, config.init_lora_weights)
+    if isinstance(base_layer, nn.MultiheadAttention):
+        check_parameter_options(config, module_name)
+        return LoraMultiheadAttention(base_layer, r, scaling, config.init_lora_weights)
     if is_linear(base_layer):
         warn_fan_in_fan_out(config, base_layer)
-        return _with_precision(
+        adapter = _with_precision(
             LoraLinear(
                 base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.use_dora, config.lora_bias
             ),
             config,
         )
-    if config.use_dora:
-        raise UnsupportedLayerError(
-            f"{module_name}: DoRA is supported on linear layers only, not on {type(base_layer).__name__}"
-        )
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            initialize(adapter, base_layer, config.init_lora_weights, r, scaling)
+        return adapter
     if isinstance(base_layer, nn.Embedding):
+        if config.use_dora:
+            return DoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
         return LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
     if is_conv(base_layer):
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"{module_name}: init_lora_weights={config.init_lora_weights!r} is for linear layers; PEFT refuses it"
+                f" on a {type(base_layer).__name__} too"
+            )
+        if config.use_dora:
+            return _with_precision(
+                DoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights), config
+            )
         return _with_precision(
             LoraConv(base_layer, r, scaling, config.lora_dropout, config.init_lora_weights, config.lora_bias), config
         )

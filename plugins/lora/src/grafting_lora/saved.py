@@ -30,6 +30,12 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _per_channel(shape: tuple[int, ...], out: int) -> bool:
+    """A magnitude vector's shape: ``(out,)``, or ``(1, out, 1, ...)`` for a convolution."""
+    shape = tuple(shape)
+    return shape == (out,) or (len(shape) >= 3 and shape[:2] == (1, out) and set(shape[2:]) == {1})
+
+
 def check_shapes(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """One line per tensor whose presence or shape contradicts the config (rank, DoRA, lora_bias)."""
     modules: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
@@ -56,7 +62,7 @@ def check_shapes(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> list
         magnitude = parts.get("magnitude")
         if config.use_dora and magnitude is None:
             problems.append(f"{module}: use_dora is set but lora_magnitude_vector is missing")
-        if magnitude is not None and (not config.use_dora or magnitude != (out,)):
+        if magnitude is not None and (not config.use_dora or not _per_channel(magnitude, out)):
             problems.append(
                 f"{module}: unexpected lora_magnitude_vector of shape {list(magnitude)} (use_dora={config.use_dora}, out={out})"
             )

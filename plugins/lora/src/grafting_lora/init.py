@@ -1,0 +1,124 @@
+"""LoRA initializations beyond "A random, B zero": PiSSA, OLoRA and orthogonal.
+
+PiSSA and OLoRA start the adapter on a rank-r piece of the base weight and
+leave the rest (the residual ``W − scaling·B·A``) in the base layer, so the
+model computes the same function at the start. The factors are computed when
+the adapter is created (from ``W``, read only); the residual is written when
+the adapter is installed (``LayerAdapter.attach``), after every target of the
+``add_adapter`` call was created, so a failing target leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from grafting import ConfigError
+from grafting.toolkit import dense_weight, in_out_features, store_weight
+
+#: Values of ``init_lora_weights`` besides True/False/"gaussian" that grafting implements.
+RESIDUAL_INITS = ("pissa", "olora")
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+#: PEFT's data-driven initializations grafting does not implement (yet).
+NOT_IMPLEMENTED = ("eva", "corda", "loftq", "lora_ga", "mica")
+
+
+def check_init(value: object) -> None:
+    """Raise ConfigError unless ``value`` is an ``init_lora_weights`` grafting implements."""
+    if value is True or value is False or value in ("gaussian", "orthogonal", *RESIDUAL_INITS):
+        return
+    if isinstance(value, str) and PISSA_NITER.fullmatch(value):
+        return
+    hint = " (a PEFT initialization grafting does not implement)" if value in NOT_IMPLEMENTED else ""
+    raise ConfigError(
+        "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or"
+        f" 'orthogonal', got {value!r}{hint}"
+    )
+
+
+def rewrites_base(init: object) -> bool:
+    """True for initializations that leave a residual in the base weight (PiSSA, OLoRA)."""
+    return isinstance(init, str) and (init in RESIDUAL_INITS or PISSA_NITER.fullmatch(init) is not None)
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float64 weights are decomposed in float64; everything else in float32, as PEFT does."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def pissa(weight: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) from the top ``r`` singular triplets of ``weight`` (out, in): ``scaling·B·A`` is that rank-r part.
+
+    ``niter`` selects the randomized low-rank SVD with that many subspace iterations (fast, approximate).
+    """
+    w = weight.to(_work_dtype(weight))
+    if niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:
+        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+        vh = v.T
+    root = torch.sqrt(s / scaling)
+    return root[:, None] * vh, u * root[None, :]
+
+
+def olora(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) from the QR decomposition ``W = Q R``: B the first ``r`` columns of Q, A the first ``r`` rows of R."""
+    q, rr = torch.linalg.qr(weight.to(_work_dtype(weight)))
+    return rr[:r].contiguous(), q[:, :r].contiguous()
+
+
+def orthogonal(n_in: int, n_out: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with orthogonal row spaces, so ``B·A = 0`` while both train from random values (r even)."""
+    if r % 2:
+        raise ConfigError(f"LoraConfig.init_lora_weights='orthogonal' needs an even rank, got r={r}")
+    basis, _ = torch.linalg.qr(torch.randn(r, r))
+    a = (torch.randn(n_in, r // 2) @ basis[0::2]).T / 10.0
+    b = torch.randn(r // 2, n_out).T @ basis[1::2] / 10.0
+    return a.contiguous(), b.contiguous()
+
+
+def decompose(
+    init: str, weight: torch.Tensor, r: int, scaling: float, n_in: int, n_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) for the string initialization ``init`` of a linear layer with dense (out, in) ``weight``."""
+    if init == "orthogonal":
+        return orthogonal(n_in, n_out, r)
+    if init == "olora":
+        return olora(weight, r, scaling)
+    found = PISSA_NITER.fullmatch(init)
+    return pissa(weight, r, scaling, int(found.group(1)) if found else None)
+
+
+def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W − scaling·B·A`` for a dense (out, in) ``weight``, computed as PEFT does and rounded once to its dtype."""
+    work = _work_dtype(weight)
+    return (weight.to(work) - scaling * b.to(work) @ a.to(work)).to(weight.dtype)
+
+
+@torch.no_grad()
+def subtract_initial_delta(base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """Leave the residual ``W − scaling·B·A`` in ``base_layer``."""
+    store_weight(base_layer, residual(dense_weight(base_layer), a, b, scaling))
+
+
+def initialize(adapter: nn.Module, base_layer: nn.Module, init: str, r: int, scaling: float) -> None:
+    """Give a linear LoRA adapter the factors of the string initialization ``init`` (reads the base only)."""
+    n_in, n_out = in_out_features(base_layer)
+    a, b = decompose(init, dense_weight(base_layer), r, scaling, n_in, n_out)
+    dtype = adapter.lora_A.weight.dtype if not adapter.lora_A.weight.is_meta else a.dtype
+    adapter.lora_A.weight = nn.Parameter(a.to(dtype))
+    adapter.lora_B.weight = nn.Parameter(b.to(dtype))
+    adapter.leaves_residual = rewrites_base(init)
+    if adapter.use_dora and not adapter.lora_A.weight.is_meta:
+        # DoRA's magnitude: the norms of the weight the forward sees, W_res + s·B·A (W up to rounding)
+        weight = dense_weight(base_layer)
+        start = residual(weight, a, b, scaling) if adapter.leaves_residual else weight
+        with torch.no_grad():
+            adapter.lora_magnitude_vector.copy_(adapter._weight_norm(_wide(start)))

@@ -1,0 +1,241 @@
+"""Trainable tokens: new values for a few rows of an embedding matrix (and of the output head tied to it).
+
+``trainable_token_indices`` (a list of token ids for the input embedding, or
+a dict of module name to ids) trains those rows only. The rows' new values
+live in ``token_adapter.trainable_tokens_delta`` (PEFT's key; despite the
+name it holds the values, not a difference). As a grafting delta adapter the
+change is ``ΔW = new - original`` on those rows: an embedding adds
+``ΔW[id]`` to the embedding of each listed id; an output head that shares
+the embedding's weight adds ``x · ΔWᵀ`` to the logits of the listed ids,
+reading the same rows (one parameter, saved once, under the embedding).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grafting import (
+    AdaptedLayer,
+    ConfigError,
+    DeltaAdapter,
+    GraftingWarning,
+    LayerCall,
+    MergeError,
+    TargetNotFoundError,
+)
+from grafting.toolkit import add_to_weight, candidate_modules, name_matches
+from grafting_lora.scaled import embed_scale
+
+
+class TokenRows(nn.Module):
+    """The trained rows (``trainable_tokens_delta``), their original values and where each id sits."""
+
+    def __init__(self, weight: torch.Tensor, token_ids: Sequence[int], init: bool = True) -> None:
+        super().__init__()
+        num, dim = weight.shape
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=weight.device)
+        original = weight.detach()[ids].clone()
+        values = original.clone() if init else torch.randn(len(ids), dim, dtype=original.dtype, device=weight.device)
+        self.trainable_tokens_delta = nn.Parameter(values)
+        # not saved (PEFT saves only the values): the original rows come from the base model each time
+        self.register_buffer("trainable_tokens_original", original, persistent=False)
+        self.register_buffer("token_ids", ids, persistent=False)
+        # id -> its row here; every other id -> the zero row after them
+        slot = torch.full((num,), len(ids), dtype=torch.long, device=weight.device)
+        slot[ids] = torch.arange(len(ids), device=weight.device)
+        self.register_buffer("slot_of_id", slot, persistent=False)
+
+    def change(self) -> torch.Tensor:
+        """``new - original`` for the listed rows, in the parameter's dtype."""
+        return self.trainable_tokens_delta - self.trainable_tokens_original.to(self.trainable_tokens_delta)
+
+    def full_change(self, num: int) -> torch.Tensor:
+        """ΔW as a (num, dim) matrix, zero outside the listed rows."""
+        change = self.change()
+        return change.new_zeros(num, change.shape[1]).index_copy(0, self.token_ids.to(change.device), change)
+
+
+class TrainableTokens(DeltaAdapter):
+    """New values for some rows of an ``nn.Embedding`` (saved as ``token_adapter.trainable_tokens_delta``)."""
+
+    def __init__(self, base_layer: nn.Embedding, token_ids: Sequence[int], init: bool = True) -> None:
+        super().__init__()
+        embed_scale(base_layer)  # refuse a scale that is not one number before anything is built
+        self.token_adapter = TokenRows(base_layer.weight, token_ids, init)
+
+    def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        rows = self.token_adapter
+        change = rows.change()
+        table = torch.cat([change, change.new_zeros(1, change.shape[1])])
+        out = F.embedding(rows.slot_of_id[x], table)
+        scale = embed_scale(call.base_layer)  # a scaled embedding (Gemma 3) scales its rows: the change's too
+        return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
+
+    def merge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.num_embeddings).T)
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.num_embeddings).T, alpha=-1.0)
+
+
+def _logit_change(rows: TokenRows, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``x · ΔWᵀ`` for an output head: the logits of the listed ids change, the others do not."""
+    change = rows.change()
+    logits = F.linear(x.to(change.dtype), change)  # (..., n_ids)
+    out = logits.new_zeros(*logits.shape[:-1], n_out)
+    return out.index_copy(-1, rows.token_ids.to(out.device), logits)
+
+
+class TrainableTokensHead(DeltaAdapter):
+    """New values for some rows of an output head (``nn.Linear``, one row per token id), its own rows."""
+
+    def __init__(self, base_layer: nn.Linear, token_ids: Sequence[int], init: bool = True) -> None:
+        super().__init__()
+        self.token_adapter = TokenRows(base_layer.weight, token_ids, init)
+
+    def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        return _logit_change(self.token_adapter, x, call.base_out.shape[-1])
+
+    def merge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.out_features))
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.out_features), alpha=-1.0)
+
+
+class TiedTrainableTokens(DeltaAdapter):
+    """The listed rows of an output head that shares its weight with an embedding carrying :class:`TrainableTokens`.
+
+    It reads the embedding adapter's rows (held by reference, not as a submodule,
+    so they are saved once). A merge into the shared weight is the embedding
+    adapter's; this one's merge checks the weight is still shared and does nothing.
+    """
+
+    def __init__(self, base_layer: nn.Module, embedding: TrainableTokens, shared_weight: torch.Tensor) -> None:
+        super().__init__()
+        self._tied = (embedding, shared_weight)  # a tuple: not registered, not saved
+
+    @property
+    def tied_to(self) -> TrainableTokens:
+        return self._tied[0]
+
+    def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        return _logit_change(self.tied_to.token_adapter, x, call.base_out.shape[-1])
+
+    def _check_shared(self, base_layer: nn.Module) -> None:
+        if getattr(base_layer, "weight", None) is not self._tied[1]:
+            raise MergeError(
+                f"{type(base_layer).__name__} no longer shares its weight with the embedding whose trainable tokens"
+                " it follows; merge the embedding's adapter into each weight separately"
+            )
+
+    def merge(self, base_layer: nn.Module) -> None:
+        self._check_shared(base_layer)  # the embedding adapter's merge changes the shared weight once
+
+    def unmerge(self, base_layer: nn.Module) -> None:
+        self._check_shared(base_layer)
+
+
+@attrs.frozen
+class TokenPlan:
+    """Which modules carry trainable tokens: ``own`` (path -> ids) and ``tied`` (head path -> embedding path)."""
+
+    own: dict[str, list[int]]
+    tied: dict[str, str]
+
+    @property
+    def paths(self) -> set[str]:
+        return set(self.own) | set(self.tied)
+
+
+def _unwrapped(module: nn.Module | None) -> nn.Module | None:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for name, candidate in candidate_modules(model):
+        if candidate is module or _unwrapped(candidate) is module:
+            return name
+    return None
+
+
+def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    fn = getattr(model, getter, None)
+    return _unwrapped(fn()) if callable(fn) else None
+
+
+def token_plan(spec: list[int] | dict[str, list[int]], model: nn.Module, *, ensure_tying: bool = False) -> TokenPlan:
+    """Resolve ``trainable_token_indices`` on ``model`` (logical module names, as PEFT matches them).
+
+    A list targets the input embedding (``embed_tokens`` when the model does not say
+    which it is); a dict maps module names (exact or dotted suffix) to ids. An output
+    head sharing the input embedding's weight follows its rows, unless the dict gives
+    the head other ids (then it has its own rows; with ``ensure_tying`` that is an error).
+    """
+    embedding = _embeddings(model, "get_input_embeddings")
+    embedding_path = _path_of(model, embedding)
+    wanted = dict(spec) if isinstance(spec, dict) else {embedding_path or "embed_tokens": list(spec)}
+    names = [n for n, _ in candidate_modules(model)]
+    own: dict[str, list[int]] = {}
+    for key, ids in wanted.items():
+        found = [n for n in names if name_matches(n, [key])]
+        if not found:
+            raise TargetNotFoundError(f"LoraConfig.trainable_token_indices: no module named {key!r} in the model")
+        for name in found:
+            own[name] = list(ids)
+    tied: dict[str, str] = {}
+    head = _embeddings(model, "get_output_embeddings")
+    head_path = _path_of(model, head)
+    shared = head is not None and embedding is not None and getattr(head, "weight", None) is embedding.weight
+    if shared and embedding_path in own and head_path is not None:
+        if head_path in own and own[head_path] != own[embedding_path]:
+            if ensure_tying:
+                raise ConfigError(
+                    f"LoraConfig.trainable_token_indices: {embedding_path} and {head_path} share their weight but are"
+                    f" given different ids ({own[embedding_path]} and {own[head_path]}); ensure_weight_tying=True"
+                    " needs the same ids for both"
+                )
+        else:
+            own.pop(head_path, None)
+            tied[head_path] = embedding_path
+    return TokenPlan(own=own, tied=tied)
+
+
+def tied_embedding_paths(model: nn.Module) -> tuple[str, str] | None:
+    """(input embedding path, output head path) when the head shares the embedding's weight, else None."""
+    embedding, head = _embeddings(model, "get_input_embeddings"), _embeddings(model, "get_output_embeddings")
+    if embedding is None or head is None or getattr(head, "weight", None) is not embedding.weight:
+        return None
+    paths = _path_of(model, embedding), _path_of(model, head)
+    return None if paths[0] is None or paths[1] is None else (paths[0], paths[1])
+
+
+def check_weight_tying(config: Any, model: nn.Module) -> None:
+    """``ensure_weight_tying=True``: warn when the model ties nothing (as PEFT does); trainable tokens follow
+    the tie (``token_plan``); LoRA or a trained copy on a tied embedding is refused (not implemented)."""
+    tied = tied_embedding_paths(model)
+    if tied is None:
+        warnings.warn(
+            "LoraConfig.ensure_weight_tying=True, but the model's output head does not share the input"
+            " embedding's weight; nothing is tied",
+            GraftingWarning,
+            stacklevel=3,
+        )
+        return
+    for option in ("target_modules", "modules_to_save"):
+        spec = getattr(config, option)
+        if spec is not None and spec != "all-linear" and any(name_matches(p, spec) for p in tied):
+            raise ConfigError(
+                f"LoraConfig: ensure_weight_tying=True with the tied embedding in {option} (adapters tied across"
+                f" {tied[0]} and {tied[1]}) is not implemented in grafting; use trainable_token_indices, or"
+                " ensure_weight_tying=False"
+            )
