@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 
 import grafting
 from grafting.integrations.transformers import Trainer
@@ -27,8 +28,6 @@ def two_adapters(seed: int) -> Any:
 
 
 def args(folder: Path) -> Any:
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         str(folder),
         max_steps=4,
@@ -77,3 +76,33 @@ def test_other_models_are_left_to_trainer(tmp_path: Path) -> None:
     assert_identical(
         load_file(tmp_path / "saved" / "model.safetensors")["lm_head.weight"], model.lm_head.weight.detach()
     )
+
+
+class RankArguments(TrainingArguments):
+    """TrainingArguments of the main process (``main``) or of another rank (``process_index != 0`` in a real run)."""
+
+    main = True
+
+    @property
+    def should_save(self) -> bool:
+        return self.main
+
+
+def test_a_gathered_state_dict_is_saved_by_the_main_process_only(tmp_path: Path) -> None:
+    """What ``Trainer.save_model`` does under FSDP with FULL_STATE_DICT (transformers 5.24, trainer.py:4105-4108).
+
+    Every rank calls ``_save(dir, state_dict=accelerator.get_state_dict(model))``: the whole state dict on the
+    main process, an empty one elsewhere. The main process saves the adapter from it; the others do nothing.
+    """
+    from safetensors.torch import load_file
+
+    model = two_adapters(0)
+    trainer = Trainer(model=model, args=RankArguments(str(tmp_path / "run"), report_to=[], use_cpu=True))
+    gathered = {k: v * 2 + 1 for k, v in model.state_dict().items()}  # not the model's values: must come from here
+    trainer._save(str(tmp_path / "main"), state_dict=gathered)
+    expected = grafting.get_peft_model_state_dict(model, state_dict=gathered)
+    assert_identical(load_file(tmp_path / "main" / "adapter_model.safetensors"), expected)
+
+    trainer.args.main = False
+    trainer._save(str(tmp_path / "other"), state_dict={})
+    assert not (tmp_path / "other").exists()

@@ -92,10 +92,15 @@ class AdapterTrainerMixin:
         if peft_model is None:
             super()._save(output_dir, state_dict)  # type: ignore[misc]
             return
+        if state_dict is not None and not self.args.should_save:
+            # An already gathered state dict (Trainer under FSDP: accelerate's full state dict, whole on
+            # the main process only, empty elsewhere): nothing for this rank to do.
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-        # Every rank calls: FSDP2-sharded adapter tensors are gathered, then only the main process writes.
+        # Without a state dict every rank calls: FSDP2-sharded adapter tensors are gathered, then only the
+        # main process writes.
         peft_model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
