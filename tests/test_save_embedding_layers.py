@@ -57,6 +57,25 @@ def test_saved_embedding_keys_are_peft_s(arch: str, which: int) -> None:
         assert (ours_said > 0) == (theirs_said > 0), (targets, choice, "warning")
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj"]])
+def test_trainable_tokens_keep_auto_from_saving_whole_embeddings(targets: list[str]) -> None:
+    """An adapter that trains single token rows saves those rows; "auto" adds no embedding layer (as peft)."""
+    import peft
+
+    config = grafting.LoraConfig(r=2, target_modules=targets, trainable_token_indices=[1, 2], task_type="CAUSAL_LM")
+    ours_model = grafting.get_peft_model(base_model("llama"), config)
+    theirs_model = peft_model("llama", config)
+    for choice in ("auto", False):
+        ours, ours_said = saved(grafting, ours_model, choice)
+        theirs, theirs_said = saved(peft, theirs_model, choice)
+        assert (
+            sorted(ours)
+            == sorted(theirs)
+            == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+        )
+        assert ours_said == theirs_said == 0
+
+
 # -- a grown vocabulary comes back with the adapter ----------------------------------------------------
 VOCAB, GROWN = 64, 72
 PROBE = torch.tensor([[2, 65, 70, 9, 71, 12], [3, 64, 5, 66, 67, 68]])  # new tokens among old ones

@@ -2,8 +2,9 @@
 
 ``"auto"`` saves them, with a warning, when the adapter's ``target_modules`` names an embedding layer
 (``embed_tokens`` or ``lm_head``: the adapted layers' base weights then go with it, so a vocabulary grown
-for training comes back), or when the model's vocabulary differs from its base model's config (it was
-resized during fine-tuning: both embedding layers go).
+for training comes back) and it does not train single token rows instead (trainable tokens), or when the
+model's vocabulary differs from its base model's config (it was resized during fine-tuning: both
+embedding layers go).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def targets_embeddings(config: Any, base_model: nn.Module) -> bool:
             if any(re.match(rf"(.*\.)?{emb}$", name) for emb in EMBEDDING_NAMES)
         )
     return any(emb in (targets or ()) for emb in EMBEDDING_NAMES)
+
+
+def trains_token_rows(config: Any) -> bool:
+    """True when the adapter trains single embedding rows (PEFT's trainable tokens), which it saves itself.
+
+    PEFT's rule, by its option names: a ``TRAINABLE_TOKENS`` config, or ``trainable_token_indices`` set.
+    """
+    return str(getattr(config, "peft_type", "")) == "TRAINABLE_TOKENS" or (
+        getattr(config, "trainable_token_indices", None) is not None
+    )
 
 
 def vocab_resized(model_config: Any, base_name: str | None, revision: str | None = None) -> bool:
@@ -84,7 +95,7 @@ def saves_embeddings(choice: bool | str, config: Any, base_model: nn.Module) -> 
     targeted = targets_embeddings(config, base_model)
     if isinstance(choice, bool):
         return choice, targeted
-    if targeted:
+    if targeted and not trains_token_rows(config):
         why = "target_modules names one"
     elif vocab_resized(getattr(base_model, "config", None), config.base_model_name_or_path, config.revision):
         why = "the vocabulary was resized since the base model was loaded"
