@@ -16,7 +16,7 @@ import grafting
 from grafting.integrations.transformers import Trainer
 from grafting.testing import assert_close, assert_identical
 from tests.helpers import base_model
-from tests.training.common import lm_dataset
+from tests.training.common import lm_dataset, trainer_args
 
 
 def two_adapters(seed: int) -> Any:
@@ -28,17 +28,7 @@ def two_adapters(seed: int) -> Any:
 
 
 def args(folder: Path) -> Any:
-    return TrainingArguments(
-        str(folder),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    return trainer_args(str(folder), max_steps=4, save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2)
 
 
 def adapter_state(model: Any) -> dict[str, dict[str, torch.Tensor]]:

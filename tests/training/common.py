@@ -87,11 +87,35 @@ def probe_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def lora_model(seed: int = 0) -> Any:
-    """grafting's LoRA on the seeded tiny Llama, B initialised to zero as usual (training moves it)."""
-    import grafting
+def base_model() -> Any:
+    """The base model every scenario adapts and every check loads adapters onto: the seeded tiny Llama."""
     from grafting.testing import tiny_llama
 
-    base = tiny_llama(seed=0)
+    return tiny_llama(seed=0)
+
+
+def lora_model(seed: int = 0) -> Any:
+    """grafting's LoRA on :func:`base_model`, B initialised to zero as usual (training moves it)."""
+    import grafting
+
+    base = base_model()
     torch.manual_seed(seed)
     return grafting.get_peft_model(base, grafting.LoraConfig(**LORA))
+
+
+def probe_logits(model: Any) -> torch.Tensor:
+    """``model``'s logits for :func:`probe_inputs`, in eval mode, without autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(**probe_inputs()).logits
+
+
+def trainer_args(folder: str, arguments: Any = None, **options: Any) -> Any:
+    """Arguments for a quiet, seeded CPU run in ``folder``; ``options`` add to or override them.
+
+    ``arguments``: the class (``TrainingArguments`` unless given, e.g. TRL's ``SFTConfig``).
+    """
+    from transformers import TrainingArguments
+
+    quiet = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0}
+    return (arguments or TrainingArguments)(output_dir=str(folder), **{**quiet, **options})

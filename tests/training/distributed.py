@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from grafting import get_peft_model_state_dict
-from tests.training.common import lora_model, peft_blocked, probe_inputs
+from tests.training.common import lora_model, peft_blocked, probe_logits
 
 STEPS = 3
 
@@ -51,10 +51,7 @@ def record(model: Any, peft_model: Any, folder: str, rank: int) -> None:
     """This rank's adapter tensors (gathered whole under FSDP2) and probe logits."""
     tensors = get_peft_model_state_dict(peft_model)  # a collective under FSDP2: every rank calls
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, f"rank{rank}.safetensors"))
-    model.eval()
-    with torch.no_grad():
-        logits = model(**probe_inputs()).logits
-    save_file({"logits": logits.contiguous()}, os.path.join(folder, f"logits{rank}.safetensors"))
+    save_file({"logits": probe_logits(model).contiguous()}, os.path.join(folder, f"logits{rank}.safetensors"))
 
 
 def ddp(out: str, rank: int) -> None:
@@ -88,24 +85,14 @@ def fsdp2(out: str, rank: int) -> None:
 
 def trainer_ddp(out: str, rank: int) -> None:
     """grafting's Trainer under torchrun (DDP: accelerate enables FSDP on GPUs only): checkpoints, resume, save_model."""
-    from transformers import TrainingArguments
-
     from grafting.integrations.transformers import Trainer
-    from tests.training.common import lm_dataset, tokenizer
+    from tests.training.common import lm_dataset, tokenizer, trainer_args
 
     folder = os.path.join(out, "trainer_ddp")
 
     def run(name: str, seed: int, resume: str | None = None) -> Any:
-        args = TrainingArguments(
-            os.path.join(folder, name),
-            max_steps=4,
-            save_steps=2,
-            per_device_train_batch_size=2,
-            learning_rate=5e-2,
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            seed=0,
+        args = trainer_args(
+            os.path.join(folder, name), max_steps=4, save_steps=2, per_device_train_batch_size=2, learning_rate=5e-2
         )
         trainer = Trainer(
             model=lora_model(seed), args=args, train_dataset=lm_dataset(16, 8), processing_class=tokenizer()

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from grafting.testing import assert_close, assert_identical
-from tests.training.common import probe_inputs
+from tests.training.common import base_model, probe_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
@@ -81,30 +81,20 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def base_logits() -> torch.Tensor:
-    from grafting.testing import tiny_llama
-
-    with torch.no_grad():
-        return tiny_llama(seed=0)(**probe_inputs()).logits
+    return probe_logits(base_model())
 
 
 def logits_in_peft(folder: Path) -> torch.Tensor:
     """The probe logits of the saved adapter loaded by peft onto a fresh base model."""
     import peft
 
-    from grafting.testing import tiny_llama
-
-    model = peft.PeftModel.from_pretrained(tiny_llama(seed=0), str(folder)).eval()
-    with torch.no_grad():
-        return model(**probe_inputs()).logits
+    return probe_logits(peft.PeftModel.from_pretrained(base_model(), str(folder)))
 
 
 def logits_in_grafting(folder: Path) -> torch.Tensor:
     import grafting
-    from grafting.testing import tiny_llama
 
-    model = grafting.PeftModel.from_pretrained(tiny_llama(seed=0), str(folder))
-    with torch.no_grad():
-        return model(**probe_inputs()).logits
+    return probe_logits(grafting.PeftModel.from_pretrained(base_model(), str(folder)))
 
 
 def assert_loads_with_same_logits(folder: Path, expected: torch.Tensor) -> None:

@@ -23,40 +23,38 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tests.training.common import lm_dataset, lora_model, peft_blocked, probe_inputs, texts, tokenizer
+from tests.training.common import (
+    lm_dataset,
+    lora_model,
+    peft_blocked,
+    probe_logits,
+    texts,
+    tokenizer,
+    trainer_args,
+)
 
 STEPS, EVERY = 6, 3  # train this many steps, checkpoint and evaluate every EVERY steps
 
 
 def save_logits(model: Any, folder: str) -> None:
-    model.eval()
-    with torch.no_grad():
-        logits = model(**probe_inputs()).logits
-    save_file({"logits": logits.contiguous()}, os.path.join(folder, "probe_logits.safetensors"))
+    save_file({"logits": probe_logits(model).contiguous()}, os.path.join(folder, "probe_logits.safetensors"))
 
 
-def trainer_args(folder: str, **extra: Any) -> Any:
-    from transformers import TrainingArguments
-
-    options: dict[str, Any] = {
-        "output_dir": folder,
-        "max_steps": STEPS,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 1e-2,
-        "eval_strategy": "steps",
-        "eval_steps": EVERY,
-        "save_strategy": "steps",
-        "save_steps": EVERY,
-        "logging_steps": 1,
-        "report_to": [],
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-    }
-    options.update(extra)
-    return TrainingArguments(**options)
+def evaluated_args(folder: str, **extra: Any) -> Any:
+    """Train STEPS steps, evaluating and checkpointing every EVERY steps."""
+    return trainer_args(
+        folder,
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=EVERY,
+        save_strategy="steps",
+        save_steps=EVERY,
+        logging_steps=1,
+        **extra,
+    )
 
 
 def scenario_trainer(out: str) -> dict[str, Any]:
@@ -66,7 +64,7 @@ def scenario_trainer(out: str) -> dict[str, Any]:
     train, evaluation = lm_dataset(32, seed=1), lm_dataset(8, seed=2)
     # The best checkpoint by eval loss is the last one when the loss falls; asking for the *highest* loss
     # makes it checkpoint-3, so the test sees load_best_model_at_end actually load something.
-    args = trainer_args(
+    args = evaluated_args(
         os.path.join(out, "run"), load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True
     )
     trainer = Trainer(
@@ -79,7 +77,7 @@ def scenario_trainer(out: str) -> dict[str, Any]:
 
     resumed = Trainer(
         model=lora_model(seed=123),  # another init: the checkpoint must bring the adapter back
-        args=trainer_args(os.path.join(out, "resumed")),
+        args=evaluated_args(os.path.join(out, "resumed")),
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer(),
@@ -105,24 +103,8 @@ def scenario_sft(out: str) -> dict[str, Any]:
     evaluation = Dataset.from_dict({"text": texts(8, seed=4)})
 
     def config(folder: str, **extra: Any) -> SFTConfig:
-        return SFTConfig(
-            **extra,
-            output_dir=folder,
-            max_steps=STEPS,
-            per_device_train_batch_size=4,
-            per_device_eval_batch_size=4,
-            learning_rate=1e-2,
-            eval_strategy="steps",
-            eval_steps=EVERY,
-            save_steps=EVERY,
-            logging_steps=1,
-            max_length=16,
-            bf16=False,  # SFTConfig's default; on CPU it would autocast to bfloat16
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
+        # bf16: SFTConfig's default is True; on CPU it would autocast to bfloat16
+        return evaluated_args(folder, arguments=SFTConfig, max_length=16, bf16=False, **extra)
 
     trainer = SFTTrainer(
         model=lora_model(),
