@@ -55,13 +55,10 @@ ABSENT: dict[str, str] = {
             "compose_cartridge_adapters",
             "create_arrow_model",
             "find_kappa_target_modules",
-            "get_eva_state_dict",
-            "initialize_lora_eva_weights",
             "initialize_kv_prefix_from_past_key_values",
             "initialize_kv_prefix_from_text",
             "prompt_embeddings_from_past_key_values",
             "preprocess_loraga",
-            "replace_lora_weights_loftq",
             "LoraRuntimeConfig",
         ],
         "helpers of methods or initializations grafting does not implement",
@@ -96,7 +93,11 @@ def _peft_names() -> list[str]:
 
 
 def _parameters(fn: Any) -> list[tuple[str, Any, Any]]:
-    return [(p.name, p.default, p.kind) for p in inspect.signature(fn).parameters.values()]
+    """(name, default, kind) of each parameter; a function default by its name (each library has its own)."""
+    return [
+        (p.name, p.default.__name__ if inspect.isfunction(p.default) else p.default, p.kind)
+        for p in inspect.signature(fn).parameters.values()
+    ]
 
 
 def assert_peft_signature(peft_fn: Any, graft_fn: Any, what: str) -> None:

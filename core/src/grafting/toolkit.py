@@ -9,7 +9,8 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
   finite and bounded, regexes compile; :func:`check_count` for a count checked by hand); per-module ranks and alphas with
   :class:`RankAlphaPatterns`;
 * default targets: :func:`model_type`, :func:`default_targets`,
-  :func:`query_value_projections`;
+  :func:`query_value_projections`; the modules a config adapts: :func:`find_targets` (for a
+  method's data step that runs before ``add_adapter``);
 * layers: :func:`is_linear`, :func:`is_conv`, :func:`is_hf_conv1d`,
   :func:`in_out_features`, and the weight access every merge goes through
   (:func:`dense_weight`, :func:`store_weight`, :func:`add_to_weight`,
@@ -29,7 +30,7 @@ from torch import nn
 
 from grafting.combine import union_of_targets
 from grafting.errors import GraftingWarning
-from grafting.matching import candidate_modules, name_matches, pattern_value
+from grafting.matching import candidate_modules, find_targets, name_matches, pattern_value
 from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
 from grafting.validators import (
     boolean,
@@ -147,6 +148,7 @@ __all__ = [
     "check_count",
     "default_targets",
     "dense_weight",
+    "find_targets",
     "in_out_features",
     "is_conv",
     "is_hf_conv1d",

@@ -184,7 +184,7 @@ def test_a_failing_add_adapter_leaves_the_base_weights_alone() -> None:
 def test_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="even rank"):
         get_peft_model(tiny_model("llama"), config("orthogonal", r=3))
-    for name in ("eva", "corda", "loftq", "pissa_niter_x", "PiSSA"):
+    for name in ("lora_ga", "mica", "pissa_niter_x", "PiSSA"):
         with pytest.raises(ConfigError, match="init_lora_weights"):
             config(name)
     model = get_peft_model(tiny_model("llama"), config("pissa", use_dora=True))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import attrs
 import torch
 
-from grafting import AdapterConfig, ConfigError
+from grafting import AdapterConfig, ConfigError, GraftingWarning
 from grafting.toolkit import (
     RankAlphaPatterns,
     boolean,
@@ -22,8 +23,16 @@ from grafting.toolkit import (
     trainable_biases,
 )
 from grafting_lora.init import check_init
+from grafting_lora.init_configs import CordaConfig, EvaConfig, LoftQConfig, sub_config
 from grafting_lora.parameters import parameter_plan
 from grafting_lora.trainable_tokens import TokenPlan, check_weight_tying, token_plan
+
+
+def _loftq_dict(value: Any) -> dict[str, Any]:
+    """A LoftQConfig or its dict, validated, as the dict PEFT keeps (``{}`` when unset)."""
+    if value is None or value == {}:
+        return {}
+    return attrs.asdict(sub_config(LoftQConfig, value, "LoraConfig.loftq_config"))  # type: ignore[arg-type]
 
 
 @attrs.define(kw_only=True)
@@ -42,11 +51,8 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     inert_keys: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
-        "corda_config": None,
-        "eva_config": None,
         "kasa_config": None,
         "layer_replication": None,
-        "loftq_config": {},
         "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
@@ -75,6 +81,14 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = attrs.field(default=None)
     target_parameters: list[str] | None = attrs.field(default=None)
     ensure_weight_tying: bool = attrs.field(default=False, validator=boolean)
+    #: LoftQ's options as PEFT saves them: a dict (``{}`` unless ``init_lora_weights="loftq"``).
+    loftq_config: dict[str, Any] = attrs.field(factory=dict, converter=lambda v: _loftq_dict(v))
+    eva_config: EvaConfig | None = attrs.field(
+        default=None, converter=lambda v: sub_config(EvaConfig, v, "LoraConfig.eva_config")
+    )
+    corda_config: CordaConfig | None = attrs.field(
+        default=None, converter=lambda v: sub_config(CordaConfig, v, "LoraConfig.corda_config")
+    )
 
     @target_parameters.validator
     def _check_parameters(self, attribute: attrs.Attribute, value: Any) -> None:
@@ -108,6 +122,26 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
                 f"LoraConfig: lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}"
                 " (PEFT refuses it too)"
             )
+        self._check_init_options()
+
+    def _check_init_options(self) -> None:
+        """Each initialization's options go with it, as in PEFT (which warns and drops a stray loftq_config)."""
+        init = self.init_lora_weights
+        if init == "loftq" and not self.loftq_config:
+            raise ConfigError("LoraConfig.loftq_config must be set (a LoftQConfig) when init_lora_weights='loftq'")
+        if init != "loftq" and self.loftq_config:
+            warnings.warn("LoraConfig.loftq_config is ignored unless init_lora_weights='loftq'", GraftingWarning, 4)
+            self.loftq_config = {}
+        for name, option, cls in (("eva", "eva_config", EvaConfig), ("corda", "corda_config", CordaConfig)):
+            if init == name and getattr(self, option) is None:
+                warnings.warn(
+                    f"LoraConfig: init_lora_weights={name!r} without {option}; using the default {cls.__name__}",
+                    GraftingWarning,
+                    4,
+                )
+                setattr(self, option, cls())
+            elif init != name and getattr(self, option) is not None:
+                warnings.warn(f"LoraConfig.{option} is ignored unless init_lora_weights={name!r}", GraftingWarning, 4)
 
     def token_plan(self, model: Any) -> TokenPlan:
         """Where ``trainable_token_indices`` puts trainable rows on ``model`` (empty when unset)."""

@@ -21,20 +21,23 @@ from grafting.toolkit import dense_weight, in_out_features, store_weight
 #: Values of ``init_lora_weights`` besides True/False/"gaussian" that grafting implements.
 RESIDUAL_INITS = ("pissa", "olora")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-#: PEFT's data-driven initializations grafting does not implement (yet).
-NOT_IMPLEMENTED = ("eva", "corda", "loftq", "lora_ga", "mica")
+#: Initializations whose factors come from elsewhere: LoftQ (loftq.py), EVA (eva.py, after creation,
+#: from data), CorDA (corda.py, from ``preprocess_corda``'s decomposition).
+OTHER_INITS = ("loftq", "eva", "corda")
+#: PEFT's initializations grafting does not implement (yet).
+NOT_IMPLEMENTED = ("lora_ga", "mica")
 
 
 def check_init(value: object) -> None:
     """Raise ConfigError unless ``value`` is an ``init_lora_weights`` grafting implements."""
-    if value is True or value is False or value in ("gaussian", "orthogonal", *RESIDUAL_INITS):
+    if value is True or value is False or value in ("gaussian", "orthogonal", *RESIDUAL_INITS, *OTHER_INITS):
         return
     if isinstance(value, str) and PISSA_NITER.fullmatch(value):
         return
     hint = " (a PEFT initialization grafting does not implement)" if value in NOT_IMPLEMENTED else ""
     raise ConfigError(
-        "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or"
-        f" 'orthogonal', got {value!r}{hint}"
+        "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora',"
+        f" 'orthogonal', 'loftq', 'eva' or 'corda', got {value!r}{hint}"
     )
 
 
@@ -96,7 +99,7 @@ def decompose(
     return pissa(weight, r, scaling, int(found.group(1)) if found else None)
 
 
-def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+def residual_of(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``W − scaling·B·A`` for a dense (out, in) ``weight``, computed as PEFT does and rounded once to its dtype."""
     work = _work_dtype(weight)
     return (weight.to(work) - scaling * b.to(work) @ a.to(work)).to(weight.dtype)
@@ -105,20 +108,38 @@ def residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: fl
 @torch.no_grad()
 def subtract_initial_delta(base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
     """Leave the residual ``W − scaling·B·A`` in ``base_layer``."""
-    store_weight(base_layer, residual(dense_weight(base_layer), a, b, scaling))
+    store_weight(base_layer, residual_of(dense_weight(base_layer), a, b, scaling))
 
 
 def initialize(adapter: nn.Module, base_layer: nn.Module, init: str, r: int, scaling: float) -> None:
     """Give a linear LoRA adapter the factors of the string initialization ``init`` (reads the base only)."""
     n_in, n_out = in_out_features(base_layer)
     a, b = decompose(init, dense_weight(base_layer), r, scaling, n_in, n_out)
+    start_from(adapter, base_layer, a, b, residual=rewrites_base(init))
+
+
+def start_from(
+    adapter: nn.Module,
+    base_layer: nn.Module,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    residual: bool = False,
+    new_base: torch.Tensor | None = None,
+) -> None:
+    """Set a linear adapter's factors; ``attach`` then leaves ``W − s·B·A`` (``residual``) or ``new_base`` in the base.
+
+    Reads the base only, so a later failing target of the same ``add_adapter`` call leaves the model as it was.
+    """
     dtype = adapter.lora_A.weight.dtype if not adapter.lora_A.weight.is_meta else a.dtype
     adapter.lora_A.weight = nn.Parameter(a.to(dtype))
     adapter.lora_B.weight = nn.Parameter(b.to(dtype))
-    adapter.leaves_residual = rewrites_base(init)
+    adapter.leaves_residual = residual
+    if new_base is not None:
+        adapter.new_base_weight = new_base
     if adapter.use_dora and not adapter.lora_A.weight.is_meta:
         # DoRA's magnitude: the norms of the weight the forward sees, W_res + s·B·A (W up to rounding)
-        weight = dense_weight(base_layer)
-        start = residual(weight, a, b, scaling) if adapter.leaves_residual else weight
+        weight = dense_weight(base_layer) if new_base is None else new_base
+        start = residual_of(weight, a, b, adapter.scaling) if residual else weight
         with torch.no_grad():
             adapter.lora_magnitude_vector.copy_(adapter._weight_norm(_wide(start)))

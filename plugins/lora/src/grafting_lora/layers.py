@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -22,7 +22,7 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> No
 
     The other string initializations (init.py) set both factors themselves, drawing no numbers here.
     """
-    if isinstance(init, str) and init != "gaussian":
+    if isinstance(init, str) and init not in ("gaussian", "eva"):  # EVA: A random, B zero until its data step
         return
     with torch.no_grad():
         if init == "gaussian":
@@ -173,12 +173,22 @@ class LoraLinear(DeltaAdapter):
             self.lora_magnitude_vector = nn.Parameter(norm)
         self._dora_merge_scale: torch.Tensor | None = None
 
-    #: Set by a PiSSA/OLoRA initialization (init.py): ``attach`` leaves ``W − scaling·B·A`` in the base.
+    #: Set by a PiSSA/OLoRA/CorDA initialization (init.py): ``attach`` leaves ``W − scaling·B·A`` in the base.
     leaves_residual = False
+    #: Set by LoftQ (loftq.py): the (out, in) weight ``attach`` stores in the base (W quantized and dequantized).
+    new_base_weight: torch.Tensor | None = None
+    #: Set by CorDA (corda.py): called with the base layer once ``attach`` has written it.
+    after_attach: Callable[[nn.Module], None] | None = None
 
     def attach(self, base_layer: nn.Module) -> None:
         if self.leaves_residual:
             subtract_initial_delta(base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        if self.new_base_weight is not None:
+            store_weight(base_layer, self.new_base_weight)
+            self.new_base_weight = None
+        if self.after_attach is not None:
+            self.after_attach(base_layer)
+            self.after_attach = None
 
     @property
     def reads_base_weight(self) -> bool:  # type: ignore[override]

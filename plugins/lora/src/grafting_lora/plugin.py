@@ -12,9 +12,13 @@ from grafting.protocol import Combination, CombineRequest
 from grafting.toolkit import is_conv, is_linear, query_value_projections, warn_fan_in_fan_out
 from grafting_lora.combine import combination
 from grafting_lora.config import LoraConfig
+from grafting_lora.corda import initialize_corda, preprocess_corda
 from grafting_lora.dora import DoraConv, DoraEmbedding
+from grafting_lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from grafting_lora.init import initialize
+from grafting_lora.init_configs import CordaConfig, EvaConfig, LoftQConfig
 from grafting_lora.layers import LoraConv, LoraEmbedding, LoraLinear
+from grafting_lora.loftq import initialize_loftq, replace_lora_weights_loftq
 from grafting_lora.parameters import LoraMultiheadAttention, LoraParameters, check_parameter_options
 from grafting_lora.saved import check_shapes
 from grafting_lora.trainable_tokens import TiedTrainableTokens, TrainableTokens, TrainableTokensHead
@@ -23,7 +27,21 @@ from grafting_lora.trainable_tokens import TiedTrainableTokens, TrainableTokens,
 @hookimpl
 def grafting_methods() -> list[Method]:
     return [
-        Method(peft_type="LORA", name="lora", config_class=LoraConfig, description="Low-rank adaptation (DoRA, rsLoRA)")
+        Method(
+            peft_type="LORA",
+            name="lora",
+            config_class=LoraConfig,
+            description="Low-rank adaptation (DoRA, rsLoRA)",
+            exports={
+                "LoftQConfig": LoftQConfig,
+                "EvaConfig": EvaConfig,
+                "CordaConfig": CordaConfig,
+                "replace_lora_weights_loftq": replace_lora_weights_loftq,
+                "get_eva_state_dict": get_eva_state_dict,
+                "initialize_lora_eva_weights": initialize_lora_eva_weights,
+                "preprocess_corda": preprocess_corda,
+            },
+        )
     ]
 
 
@@ -101,15 +119,25 @@ def grafting_create_layer_adapter(
             ),
             config,
         )
-        if config.init_lora_weights not in (True, False, "gaussian"):
-            initialize(adapter, base_layer, config.init_lora_weights, r, scaling)
+        init = config.init_lora_weights
+        if init == "loftq":
+            initialize_loftq(adapter, base_layer, config.loftq_config, r)
+        elif init == "corda":
+            initialize_corda(adapter, base_layer, module_name, r, scaling)
+        elif init not in (True, False, "gaussian", "eva"):
+            initialize(adapter, base_layer, init, r, scaling)
         return adapter
+    if config.init_lora_weights in ("loftq", "corda"):
+        raise ConfigError(
+            f"{module_name}: init_lora_weights={config.init_lora_weights!r} is for linear layers, not a"
+            f" {type(base_layer).__name__}"
+        )
     if isinstance(base_layer, nn.Embedding):
         if config.use_dora:
             return DoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
         return LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
     if is_conv(base_layer):
-        if config.init_lora_weights not in (True, False, "gaussian"):
+        if config.init_lora_weights not in (True, False, "gaussian", "eva"):
             raise ConfigError(
                 f"{module_name}: init_lora_weights={config.init_lora_weights!r} is for linear layers; PEFT refuses it"
                 f" on a {type(base_layer).__name__} too"
