@@ -114,8 +114,8 @@ class AdaptedLayer(nn.Module):
         live = [self._get(n) for n in names if n not in self.merged]
         if not live:
             return self.base_layer(*args, **kwargs)
-        if len(live) == 1 and live[0].site is Site.DELTA and len(args) == 1 and not kwargs:
-            fused = cast(DeltaAdapter, live[0]).fused_call(self.base_layer, args[0])
+        if len(live) == 1 and len(args) == 1 and not kwargs:
+            fused = live[0].fused_call(self.base_layer, args[0])
             if fused is not None:
                 return fused
         live.sort(key=lambda a: a.site)

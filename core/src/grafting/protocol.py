@@ -161,6 +161,18 @@ class LayerAdapter(nn.Module):
         """Take this adapter back out of ``base_layer``'s weights (the inverse of :meth:`merge`)."""
         raise MergeError(f"{type(self).__name__} cannot be unmerged from a {type(base_layer).__name__}")
 
+    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``base_layer(x)`` with this adapter's effect, computed in one step, or ``None`` (the default).
+
+        The layer asks only when this adapter is the one adapter acting on it (any site)
+        and the layer was called with ``x`` alone; ``None`` makes it compose as usual
+        (input adapter, base layer, delta, output adapter). An adapter that computes the
+        base layer itself (one autograd node for both: LoRA's product accumulated in
+        place, IA3's vector folded into the weight) returns the layer's output, equal
+        to the composition's up to rounding.
+        """
+        return None
+
 
 class WeightAdapter(LayerAdapter):
     """Changes parameters of the layer for the call: ``weight_deltas(base_layer) -> {name: ΔW}``.
@@ -221,16 +233,6 @@ class DeltaAdapter(LayerAdapter):
         rounding. Never write into ``y`` in place: ``call.base_out`` may be ``y``.
         """
         return y + self(x, call)
-
-    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """``base_layer(x)`` plus this adapter's delta in one step, or ``None`` (the default).
-
-        The layer asks only when this adapter is the one adapter acting on it and the
-        layer was called with ``x`` alone; ``None`` makes it call the base layer and
-        :meth:`add_delta`. An adapter that computes the base layer itself (one autograd
-        node for both, gradients accumulated in place) returns the layer's output.
-        """
-        return None
 
     @classmethod
     def add_grouped(

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import attrs
 
 from grafting import AdapterConfig, ConfigError
-from grafting.toolkit import boolean, model_type, module_names, names
+from grafting.toolkit import boolean, model_type, module_names, names, one_of
 from grafting_ia3.defaults import defaults_for
 
 
@@ -43,18 +43,23 @@ class IA3Config(AdapterConfig):
     ``feedforward_modules=None`` alone, the feed-forward default applies.
     ``init_ia3_weights=False`` starts from random vectors instead of ones.
     ``fan_in_fan_out`` is accepted for PEFT's sake; grafting reads each
-    layer's own weight layout.
+    layer's own weight layout. ``precision`` (grafting's own) picks the
+    dtype a half-precision activation is scaled in (see :class:`IA3Adapter`).
     """
 
     peft_type: ClassVar[str] = "IA3"
     #: Every option PEFT 0.21 writes for IA3 is implemented, so nothing is inert.
     inert_keys: ClassVar[dict[str, Any]] = {}
-    #: Shared options PEFT's IA3Config does not have: written only when set.
-    absent_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern")
+    #: Options PEFT's IA3Config does not have: written only when set.
+    absent_in_peft: ClassVar[tuple[str, ...]] = ("layers_to_transform", "layers_pattern", "precision")
 
     feedforward_modules: list[str] | str | None = attrs.field(default=None, converter=module_names, validator=names)
     fan_in_fan_out: bool = attrs.field(default=False, validator=boolean)
     init_ia3_weights: bool = attrs.field(default=True, validator=boolean)
+    #: grafting's own: ``None``/``"input"`` scales a bf16/fp16 activation in its dtype with the
+    #: float32 vector cast down (and folds it into the weight where it can); ``"adapter"`` in
+    #: float32, PEFT's numerics. Written to adapter_config.json only when set.
+    precision: str | None = attrs.field(default=None, validator=one_of(None, "input", "adapter"))
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()

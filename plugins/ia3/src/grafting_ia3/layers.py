@@ -8,15 +8,19 @@ for input scaling; on ``nn.Conv2d``/``nn.Conv3d`` ``(1, channels, 1, ...)``.
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from grafting import GraftingWarning, InputAdapter, LayerAdapter, MergeError, OutputAdapter
-from grafting.toolkit import dense_weight, in_out_features, is_linear, store_weight
+from grafting import ConfigError, GraftingWarning, InputAdapter, LayerAdapter, MergeError, OutputAdapter
+from grafting.toolkit import dense_weight, in_out_features, is_hf_conv1d, is_linear, store_weight
+from grafting_ia3.fused import IA3InputLinear, IA3OutputLinear, ia3_linear
 
 SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d)
+Precision = Literal["input", "adapter"]
+PRECISIONS: tuple[str, ...] = ("input", "adapter")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def supports(layer: nn.Module) -> bool:
@@ -34,9 +38,20 @@ def unmerge_tolerance(dtype: torch.dtype) -> float:
 
 
 class IA3Adapter(LayerAdapter):
-    """The vector ``ia3_l`` and how it scales activations and weights; subclasses fix the side."""
+    """The vector ``ia3_l`` and how it scales activations and weights; subclasses fix the side.
+
+    On a bf16/fp16 activation a float32 vector is cast down and the product runs in the
+    activation's dtype (:attr:`precision` ``"input"``, as autocast would); ``"adapter"``
+    multiplies in float32 and rounds once, PEFT's numerics. Alone on a plain linear layer
+    in half precision, the vector is folded into the weight (:mod:`grafting_ia3.fused`).
+    """
 
     scales_input: ClassVar[bool]
+    #: ``"input"`` (default): a half-precision activation is scaled in its own dtype;
+    #: ``"adapter"``: in the vector's (float32), as PEFT does.
+    precision: Precision = "input"
+    #: ``False`` forces the plain composition (the reference the fused layer is tested against).
+    fused: bool = True
 
     def __init__(self, base_layer: nn.Module, init: bool = True, where: str = "IA3 adapter") -> None:
         super().__init__()
@@ -64,10 +79,45 @@ class IA3Adapter(LayerAdapter):
         return self.ia3_l.reshape(-1)
 
     # -- forward --------------------------------------------------------------------------
+    def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """The dtype the product runs in: ``t``'s when half precision under ``"input"``, else the wider one."""
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{self.where}: IA3 precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "input" and t.dtype in _HALF:
+            return t.dtype
+        return torch.promote_types(t.dtype, self.ia3_l.dtype)
+
     def _scale(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` scaled along its feature (linear) or channel (conv) dimension, in ``t``'s dtype."""
-        scale = self.vector().reshape((-1,) + (1,) * self.spatial)
+        scale = self.vector().reshape((-1,) + (1,) * self.spatial).to(self._compute_dtype(t))
         return (t * scale).to(t.dtype)
+
+    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The linear layer with ``l`` folded into its weight, one autograd node (:mod:`grafting_ia3.fused`).
+
+        Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks, frozen weight) whose input
+        and weight share a half-precision dtype, with precision ``"input"``, outside autocast
+        and ``torch.compile`` (the compiler fuses the plain ops itself); else ``None``.
+        """
+        if not self.fused or self.spatial or x.dtype not in _HALF or self._compute_dtype(x) != x.dtype:
+            return None
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+            return None
+        if base_layer._forward_hooks or base_layer._forward_pre_hooks:
+            return None
+        if type(base_layer) is nn.Linear:
+            weight = base_layer.weight
+        elif is_hf_conv1d(base_layer):
+            weight = base_layer.weight.t()
+        else:
+            return None
+        if weight.dtype != x.dtype or weight.requires_grad:
+            return None
+        bias = base_layer.bias
+        if not torch.is_grad_enabled():
+            return ia3_linear(x, weight, bias, self.vector(), self.scales_input)
+        node = IA3InputLinear if self.scales_input else IA3OutputLinear
+        return node.apply(x, weight, bias, self.vector())
 
     # -- merging --------------------------------------------------------------------------
     def _matrix_scale(self, rows: int, columns: int) -> torch.Tensor:

@@ -34,7 +34,10 @@ def grafting_create_layer_adapter(
         return None
     warn_fan_in_fan_out(config, base_layer)  # once per layer type, not once per layer
     kind = IA3Input if is_feedforward(module_name, config.feedforward_for(model)) else IA3Output
-    return kind(base_layer, init=config.init_ia3_weights, where=f"{module_name} (IA3 adapter {adapter_name!r})")
+    adapter = kind(base_layer, init=config.init_ia3_weights, where=f"{module_name} (IA3 adapter {adapter_name!r})")
+    if config.precision is not None:
+        adapter.precision = config.precision  # type: ignore[assignment]
+    return adapter
 
 
 @hookimpl
