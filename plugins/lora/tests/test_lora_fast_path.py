@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import grafting
 from grafting.errors import ConfigError
 from grafting.layer import AdaptedLayer
-from grafting.testing import tiny_llama
+from grafting.testing import assert_identical, tiny_llama
 from grafting_lora.layers import LoraConv, LoraLinear, compute_dtype
 
 HALF = [torch.bfloat16, torch.float16]
@@ -93,6 +93,32 @@ def test_the_fused_path_agrees_with_the_reference(kind: str, options: dict, dtyp
     for name, grad in g.items():
         assert grad.dtype == g_ref[name].dtype
         assert _relative(grad, g_ref[name]) <= 2 * tol, name
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("p", "node"), [(0.3, True), (1.0, False)])
+def test_dropout_runs_inside_the_one_node_layer(dtype: torch.dtype, p: float, node: bool) -> None:
+    """Training with dropout takes the one-node layer (the mask applied inside it); p = 1 composes as usual."""
+    layer = _layer("linear", dtype, dropout=p)
+    layer.train()
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert ("LoraLinearFunction" in type(y.grad_fn).__name__) == node
+    y.sum().backward()
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+    layer.zero_grad(set_to_none=True)
+    if not node:  # everything dropped: the adapter's path adds nothing
+        assert_identical(y.detach(), layer.base_layer(x).detach())
+        return
+    y_ref, g_ref = _run(layer, x, fused=False, seed=9)
+    y_fused, g_fused = _run(layer, x, fused=True, seed=9)
+    assert _relative(y_fused, y_ref) <= _tolerance(dtype)
+    for name, grad in g_fused.items():
+        assert _relative(grad, g_ref[name]) <= 2 * _tolerance(dtype), name
+    layer.eval()  # inference: no dropout, the plain fused ops
+    with torch.no_grad():
+        assert _relative(layer(x), layer.base_layer(x)) > 0.05
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -3,7 +3,9 @@
 ``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ``: the low-rank product is accumulated into the base
 output by ``addmm_`` in forward, and the input gradient of the adapter into the
 base's input gradient in backward, so no elementwise pass over an activation is
-left and the whole layer is one node for autograd to run. Weights of the adapter
+left and the whole layer is one node for autograd to run; dropout on the adapter's
+input is drawn inside the node and its mask applied to the adapter's input gradient
+in place. Weights of the adapter
 stay in their own (float32) dtype: they are cast down for the products and their
 gradients come back in their dtype. The plain composition
 (:meth:`LoraLinear.add_delta` with ``fused = False``) is the reference it is tested
@@ -35,7 +37,13 @@ def lora_linear(
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """``x·Wᵀ + b + scaling·(x·Aᵀ)·Bᵀ`` for ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r)."""
+    """``x·Wᵀ + b + scaling·(d(x)·Aᵀ)·Bᵀ`` for ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r).
+
+    ``d`` is dropout with probability ``dropout`` (0: none), drawn as ``nn.Dropout`` draws it
+    (one ``native_dropout`` over ``x``, so a seed gives the reference path's mask). Backward
+    keeps the dropped input (A's gradient) and the mask: the adapter's input gradient is
+    masked in place and the base's is accumulated onto it by one ``addmm_``.
+    """
 
     @staticmethod
     def forward(
@@ -46,35 +54,41 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
+        dropout: float = 0.0,
     ) -> torch.Tensor:
         dtype = x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
-        low = flat @ a.t()
+        h, mask = torch.native_dropout(flat, dropout, True) if dropout > 0 else (flat, None)
+        low = h @ a.t()
         y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
         y.addmm_(low, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, a, b, low)
+        keep_x = mask is None or ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
+        ctx.save_for_backward(flat if keep_x else None, h, weight, a, b, low, mask)
         ctx.scaling = scaling
+        ctx.keep = 1.0 - dropout
+        ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b, low = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        flat = x.reshape(-1, x.shape[-1])
+        flat, h, weight, a, b, low, mask = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         grad_low = (g @ b).mul_(ctx.scaling)  # (tokens, r): small
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x:
-            grad_x = (g @ weight).addmm_(grad_low, a).view(x.shape)
+        if need_x and mask is None:
+            grad_x = (g @ weight).addmm_(grad_low, a).view(ctx.x_shape)
+        elif need_x:  # dropout's 1/keep folded into the small (tokens, r) factor, the mask applied in place
+            grad_x = ((grad_low / ctx.keep) @ a).mul_(mask).addmm_(g, weight).view(ctx.x_shape)
         if need_w:
             grad_w = g.t() @ flat
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_a:
-            grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0])
+            grad_a = (grad_low.t() @ h).to(ctx.dtypes[0])
         if need_b:
             grad_b = (g.t() @ low).mul_(ctx.scaling).to(ctx.dtypes[1])
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None

@@ -228,11 +228,13 @@ class LoraLinear(DeltaAdapter):
         """The base linear layer and this delta as one autograd node (:mod:`grafting_lora.fused`).
 
         Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks) in half precision, without
-        DoRA, ``lora_bias`` or active dropout; else ``None`` (the layer composes as usual).
+        DoRA or ``lora_bias``, dropout included; else ``None`` (the layer composes as usual).
         """
         if not self.fused or self.use_dora or self.lora_B.bias is not None or x.dtype not in _HALF:
             return None
-        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+        drop = self.lora_dropout
+        dropout = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
+        if dropout >= 1.0:  # everything dropped: the plain composition (no 1/(1-p) to fold)
             return None
         if torch.compiler.is_compiling() and not self.node_when_compiling:
             return None
@@ -246,10 +248,10 @@ class LoraLinear(DeltaAdapter):
             return None
         if weight.dtype != x.dtype or compute_dtype(self.precision, self.lora_A.weight.dtype, x) != x.dtype:
             return None
-        if not torch.is_grad_enabled():  # inference: the same kernels without an autograd node's overhead
+        if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
             return lora_linear(x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         return LoraLinearFunction.apply(
-            x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+            x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout
         )
 
     @classmethod
