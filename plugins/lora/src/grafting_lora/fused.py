@@ -81,8 +81,9 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x and mask is None:
             grad_x = (g @ weight).addmm_(grad_low, a).view(ctx.x_shape)
-        elif need_x:  # dropout's 1/keep folded into the small (tokens, r) factor, the mask applied in place
-            grad_x = ((grad_low / ctx.keep) @ a).mul_(mask).addmm_(g, weight).view(ctx.x_shape)
+        elif need_x:  # the adapter's input gradient through dropout's mask, the base's accumulated onto it
+            dropped = torch.ops.aten.native_dropout_backward(grad_low @ a, mask, 1.0 / ctx.keep)
+            grad_x = dropped.addmm_(g, weight).view(ctx.x_shape)
         if need_w:
             grad_w = g.t() @ flat
         if need_bias and ctx.has_bias:
