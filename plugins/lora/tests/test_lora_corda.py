@@ -44,17 +44,18 @@ def sampler(model: Any) -> Any:
     return run
 
 
-def ours_and_peft(cfg: LoraConfig) -> tuple[Any, Any]:
-    base = tiny_model("llama")
+def ours_and_peft(cfg: LoraConfig, arch: str = "llama") -> tuple[Any, Any]:
+    base = tiny_model(arch)
     preprocess_corda(base, cfg, run_model=sampler(base))
-    reference = tiny_model("llama")
+    reference = tiny_model(arch)
     peft_cfg = peft_config_of(cfg)
     peft_preprocess_corda(reference, peft_cfg, run_model=sampler(reference))
     return get_peft_model(base, cfg), peft.get_peft_model(reference, peft_cfg)
 
 
-def adapted(model: Any) -> dict[str, Any]:
-    return {n.split("model.", 1)[1]: m for n, m in model.named_modules() if n.endswith(tuple(TARGETS))}
+def adapted(model: Any, targets: list[str] = TARGETS) -> dict[str, Any]:
+    """The adapted layers by their names in the plain model."""
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if n.endswith(tuple(targets))}
 
 
 @torch.no_grad()
@@ -69,14 +70,19 @@ def train(model: Any, seed: int = 3) -> Any:
     return model
 
 
-@pytest.mark.parametrize("method", ["ipm", "kpm"])
-def test_same_factors_and_residual_as_peft(method: str) -> None:
-    ours, theirs = ours_and_peft(config(method))
-    original = dict(tiny_model("llama").named_modules())
-    mine, reference = adapted(ours), adapted(theirs)
+@pytest.mark.parametrize(
+    ("arch", "method", "targets"),
+    [("llama", "ipm", TARGETS), ("llama", "kpm", TARGETS), ("gpt2", "ipm", ["c_attn", "c_fc"])],  # gpt2: Conv1D
+)
+def test_same_factors_and_residual_as_peft(arch: str, method: str, targets: list[str]) -> None:
+    cfg = config(method, target_modules=targets, fan_in_fan_out=arch == "gpt2")
+    ours, theirs = ours_and_peft(cfg, arch)
+    original = dict(tiny_model(arch).named_modules())
+    mine, reference = adapted(ours, targets), adapted(theirs, targets)
+    assert len(mine) == 2 * len(targets)  # two layers
     for name, layer in mine.items():
         peft_layer = reference[name]
-        w = original[name.removeprefix("model.")].weight if name.startswith("model.") else original[name].weight
+        w = original[name].weight
         assert_close(layer.base_layer.weight, peft_layer.base_layer.weight, changed_from=w, msg=name)
         a, b = layer.adapters["default"].lora_A.weight, layer.adapters["default"].lora_B.weight
         pa, pb = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
@@ -84,7 +90,7 @@ def test_same_factors_and_residual_as_peft(method: str) -> None:
         assert_close(a * signs[:, None], pa, msg=name)
         assert_close(b * signs[None, :], pb, msg=name)
         assert not hasattr(layer.base_layer, "eigens")  # used once, as PEFT
-    assert_close(logits(ours), logits(tiny_model("llama")), rtol=1e-4, atol=1e-5)  # starts as the base model
+    assert_close(logits(ours), logits(tiny_model(arch)), rtol=1e-4, atol=1e-5)  # starts as the base model
 
 
 def test_saved_adapter_loads_both_ways(tmp_path: Path) -> None:

@@ -136,7 +136,9 @@ def test_state_dict_of_the_plain_model_first(tmp_path: Path) -> None:
     cfg = config()
     plain = get_eva_state_dict(tiny_model("llama"), data(), peft_config=cfg, show_progress_bar=False)
     assert all(not key.startswith("base_model") for key in plain)
-    model = initialize_lora_eva_weights(get_peft_model(tiny_model("llama"), cfg), eva_state_dict=plain)
+    empty = get_peft_model(tiny_model("llama"), cfg, low_cpu_mem_usage=True)  # adapters on the meta device
+    model = initialize_lora_eva_weights(empty, eva_state_dict=plain)
+    assert all(not p.is_meta for p in model.parameters())
     direct = get_peft_model(tiny_model("llama"), cfg)
     initialize_lora_eva_weights(direct, data(), show_progress_bar=False)
     for key, value in a_matrices(direct).items():
@@ -182,6 +184,18 @@ def test_merge_unmerge_and_mixing_on_one_layer() -> None:
     model.unmerge_adapter()
     for key, value in model.get_base_model().state_dict().items():
         assert_close(value, before[key], rtol=1e-9, atol=1e-9, msg=key)
+    # per-sample routing: each row as its adapter alone
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        routed = model(input_ids=ids(), adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids()[i : i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids()[i : i + 1]).logits
+            assert_close(routed[i : i + 1], alone, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_errors() -> None:
