@@ -57,22 +57,26 @@ def test_saved_embedding_keys_are_peft_s(arch: str, which: int) -> None:
         assert (ours_said > 0) == (theirs_said > 0), (targets, choice, "warning")
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj"]])
-def test_trainable_tokens_keep_auto_from_saving_whole_embeddings(targets: list[str]) -> None:
-    """An adapter that trains single token rows saves those rows; "auto" adds no embedding layer (as peft)."""
+TOKEN_CASES = [
+    (["q_proj", "lm_head"], [1, 2]),
+    (["q_proj"], [1, 2]),
+    (["q_proj"], {"lm_head": [1, 2], "embed_tokens": [3]}),
+]
+
+
+@pytest.mark.parametrize(("targets", "tokens"), TOKEN_CASES)
+def test_trainable_tokens_save_the_embedding_keys_peft_saves(targets: list[str], tokens: Any) -> None:
+    """Rows trained as trainable tokens: "auto" adds no embedding layer; True saves them where PEFT's wrapper keeps them."""
     import peft
 
-    config = grafting.LoraConfig(r=2, target_modules=targets, trainable_token_indices=[1, 2], task_type="CAUSAL_LM")
+    config = grafting.LoraConfig(r=2, target_modules=targets, trainable_token_indices=tokens, task_type="CAUSAL_LM")
     ours_model = grafting.get_peft_model(base_model("llama"), config)
     theirs_model = peft_model("llama", config)
-    for choice in ("auto", False):
+    for choice in ("auto", True, False):
         ours, ours_said = saved(grafting, ours_model, choice)
         theirs, theirs_said = saved(peft, theirs_model, choice)
-        assert (
-            sorted(ours)
-            == sorted(theirs)
-            == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
-        )
+        assert sorted(ours) == sorted(theirs), (targets, tokens, choice)
+        assert any("token_adapter.trainable_tokens_delta" in k for k in ours)
         assert ours_said == theirs_said == 0
 
 
@@ -109,7 +113,17 @@ def logits(model: Any) -> torch.Tensor:
 
 LIBRARIES = [("grafting", "peft"), ("peft", "grafting")]
 #: Why "auto" saves the embeddings: the config targets one, or the vocabulary was grown (nothing targets it).
-REASONS = {"targeted": ["embed_tokens", "lm_head", "q_proj"], "resized": ["q_proj", "v_proj"]}
+REASONS: dict[str, dict[str, Any]] = {
+    "targeted": {"target_modules": ["embed_tokens", "lm_head", "q_proj"]},
+    "resized": {"target_modules": ["q_proj", "v_proj"]},
+    # the grown rows trained as trainable tokens: the embedding goes where PEFT's trainable-tokens wrapper keeps it
+    "new tokens": {"target_modules": ["q_proj"], "trainable_token_indices": [64, 65, 70, 71]},
+}
+WANTED = {
+    "targeted": {"model.embed_tokens.base_layer.weight", "lm_head.base_layer.weight"},
+    "resized": {"model.embed_tokens.weight", "lm_head.weight"},
+    "new tokens": {"model.embed_tokens.token_adapter.base_layer.weight", "lm_head.weight"},
+}
 
 
 @pytest.mark.parametrize("reason", REASONS)
@@ -122,7 +136,7 @@ def test_auto_saves_grown_embeddings_that_load_in_both_libraries(
     libs = {"grafting": grafting, "peft": peft}
     save_lib, load_lib = libs[saver], libs[loader]
     model = save_lib.get_peft_model(
-        grown(base_folder, seed=0), save_lib.LoraConfig(r=2, target_modules=REASONS[reason], init_lora_weights=False)
+        grown(base_folder, seed=0), save_lib.LoraConfig(r=2, init_lora_weights=False, **REASONS[reason])
     )
     expected = logits(model)
     with pytest.warns(UserWarning, match="save_embedding_layers"):
@@ -130,11 +144,7 @@ def test_auto_saves_grown_embeddings_that_load_in_both_libraries(
     model.save_pretrained(tmp_path / "without", save_embedding_layers=False)
 
     keys = set(load_file_keys(tmp_path / "auto")) - set(load_file_keys(tmp_path / "without"))
-    wanted = {
-        "targeted": {"model.embed_tokens.base_layer.weight", "lm_head.base_layer.weight"},
-        "resized": {"model.embed_tokens.weight", "lm_head.weight"},
-    }
-    assert keys == {f"base_model.model.{k}" for k in wanted[reason]}
+    assert keys == {f"base_model.model.{k}" for k in WANTED[reason]}
 
     def loaded(name: str) -> torch.Tensor:
         return logits(load_lib.PeftModel.from_pretrained(grown(base_folder, seed=1), str(tmp_path / name)))

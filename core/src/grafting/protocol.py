@@ -132,6 +132,10 @@ class LayerAdapter(nn.Module):
     #: True when the adapter's effect is a weight delta ``W + ΔW`` that a LoRA adapter could
     #: express (``supports_lora_conversion``); PEFT says so for LoRA, its variants and LoHa.
     lora_convertible: ClassVar[bool] = False
+    #: Where PEFT's module for this adapter keeps the layer it wraps, relative to the layer's path: the
+    #: key prefix of the layer's own weight in a file that saves it (``save_embedding_layers``). PEFT's
+    #: tuner layers keep it at ``base_layer``; its trainable-tokens wrapper at ``token_adapter.base_layer``.
+    peft_base_path: ClassVar[str] = "base_layer"
     #: The adapter's shared state, set by :meth:`use_shared` (``None`` for methods without one).
     shared: SharedState | None = None
 

@@ -178,27 +178,42 @@ def _from_state_dict(
 def embedding_slots(tuner: Any, adapter_name: str, adapted_only: bool = False) -> dict[str, Slot]:
     """The input and output embedding weights, keyed as PEFT saves them with ``save_embedding_layers``.
 
-    PEFT writes them (``<path>.base_layer.weight`` for an adapted embedding) so that a resized
-    vocabulary comes back (see grafting.save_embeddings for when); a file that holds them loads them
-    into the base model. ``adapted_only``: only the embedding layers an adapter wraps (those the
-    config targets).
+    PEFT writes them (under ``<path>.<peft_base_path>`` for an adapted embedding: ``base_layer``, or where
+    the layer's adapter says PEFT's module keeps the wrapped layer) so that a resized vocabulary comes
+    back (see grafting.save_embeddings for when); a file that holds them loads them into the base model.
+    ``adapted_only``: only the embedding layers wrapped where PEFT's tuner layers keep the base layer
+    (``base_layer``), the ones a config that targets embeddings adapts.
     """
     from grafting.layer import AdaptedLayer
 
     prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
+    paths = {id(module): name for name, module in tuner.model.named_modules()}
     slots: dict[str, Slot] = {}
-    getters = [getattr(tuner.model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")]
-    for fn in getters:
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(tuner.model, getter, None)
         emb = fn() if callable(fn) else None
-        if adapted_only and not isinstance(emb, AdaptedLayer):
+        adapted = isinstance(emb, AdaptedLayer)
+        base = emb.base_layer if adapted else emb
+        if id(emb) not in paths or not isinstance(getattr(base, "weight", None), torch.Tensor):
             continue
-        base = emb.base_layer if isinstance(emb, AdaptedLayer) else emb
-        if not isinstance(getattr(base, "weight", None), torch.Tensor):
+        if adapted:
+            inner = _peft_base_path(emb, adapter_name)
+            if adapted_only and inner != "base_layer":
+                continue
+            path = f"{logical_path(tuner.model, paths[id(emb)])}.{inner}"
+        elif adapted_only:
             continue
-        for name, module in tuner.model.named_modules():
-            if module is base:
-                slots[f"{prefix}{logical_path(tuner.model, name)}.weight"] = Slot(base, "weight", _device_of(base))
+        else:
+            path = logical_path(tuner.model, paths[id(emb)])
+        slots[f"{prefix}{path}.weight"] = Slot(base, "weight", _device_of(base))
     return slots
+
+
+def _peft_base_path(layer: Any, adapter_name: str) -> str:
+    """Where PEFT keeps ``layer``'s wrapped layer: the ``peft_base_path`` of its adapter ``adapter_name``, else of its first."""
+    adapters = layer.adapters
+    adapter = adapters[adapter_name] if adapter_name in adapters else next(iter(adapters.values()), None)
+    return getattr(adapter, "peft_base_path", "base_layer")
 
 
 def base_bias_slots(tuner: Any, adapter_name: str) -> dict[str, Slot]:

@@ -35,7 +35,13 @@ from grafting_lora.scaled import embed_scale
 
 
 class TokenRows(nn.Module):
-    """The trained rows (``trainable_tokens_delta``), their original values and where each id sits."""
+    """The trained rows (``trainable_tokens_delta``) and where each id sits.
+
+    The change is ``new - current`` for the listed rows of the base weight as it is when the layer runs
+    (read each time, as PEFT's rows replace the weight's: loading other base rows, say a resized
+    vocabulary saved with the adapter, keeps the result ``new``). A merge keeps the rows it replaced
+    (``trainable_tokens_original``) for the unmerge.
+    """
 
     def __init__(self, weight: torch.Tensor, token_ids: Sequence[int], init: bool = True) -> None:
         super().__init__()
@@ -44,7 +50,7 @@ class TokenRows(nn.Module):
         original = weight.detach()[ids].clone()
         values = original.clone() if init else torch.randn(len(ids), dim, dtype=original.dtype, device=weight.device)
         self.trainable_tokens_delta = nn.Parameter(values)
-        # not saved (PEFT saves only the values): the original rows come from the base model each time
+        # not saved (PEFT saves only the values): the rows a merge replaced
         self.register_buffer("trainable_tokens_original", original, persistent=False)
         self.register_buffer("token_ids", ids, persistent=False)
         # id -> its row here; every other id -> the zero row after them
@@ -52,18 +58,33 @@ class TokenRows(nn.Module):
         slot[ids] = torch.arange(len(ids), device=weight.device)
         self.register_buffer("slot_of_id", slot, persistent=False)
 
-    def change(self) -> torch.Tensor:
-        """``new - original`` for the listed rows, in the parameter's dtype."""
-        return self.trainable_tokens_delta - self.trainable_tokens_original.to(self.trainable_tokens_delta)
+    def rows_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The listed rows of ``weight`` (one row per token id), detached."""
+        return weight.detach().index_select(0, self.token_ids.to(weight.device))
 
-    def full_change(self, num: int) -> torch.Tensor:
-        """ΔW as a (num, dim) matrix, zero outside the listed rows."""
-        change = self.change()
+    def change(self, rows: torch.Tensor) -> torch.Tensor:
+        """``new - rows`` for the listed rows, in the parameter's dtype."""
+        return self.trainable_tokens_delta - rows.to(self.trainable_tokens_delta)
+
+    def full_change(self, num: int, rows: torch.Tensor) -> torch.Tensor:
+        """ΔW = ``new - rows`` as a (num, dim) matrix, zero outside the listed rows."""
+        change = self.change(rows)
         return change.new_zeros(num, change.shape[1]).index_copy(0, self.token_ids.to(change.device), change)
+
+    def merge_change(self, num: int, weight: torch.Tensor) -> torch.Tensor:
+        """ΔW that makes the listed rows of ``weight`` the new values; the replaced rows are kept for unmerge."""
+        self.trainable_tokens_original.copy_(self.rows_of(weight))
+        return self.full_change(num, self.trainable_tokens_original)
+
+    def unmerge_change(self, num: int) -> torch.Tensor:
+        """ΔW of the last merge (subtract it to get the replaced rows back)."""
+        return self.full_change(num, self.trainable_tokens_original)
 
 
 class TrainableTokens(DeltaAdapter):
     """New values for some rows of an ``nn.Embedding`` (saved as ``token_adapter.trainable_tokens_delta``)."""
+
+    peft_base_path = "token_adapter.base_layer"  # PEFT's TrainableTokensLayer wraps the layer there
 
     def __init__(self, base_layer: nn.Embedding, token_ids: Sequence[int], init: bool = True) -> None:
         super().__init__()
@@ -72,22 +93,22 @@ class TrainableTokens(DeltaAdapter):
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         rows = self.token_adapter
-        change = rows.change()
+        change = rows.change(rows.rows_of(call.base_layer.weight))
         table = torch.cat([change, change.new_zeros(1, change.shape[1])])
         out = F.embedding(rows.slot_of_id[x], table)
         scale = embed_scale(call.base_layer)  # a scaled embedding (Gemma 3) scales its rows: the change's too
         return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
 
     def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.num_embeddings).T)
+        add_to_weight(base_layer, self.token_adapter.merge_change(base_layer.num_embeddings, base_layer.weight).T)
 
     def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.num_embeddings).T, alpha=-1.0)
+        add_to_weight(base_layer, self.token_adapter.unmerge_change(base_layer.num_embeddings).T, alpha=-1.0)
 
 
-def _logit_change(rows: TokenRows, x: torch.Tensor, n_out: int) -> torch.Tensor:
-    """``x · ΔWᵀ`` for an output head: the logits of the listed ids change, the others do not."""
-    change = rows.change()
+def _logit_change(rows: TokenRows, x: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``x · ΔWᵀ`` for an output head of ``weight``: the logits of the listed ids change, the others do not."""
+    change = rows.change(rows.rows_of(weight))
     logits = F.linear(x.to(change.dtype), change)  # (..., n_ids)
     out = logits.new_zeros(*logits.shape[:-1], n_out)
     return out.index_copy(-1, rows.token_ids.to(out.device), logits)
@@ -96,18 +117,20 @@ def _logit_change(rows: TokenRows, x: torch.Tensor, n_out: int) -> torch.Tensor:
 class TrainableTokensHead(DeltaAdapter):
     """New values for some rows of an output head (``nn.Linear``, one row per token id), its own rows."""
 
+    peft_base_path = "token_adapter.base_layer"  # PEFT's TrainableTokensLayer wraps the layer there
+
     def __init__(self, base_layer: nn.Linear, token_ids: Sequence[int], init: bool = True) -> None:
         super().__init__()
         self.token_adapter = TokenRows(base_layer.weight, token_ids, init)
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        return _logit_change(self.token_adapter, x, call.base_out.shape[-1])
+        return _logit_change(self.token_adapter, x, call.base_layer.weight, call.base_out.shape[-1])
 
     def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.out_features))
+        add_to_weight(base_layer, self.token_adapter.merge_change(base_layer.out_features, base_layer.weight))
 
     def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.token_adapter.full_change(base_layer.out_features), alpha=-1.0)
+        add_to_weight(base_layer, self.token_adapter.unmerge_change(base_layer.out_features), alpha=-1.0)
 
 
 class TiedTrainableTokens(DeltaAdapter):
@@ -118,6 +141,8 @@ class TiedTrainableTokens(DeltaAdapter):
     adapter's; this one's merge checks the weight is still shared and does nothing.
     """
 
+    peft_base_path = "token_adapter.base_layer"  # PEFT's TrainableTokensLayer wraps the layer there
+
     def __init__(self, base_layer: nn.Module, embedding: TrainableTokens, shared_weight: torch.Tensor) -> None:
         super().__init__()
         self._tied = (embedding, shared_weight)  # a tuple: not registered, not saved
@@ -127,7 +152,7 @@ class TiedTrainableTokens(DeltaAdapter):
         return self._tied[0]
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        return _logit_change(self.tied_to.token_adapter, x, call.base_out.shape[-1])
+        return _logit_change(self.tied_to.token_adapter, x, call.base_layer.weight, call.base_out.shape[-1])
 
     def _check_shared(self, base_layer: nn.Module) -> None:
         if getattr(base_layer, "weight", None) is not self._tied[1]:
