@@ -192,11 +192,12 @@ def embedding_slots(tuner: Any, adapter_name: str, adapted_only: bool = False) -
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(tuner.model, getter, None)
         emb = fn() if callable(fn) else None
-        adapted = isinstance(emb, AdaptedLayer)
-        base = emb.base_layer if adapted else emb
-        if id(emb) not in paths or not isinstance(getattr(base, "weight", None), torch.Tensor):
+        if not isinstance(emb, nn.Module) or id(emb) not in paths:
             continue
-        if adapted:
+        base: nn.Module = emb.base_layer if isinstance(emb, AdaptedLayer) else emb
+        if not isinstance(getattr(base, "weight", None), torch.Tensor):
+            continue
+        if isinstance(emb, AdaptedLayer):
             inner = _peft_base_path(emb, adapter_name)
             if adapted_only and inner != "base_layer":
                 continue
