@@ -214,3 +214,9 @@ def test_errors() -> None:
         initialize_lora_eva_weights(model, [])
     with pytest.raises(ConfigError, match="peft_config"):
         get_eva_state_dict(tiny_model("llama"), data())
+    sparse = data(2)
+    for batch in sparse:  # 5 positions left: fewer rows than the 8 components each layer may take
+        batch["attention_mask"][:] = 0
+        batch["attention_mask"][0, 2:7] = 1
+    with pytest.raises(ConfigError, match="rows"):  # PEFT loops forever here
+        initialize_lora_eva_weights(model, sparse, show_progress_bar=False)

@@ -296,6 +296,7 @@ def _fit(
         done = dict.fromkeys(owners, False)
         assigned = dict(cap)
         progress = tqdm(disable=not show_progress_bar, leave=False, desc="EVA")
+        steps, passes = 0, len(dataloader) if hasattr(dataloader, "__len__") else math.inf  # type: ignore[arg-type]
         for batch in itertools.cycle(dataloader):
             batch = _move(batch, device)
             prepared = model_input(batch)
@@ -318,8 +319,15 @@ def _fit(
                 break
             forward_fn(model, batch)
             progress.update()
-            if all(layers[n].pca.components is not None for n in owners):  # type: ignore[union-attr]
+            steps += 1
+            unfitted = [n for n in owners if layers[n].pca.components is None]  # type: ignore[union-attr]
+            if not unfitted:
                 assigned = _rank_distribution(layers, owner, shared, budget, cap)
+            elif steps >= passes:  # a whole pass without enough rows: the next passes replay the same batches
+                raise ConfigError(
+                    f"EVA: no batch gave {_logical(unfitted[0])} the {cap[unfitted[0]]} rows its components need"
+                    " (after masking); use larger batches or fewer masked positions"
+                )
         progress.close()
     finally:
         for layer in layers.values():
