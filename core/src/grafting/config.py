@@ -360,6 +360,15 @@ class AdapterConfig:
         """Names of base-model parameters this config also trains and saves (e.g. biases)."""
         return []
 
+    def ties_weights(self) -> bool | None:
+        """Whether adapters on a tied embedding are tied too (PEFT's ``ensure_weight_tying``).
+
+        ``None`` (default): the method has no such option, and an adapter on a tied embedding
+        only gets a warning. A method answering ``True`` adapts the tied partners of a targeted
+        embedding itself (see :mod:`grafting.tying`); ``modules_to_save`` copies are tied by the core.
+        """
+        return None
+
     def for_model(self: C, model: Any) -> C:
         """This config with the values that depend on the model filled in (a copy; default: itself).
 

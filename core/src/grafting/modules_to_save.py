@@ -22,8 +22,15 @@ class ModulesToSaveWrapper(nn.Module):
         self.active: str | None = None
         self.disabled = False
 
-    def add_copy(self, name: str) -> None:
-        clone = copy.deepcopy(self.original_module)
+    def add_copy(self, name: str, tied_to: ModulesToSaveWrapper | None = None) -> None:
+        """A trainable copy for adapter ``name``; ``tied_to``: the wrapper of a module whose parameters the
+        original shares (a head tied to the input embedding), whose copies of them this copy shares too."""
+        memo: dict[int, Any] = {}
+        if tied_to is not None:
+            partner = tied_to.modules_to_save[name]
+            for original, trained in zip(tied_to.original_module.parameters(), partner.parameters(), strict=True):
+                memo[id(original)] = trained
+        clone = copy.deepcopy(self.original_module, memo)
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone

@@ -165,6 +165,9 @@ def _from_state_dict(
     for key, slot in slots.items():
         candidates = names.get((id(slot.module), slot.attr), [])
         found = next((name for name in candidates if name in state_dict), None)
+        if found is None and slot.attr not in {*slot.module._parameters, *slot.module._buffers}:
+            out[key] = full_tensor(slot.get())  # a view of another tensor (a tied head's factors): from the model
+            continue
         if found is None:
             raise StateDictKeyError(
                 f"the given state_dict has no tensor for adapter {adapter_name!r}'s {key}"
@@ -313,6 +316,7 @@ class LoadPlan:
                         current.copy_(value)
                 if adapter is not None:
                     adapter.load_peft_state_dict(self.model_level)
+            self._check_read_back()
             if after is not None:
                 after()
         except BaseException:
@@ -325,6 +329,19 @@ class LoadPlan:
                 if adapter is not None and adapter_state is not None:
                     adapter.load_state_dict(adapter_state, strict=False)
             raise
+
+    def _check_read_back(self) -> None:
+        """Every slot holds the value written to it: two keys for one tensor (a tied copy, a tied head's
+        factors, which are views of the embedding's) must agree, or the load is undone."""
+        for slot, value in self.writes:
+            if not torch.equal(slot.get().detach(), value.to(slot.get().device)):
+                storage = slot.get().untyped_storage().data_ptr()
+                names = {s: k for k, s in adapter_slots(self.tuner, self.adapter_name).items()}
+                keys = [names.get(s, s.attr) for s, _ in self.writes if s.get().untyped_storage().data_ptr() == storage]
+                raise AdapterLoadError(
+                    f"adapter {self.adapter_name!r}: the file's {' and '.join(keys)} are one tensor in the model"
+                    " (tied weights) but hold different values; nothing was loaded"
+                )
 
 
 def plan_peft_model_state_dict(

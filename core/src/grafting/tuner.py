@@ -26,6 +26,7 @@ from grafting.matching import candidate_modules, find_targets, name_matches, phy
 from grafting.modules_to_save import ModulesToSaveWrapper
 from grafting.plugins import get_method, get_registry
 from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
+from grafting.tying import plan_weight_tying
 from grafting.validators import check_adapter_name
 
 #: Heads trained in full for these task types, as PEFT does.
@@ -142,7 +143,7 @@ class AdapterModel(nn.Module):
                     "(get_peft_model(..., mixed=True))"
                 )
         method = get_method(config.peft_type)
-        derived = self._with_task_heads(config).for_model(self.model)
+        derived, tying = plan_weight_tying(self._with_task_heads(config).for_model(self.model), self.model)
         config = config if derived == config else derived  # the caller's own object when nothing was filled in
         config.validate_for_model(self.model)
         registry = get_registry()
@@ -154,6 +155,9 @@ class AdapterModel(nn.Module):
             defaults = registry.hook.grafting_default_target_modules(config=config, model=self.model)
             targets: dict[str, nn.Module] = {}
             found = find_targets(self.model, config, defaults)
+            if tying is not None and tying.option == "target_modules" and tying.embedding in found:
+                # the tied partners come last, after the embedding whose adapter they follow
+                found = [p for p in found if p not in tying.partners] + list(tying.partners)
             warn_unmatched_patterns(config, found)
             for path in found:
                 module = self.model.get_submodule(physical_path(self.model, path))
@@ -198,6 +202,10 @@ class AdapterModel(nn.Module):
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
             _place(model_adapter, self.model, autocast_adapter_dtype)
         saved = self._modules_to_save_paths(config)
+        tied_copies: dict[str, str] = {}  # partner path -> the embedding path whose copy it shares
+        if tying is not None and tying.option == "modules_to_save" and tying.embedding in saved:
+            tied_copies = {p: tying.embedding for p in tying.partners}
+            saved = [p for p in saved if p not in tied_copies] + list(tied_copies)
         # every check passed: install
         for path, adapter in created:
             where = physical_path(self.model, path)  # after this loop's earlier installs
@@ -217,7 +225,10 @@ class AdapterModel(nn.Module):
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
                 self.model.set_submodule(where, wrapper)
-            wrapper.add_copy(adapter_name)
+            tied_to = (
+                self.model.get_submodule(physical_path(self.model, tied_copies[path])) if path in tied_copies else None
+            )
+            wrapper.add_copy(adapter_name, tied_to=tied_to if isinstance(tied_to, ModulesToSaveWrapper) else None)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
             self.set_adapter(adapter_name, inference_mode=config.inference_mode)

@@ -143,6 +143,9 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
             elif init != name and getattr(self, option) is not None:
                 warnings.warn(f"LoraConfig.{option} is ignored unless init_lora_weights={name!r}", GraftingWarning, 4)
 
+    def ties_weights(self) -> bool:
+        return self.ensure_weight_tying
+
     def token_plan(self, model: Any) -> TokenPlan:
         """Where ``trainable_token_indices`` puts trainable rows on ``model`` (empty when unset)."""
         if self.trainable_token_indices is None:

@@ -10,6 +10,7 @@ from torch import nn
 from grafting import ConfigError, GraftingWarning, Method, PluginError, UnsupportedLayerError, hookimpl
 from grafting.protocol import Combination, CombineRequest
 from grafting.toolkit import is_conv, is_linear, query_value_projections, warn_fan_in_fan_out
+from grafting.tying import tied_embedding
 from grafting_lora.combine import combination
 from grafting_lora.config import LoraConfig
 from grafting_lora.corda import initialize_corda, preprocess_corda
@@ -22,6 +23,7 @@ from grafting_lora.loftq import initialize_loftq, replace_lora_weights_loftq
 from grafting_lora.parameters import LoraMultiheadAttention, LoraParameters, check_parameter_options
 from grafting_lora.saved import check_shapes
 from grafting_lora.trainable_tokens import TiedTrainableTokens, TrainableTokens, TrainableTokensHead
+from grafting_lora.tying import TiedLoraHead
 
 
 @hookimpl
@@ -85,6 +87,34 @@ def _tokens_adapter(
     return None
 
 
+#: The LoRA adapters of embeddings made while an adapter is being added, for the tied heads created after them.
+_lora_embeddings: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], LoraEmbedding]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tied_head(
+    config: LoraConfig, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+) -> TiedLoraHead | None:
+    """With ``ensure_weight_tying``: the LoRA of a head whose weight is the adapted input embedding's."""
+    tied = tied_embedding(model)
+    if tied is None or module_name not in tied.partners:
+        return None
+    embedding = _lora_embeddings.get(model, {}).get((adapter_name, tied.embedding))
+    if embedding is None:  # the embedding is not adapted by LoRA here (trainable tokens, say)
+        return None
+    if not isinstance(base_layer, nn.Linear):
+        raise UnsupportedLayerError(
+            f"{module_name}: ensure_weight_tying ties LoRA to an nn.Linear output head, not a {type(base_layer).__name__}"
+        )
+    if config.rank_for(module_name) != embedding.r:
+        raise ConfigError(
+            f"LoraConfig: {module_name} is tied to {tied.embedding} (ensure_weight_tying) but rank_pattern gives it"
+            f" rank {config.rank_for(module_name)}, not the embedding's {embedding.r}"
+        )
+    return TiedLoraHead(embedding, base_layer.weight, config.scaling_for(module_name), config.lora_dropout)
+
+
 @hookimpl
 def grafting_create_layer_adapter(
     config: object, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
@@ -95,6 +125,10 @@ def grafting_create_layer_adapter(
         tokens = _tokens_adapter(config, base_layer, adapter_name, module_name, model)
         if tokens is not None:
             return tokens
+    if config.ensure_weight_tying:
+        tied_head = _tied_head(config, base_layer, adapter_name, module_name, model)
+        if tied_head is not None:
+            return tied_head
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
     if config.lora_bias and getattr(base_layer, "bias", None) is None and not isinstance(base_layer, nn.Embedding):
         warnings.warn(  # as PEFT warns; merging such an adapter is refused
@@ -135,7 +169,9 @@ def grafting_create_layer_adapter(
     if isinstance(base_layer, nn.Embedding):
         if config.use_dora:
             return DoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
-        return LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
+        embedding = LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
+        _lora_embeddings.setdefault(model, {})[(adapter_name, module_name)] = embedding
+        return embedding
     if is_conv(base_layer):
         if config.init_lora_weights not in (True, False, "gaussian", "eva"):
             raise ConfigError(

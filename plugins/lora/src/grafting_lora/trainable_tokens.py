@@ -12,7 +12,6 @@ reading the same rows (one parameter, saved once, under the embedding).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,6 @@ from grafting import (
     AdaptedLayer,
     ConfigError,
     DeltaAdapter,
-    GraftingWarning,
     LayerCall,
     MergeError,
     TargetNotFoundError,
@@ -245,22 +243,16 @@ def tied_embedding_paths(model: nn.Module) -> tuple[str, str] | None:
 
 
 def check_weight_tying(config: Any, model: nn.Module) -> None:
-    """``ensure_weight_tying=True``: warn when the model ties nothing (as PEFT does); trainable tokens follow
-    the tie (``token_plan``); LoRA or a trained copy on a tied embedding is refused (not implemented)."""
+    """``ensure_weight_tying=True``: trainable tokens follow the tie (``token_plan``); LoRA on a tied embedding
+    is tied by the core's plan (``grafting.tying``) and :class:`~grafting_lora.tying.TiedLoraHead`; DoRA there
+    is refused (each layer's magnitude rescales the one shared weight its own way)."""
     tied = tied_embedding_paths(model)
-    if tied is None:
-        warnings.warn(
-            "LoraConfig.ensure_weight_tying=True, but the model's output head does not share the input"
-            " embedding's weight; nothing is tied",
-            GraftingWarning,
-            stacklevel=3,
-        )
+    if tied is None or not config.use_dora:
         return
-    for option in ("target_modules", "modules_to_save"):
-        spec = getattr(config, option)
-        if spec is not None and spec != "all-linear" and any(name_matches(p, spec) for p in tied):
-            raise ConfigError(
-                f"LoraConfig: ensure_weight_tying=True with the tied embedding in {option} (adapters tied across"
-                f" {tied[0]} and {tied[1]}) is not implemented in grafting; use trainable_token_indices, or"
-                " ensure_weight_tying=False"
-            )
+    spec = config.target_modules
+    if spec is not None and spec != "all-linear" and any(name_matches(p, spec) for p in tied):
+        raise ConfigError(
+            f"LoraConfig: ensure_weight_tying=True with use_dora=True on the tied embedding ({tied[0]}, shared with"
+            f" {tied[1]}) is not implemented in grafting: DoRA rescales each layer's rows by its own magnitude, so"
+            " the two layers cannot share one weight; use plain LoRA there, or ensure_weight_tying=False"
+        )
