@@ -266,6 +266,13 @@ class AdaptedLayer(nn.Module):
                     f" together with {clash} (another such adapter or an input adapter); merge fewer adapters"
                 )
         if target:
+            waiting = sorted(n for n in set(self.active) - target if self._get(n).reads_base_weight)
+            if waiting:  # PEFT merges anyway and the output changes
+                raise MergeError(
+                    f"{layer_name}: cannot merge {sorted(target)} while active adapter {waiting[0]!r} stays unmerged:"
+                    " it reads the layer's own weight (DoRA's norm), which the merge would change; merge it too,"
+                    " or deactivate it first"
+                )
             top = max(self._get(n).site for n in target)
             for name in set(self.active) - target:
                 if self._get(name).site < top:
