@@ -16,7 +16,8 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
   (:func:`dense_weight`, :func:`store_weight`, :func:`add_to_weight`,
   :func:`weight_matrix`), which quantized layers support through the codec hooks;
 * base parameters a config trains: :func:`trainable_biases`;
-* warnings: :func:`warn_fan_in_fan_out`.
+* warnings: :func:`warn_fan_in_fan_out`;
+* tied weights: :func:`tied_embedding` (the input embedding and the modules sharing its weight).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from grafting.combine import union_of_targets
 from grafting.errors import GraftingWarning
 from grafting.matching import candidate_modules, find_targets, name_matches, pattern_value
 from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
+from grafting.tying import TiedEmbedding, tied_embedding
 from grafting.validators import (
     boolean,
     check_count,
@@ -142,6 +144,7 @@ def warn_fan_in_fan_out(config: Any, layer: nn.Module) -> None:
 __all__ = [
     "QUERY_VALUE_PROJECTIONS",
     "RankAlphaPatterns",
+    "TiedEmbedding",
     "add_to_weight",
     "boolean",
     "candidate_modules",
@@ -166,6 +169,7 @@ __all__ = [
     "probability",
     "query_value_projections",
     "store_weight",
+    "tied_embedding",
     "trainable_biases",
     "union_of_targets",
     "warn_fan_in_fan_out",

@@ -9,8 +9,7 @@ from torch import nn
 
 from grafting import ConfigError, GraftingWarning, Method, PluginError, UnsupportedLayerError, hookimpl
 from grafting.protocol import Combination, CombineRequest
-from grafting.toolkit import is_conv, is_linear, query_value_projections, warn_fan_in_fan_out
-from grafting.tying import tied_embedding
+from grafting.toolkit import is_conv, is_linear, query_value_projections, tied_embedding, warn_fan_in_fan_out
 from grafting_lora.combine import combination
 from grafting_lora.config import LoraConfig
 from grafting_lora.corda import initialize_corda, preprocess_corda
