@@ -99,7 +99,7 @@ def test_trained_adapters_load_both_ways(init: str, tmp_path: Path) -> None:
     assert_close(logits(theirs), expected)
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
-    if init in ("pissa", "olora"):  # deterministic: loading recomputes the same residual from the original base
+    if init != "pissa_niter_3":  # deterministic: loading recomputes the same residual (orthogonal: none)
         assert_close(logits(PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "theirs")), expected)
         loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours")
         assert_close(logits(loaded), expected)
@@ -107,7 +107,7 @@ def test_trained_adapters_load_both_ways(init: str, tmp_path: Path) -> None:
 
 @settings(max_examples=4, deadline=None)
 @given(
-    init=st.sampled_from(["pissa", "olora"]),
+    init=st.sampled_from(["pissa", "olora", "pissa_niter_3"]),  # the randomized SVD: saved converted
     r=st.sampled_from([2, 4]),
     rslora=st.booleans(),
     pattern=st.booleans(),
@@ -146,7 +146,7 @@ def test_conversion_to_plain_lora_as_peft(
     )
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", INITS)
 def test_merge_mix_and_per_sample(init: str) -> None:
     model = seeded(lambda: get_peft_model(tiny_model("llama").double(), config(init)))
     model.add_adapter("other", LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
