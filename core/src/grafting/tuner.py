@@ -65,6 +65,17 @@ def _place(adapter: nn.Module, base: nn.Module, autocast_adapter_dtype: bool) ->
     adapter._apply(convert)
 
 
+def _unmerge_for(layer: AdaptedLayer, names: list[str]) -> bool:
+    """Whether activating ``names`` must unmerge ``layer``: a merged adapter leaves the active set, or an
+    adapter that reads the layer's own weight (DoRA) would run unmerged beside merged ones."""
+    if set(layer.merged) - set(names):
+        return True
+    return bool(layer.merged) and any(
+        n in layer.adapters and n not in layer.merged and getattr(layer.adapters[n], "reads_base_weight", False)
+        for n in names
+    )
+
+
 class AdapterModel(nn.Module):
     """The method-agnostic tuner that ``PeftModel.base_model`` is.
 
@@ -278,7 +289,7 @@ class AdapterModel(nn.Module):
             raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
         if len([n for n in names if n in self.model_adapters]) > 1:
             raise AdapterStateError(f"only one model-level adapter can be active at a time, got {names}")
-        self._rebuild_all({path: set() for path, layer in self.adapted_layers() if set(layer.merged) - set(names)})
+        self._rebuild_all({path: set() for path, layer in self.adapted_layers() if _unmerge_for(layer, names)})
         for _, layer in self.adapted_layers():
             layer.set_active(names)
         for _, wrapper in self.save_wrappers():

@@ -77,3 +77,18 @@ def test_the_oracle_changes_its_output() -> None:
         before = theirs(x)
         theirs.base_model.model[0].merge(adapter_names=["a"])
         assert (theirs(x) - before).abs().max() > 1e-3
+
+
+def test_activating_dora_beside_a_merged_adapter_unmerges_the_layer() -> None:
+    """A DoRA adapter activated while another is merged into its layer would read a changed weight: set_adapter
+    unmerges that layer first (PEFT unmerges on set_adapter too)."""
+    model = get_peft_model(zoo(), LoraConfig(r=2, target_modules=["head"], use_dora=True), mixed=True)
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["head"], init_lora_weights=False))
+    model.set_adapter(["default", "plain"])
+    randomize(model.base_model, 3, keyword="lora_")
+    both = run(model)
+    model.set_adapter(["plain"])
+    model.merge_adapter()
+    model.set_adapter(["default", "plain"])
+    assert model.base_model.model.head.merged == []
+    assert_close(run(model), both, changed_from=run(zoo()), **TOL)
