@@ -90,5 +90,10 @@ class UnusedOptionWarning(GraftingWarning, RuntimeWarning):
     """
 
 
+class TiedWeightsWarning(GraftingWarning):
+    """Adapters on an embedding whose weight the output head shares are not tied (or nothing was tied),
+    as PEFT warns around ``ensure_weight_tying``."""
+
+
 class CombinationError(GraftingError, ValueError):
     """``add_weighted_adapter`` cannot combine the given adapters as asked."""

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from grafting.errors import GraftingWarning
+from grafting.errors import TiedWeightsWarning
 
 #: The module names PEFT looks for in the options to decide whether an embedding is adapted.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
@@ -122,7 +122,7 @@ def plan_weight_tying(config: Any, model: nn.Module) -> tuple[Any, WeightTying |
             warnings.warn(
                 f"{name}.ensure_weight_tying=True, but the model's input embedding shares its weight with no other"
                 " module; nothing is tied",
-                GraftingWarning,
+                TiedWeightsWarning,
                 stacklevel=4,
             )
             return config, None
@@ -132,7 +132,7 @@ def plan_weight_tying(config: Any, model: nn.Module) -> tuple[Any, WeightTying |
                 f"{name}.ensure_weight_tying=True, but neither modules_to_save nor target_modules names the tied"
                 f" embedding ({tied.embedding}, shared with {', '.join(tied.partners)}) as embed_tokens or lm_head:"
                 " no layer adapter or trained copy is tied",
-                GraftingWarning,
+                TiedWeightsWarning,
                 stacklevel=4,
             )
             return config, None
@@ -144,7 +144,7 @@ def plan_weight_tying(config: Any, model: nn.Module) -> tuple[Any, WeightTying |
         warnings.warn(
             f"{name}: the adapter acts on {tied.embedding} or {', '.join(tied.partners)}, which share one weight,"
             f" but its adapters will not be tied ({how}); merging or converting such a model unties them",
-            GraftingWarning,
+            TiedWeightsWarning,
             stacklevel=4,
         )
     return config, None

@@ -280,3 +280,33 @@ def test_modules_to_save_copies_share_one_parameter() -> None:
         peft.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True),
     )
     assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_t5_ties_the_head_as_peft(tmp_path: Path) -> None:
+    """T5 shares one weight among shared, encoder/decoder embed_tokens and lm_head: PEFT ties the head to
+    ``shared`` and gives the two other embeddings their own LoRA; the same keys and logits both ways."""
+    from grafting.testing import model_output, sample_inputs, tiny_t5
+
+    def t5() -> torch.nn.Module:
+        return tiny_t5().to(F64)
+
+    options = {"target_modules": ["q", "embed_tokens"], "ensure_weight_tying": True, "init_lora_weights": False}
+    ours = get_peft_model(t5(), LoraConfig(**options))
+    assert isinstance(ours.base_model.model.lm_head.adapters["default"], TiedLoraHead)
+    randomize(ours, 8)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs_alone = quiet(peft.get_peft_model, t5(), peft.LoraConfig(**options))
+    quiet(theirs_alone.save_pretrained, tmp_path / "peft")
+    assert adapter_keys(tmp_path / "ours") == adapter_keys(tmp_path / "peft")
+    inputs = sample_inputs("t5")
+    with torch.no_grad():
+        expected, base = model_output(ours, inputs), model_output(t5(), inputs)
+        theirs = quiet(peft.PeftModel.from_pretrained, t5(), tmp_path / "ours", is_trainable=True)
+        assert_close(model_output(theirs, inputs), expected, changed_from=base, **TOL)
+        assert_close(model_output(PeftModel.from_pretrained(t5(), tmp_path / "ours"), inputs), expected, **TOL)
+        # PEFT's saved target_modules ({"q", "shared"}) no longer name an embedding: PEFT reloads its own file
+        # untied (the head's keys unexpected, the logits wrong); grafting refuses it, naming the keys
+        mine = quiet(peft.PeftModel.from_pretrained, t5(), tmp_path / "peft")
+        assert not isinstance(mine.base_model.model.lm_head, type(theirs.base_model.model.lm_head))
+        with pytest.raises(AdapterLoadError, match="fit no adapter tensor"):
+            quiet(PeftModel.from_pretrained, t5(), tmp_path / "peft")

@@ -102,10 +102,8 @@ def _tied_head(
     embedding = _lora_embeddings.get(model, {}).get((adapter_name, tied.embedding))
     if embedding is None:  # the embedding is not adapted by LoRA here (trainable tokens, say)
         return None
-    if not isinstance(base_layer, nn.Linear):
-        raise UnsupportedLayerError(
-            f"{module_name}: ensure_weight_tying ties LoRA to an nn.Linear output head, not a {type(base_layer).__name__}"
-        )
+    if not isinstance(base_layer, nn.Linear):  # T5's encoder/decoder embed_tokens: their own LoRA, as in PEFT
+        return None
     if config.rank_for(module_name) != embedding.r:
         raise ConfigError(
             f"LoraConfig: {module_name} is tied to {tied.embedding} (ensure_weight_tying) but rank_pattern gives it"
