@@ -141,9 +141,14 @@ def plan_weight_tying(config: Any, model: nn.Module) -> tuple[Any, WeightTying |
         return rewritten, WeightTying(option, tied.embedding, tied.partners)
     if (saved_named or target_named) and tied is not None:
         how = "set ensure_weight_tying=True to tie them" if ensure is False else "this method cannot tie adapters"
+        effect = (
+            "a merge changes the weight both use, so the merged model computes differently from the unmerged one"
+            if target_named
+            else "a trained copy replaces only one of them"
+        )
         warnings.warn(
             f"{name}: the adapter acts on {tied.embedding} or {', '.join(tied.partners)}, which share one weight,"
-            f" but its adapters will not be tied ({how}); merging or converting such a model unties them",
+            f" but its adapters will not be tied ({how}); {effect}",
             TiedWeightsWarning,
             stacklevel=4,
         )
