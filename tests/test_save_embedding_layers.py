@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import grafting
-from grafting.errors import ConfigError, GraftingWarning
+from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
 from grafting.testing import assert_close, assert_identical, tiny_llama
 from tests.helpers import ATTENTION, EMBEDDING, TASK_TYPES, base_model, peft_model
 
@@ -183,3 +183,21 @@ def test_save_embedding_layers_takes_true_false_or_auto(choice: Any) -> None:
     model = grafting.get_peft_model(tiny_llama(seed=0), grafting.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="save_embedding_layers must be True, False or 'auto'"):
         grafting.get_peft_model_state_dict(model, save_embedding_layers=choice)
+
+
+def test_peft_s_second_copy_of_tied_token_rows_is_refused_unless_not_strict(tmp_path: Path) -> None:
+    """GPT-2 ties its head to the embedding: with True, PEFT also writes the rows under the head (README's differences)."""
+    from tests.helpers import logits as arch_logits
+
+    config = grafting.LoraConfig(
+        r=2, target_modules=["c_attn"], trainable_token_indices=[1, 2], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    theirs = peft_model("gpt2", config)
+    theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    assert "base_model.model.lm_head.token_adapter.trainable_tokens_delta" in load_file_keys(tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"lm_head\.token_adapter\.trainable_tokens_delta"):
+        grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path)
+    ours = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path, strict=False)
+    assert_close(
+        arch_logits(ours, "gpt2"), arch_logits(theirs, "gpt2"), changed_from=arch_logits(base_model("gpt2"), "gpt2")
+    )
