@@ -310,3 +310,42 @@ def test_t5_ties_the_head_as_peft(tmp_path: Path) -> None:
         assert not isinstance(mine.base_model.model.lm_head, type(theirs.base_model.model.lm_head))
         with pytest.raises(AdapterLoadError, match="fit no adapter tensor"):
             quiet(PeftModel.from_pretrained, t5(), tmp_path / "peft")
+
+
+def test_gradients_are_the_sum_of_peft_two_leaves(tmp_path: Path) -> None:
+    """PEFT's head holds transposed views of the embedding's factors as two more leaves; grafting's one
+    parameter gets the sum of both gradients (what a tied weight's gradient is)."""
+    config = LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True)
+    ours = get_peft_model(tied_llama(), config)
+    randomize(ours, 10)
+    ours.save_pretrained(tmp_path)
+    theirs = quiet(peft.PeftModel.from_pretrained, tied_llama(), tmp_path, is_trainable=True)
+    for model in (ours, theirs):
+        model(input_ids=ids(), labels=ids()).loss.backward()
+    mine = dict(ours.named_parameters())
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    emb, head = "base_model.model.model.embed_tokens", "base_model.model.lm_head"
+    for factor, partner in (("lora_embedding_B", "lora_A"), ("lora_embedding_A", "lora_B")):
+        expected = grads[f"{emb}.{factor}.default"] + grads[f"{head}.{partner}.default.weight"].T
+        got = mine[f"{emb}.adapters.default.{factor}"].grad
+        assert_close(got, expected, changed_from=grads[f"{emb}.{factor}.default"], **TOL)
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    r=st.integers(1, 4),
+    alpha=st.sampled_from([1, 8, 32]),
+    rslora=st.booleans(),
+    case=st.sampled_from(["lora-embed", "lora-head", "save-embed"]),
+    seed=st.integers(0, 2**16),
+)
+def test_peft_loads_random_tied_configs(
+    tmp_path_factory: Any, r: int, alpha: int, rslora: bool, case: str, seed: int
+) -> None:
+    options = dict(CASES[case], r=r, lora_alpha=alpha, use_rslora=rslora, ensure_weight_tying=True)
+    ours = get_peft_model(tied_llama(), LoraConfig(**options))
+    randomize(ours, seed)
+    folder = tmp_path_factory.mktemp("tied-random")
+    ours.save_pretrained(folder)
+    theirs = quiet(peft.PeftModel.from_pretrained, tied_llama(), folder)
+    assert_close(logits(theirs), logits(ours), changed_from=logits(tied_llama()), **TOL)
