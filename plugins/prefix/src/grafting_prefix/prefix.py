@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting_prefix import calls
+from grafting_prefix import attention, calls
 from grafting_prefix.base import VirtualTokenAdapter
 
 #: Tasks that keep token_type_ids (they type the real tokens; the prefix has none).
@@ -35,7 +35,14 @@ class PrefixAdapter(VirtualTokenAdapter):
     ``(j · num_transformer_submodules) mod layers``, where PEFT puts them.
     ``token_type_ids`` are kept for classification and question answering
     (they type the real tokens), dropped otherwise, as PEFT does.
+
+    A decoder-only model on SDPA runs the call with :mod:`grafting_prefix.attention`
+    (causal attention over the prefix on SDPA's causal kernels instead of an
+    explicit mask); :meth:`finish` gives the model its SDPA back.
     """
+
+    #: ``False`` keeps the model's own attention (an explicit mask over the prefix): the reference.
+    padded_attention: bool = True
 
     def __init__(
         self,
@@ -52,6 +59,7 @@ class PrefixAdapter(VirtualTokenAdapter):
         super().__init__(encoder, method=METHOD, rows=rows, width=layers * 2 * heads * head_dim, device=device)
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.task_type, self.submodules = task_type, submodules
+        self._restore: str | None = None
 
     @property
     def seq2seq(self) -> bool:
@@ -87,7 +95,16 @@ class PrefixAdapter(VirtualTokenAdapter):
             kwargs["position_ids"] = kwargs["position_ids"] + n
         if self.task_type not in TOKEN_TYPES_KEPT:
             calls.drop(kwargs, "token_type_ids", METHOD)
+        if self.padded_attention and not self.seq2seq and self._restore is None:
+            self._restore = attention.switch_in(model)
+            self.__dict__["_model"] = model  # a plain reference, not a submodule
         return kwargs
+
+    def finish(self, outputs: Any, kwargs: dict[str, Any]) -> Any:
+        if self._restore is not None:
+            attention.switch_back(self.__dict__.pop("_model"), self._restore)
+            self._restore = None
+        return outputs
 
     def prepare(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         return self._with_prefix(kwargs, model, generating=False)
