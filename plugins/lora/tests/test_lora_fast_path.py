@@ -122,6 +122,32 @@ def test_dropout_runs_inside_the_one_node_layer(dtype: torch.dtype, p: float, no
 
 
 @pytest.mark.parametrize("dtype", HALF)
+def test_dora_runs_as_one_node_with_norms_from_a_skinny_product(dtype: torch.dtype) -> None:
+    """DoRA takes its one-node layer; the row norms match ‖W + ΔW‖ in float32 and follow a changed weight."""
+    from grafting_lora.fused import dora_row_norm
+
+    layer = _layer("linear", dtype, use_dora=True)
+    adapter = layer.adapters["a"]
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(6)).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert "DoraLinearFunction" in type(y.grad_fn).__name__
+    weight = layer.base_layer.weight
+    for _ in range(2):
+        exact = torch.linalg.vector_norm(weight.double() + adapter.delta_matrix().double(), dim=1)
+        sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+        fast = dora_row_norm(weight, sq, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling)
+        assert fast.dtype == torch.float32
+        assert _relative(fast, exact) <= torch.finfo(dtype).eps  # only the cross term is rounded to `dtype`
+        with torch.no_grad():
+            weight.mul_(1.5)  # a changed weight (its version moves): the kept ‖W‖² is recomputed
+    with torch.no_grad():
+        y_fused = layer(x)
+        adapter.fused = False
+        y_ref = layer(x)
+    assert _relative(y_fused, y_ref) <= _tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_products_run_in_the_base_dtype(dtype: torch.dtype) -> None:
     """float32 adapter weights on a half-precision base: no float32 activation is made; "adapter" makes one."""
     layer = _layer("linear", dtype)

@@ -93,3 +93,103 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_b:
             grad_b = (g.t() @ low).mul_(ctx.scaling).to(ctx.dtypes[1])
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+def dora_row_norm(
+    weight: torch.Tensor,
+    weight_sq: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    cast_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``‖W + scaling·B·A‖`` per row in float32, without forming ``W + ΔW`` or a float32 copy of ``W``.
+
+    ``‖W + ΔW‖² = ‖W‖² + s·⟨B, 2·W·Aᵀ + s·B·(A·Aᵀ)⟩`` row by row: ``weight_sq`` is ``‖W‖²`` (the
+    frozen weight's, computed once), ``W·Aᵀ`` is one skinny product in W's dtype (accumulated
+    in float32 by the matrix unit), the rest is (out, r) and (r, r) work: a few small kernels.
+    ``cast_a`` is ``A`` already in W's dtype, if the caller has it.
+    """
+    a, b = lora_a.float(), lora_b.float()
+    cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
+    inner = torch.addmm((weight @ cast_a.t()).float(), b, a @ a.t(), beta=2.0, alpha=scaling)
+    rows = torch.bmm(b.unsqueeze(1), inner.unsqueeze(2)).view(-1)  # ⟨B_o, inner_o⟩ for every row o
+    return weight_sq.add(rows, alpha=scaling).clamp_min_(0).sqrt_()
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The forward of :class:`DoraLinearFunction` as plain ops (no autograd node), for inference."""
+    dtype = x.dtype
+    flat = x.reshape(-1, x.shape[-1])
+    low = flat @ lora_a.to(dtype).t()
+    z = (flat @ weight.t()).addmm_(low, lora_b.to(dtype).t(), alpha=scaling)
+    y = z.mul_(scale.to(dtype)) if bias is None else torch.addcmul(bias, z, scale.to(dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """DoRA on a linear layer: ``s ⊙ (x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ) + b``, ``s = m / ‖W + ΔW‖`` (the norm a constant).
+
+    One node: the row norms from ``‖W‖²`` (:func:`dora_row_norm`), the two products into one
+    output (the low-rank one accumulated by ``addmm_``), the magnitude applied in one pass
+    (with the bias); backward puts ``s`` on the rows of ``W`` and ``B`` (weight-sized, not
+    activation-sized) and needs one pass over the activations, for the magnitude's gradient
+    ``Σ_tokens g ⊙ z / ‖W + ΔW‖``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        magnitude: torch.Tensor,
+        weight_sq: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        dtype = x.dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        norm = dora_row_norm(weight, weight_sq, lora_a, lora_b, scaling, a if weight.dtype == dtype else None)
+        flat = x.reshape(-1, x.shape[-1])
+        low = flat @ a.t()
+        z = (flat @ weight.t()).addmm_(low, b.t(), alpha=scaling)  # (W + ΔW)·x, no bias
+        scale = (magnitude / norm).to(dtype)
+        y = z * scale if bias is None else torch.addcmul(bias, z, scale)
+        ctx.save_for_backward(flat, weight, a, b, low, z, scale, norm)
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype, magnitude.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight, a, b, low, z, scale, norm = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        if need_m:
+            grad_m = ((g * z).sum(0, dtype=torch.float32) / norm).to(ctx.dtypes[2])
+        if need_bias:
+            grad_bias = g.sum(0)
+        # z's gradient is g ⊙ s: s goes onto the (out, ·) side of each product instead of onto g
+        rows = scale[:, None]
+        grad_low = g @ (b * rows).mul_(ctx.scaling)
+        if need_x:
+            grad_x = (g @ (weight * rows)).addmm_(grad_low, a).view(ctx.x_shape)
+        if need_w:
+            grad_w = (g.t() @ flat).mul_(rows)
+        if need_a:
+            grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0])
+        if need_b:
+            grad_b = (g.t() @ low).mul_(rows).mul_(ctx.scaling).to(ctx.dtypes[1])
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None

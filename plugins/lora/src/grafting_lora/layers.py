@@ -12,7 +12,7 @@ from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall, MergeError
 from grafting.toolkit import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
-from grafting_lora.fused import LoraLinearFunction, lora_linear
+from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_row_norm, lora_linear
 from grafting_lora.init import subtract_initial_delta
 from grafting_lora.scaled import embed_scale
 
@@ -228,13 +228,14 @@ class LoraLinear(DeltaAdapter):
         """The base linear layer and this delta as one autograd node (:mod:`grafting_lora.fused`).
 
         Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks) in half precision, without
-        DoRA or ``lora_bias``, dropout included; else ``None`` (the layer composes as usual).
+        ``lora_bias``, dropout included (DoRA: without dropout); else ``None`` (the layer
+        composes as usual).
         """
-        if not self.fused or self.use_dora or self.lora_B.bias is not None or x.dtype not in _HALF:
+        if not self.fused or self.lora_B.bias is not None or x.dtype not in _HALF:
             return None
         drop = self.lora_dropout
         dropout = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
-        if dropout >= 1.0:  # everything dropped: the plain composition (no 1/(1-p) to fold)
+        if dropout >= 1.0 or (dropout and self.use_dora):  # all dropped, or DoRA's W·h: the composition
             return None
         if torch.compiler.is_compiling() and not self.node_when_compiling:
             return None
@@ -248,11 +249,27 @@ class LoraLinear(DeltaAdapter):
             return None
         if weight.dtype != x.dtype or compute_dtype(self.precision, self.lora_A.weight.dtype, x) != x.dtype:
             return None
+        if self.use_dora:
+            return self._dora_call(x, weight, base_layer.bias)
         if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
             return lora_linear(x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         return LoraLinearFunction.apply(
             x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout
         )
+
+    def _dora_call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's layer as one node (:class:`DoraLinearFunction`), with ``‖W‖²`` kept per weight version."""
+        key = (weight.data_ptr(), weight._version, weight.device, weight.shape)
+        kept = self.__dict__.get("_weight_sq")
+        if kept is None or kept[0] != key:  # the frozen weight's squared row norms, once per version
+            with torch.no_grad():
+                kept = (key, torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square())
+            self.__dict__["_weight_sq"] = kept
+        a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        if not torch.is_grad_enabled():
+            norm = dora_row_norm(weight, kept[1], a, b, self.scaling)
+            return dora_linear(x, weight, bias, a, b, m / norm, self.scaling)
+        return DoraLinearFunction.apply(x, weight, bias, a, b, m, kept[1], self.scaling)
 
     @classmethod
     def add_grouped(
