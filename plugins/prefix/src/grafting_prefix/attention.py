@@ -84,6 +84,8 @@ def switch_in(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return None
+    if getattr(config, "sub_configs", None):  # the setter would rewrite every sub-config's choice too
+        return None
     _register()
     config._attn_implementation = NAME
     return "sdpa"
