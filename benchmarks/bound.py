@@ -64,10 +64,7 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.LoraConfig(**lora), {"autocast_adapter_dtype": False}
     if method == "lora-exact":  # grafting only: PEFT's float32 adapter arithmetic
         return lib.LoraConfig(**lora, precision="adapter"), {}
-    if method == "lora-node":  # grafting only: the one-node layer kept under torch.compile too
-        import grafting_lora.layers
-
-        grafting_lora.layers.LoraLinear.node_when_compiling = True
+    if method == "lora-node":  # grafting only: the one-node layer kept under torch.compile too (see wrap)
         return lib.LoraConfig(**lora), {}
     if method == "lora-dropout":
         return lib.LoraConfig(**lora, lora_dropout=0.05), {}
@@ -165,7 +162,12 @@ def infer(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], No
 
 def wrap(lib_name: str, libs: dict[str, Any], base: nn.Module, method: str, r: int) -> nn.Module:
     cfg, options = config(libs[lib_name], method, r)
-    return libs[lib_name].get_peft_model(copy.deepcopy(base), cfg, **options)
+    model = libs[lib_name].get_peft_model(copy.deepcopy(base), cfg, **options)
+    if method == "lora-node":  # on this model's layers only, so the variants after it run as configured
+        for module in model.modules():
+            if hasattr(module, "node_when_compiling"):
+                module.node_when_compiling = True
+    return model
 
 
 def profile(step: Callable[[], None], label: str) -> None:
