@@ -46,7 +46,15 @@ from grafting.validators import (
     positive_int,
     probability,
 )
-from grafting.weights import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight, weight_matrix
+from grafting.weights import (
+    add_to_weight,
+    dense_weight,
+    in_out_features,
+    is_hf_conv1d,
+    plain_linear_weight,
+    store_weight,
+    weight_matrix,
+)
 
 
 # -- per-module options ------------------------------------------------------------------------------
@@ -164,6 +172,7 @@ __all__ = [
     "optional_string",
     "pattern_of",
     "pattern_value",
+    "plain_linear_weight",
     "positive",
     "positive_int",
     "probability",

@@ -44,6 +44,17 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return weight
 
 
+def plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The (out, in) weight of a plain ``nn.Linear`` or transformers ``Conv1D`` without forward
+    hooks, the layers whose call a fused kernel may replace; ``None`` for any other layer."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if type(layer) is nn.Linear:
+        return weight
+    return weight.t() if is_hf_conv1d(layer) else None
+
+
 def to_weight_layout(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     """Turn an (out, in·k) matrix into the layout of ``layer.weight``."""
     if is_hf_conv1d(layer) or isinstance(layer, nn.Embedding):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from grafting import ConfigError, GraftingWarning, InputAdapter, LayerAdapter, MergeError, OutputAdapter
-from grafting.toolkit import dense_weight, in_out_features, is_hf_conv1d, is_linear, store_weight
+from grafting.toolkit import dense_weight, in_out_features, is_linear, plain_linear_weight, store_weight
 from grafting_ia3.fused import IA3InputLinear, IA3OutputLinear, ia3_linear
 
 SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d)
@@ -103,13 +103,8 @@ class IA3Adapter(LayerAdapter):
             return None
         if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
             return None
-        if base_layer._forward_hooks or base_layer._forward_pre_hooks:
-            return None
-        if type(base_layer) is nn.Linear:
-            weight = base_layer.weight
-        elif is_hf_conv1d(base_layer):
-            weight = base_layer.weight.t()
-        else:
+        weight = plain_linear_weight(base_layer)
+        if weight is None:
             return None
         if weight.dtype != x.dtype or weight.requires_grad:
             return None

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall, MergeError
-from grafting.toolkit import add_to_weight, dense_weight, in_out_features, is_hf_conv1d, store_weight
+from grafting.toolkit import (
+    add_to_weight,
+    dense_weight,
+    in_out_features,
+    plain_linear_weight,
+    store_weight,
+)
 from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_row_norm, lora_linear
 from grafting_lora.init import subtract_initial_delta
 from grafting_lora.scaled import embed_scale
@@ -239,13 +245,8 @@ class LoraLinear(DeltaAdapter):
             return None
         if torch.compiler.is_compiling() and not self.node_when_compiling:
             return None
-        if base_layer._forward_hooks or base_layer._forward_pre_hooks:
-            return None
-        if type(base_layer) is nn.Linear:
-            weight = base_layer.weight
-        elif is_hf_conv1d(base_layer):
-            weight = base_layer.weight.t()
-        else:
+        weight = plain_linear_weight(base_layer)
+        if weight is None:
             return None
         if weight.dtype != x.dtype or compute_dtype(self.precision, self.lora_A.weight.dtype, x) != x.dtype:
             return None
