@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from grafting.routing import BASE
+from grafting.testing import assert_close
+
 F64 = torch.float64
 #: float64 models: rounding cannot hide a wrong result, and the math allows tight tolerances.
 TOL = {"rtol": 1e-9, "atol": 1e-9}
@@ -79,3 +82,36 @@ def assert_moves(actual: torch.Tensor, base: torch.Tensor, what: str = "output")
 
 def deepcopy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
+
+
+def assert_merge_round_trip(model: Any, ids: torch.Tensor) -> None:
+    """Merging the active adapters keeps the logits (which they move away from the base's);
+    unmerging gives back every base tensor."""
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with model.disable_adapter():
+            without = model(input_ids=ids).logits
+    before = weights_of(model.get_base_model())
+    model.merge_adapter()
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    assert_close(merged, expected, changed_from=without, **TOL)
+    model.unmerge_adapter()
+    for key, value in model.get_base_model().state_dict().items():
+        assert_close(value, before[key], **TOL, msg=key)
+
+
+def assert_rows_route_alone(model: Any, ids: torch.Tensor, names: list[str], **tolerance: float) -> None:
+    """Per-sample routing: row ``i`` routed to ``names[i]`` gives that adapter's logits alone on the row
+    (``BASE``: adapters off). Leaves the last named adapter active."""
+    with torch.no_grad():
+        routed = model(input_ids=ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            row = ids[i : i + 1]
+            if name == BASE:
+                with model.disable_adapter():
+                    alone = model(input_ids=row).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=row).logits
+            assert_close(routed[i : i + 1], alone, **tolerance, msg=name)

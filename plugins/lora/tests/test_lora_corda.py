@@ -10,7 +10,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from lora_option_helpers import peft_config_of
+from lora_option_helpers import assert_merge_round_trip, peft_config_of
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 
 from grafting import ConfigError, CordaConfig, LoraConfig, PeftModel, get_peft_model, preprocess_corda
@@ -131,15 +131,7 @@ def test_merge_unmerge_and_mixing_on_one_layer() -> None:
     model = train(get_peft_model(base, cfg))
     model.add_adapter("other", LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
     model.base_model.set_adapter(["default", "other"])
-    expected = logits(model)
-    with model.disable_adapter():
-        without = logits(model)
-    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
-    model.merge_adapter()
-    assert_close(logits(model), expected, changed_from=without, rtol=1e-9, atol=1e-9)
-    model.unmerge_adapter()
-    for key, value in model.get_base_model().state_dict().items():
-        assert_close(value, before[key], rtol=1e-9, atol=1e-9, msg=key)
+    assert_merge_round_trip(model, ids())
 
 
 def test_cache_and_covariance_files(tmp_path: Path) -> None:

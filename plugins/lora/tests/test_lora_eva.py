@@ -10,7 +10,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from lora_option_helpers import peft_config_of
+from lora_option_helpers import TOL, assert_merge_round_trip, assert_rows_route_alone, peft_config_of
 
 from grafting import (
     ConfigError,
@@ -175,27 +175,9 @@ def test_merge_unmerge_and_mixing_on_one_layer() -> None:
     model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
     train(model)
     model.base_model.set_adapter(["default", "other"])
-    expected = logits(model)
-    with model.disable_adapter():
-        without = logits(model)
-    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
-    model.merge_adapter()
-    assert_close(logits(model), expected, changed_from=without, rtol=1e-9, atol=1e-9)
-    model.unmerge_adapter()
-    for key, value in model.get_base_model().state_dict().items():
-        assert_close(value, before[key], rtol=1e-9, atol=1e-9, msg=key)
+    assert_merge_round_trip(model, ids())
     # per-sample routing: each row as its adapter alone
-    names = ["other", "__base__", "default"]
-    with torch.no_grad():
-        routed = model(input_ids=ids(), adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(input_ids=ids()[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=ids()[i : i + 1]).logits
-            assert_close(routed[i : i + 1], alone, rtol=1e-9, atol=1e-9, msg=name)
+    assert_rows_route_alone(model, ids(), ["other", "__base__", "default"], **TOL)
 
 
 def test_errors() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lora_option_helpers import assert_moves, peft_config_of, weights_of
+from lora_option_helpers import assert_moves, assert_rows_route_alone, peft_config_of, weights_of
 from safetensors.torch import load_file
 
 from grafting import ConfigError, LoraConfig, PeftModel, UnsupportedLayerError, get_peft_model
@@ -160,17 +160,7 @@ def test_merge_mix_and_per_sample(init: str) -> None:
     for key, value in weights_of(model.base_model.model).items():
         assert_close(value, residual[key], rtol=1e-9, atol=1e-9, msg=key)
 
-    names = ["other", BASE, "default"]
-    routed = logits(model, adapter_names=names)
-    for i, name in enumerate(names):
-        with torch.no_grad():
-            if name == BASE:
-                with model.disable_adapter():
-                    alone = model(input_ids=ids()[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=ids()[i : i + 1]).logits
-        assert_close(routed[i : i + 1], alone, rtol=1e-9, atol=1e-9)
+    assert_rows_route_alone(model, ids(), ["other", BASE, "default"], rtol=1e-9, atol=1e-9)
 
 
 def test_a_failing_add_adapter_leaves_the_base_weights_alone() -> None:

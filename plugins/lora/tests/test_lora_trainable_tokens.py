@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lora_option_helpers import F64, TOL, assert_moves, peft_config_of, weights_of
+from lora_option_helpers import F64, TOL, assert_moves, assert_rows_route_alone, peft_config_of, weights_of
 
 from grafting import (
     ConfigError,
@@ -118,17 +118,7 @@ def test_merge_unmerge_and_per_sample_with_another_adapter(arch: str) -> None:
         if ".adapters." not in key:
             assert_close(value, before[key.replace(".base_layer", "")], **TOL, msg=key)
 
-    names = ["other", BASE, "default"]
-    routed = logits(model, adapter_names=names)
-    for i, name in enumerate(names):
-        with torch.no_grad():
-            if name == BASE:
-                with model.disable_adapter():
-                    alone = model(input_ids=ids()[i : i + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=ids()[i : i + 1]).logits
-        assert_close(routed[i : i + 1], alone, **TOL)
+    assert_rows_route_alone(model, ids(), ["other", BASE, "default"], **TOL)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
