@@ -127,12 +127,9 @@ def dora_linear(
     scaling: float,
 ) -> torch.Tensor:
     """The forward of :class:`DoraLinearFunction` as plain ops (no autograd node), for inference."""
-    dtype = x.dtype
-    flat = x.reshape(-1, x.shape[-1])
-    low = flat @ lora_a.to(dtype).t()
-    z = (flat @ weight.t()).addmm_(low, lora_b.to(dtype).t(), alpha=scaling)
-    y = z.mul_(scale.to(dtype)) if bias is None else torch.addcmul(bias, z, scale.to(dtype))
-    return y.view(*x.shape[:-1], y.shape[-1])
+    z = lora_linear(x, weight, None, lora_a, lora_b, scaling)  # (W + ΔW)·x, no bias
+    scale = scale.to(x.dtype)
+    return z.mul_(scale) if bias is None else torch.addcmul(bias, z, scale)
 
 
 class DoraLinearFunction(torch.autograd.Function):
