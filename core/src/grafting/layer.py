@@ -257,6 +257,11 @@ class AdaptedLayer(nn.Module):
         for name in target:
             if not self._get(name).mergeable:
                 raise MergeError(f"{layer_name}: adapter {name!r} ({type(self._get(name)).__name__}) cannot be merged")
+        for name in sorted(target - set(self.merged)):
+            try:
+                self._get(name).check_merge(self.base_layer)
+            except MergeError as error:
+                raise MergeError(f"{layer_name}: adapter {name!r}: {error}") from error
         readers = sorted(n for n in target if self._get(n).reads_base_weight)
         if readers:
             clash = [n for n in sorted(target) if n != readers[0] and (n in readers or self._get(n).site is Site.INPUT)]

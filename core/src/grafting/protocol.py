@@ -165,6 +165,14 @@ class LayerAdapter(nn.Module):
         """Take this adapter back out of ``base_layer``'s weights (the inverse of :meth:`merge`)."""
         raise MergeError(f"{type(self).__name__} cannot be unmerged from a {type(base_layer).__name__}")
 
+    def check_merge(self, base_layer: nn.Module) -> None:
+        """Raise :class:`MergeError` if :meth:`merge` into ``base_layer`` would refuse; default: nothing.
+
+        The core asks every layer of a merge before any weight changes, so a refusal that
+        depends on the layer (a head no longer sharing its weight with the embedding whose
+        adapter it follows) leaves the whole model as it was. Reads, never writes.
+        """
+
     def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``base_layer(x)`` with this adapter's effect, computed in one step, or ``None`` (the default).
 

@@ -22,12 +22,14 @@ from grafting import (
     GraftingWarning,
     IA3Config,
     LoraConfig,
+    MergeError,
     PeftModel,
     get_peft_model,
     set_peft_model_state_dict,
 )
 from grafting.routing import BASE
 from grafting.testing import assert_close, assert_identical, tiny_gpt2, tiny_llama
+from grafting_lora.trainable_tokens import TiedTrainableTokens
 from grafting_lora.tying import TiedLoraHead
 
 
@@ -349,3 +351,24 @@ def test_peft_loads_random_tied_configs(
     ours.save_pretrained(folder)
     theirs = quiet(peft.PeftModel.from_pretrained, tied_llama(), folder)
     assert_close(logits(theirs), logits(ours), changed_from=logits(tied_llama()), **TOL)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(target_modules=["embed_tokens"], ensure_weight_tying=True),
+        LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 3]),
+    ],
+    ids=["lora", "trainable-tokens"],
+)
+def test_a_head_untied_after_adapting_refuses_the_merge(config: LoraConfig) -> None:
+    """A head adapter that follows the embedding's merges only while the weight is still shared."""
+    model = get_peft_model(tied_llama(), config)
+    randomize(model, 4)
+    head = model.base_model.model.lm_head
+    assert isinstance(head.adapters["default"], TiedLoraHead | TiedTrainableTokens)
+    head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MergeError, match="Linear no longer shares its weight with the"):
+        model.merge_adapter()
+    assert_identical(model.state_dict(), before)

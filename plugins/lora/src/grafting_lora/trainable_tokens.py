@@ -25,11 +25,11 @@ from grafting import (
     ConfigError,
     DeltaAdapter,
     LayerCall,
-    MergeError,
     TargetNotFoundError,
 )
 from grafting.toolkit import add_to_weight, candidate_modules, name_matches
 from grafting_lora.scaled import embed_scale
+from grafting_lora.tied import TiedFollower
 
 
 class TokenRows(nn.Module):
@@ -131,39 +131,23 @@ class TrainableTokensHead(DeltaAdapter):
         add_to_weight(base_layer, self.token_adapter.unmerge_change(base_layer.out_features), alpha=-1.0)
 
 
-class TiedTrainableTokens(DeltaAdapter):
+class TiedTrainableTokens(TiedFollower[TrainableTokens]):
     """The listed rows of an output head that shares its weight with an embedding carrying :class:`TrainableTokens`.
 
-    It reads the embedding adapter's rows (held by reference, not as a submodule,
-    so they are saved once). A merge into the shared weight is the embedding
-    adapter's; this one's merge checks the weight is still shared and does nothing.
+    It reads the embedding adapter's rows (saved once, under the embedding); a merge into the
+    shared weight is the embedding adapter's.
     """
 
     peft_base_path = "token_adapter.base_layer"  # PEFT's TrainableTokensLayer wraps the layer there
+    untied = (
+        "the embedding whose trainable tokens it follows; merge the embedding's adapter into each weight separately"
+    )
 
     def __init__(self, base_layer: nn.Module, embedding: TrainableTokens, shared_weight: torch.Tensor) -> None:
-        super().__init__()
-        self._tied = (embedding, shared_weight)  # a tuple: not registered, not saved
-
-    @property
-    def tied_to(self) -> TrainableTokens:
-        return self._tied[0]
+        super().__init__(embedding, shared_weight)
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         return _logit_change(self.tied_to.token_adapter, x, call.base_layer.weight, call.base_out.shape[-1])
-
-    def _check_shared(self, base_layer: nn.Module) -> None:
-        if getattr(base_layer, "weight", None) is not self._tied[1]:
-            raise MergeError(
-                f"{type(base_layer).__name__} no longer shares its weight with the embedding whose trainable tokens"
-                " it follows; merge the embedding's adapter into each weight separately"
-            )
-
-    def merge(self, base_layer: nn.Module) -> None:
-        self._check_shared(base_layer)  # the embedding adapter's merge changes the shared weight once
-
-    def unmerge(self, base_layer: nn.Module) -> None:
-        self._check_shared(base_layer)
 
 
 @attrs.frozen

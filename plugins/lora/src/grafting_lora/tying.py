@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting import DeltaAdapter, LayerCall, MergeError
+from grafting import LayerCall
 from grafting_lora.layers import LoraEmbedding, compute_dtype
+from grafting_lora.tied import TiedFollower
 
 
 class TransposedFactor(nn.Module):
@@ -56,24 +57,21 @@ def _load_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, *ar
             module.weight.copy_(value)
 
 
-class TiedLoraHead(DeltaAdapter):
+class TiedLoraHead(TiedFollower[LoraEmbedding]):
     """``delta = dropout(x)·B_e·A_e·s``: the embedding adapter's LoRA seen from the tied output head."""
 
     lora_convertible = True
     #: as :attr:`LoraLinear.precision`
     precision: str = "input"
 
+    untied = "the input embedding whose LoRA it follows (ensure_weight_tying); untie the adapters before merging"
+
     def __init__(self, embedding: LoraEmbedding, shared_weight: torch.Tensor, scaling: float, dropout: float) -> None:
-        super().__init__()
-        self._tied = (embedding, shared_weight)  # a tuple: not registered, not saved
+        super().__init__(embedding, shared_weight)
         self.r, self.scaling = embedding.r, scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = TransposedFactor(embedding, "lora_embedding_B")
         self.lora_B = TransposedFactor(embedding, "lora_embedding_A")
-
-    @property
-    def tied_to(self) -> LoraEmbedding:
-        return self._tied[0]
 
     def delta_matrix(self) -> torch.Tensor:
         """``B·A·scaling`` as the head's (out, in) matrix."""
@@ -84,16 +82,3 @@ class TiedLoraHead(DeltaAdapter):
         dtype = compute_dtype(self.precision, a.dtype, x)
         h = self.lora_dropout(x.to(dtype))
         return F.linear(F.linear(h, a.to(dtype)), self.lora_B.weight.to(dtype)) * self.scaling
-
-    def _check_shared(self, base_layer: nn.Module) -> None:
-        if getattr(base_layer, "weight", None) is not self._tied[1]:
-            raise MergeError(
-                f"the {type(base_layer).__name__} no longer shares its weight with the input embedding whose LoRA it"
-                " follows (ensure_weight_tying); untie the adapters before merging"
-            )
-
-    def merge(self, base_layer: nn.Module) -> None:
-        self._check_shared(base_layer)  # the embedding adapter's merge changes the shared weight once
-
-    def unmerge(self, base_layer: nn.Module) -> None:
-        self._check_shared(base_layer)
