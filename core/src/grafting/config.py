@@ -391,6 +391,14 @@ class AdapterConfig:
         """
         raise ConfigError(f"{type(self).__name__} adapters cannot be converted against an initial adapter")
 
+    def tensors_to_save(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The adapter's tensors as saved, from its own (PEFT keys); default: unchanged.
+
+        For a format that saves less than the adapter holds in training (AdaLoRA keeps
+        every rank and masks them; PEFT's file holds only the ranks ``rank_pattern`` keeps).
+        """
+        return tensors
+
     def select_targets(self, model: Any, names: list[str]) -> list[str]:
         """The modules to adapt among those the options matched (logical names, model order); default all."""
         return names

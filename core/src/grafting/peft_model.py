@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grafting.adapter_training import add_loss_terms
 from grafting.config import CONFIG_NAME, AdapterConfig, TaskType, read_config_file
 from grafting.dispatch import load_config
 from grafting.errors import (
@@ -215,7 +216,7 @@ class PeftModel(nn.Module):
             return model_adapter.finish(fn(*args, **prepared), prepared)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self.base_model.model, args, kwargs)
+        return add_loss_terms(self.base_model, self._call(self.base_model.model, args, kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(self.base_model.model.generate, args, kwargs, generate=True)

@@ -110,7 +110,28 @@ class SharedState(nn.Module):
     ``base_model.<key>``: register a buffer with ``persistent=False`` to keep
     it out of the file. Its parameters train when the adapter trains. It may
     not name a tensor ``model.*``.
+
+    Training-time behaviour of a whole adapter (AdaLoRA's orthogonality
+    regulariser and rank allocation) lives here too: two optional methods the
+    core calls with ``layers``, this adapter's layer adapters by logical module
+    name in model order. Both default to nothing.
     """
+
+    def loss_term(self, layers: dict[str, LayerAdapter]) -> torch.Tensor | None:
+        """A scalar the core adds to the model's ``outputs.loss``, or ``None`` (the default).
+
+        Asked on every forward of ``PeftModel`` whose output carries a ``loss`` tensor,
+        for each active adapter that is trainable while the adapters are enabled.
+        """
+        return None
+
+    def on_optimizer_step(self, layers: dict[str, LayerAdapter], global_step: int) -> None:
+        """Called after each optimizer step, before the gradients are zeroed; default: nothing.
+
+        ``global_step`` counts the optimizer steps done before this one (0 on the first).
+        The core calls it for every trainable adapter from ``base_model.update_and_allocate(step)``
+        (PEFT's name, for a custom loop) and from grafting's ``Trainer`` on its own.
+        """
 
 
 class LayerAdapter(nn.Module):

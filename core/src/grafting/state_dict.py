@@ -139,6 +139,7 @@ def get_peft_model_state_dict(
         out = {key: full_tensor(slot.get()) for key, slot in slots.items()}
     else:
         out = _from_state_dict(model, slots, state_dict, adapter_name)
+    out = tuner.peft_config[adapter_name].tensors_to_save(out)
     if adapter_name in tuner.model_adapters:
         out.update({k: full_tensor(v) for k, v in tuner.model_adapters[adapter_name].peft_state_dict().items()})
     if _injected_only(model):

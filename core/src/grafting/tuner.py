@@ -11,6 +11,7 @@ import attrs
 import torch
 from torch import nn
 
+from grafting.adapter_training import on_optimizer_step
 from grafting.config import AdapterConfig, TaskType
 from grafting.errors import (
     AdapterNotFoundError,
@@ -361,6 +362,11 @@ class AdapterModel(nn.Module):
         for m in modules:
             m.disabled = disabled
         self.disabled = disabled
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """After ``optimizer.step()``, before ``zero_grad()``: each trainable adapter's per-step update
+        (:meth:`SharedState.on_optimizer_step`; AdaLoRA allocates its ranks there). PEFT's name and call."""
+        on_optimizer_step(self, global_step)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether adapter ``adapter_name`` is ``W + ΔW`` on every layer it touches (its adapters say so)."""

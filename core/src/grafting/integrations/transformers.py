@@ -48,7 +48,8 @@ class AdapterTrainerMixin:
     * save checkpoints and ``save_model`` as ``PeftModel.save_pretrained`` does (the adapters in PEFT's
       format, loadable by grafting and peft) next to the trainer's own state;
     * restore the adapters from such a checkpoint in place for ``resume_from_checkpoint`` and
-      ``load_best_model_at_end``, so the optimizer keeps pointing at the trained parameters.
+      ``load_best_model_at_end``, so the optimizer keeps pointing at the trained parameters;
+    * call each adapter's per-step update after every optimizer step (:class:`AdapterStepCallback`).
     """
 
     # Trainer's attributes this mixin reads and sets.
@@ -65,6 +66,7 @@ class AdapterTrainerMixin:
         peft_model = adapter_model(self.model)
         if peft_model is None:
             return
+        self.add_callback(AdapterStepCallback())  # type: ignore[attr-defined]
         wrapped = peft_model.get_base_model()
         if self.args.label_names is None:
             self.label_names = find_labels(type(wrapped))
@@ -127,6 +129,16 @@ class AdapterTrainerMixin:
         _restore(peft_model, best)
 
 
+class AdapterStepCallback(transformers.TrainerCallback):
+    """Calls ``base_model.update_and_allocate(global_step)`` after each optimizer step, before the
+    gradients are zeroed (AdaLoRA's rank allocation), as a custom loop does after ``optimizer.step()``."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        peft_model = adapter_model(model)
+        if peft_model is not None:
+            peft_model.base_model.update_and_allocate(state.global_step)
+
+
 def _saved_adapters(folder: str) -> list[tuple[str, str]]:
     from grafting.peft_model import saved_adapters
 
@@ -156,4 +168,4 @@ class Seq2SeqTrainer(AdapterTrainerMixin, transformers.Seq2SeqTrainer):
     """``transformers.Seq2SeqTrainer`` that checkpoints, resumes and saves grafting models as adapters."""
 
 
-__all__ = ["AdapterTrainerMixin", "Seq2SeqTrainer", "Trainer", "adapter_model"]
+__all__ = ["AdapterStepCallback", "AdapterTrainerMixin", "Seq2SeqTrainer", "Trainer", "adapter_model"]
