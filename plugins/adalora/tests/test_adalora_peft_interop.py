@@ -1,0 +1,56 @@
+"""PEFT is the oracle: AdaLoRA folders load both ways with the same logits, pruned ones too (Llama,
+GPT-2's Conv1D), and a pruned folder saves again to the same tensors."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+from adalora_helpers import ARCHS, TOL, base, factors, options, output, peft_model, randomize, train
+from safetensors.torch import load_file
+
+from grafting import AdaLoraConfig, PeftModel, get_peft_model
+from grafting.testing import assert_close, assert_identical
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adalora_peft_saves_grafting_loads(arch: str, tmp_path) -> None:
+    theirs = peft_model(arch).eval()
+    expected = output(theirs, arch)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(base(arch), tmp_path)
+    assert factors(ours).keys() == factors(theirs).keys()
+    assert_close(output(ours, arch), expected, changed_from=output(base(arch), arch), **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adalora_grafting_saves_peft_loads(arch: str, tmp_path) -> None:
+    ours = get_peft_model(base(arch), AdaLoraConfig(**options(arch)))
+    randomize(ours, 2)
+    expected = output(ours, arch)
+    ours.save_pretrained(tmp_path)
+    assert "ranknum" not in " ".join(load_file(tmp_path / "adapter_model.safetensors"))
+    theirs = peft.PeftModel.from_pretrained(base(arch), tmp_path).eval()
+    assert_close(output(theirs, arch), expected, changed_from=output(base(arch), arch), **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adalora_pruned_folders_load_both_ways(arch: str, tmp_path) -> None:
+    theirs = peft_model(arch, 4)
+    train(theirs, arch, range(7))  # through the final allocation at step 6
+    theirs.eval()
+    expected = output(theirs, arch)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = PeftModel.from_pretrained(base(arch), tmp_path / "peft")
+    pattern = ours.peft_config["default"].rank_pattern
+    for name, p in factors(ours).items():
+        if name.endswith("lora_E"):
+            assert p.shape[0] == sum(pattern[name]) < 4, name
+    plain = output(base(arch), arch)
+    assert_close(output(ours, arch), expected, changed_from=plain, **TOL, msg="grafting loads PEFT's")
+    ours.save_pretrained(tmp_path / "grafting")
+    assert_identical(
+        load_file(tmp_path / "grafting" / "adapter_model.safetensors"),
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+    )
+    again = peft.PeftModel.from_pretrained(base(arch), tmp_path / "grafting").eval()
+    assert_close(output(again, arch), expected, changed_from=plain, **TOL, msg="PEFT loads grafting's")
