@@ -62,6 +62,19 @@ def configs(lib: str, r: int) -> dict[str, Any]:
     for name, cls, kwargs in (
         ("loha", "LoHaConfig", {"r": r, "alpha": 2 * r, "target_modules": TARGETS, "init_weights": False}),
         (
+            "adalora",
+            "AdaLoraConfig",
+            {  # both libraries add the orthogonality term to the loss (PEFT only in its task classes)
+                "init_r": r,
+                "target_r": max(1, r // 2),
+                "lora_alpha": 2 * r,
+                "total_step": 1000,
+                "target_modules": TARGETS,
+                "init_lora_weights": False,
+                "task_type": "CAUSAL_LM",
+            },
+        ),
+        (
             "ia3",
             "IA3Config",
             {"target_modules": TARGETS, "feedforward_modules": ["down_proj"], "init_ia3_weights": False},
@@ -141,7 +154,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--methods", default="lora,dora,loha,ia3")
+    parser.add_argument("--methods", default="lora,dora,loha,ia3,adalora")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", default=None, help="also write the results here")

@@ -79,6 +79,17 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=30), {}
     if method == "loha":
         return lib.LoHaConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
+    if method == "adalora":  # init_r 16; the step includes the orthogonality term (CAUSAL_LM in both libraries)
+        cfg = lib.AdaLoraConfig(
+            init_r=r,
+            target_r=max(1, r // 2),
+            lora_alpha=2 * r,
+            total_step=1000,
+            target_modules=TARGETS,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
+        return cfg, {}
     raise ValueError(method)
 
 
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     parser.add_argument("--part", default="eager", choices=["eager", "compile", "big"])
-    parser.add_argument("--methods", default="lora,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha")
+    parser.add_argument("--methods", default="lora,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha,adalora")
     parser.add_argument("--libs", default="grafting,peft")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)

@@ -36,8 +36,8 @@ class AdaLoraAdapter(DeltaAdapter):
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(r, n_in * math.prod(self.kernel)))
-        self.lora_E = nn.Parameter(torch.empty(r, 1))
         self.lora_B = nn.Parameter(torch.empty(n_out, r))
+        self.lora_E = nn.Parameter(torch.empty(r, 1))  # PEFT's parameter order: A, B, E
         # the rank the adapter started with: the scale stays lora_alpha / init_r after pruning (explicit
         # device: the file does not hold it, so it must not be left on the meta device when loading)
         self.register_buffer("ranknum", torch.full((1,), float(init_r), device="cpu"), persistent=False)

@@ -48,13 +48,12 @@ def grafting_default_target_modules(model: nn.Module) -> list[str] | None:
 @hookimpl
 def grafting_create_shared_state(config: AdaLoraConfig, model: nn.Module, adapter_name: str) -> RankAllocator:
     """The allocator; refuses a second trainable AdaLoRA adapter on the model (one allocation at a time, as PEFT)."""
-    if not config.inference_mode:
-        others = {m.shared.config for m in model.modules() if isinstance(m, AdaLoraAdapter) and m.shared is not None}
-        if any(not other.inference_mode for other in others):  # type: ignore[attr-defined]
-            raise ConfigError(
-                f"AdaLoRA adapter {adapter_name!r}: the model already holds a trainable AdaLoRA adapter and AdaLoRA"
-                " trains one at a time; add this one with inference_mode=True (or load it with is_trainable=False)"
-            )
+    trained = (m.shared.config for m in model.modules() if isinstance(m, AdaLoraAdapter) and m.shared is not None)
+    if not config.inference_mode and any(not other.inference_mode for other in trained):  # type: ignore[attr-defined]
+        raise ConfigError(
+            f"AdaLoRA adapter {adapter_name!r}: the model already holds a trainable AdaLoRA adapter and AdaLoRA"
+            " trains one at a time; add this one with inference_mode=True (or load it with is_trainable=False)"
+        )
     return RankAllocator(config)
 
 
