@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import peft
 import pytest
+import torch
 from adalora_helpers import ARCHS, TOL, base, factors, options, output, peft_model, randomize, train
 from safetensors.torch import load_file
 
@@ -54,3 +55,37 @@ def test_adalora_pruned_folders_load_both_ways(arch: str, tmp_path) -> None:
     )
     again = peft.PeftModel.from_pretrained(base(arch), tmp_path / "grafting").eval()
     assert_close(output(again, arch), expected, changed_from=plain, **TOL, msg="PEFT loads grafting's")
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1, stride=2)
+        self.head = torch.nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+def _conv_net() -> _ConvNet:
+    torch.manual_seed(0)
+    return _ConvNet().double()
+
+
+def test_adalora_conv2d_folders_load_both_ways(tmp_path) -> None:
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kwargs = {"init_r": 3, "target_r": 2, "total_step": 8, "target_modules": ["conv", "head"], "lora_alpha": 4}
+    theirs = peft.get_peft_model(_conv_net(), peft.AdaLoraConfig(**kwargs, init_lora_weights=False))
+    randomize(theirs, 7)
+    with torch.no_grad():
+        expected, plain = theirs(x), _conv_net()(x)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = PeftModel.from_pretrained(_conv_net(), tmp_path / "peft")
+    with torch.no_grad():
+        assert_close(ours(x), expected, changed_from=plain, **TOL)
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(_conv_net(), tmp_path / "ours")
+    with torch.no_grad():
+        assert_close(again(x), expected, changed_from=plain, **TOL)
+        merged = ours.merge_and_unload()
+        assert_close(merged(x), expected, changed_from=plain, rtol=1e-9, atol=1e-9)
