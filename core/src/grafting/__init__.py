@@ -61,6 +61,7 @@ from grafting.prepare import (
     prepare_model_for_kbit_training,
 )
 from grafting.protocol import (
+    AdapterContext,
     DeltaAdapter,
     InputAdapter,
     LayerAdapter,
@@ -106,6 +107,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
+    "AdapterContext",
     "AdapterLoadError",
     "AdapterNotFoundError",
     "AdapterStateError",

@@ -711,7 +711,7 @@ def _targets_from_state_dict(
     import attrs
 
     from grafting.matching import candidate_modules, find_targets
-    from grafting.plugins import get_registry
+    from grafting.plugins import get_method, get_registry
 
     modules = dict(candidate_modules(model))
     targets: set[str] = set()
@@ -727,7 +727,8 @@ def _targets_from_state_dict(
                 break
     if not targets:
         raise TargetNotFoundError("inject_adapter_in_model: the state_dict's keys name no module of the model")
-    defaults = get_registry().hook.grafting_default_target_modules(config=config, model=model)
+    method = get_method(str(config.peft_type))
+    defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
     try:
         from_config = set(find_targets(model, config, defaults))
     except TargetNotFoundError:
