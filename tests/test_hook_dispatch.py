@@ -184,3 +184,25 @@ def test_an_entry_point_advertises_an_out_of_tree_method_without_a_core_edit(mon
         monkeypatch.setattr(importlib.metadata, "entry_points", real)
         method_module.known_methods.cache_clear()
     assert plugins.missing_method_message("SHINY") == "no installed grafting plugin provides the method 'SHINY'"
+
+
+def test_an_adapter_beyond_peft_warns_once_naming_the_modules(two_methods: tuple[_Recorder, _Recorder]) -> None:
+    first, _ = two_methods
+
+    class Beyond(ToyDelta):
+        peft_loadable = False
+
+    class BeyondExtension:
+        @grafting.hookimpl(tryfirst=True)
+        def grafting_create_layer_adapter(self, config: Any, base_layer: nn.Module) -> nn.Module | None:
+            ok = isinstance(config, first.config_class) and isinstance(base_layer, nn.Linear)
+            return Beyond(base_layer, 0.1, seed=0) if ok else None
+
+    extension = BeyondExtension()
+    grafting.register_plugin(extension, name="beyond")
+    try:
+        with pytest.warns(grafting.BeyondPeftWarning, match=r"q_proj.*PEFT cannot load") as caught:
+            grafting.get_peft_model(base_model("llama"), first.config_class(target_modules=["q_proj"]))
+    finally:
+        grafting.unregister_plugin(extension)
+    assert len([w for w in caught if issubclass(w.category, grafting.BeyondPeftWarning)]) == 1

@@ -89,7 +89,7 @@ import torch
 from torch import nn
 
 from grafting.combine import Combination, CombineRequest
-from grafting.errors import MergeError
+from grafting.errors import BeyondPeftWarning, MergeError
 from grafting.method import Method
 
 if TYPE_CHECKING:
@@ -192,6 +192,10 @@ class LayerAdapter(nn.Module):
     #: key prefix of the layer's own weight in a file that saves it (``save_embedding_layers``). PEFT's
     #: tuner layers keep it at ``base_layer``; its trainable-tokens wrapper at ``token_adapter.base_layer``.
     peft_base_path: ClassVar[str] = "base_layer"
+    #: False for an adapter on a layer type PEFT's version of the method refuses (the policy: a plugin
+    #: may go beyond PEFT, and says so here): the core then warns with :class:`BeyondPeftWarning`
+    #: when the adapter is added, since PEFT cannot load the folder it saves.
+    peft_loadable: ClassVar[bool] = True
     #: The adapter's shared state, set by :meth:`use_shared` (``None`` for methods without one).
     shared: SharedState | None = None
 
@@ -529,6 +533,7 @@ HOOK_RESULTS.update(
 __all__ = [
     "PROJECT",
     "AdapterContext",
+    "BeyondPeftWarning",
     "Combination",
     "CombineRequest",
     "DeltaAdapter",

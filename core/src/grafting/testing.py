@@ -3,6 +3,14 @@
 Each builder makes a seeded, randomly initialized transformers model a few
 kilobytes large, in eval mode, so plugin authors can check their method on
 the same architectures the core is tested on.
+
+What the helpers expect of a model of your own (``model_output``,
+``check_layer_adapter_invariants``): it is called with keyword inputs only
+(``model(**inputs)``, a dict of tensors whose first dimension is the batch, so
+``adapter_names=`` can route its rows) and returns an object with a ``.logits``
+tensor (a transformers ``ModelOutput``; wrap a plain module's output in
+``types.SimpleNamespace(logits=...)``). It is in eval mode, so dropout does not
+make two forwards differ.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from grafting.config import AdapterConfig, TaskType
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
+    BeyondPeftWarning,
     GraftingWarning,
     MergeError,
     PluginError,
@@ -223,6 +224,15 @@ class AdapterModel(nn.Module):
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
             _place(model_adapter, self.model, autocast_adapter_dtype)
+        beyond = [path for path, adapter in created if not adapter.peft_loadable]
+        if beyond:
+            warnings.warn(
+                f"{config.peft_type} adapter {adapter_name!r} on {beyond[:5]}{' …' if len(beyond) > 5 else ''}: PEFT's"
+                f" {config.peft_type} refuses these layer types; grafting adapts, saves and loads them, PEFT cannot"
+                " load the saved folder",
+                BeyondPeftWarning,
+                stacklevel=3,
+            )
         saved = self._modules_to_save_paths(config)
         tied_copies: dict[str, str] = {}  # partner path -> the embedding path whose copy it shares
         if tying is not None and tying.option == "modules_to_save" and tying.embedding in saved:
