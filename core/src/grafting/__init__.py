@@ -68,6 +68,7 @@ from grafting.model.layer import AdaptedLayer
 from grafting.model.routing import route_samples
 from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
 from grafting.protocol import (
+    AdapterContext,
     DeltaAdapter,
     InputAdapter,
     LayerAdapter,
@@ -106,6 +107,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
+    "AdapterContext",
     "AdapterLoadError",
     "AdapterNotFoundError",
     "AdapterStateError",

@@ -14,7 +14,12 @@ import torch
 from torch import nn
 
 from grafting.api.signatures import FEATURE_INPUTS, LM_INPUTS, QA_INPUTS, SEQ2SEQ_INPUTS, keyword_forward
-from grafting.config.adapter_config import CONFIG_NAME, AdapterConfig, TaskType, read_config_file
+from grafting.config.adapter_config import (
+    CONFIG_NAME,
+    AdapterConfig,
+    TaskType,
+    read_config_file,
+)
 from grafting.dispatch import load_config
 from grafting.errors import (
     AdapterLoadError,
@@ -711,7 +716,7 @@ def _targets_from_state_dict(
     import attrs
 
     from grafting.model.matching import candidate_modules, find_targets
-    from grafting.plugins import get_registry
+    from grafting.plugins import get_method, get_registry
 
     modules = dict(candidate_modules(model))
     targets: set[str] = set()
@@ -727,7 +732,8 @@ def _targets_from_state_dict(
                 break
     if not targets:
         raise TargetNotFoundError("inject_adapter_in_model: the state_dict's keys name no module of the model")
-    defaults = get_registry().hook.grafting_default_target_modules(config=config, model=model)
+    method = get_method(str(config.peft_type))
+    defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
     try:
         from_config = set(find_targets(model, config, defaults))
     except TargetNotFoundError:

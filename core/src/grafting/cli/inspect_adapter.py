@@ -126,7 +126,8 @@ def sanity_check(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any
             bad = int((~torch.isfinite(tensor)).sum())
             problems.append(f"{key}: {bad} of {tensor.numel()} values are NaN or infinite")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    shape_problems = get_registry().hook.grafting_check_saved_shapes(config=config, shapes=shapes)
+    method = get_method(str(config.peft_type))
+    shape_problems = get_registry().call(method, "grafting_check_saved_shapes", config=config, shapes=shapes)
     if shape_problems:
         problems += list(shape_problems)
     return {"ok": not problems, "problems": problems, "shapes_checked": shape_problems is not None}

@@ -33,7 +33,7 @@ from grafting.model.matching import (
 from grafting.model.modules_to_save import ModulesToSaveWrapper
 from grafting.model.tying import plan_weight_tying
 from grafting.plugins import get_method, get_registry
-from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
+from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
 
 #: Heads trained in full for these task types, as PEFT does.
 TASK_HEADS: dict[str, list[str]] = {
@@ -169,7 +169,7 @@ class AdapterModel(nn.Module):
         model_adapter: ModelAdapter | None = None
         shared: SharedState | None = None
         if method.level == "layer":
-            defaults = registry.hook.grafting_default_target_modules(config=config, model=self.model)
+            defaults = registry.call(method, "grafting_default_target_modules", config=config, model=self.model)
             targets: dict[str, nn.Module] = {}
             found = find_targets(self.model, config, defaults)
             if tying is not None and tying.option == "target_modules" and tying.embedding in found:
@@ -179,14 +179,18 @@ class AdapterModel(nn.Module):
             for path in found:
                 module = self.model.get_submodule(physical_path(self.model, path))
                 targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
+            context = AdapterContext(config, self.model, adapter_name, dict(targets))
             with device_ctx:
-                shared = registry.create(
+                shared = registry.call(
+                    method,
                     "grafting_create_shared_state",
                     config=config,
                     model=self.model,
                     adapter_name=adapter_name,
                     targets=dict(targets),
+                    context=context,
                 )
+            context.shared = shared
             if shared is not None:
                 clash = [k for k in shared.state_dict() if k.split(".")[0] == "model"]
                 if clash:
@@ -194,7 +198,8 @@ class AdapterModel(nn.Module):
                 _place(shared, next(iter(targets.values())), autocast_adapter_dtype)
             for path, base in targets.items():
                 with device_ctx:
-                    adapter = registry.create(
+                    adapter = registry.call(
+                        method,
                         "grafting_create_layer_adapter",
                         config=config,
                         base_layer=base,
@@ -202,6 +207,7 @@ class AdapterModel(nn.Module):
                         module_name=path,
                         model=self.model,
                         shared=shared,
+                        context=context,
                     )
                 if adapter is None:
                     raise UnsupportedLayerError(
@@ -212,8 +218,13 @@ class AdapterModel(nn.Module):
                 created.append((path, adapter))
         else:
             with device_ctx:
-                model_adapter = registry.create(
-                    "grafting_create_model_adapter", config=config, model=self.model, adapter_name=adapter_name
+                model_adapter = registry.call(
+                    method,
+                    "grafting_create_model_adapter",
+                    config=config,
+                    model=self.model,
+                    adapter_name=adapter_name,
+                    context=AdapterContext(config, self.model, adapter_name),
                 )
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
