@@ -18,11 +18,11 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.config import AdapterConfig
+from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import CombinationError, GraftingWarning
 
 if TYPE_CHECKING:
-    from grafting.tuner import AdapterModel
+    from grafting.model.tuner import AdapterModel
 
 #: ``fill(target, sources)``: write the new adapter ``target`` from ``[(source adapter, weight), ...]``, the
 #: source adapters present where ``target`` sits (a layer, or the model for model-level adapters).

@@ -297,7 +297,7 @@ def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the base model's floating-point weights, keyed by their path in the plain model."""
-    from grafting.layer import AdaptedLayer
+    from grafting.model.layer import AdaptedLayer
 
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
@@ -326,9 +326,9 @@ def check_layer_adapter_invariants(
     """
     import copy
 
-    from grafting.layer import AdaptedLayer
-    from grafting.peft_model import PeftModel
-    from grafting.routing import BASE
+    from grafting.api.peft_model import PeftModel
+    from grafting.model.layer import AdaptedLayer
+    from grafting.model.routing import BASE
 
     out = model_output(model, inputs)
     # a merged layer rounds W + ΔW before the product: 1000 epsilons of the output's scale (float64 is tight)

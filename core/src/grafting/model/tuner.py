@@ -11,7 +11,8 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.config import AdapterConfig, TaskType
+from grafting.config.adapter_config import AdapterConfig, TaskType
+from grafting.config.validators import check_adapter_name
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
@@ -22,13 +23,18 @@ from grafting.errors import (
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from grafting.layer import AdaptedLayer
-from grafting.matching import candidate_modules, find_targets, name_matches, physical_path, warn_unmatched_patterns
-from grafting.modules_to_save import ModulesToSaveWrapper
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import (
+    candidate_modules,
+    find_targets,
+    name_matches,
+    physical_path,
+    warn_unmatched_patterns,
+)
+from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.model.tying import plan_weight_tying
 from grafting.plugins import get_method, get_registry
 from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
-from grafting.tying import plan_weight_tying
-from grafting.validators import check_adapter_name
 
 #: Heads trained in full for these task types, as PEFT does.
 TASK_HEADS: dict[str, list[str]] = {
