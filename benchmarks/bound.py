@@ -49,13 +49,11 @@ def libraries() -> dict[str, Any]:
     import grafting
 
     known = grafting.get_registry().methods
-    for peft_type, module in (("LORA", "grafting_lora"), ("IA3", "grafting_ia3"), ("LOHA", "grafting_loha")):
-        if peft_type not in known:
+    plugins = ["lora", "ia3", "loha", "prefix", "lokr", "oft", "boft", "adalora", "ln_tuning"]
+    if not known:  # run from a source tree without installing: register every plugin found on the path
+        for name in plugins:
             with contextlib.suppress(ImportError):
-                grafting.register_plugin(__import__(f"{module}.plugin", fromlist=["plugin"]))
-    if "PREFIX_TUNING" not in known:
-        with contextlib.suppress(ImportError):
-            grafting.register_plugin(__import__("grafting_prefix.plugin", fromlist=["plugin"]))
+                grafting.register_plugin(__import__(f"grafting_{name}.plugin", fromlist=["plugin"]))
     return {"grafting": grafting, "peft": peft}
 
 
