@@ -36,7 +36,6 @@ from grafting.api.prepare import (
     prepare_model_for_kbit_training,
 )
 from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
-from grafting.dispatch import config_from_dict, get_peft_config
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -64,10 +63,8 @@ from grafting.io.state_dict import (
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
-from grafting.method import peft_type_of_config
 from grafting.model.layer import AdaptedLayer
 from grafting.model.routing import route_samples
-from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
 from grafting.protocol import (
     AdapterContext,
     DeltaAdapter,
@@ -82,6 +79,9 @@ from grafting.protocol import (
     WeightAdapter,
     hookimpl,
 )
+from grafting.registry.dispatch import config_from_dict, get_peft_config
+from grafting.registry.method import peft_type_of_config
+from grafting.registry.plugins import get_method, get_registry, register_plugin, unregister_plugin
 
 __version__ = "0.1.0"
 

@@ -88,9 +88,9 @@ import pluggy
 import torch
 from torch import nn
 
-from grafting.combine import Combination, CombineRequest
 from grafting.errors import BeyondPeftWarning, MergeError
-from grafting.method import Method
+from grafting.model.combine import Combination, CombineRequest
+from grafting.registry.method import Method
 
 if TYPE_CHECKING:
     from grafting.config import AdapterConfig
@@ -513,7 +513,7 @@ def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Comb
     :meth:`LayerAdapter.delta_matrix`) or answer ``None``.
 
     :return: ``None`` when the method does not combine adapters; otherwise a
-        :class:`grafting.combine.Combination`: the new adapter's config, which the core adds
+        :class:`grafting.model.combine.Combination`: the new adapter's config, which the core adds
         like any other, and ``fill(target, sources)``, which the core calls (without
         gradients) wherever the new adapter sits, with the source adapters found there and
         their weights. Raise :class:`grafting.CombinationError` for a request this plugin

@@ -29,7 +29,6 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from grafting.combine import union_of_targets
 from grafting.config.validators import (
     boolean,
     check_count,
@@ -43,6 +42,7 @@ from grafting.config.validators import (
     probability,
 )
 from grafting.errors import GraftingWarning
+from grafting.model.combine import union_of_targets
 from grafting.model.matching import candidate_modules, find_targets, name_matches, pattern_value
 from grafting.model.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
 from grafting.model.tying import TiedEmbedding, tied_embedding

@@ -20,7 +20,6 @@ from grafting.config.adapter_config import (
     TaskType,
     read_config_file,
 )
-from grafting.dispatch import load_config
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -52,6 +51,7 @@ from grafting.io.state_dict import (
 from grafting.io.transaction import inside, is_bookkeeping, reading, save_transaction
 from grafting.model.routing import BASE, route_samples
 from grafting.model.tuner import AdapterModel
+from grafting.registry.dispatch import load_config
 
 DEFAULT = "default"
 
@@ -716,7 +716,7 @@ def _targets_from_state_dict(
     import attrs
 
     from grafting.model.matching import candidate_modules, find_targets
-    from grafting.plugins import get_method, get_registry
+    from grafting.registry.plugins import get_method, get_registry
 
     modules = dict(candidate_modules(model))
     targets: set[str] = set()

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from grafting import PeftModel
-    from grafting.dispatch import load_config
+    from grafting.registry.dispatch import load_config
 
     out = Path(args.out).expanduser()
     if out.is_file():

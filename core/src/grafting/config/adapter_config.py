@@ -303,7 +303,7 @@ class AdapterConfig:
 
         On a method's class, that class reads it; on ``AdapterConfig`` itself
         (PEFT's ``PeftConfig.from_pretrained``) the installed method of its
-        ``peft_type`` does (:func:`grafting.dispatch.config_from_dict`).
+        ``peft_type`` does (:func:`grafting.registry.dispatch.config_from_dict`).
         ``revision`` picks the Hub revision; other keyword arguments override config fields.
         """
         from grafting.io.hub import resolve_adapter_folder
@@ -313,7 +313,7 @@ class AdapterConfig:
         data = read_config_file(folder)
         data.update(kwargs)
         if cls is AdapterConfig:
-            from grafting.dispatch import config_from_dict  # the registry sits above this module
+            from grafting.registry.dispatch import config_from_dict  # the registry sits above this module
 
             return config_from_dict(data, source=os.path.join(folder, CONFIG_NAME))
         return cls.from_dict(data, source=os.path.join(folder, CONFIG_NAME))
@@ -331,7 +331,7 @@ class AdapterConfig:
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> AdapterConfig:
         """The config of the method named by ``kwargs["peft_type"]``, built from the other keyword arguments."""
-        from grafting.dispatch import config_from_dict
+        from grafting.registry.dispatch import config_from_dict
 
         return config_from_dict(kwargs)
 
@@ -343,7 +343,7 @@ class AdapterConfig:
     @property
     def is_prompt_learning(self) -> bool:
         """True for methods that act on the model's inputs (prompt tuning, P-tuning, prefix tuning)."""
-        from grafting.plugins import get_method
+        from grafting.registry.plugins import get_method
 
         try:
             return get_method(str(self.peft_type)).level == "model"

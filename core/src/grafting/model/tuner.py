@@ -33,8 +33,8 @@ from grafting.model.matching import (
 )
 from grafting.model.modules_to_save import ModulesToSaveWrapper
 from grafting.model.tying import plan_weight_tying
-from grafting.plugins import get_method, get_registry
 from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
+from grafting.registry.plugins import get_method, get_registry
 
 #: Heads trained in full for these task types, as PEFT does.
 TASK_HEADS: dict[str, list[str]] = {
@@ -525,7 +525,7 @@ class AdapterModel(nn.Module):
         IA3 combines its vectors linearly. An existing ``adapter_name`` is
         left alone with a warning (PEFT returns silently).
         """
-        from grafting.combine import add_weighted_adapter
+        from grafting.model.combine import add_weighted_adapter
 
         add_weighted_adapter(
             self,

@@ -127,7 +127,7 @@ def add_weighted_adapter(
         density=density,
         majority_sign_method=majority_sign_method,
     )
-    from grafting.plugins import get_method, get_registry
+    from grafting.registry.plugins import get_method, get_registry
 
     registry, combination = get_registry(), None
     for peft_type in dict.fromkeys(str(c.peft_type) for c in request.configs):  # the sources' methods, in order
@@ -153,7 +153,7 @@ def add_weighted_adapter(
 def _resolved_targets(tuner: AdapterModel, config: AdapterConfig) -> AdapterConfig:
     if config.target_modules is not None:
         return config
-    from grafting.plugins import get_method, get_registry
+    from grafting.registry.plugins import get_method, get_registry
 
     method = get_method(str(config.peft_type))
     defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=tuner.model)
