@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import grafting
-from grafting import AdapterConfig, LoraConfig, PeftModel, get_peft_model, plugins
+from grafting import AdapterConfig, LoraConfig, PeftModel, get_peft_model
 from grafting.cli import main
+from grafting.registry import plugins
 from grafting.testing import assert_close, model_output, sample_inputs, tiny_llama
 from tests.toy_methods import ToyOutputConfig
 

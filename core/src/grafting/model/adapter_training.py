@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from grafting.matching import logical_path
+from grafting.model.matching import logical_path
 
 if TYPE_CHECKING:
+    from grafting.model.tuner import AdapterModel
     from grafting.protocol import LayerAdapter, SharedState
-    from grafting.tuner import AdapterModel
 
 
 def adapter_layers(tuner: AdapterModel, adapter_name: str) -> dict[str, LayerAdapter]:
