@@ -57,6 +57,7 @@ from grafting.errors import (
     UnusedOptionWarning,
 )
 from grafting.io.hub import load_peft_weights
+from grafting.io.inspection import inspect_adapter
 from grafting.io.state_dict import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -168,6 +169,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "inject_adapter_in_model",
+    "inspect_adapter",
     "load_peft_weights",
     "prepare_model_for_gradient_checkpointing",
     "prepare_model_for_kbit_training",
