@@ -3,12 +3,15 @@ GPT-2's Conv1D), and a pruned folder saves again to the same tensors."""
 
 from __future__ import annotations
 
+import attrs
 import peft
 import pytest
 import torch
 from adalora_helpers import ARCHS, TOL, base, factors, options, output, peft_model, randomize, train
+from grafting_adalora.plugin import grafting_check_saved_shapes
 from safetensors.torch import load_file
 
+import grafting
 from grafting import AdaLoraConfig, PeftModel, get_peft_model
 from grafting.testing import assert_close, assert_identical
 
@@ -48,6 +51,11 @@ def test_adalora_pruned_folders_load_both_ways(arch: str, tmp_path) -> None:
             assert p.shape[0] == sum(pattern[name]) < 4, name
     plain = output(base(arch), arch)
     assert_close(output(ours, arch), expected, changed_from=plain, **TOL, msg="grafting loads PEFT's")
+    check = grafting.inspect_adapter(str(tmp_path / "peft"))["check"]
+    assert check == {"ok": True, "problems": [], "shapes_checked": True}
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items()}
+    unpruned = attrs.evolve(ours.peft_config["default"], rank_pattern=None)  # init_r everywhere: every layer differs
+    assert len(grafting_check_saved_shapes(unpruned, shapes)) >= 3 * len(pattern)
     ours.save_pretrained(tmp_path / "grafting")
     assert_identical(
         load_file(tmp_path / "grafting" / "adapter_model.safetensors"),

@@ -74,3 +74,18 @@ def grafting_create_layer_adapter(
     )
     adapter.use_shared(shared)
     return adapter
+
+
+@hookimpl
+def grafting_check_saved_shapes(config: AdaLoraConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Each layer's lora_A rows, lora_B columns and lora_E entries agree with its rank (``rank_pattern``/``init_r``)."""
+    problems = []
+    for key, shape in shapes.items():
+        if not key.endswith(".lora_E"):
+            continue
+        stem, r = key.removesuffix("lora_E"), shape[0]
+        expected = config.rank_of(stem.removeprefix("base_model.model.").removesuffix("."))
+        found = {"lora_E": r, "lora_A": shapes.get(stem + "lora_A", (None,))[0]}
+        found["lora_B"] = shapes.get(stem + "lora_B", (None, None))[-1]
+        problems += [f"{stem}{f}: rank {n}, the config says {expected}" for f, n in found.items() if n != expected]
+    return problems
