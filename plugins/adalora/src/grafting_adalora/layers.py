@@ -71,7 +71,8 @@ class AdaLoraAdapter(DeltaAdapter):
             base = call.base_layer
             weight = self.delta_matrix().reshape(self.lora_B.shape[0], -1, *self.kernel)
             return F.conv2d(h, weight, None, base.stride, base.padding, base.dilation)
-        return F.linear(F.linear(h, self.lora_A * self.lora_E), self.lora_B) * self.scale()
+        # the scale folded into the r×in factor: no pass over the output for it (PEFT scales the output)
+        return F.linear(F.linear(h, self.lora_A * (self.lora_E * self.scale())), self.lora_B)
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
