@@ -15,7 +15,7 @@ from lora_option_helpers import TOL, assert_moves, peft_config_of, randomize, ru
 from torch import nn
 
 from grafting import ConfigError, LoraConfig, MergeError, PeftModel, get_peft_model
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close, assert_identical
 from grafting_lora.dora import DoraConv, DoraEmbedding
 
