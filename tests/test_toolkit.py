@@ -60,6 +60,18 @@ def test_plugins_import_only_public_modules() -> None:
     assert not private, f"plugins import grafting internals: {sorted(private)}"
 
 
+def test_plugins_convolve_through_the_toolkit() -> None:
+    """No plugin calls torch's private ``_conv_forward``: ``toolkit.convolve_as`` takes a layer's geometry."""
+    sources = sorted(ROOT.glob("plugins/*/src/**/*.py")) + sorted(ROOT.glob("contrib/*/src/**/*.py"))
+    private = sorted(
+        str(path.relative_to(ROOT))
+        for path in sources
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "_conv_forward"
+    )
+    assert not private, f"plugins call torch's private _conv_forward: {private}"
+
+
 @attrs.define(kw_only=True)
 class _Options(RankAlphaPatterns):
     r: int = attrs.field(default=8, validator=positive_int)
