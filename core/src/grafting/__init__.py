@@ -18,22 +18,21 @@ from grafting.api.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from grafting.api.peft_model import (
-    PeftMixedModel,
-    PeftModel,
+from grafting.api.factory import get_peft_model, inject_adapter_in_model
+from grafting.api.mixed import PeftMixedModel
+from grafting.api.peft_model import PeftModel
+from grafting.api.prepare import (
+    cast_mixed_precision_params,
+    prepare_model_for_gradient_checkpointing,
+    prepare_model_for_kbit_training,
+)
+from grafting.api.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    get_peft_model,
-    inject_adapter_in_model,
-)
-from grafting.api.prepare import (
-    cast_mixed_precision_params,
-    prepare_model_for_gradient_checkpointing,
-    prepare_model_for_kbit_training,
 )
 from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
 from grafting.errors import (

@@ -216,12 +216,12 @@ class AdaptedLayer(nn.Module):
         the merged weights are not finite.
         """
         names = [n for n in names if n in self.adapters]
-        self._rebuild(set(self.merged) | set(names), safe=safe, layer_name=layer_name)
+        self.rebuild(set(self.merged) | set(names), safe=safe, layer_name=layer_name)
 
     def unmerge(self, names: list[str] | None = None, *, layer_name: str = "layer") -> None:
         """Take ``names`` (default: all) out of the base weights."""
         drop = set(self.merged) if names is None else set(names)
-        self._rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
+        self.rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
 
     def check_merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:
         """Raise :class:`MergeError` if :meth:`merge` of ``names`` would be refused; touches no weight.
@@ -251,7 +251,7 @@ class AdaptedLayer(nn.Module):
         if safe or self.merged:
             if trial is self:
                 trial = copy.deepcopy(self)
-            trial._rebuild(target, safe=safe, layer_name=layer_name)
+            trial.rebuild(target, safe=safe, layer_name=layer_name)
 
     def _check(self, target: set[str], layer_name: str) -> None:
         for name in target:
@@ -286,7 +286,8 @@ class AdaptedLayer(nn.Module):
                         f"({self._get(name).site.name} site) stays unmerged; merge it too"
                     )
 
-    def _rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+    def rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+        """Bring the layer to the merged set ``target``: unmerge the stack (LIFO), merge ``target`` in site order."""
         if target == set(self.merged):
             return
         self._check(target, layer_name)
