@@ -37,17 +37,30 @@ class ConvNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+def untied_gpt2(seed: int = 0) -> nn.Module:
+    """Tiny GPT-2 whose lm_head has its own weight: a merge there leaves wte alone."""
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_model("gpt2").config
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
 def base(arch: str, seed: int = 0) -> nn.Module:
+    """A float64 tiny model: one of grafting.testing's, ``gpt2-untied`` or ``conv``."""
     if arch == "conv":
         torch.manual_seed(seed)
         return ConvNet().to(F64).eval()
+    if arch == "gpt2-untied":
+        return untied_gpt2(seed).to(F64)
     return tiny_model(arch, seed=seed).to(F64)
 
 
 def inputs(arch: str, seed: int = 0) -> Any:
     if arch == "conv":
         return torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return sample_inputs(arch, batch=2, length=5, seed=seed)
+    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
