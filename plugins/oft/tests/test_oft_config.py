@@ -11,7 +11,6 @@ import pytest
 
 import grafting
 from grafting.errors import ConfigError
-from grafting.plugins import get_registry
 from grafting_oft import OFTConfig
 
 
@@ -81,7 +80,11 @@ def test_grafting_config_is_read_by_peft_without_warnings(tmp_path) -> None:
 
 
 def test_saved_shapes_that_contradict_the_config_are_reported() -> None:
-    check = get_registry().hook.grafting_check_saved_shapes
+    registry = grafting.get_registry()
+
+    def check(**kwargs: object) -> list[str]:
+        return registry.call(registry.method("OFT"), "grafting_check_saved_shapes", **kwargs)  # type: ignore[no-any-return]
+
     key = "base_model.model.layers.0.q_proj.oft_R.weight"
     config = OFTConfig(oft_block_size=4)
     assert check(config=config, shapes={key: (4, 6), "base_model.model.emb.oft_embedding_R.weight": (2, 6)}) == []
@@ -90,3 +93,12 @@ def test_saved_shapes_that_contradict_the_config_are_reported() -> None:
     ]
     shared = OFTConfig(oft_block_size=4, block_share=True)
     assert check(config=shared, shapes={key: (4, 6)}) == [f"{key}: 4 blocks, but block_share=True keeps one"]
+
+
+def test_grafting_plugins_lists_the_method(capsys) -> None:
+    from grafting.cli import main
+
+    assert main(["plugins"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("OFT "))
+    assert "grafting-oft" in line
+    assert "grafting_oft.plugin" in line

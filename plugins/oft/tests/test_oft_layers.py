@@ -12,7 +12,7 @@ from peft.tuners.oft.layer import OFTLayer, OFTRotationModule
 from torch import nn
 
 from grafting import ConfigError
-from grafting.layer import LayerCall
+from grafting.model.layer import LayerCall
 from grafting.testing import assert_close, assert_identical
 from grafting_oft import OFTConv2d, OFTEmbedding, OFTLinear, OFTRotation
 from grafting_oft.rotation import constrain, nearest_divisor, skew

@@ -10,7 +10,7 @@ import torch
 from oft_helpers import base, inputs, oft_params, output, randomize
 
 from grafting import LoraConfig, MergeError, PeftModel, get_peft_model
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, model_output
 from grafting_oft import OFTConfig
 

@@ -12,7 +12,7 @@ from oft_helpers import TARGETS, base, inputs, loss, oft_params, output, randomi
 
 import grafting
 from grafting import MergeError, PeftModel, UnsupportedLayerError, get_peft_model
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical, check_layer_adapter_invariants, tiny_gpt2
 from grafting_oft import OFTConfig
 
