@@ -132,14 +132,14 @@ class AdaptedLayer(nn.Module):
         base_args, base_kwargs = args, kwargs
         x_in = x
         inputs = [cast(InputAdapter, a) for a in self.adapters.values() if a in live and a.site is Site.INPUT]
-        for adapter in inputs:  # insertion order: the reverse of their merge order
-            x_in = adapter(x_in)
+        for step in inputs:  # insertion order: the reverse of their merge order
+            x_in = step(x_in)
         if x_in is not x:
             base_args, base_kwargs = _replace(args, kwargs, where, x_in)
         out = self._call_base([a for a in live if a.site is Site.WEIGHT], base_args, base_kwargs)
         y = out[0] if isinstance(out, tuple) else out
-        for adapter in inputs:
-            y = adapter.after_base(y, self.base_layer)
+        for step in inputs:
+            y = step.after_base(y, self.base_layer)
         dtype = y.dtype
         call: LayerCall | None = None
         for adapter in live:
