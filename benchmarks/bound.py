@@ -79,6 +79,8 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=30), {}
     if method == "loha":
         return lib.LoHaConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
+    if method == "lokr":
+        return lib.LoKrConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
     raise ValueError(method)
 
 
