@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grafting.config import CONFIG_NAME
+from grafting.config.adapter_config import CONFIG_NAME
 
 
 class CommandError(Exception):

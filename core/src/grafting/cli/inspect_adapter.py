@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from grafting.cli.common import adapter_folder, human_size, sub_adapters
-from grafting.config import CONFIG_NAME, read_config_file
+from grafting.config.adapter_config import CONFIG_NAME, read_config_file
 from grafting.dispatch import config_from_dict
-from grafting.io import load_weights, weights_path
-from grafting.matching import name_matches
+from grafting.io.files import load_weights, weights_path
+from grafting.io.state_dict import FLOAT_DTYPES
+from grafting.model.matching import name_matches
 from grafting.plugins import get_method, get_registry
-from grafting.state_dict import FLOAT_DTYPES
 
 #: On-disk keys of layer adapters and saved modules start with this (PEFT's layout).
 MODEL_PREFIX = "base_model.model."
@@ -126,7 +126,8 @@ def sanity_check(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any
             bad = int((~torch.isfinite(tensor)).sum())
             problems.append(f"{key}: {bad} of {tensor.numel()} values are NaN or infinite")
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    shape_problems = get_registry().hook.grafting_check_saved_shapes(config=config, shapes=shapes)
+    method = get_method(str(config.peft_type))
+    shape_problems = get_registry().call(method, "grafting_check_saved_shapes", config=config, shapes=shapes)
     if shape_problems:
         problems += list(shape_problems)
     return {"ok": not problems, "problems": problems, "shapes_checked": shape_problems is not None}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from grafting.cli.common import CommandError, adapter_folder, human_size
-from grafting.transaction import is_bookkeeping, save_transaction
+from grafting.io.transaction import is_bookkeeping, save_transaction
 
 #: The transformers auto class for each ``task_type`` an adapter config records.
 TASK_AUTO_CLASSES = {

@@ -12,10 +12,8 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from grafting.errors import AdapterLoadError, ConfigError, GraftingError, GraftingWarning
-
 # field validators, kept importable from here for code written before grafting.toolkit
-from grafting.validators import (
+from grafting.config.validators import (
     boolean,
     names,
     one_of,
@@ -25,6 +23,7 @@ from grafting.validators import (
     probability,
     regexes,
 )
+from grafting.errors import AdapterLoadError, ConfigError, GraftingError, GraftingWarning
 
 __all__ = ["AdapterConfig", "TaskType", "one_of", "positive", "positive_int", "probability", "read_config_file"]
 
@@ -291,7 +290,7 @@ class AdapterConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Write adapter_config.json atomically into ``save_directory`` (``kwargs`` are accepted for PEFT's sake)."""
-        from grafting.io import atomic_write_text
+        from grafting.io.files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
@@ -307,7 +306,7 @@ class AdapterConfig:
         ``peft_type`` does (:func:`grafting.dispatch.config_from_dict`).
         ``revision`` picks the Hub revision; other keyword arguments override config fields.
         """
-        from grafting.hub import resolve_adapter_folder
+        from grafting.io.hub import resolve_adapter_folder
 
         revision = kwargs.pop("revision", None)
         folder = resolve_adapter_folder(pretrained_model_name_or_path, subfolder, revision)
@@ -365,7 +364,7 @@ class AdapterConfig:
 
         ``None`` (default): the method has no such option, and an adapter on a tied embedding
         only gets a warning. A method answering ``True`` adapts the tied partners of a targeted
-        embedding itself (see :mod:`grafting.tying`); ``modules_to_save`` copies are tied by the core.
+        embedding itself (see :mod:`grafting.model.tying`); ``modules_to_save`` copies are tied by the core.
         """
         return None
 

@@ -11,23 +11,30 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.config import AdapterConfig, TaskType
+from grafting.config.adapter_config import AdapterConfig, TaskType
+from grafting.config.validators import check_adapter_name
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
+    BeyondPeftWarning,
     GraftingWarning,
     MergeError,
     PluginError,
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from grafting.layer import AdaptedLayer
-from grafting.matching import candidate_modules, find_targets, name_matches, physical_path, warn_unmatched_patterns
-from grafting.modules_to_save import ModulesToSaveWrapper
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import (
+    candidate_modules,
+    find_targets,
+    name_matches,
+    physical_path,
+    warn_unmatched_patterns,
+)
+from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.model.tying import plan_weight_tying
 from grafting.plugins import get_method, get_registry
-from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
-from grafting.tying import plan_weight_tying
-from grafting.validators import check_adapter_name
+from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
 
 #: Heads trained in full for these task types, as PEFT does.
 TASK_HEADS: dict[str, list[str]] = {
@@ -163,7 +170,7 @@ class AdapterModel(nn.Module):
         model_adapter: ModelAdapter | None = None
         shared: SharedState | None = None
         if method.level == "layer":
-            defaults = registry.hook.grafting_default_target_modules(config=config, model=self.model)
+            defaults = registry.call(method, "grafting_default_target_modules", config=config, model=self.model)
             targets: dict[str, nn.Module] = {}
             found = find_targets(self.model, config, defaults)
             if tying is not None and tying.option == "target_modules" and tying.embedding in found:
@@ -173,14 +180,18 @@ class AdapterModel(nn.Module):
             for path in found:
                 module = self.model.get_submodule(physical_path(self.model, path))
                 targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
+            context = AdapterContext(config, self.model, adapter_name, dict(targets))
             with device_ctx:
-                shared = registry.create(
+                shared = registry.call(
+                    method,
                     "grafting_create_shared_state",
                     config=config,
                     model=self.model,
                     adapter_name=adapter_name,
                     targets=dict(targets),
+                    context=context,
                 )
+            context.shared = shared
             if shared is not None:
                 clash = [k for k in shared.state_dict() if k.split(".")[0] == "model"]
                 if clash:
@@ -188,7 +199,8 @@ class AdapterModel(nn.Module):
                 _place(shared, next(iter(targets.values())), autocast_adapter_dtype)
             for path, base in targets.items():
                 with device_ctx:
-                    adapter = registry.create(
+                    adapter = registry.call(
+                        method,
                         "grafting_create_layer_adapter",
                         config=config,
                         base_layer=base,
@@ -196,6 +208,7 @@ class AdapterModel(nn.Module):
                         module_name=path,
                         model=self.model,
                         shared=shared,
+                        context=context,
                     )
                 if adapter is None:
                     raise UnsupportedLayerError(
@@ -206,12 +219,26 @@ class AdapterModel(nn.Module):
                 created.append((path, adapter))
         else:
             with device_ctx:
-                model_adapter = registry.create(
-                    "grafting_create_model_adapter", config=config, model=self.model, adapter_name=adapter_name
+                model_adapter = registry.call(
+                    method,
+                    "grafting_create_model_adapter",
+                    config=config,
+                    model=self.model,
+                    adapter_name=adapter_name,
+                    context=AdapterContext(config, self.model, adapter_name),
                 )
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
             _place(model_adapter, self.model, autocast_adapter_dtype)
+        beyond = [path for path, adapter in created if not adapter.peft_loadable]
+        if beyond:
+            warnings.warn(
+                f"{config.peft_type} adapter {adapter_name!r} on {beyond[:5]}{' …' if len(beyond) > 5 else ''}: PEFT's"
+                f" {config.peft_type} refuses these layer types; grafting adapts, saves and loads them, PEFT cannot"
+                " load the saved folder",
+                BeyondPeftWarning,
+                stacklevel=3,
+            )
         saved = self._modules_to_save_paths(config)
         tied_copies: dict[str, str] = {}  # partner path -> the embedding path whose copy it shares
         if tying is not None and tying.option == "modules_to_save" and tying.embedding in saved:

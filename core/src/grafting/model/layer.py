@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
+from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
     InputAdapter,
@@ -22,7 +23,6 @@ from grafting.protocol import (
     Site,
     WeightAdapter,
 )
-from grafting.routing import current_routing, route_all
 
 __all__ = [
     "AdaptedLayer",
