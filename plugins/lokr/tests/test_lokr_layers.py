@@ -13,7 +13,7 @@ from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 from grafting import ConfigError
-from grafting.layer import LayerCall
+from grafting.model.layer import LayerCall
 from grafting.testing import assert_close
 from grafting_lokr import LoKrAdapter, LoKrConv, LoKrLinear
 from grafting_lokr.kron import kron, split_size

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from grafting import CombinationError, LoraConfig, MergeError, get_peft_model
 from grafting.cli import main
 from grafting.errors import UnsupportedLayerError
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical, model_output
 from grafting_lokr import LoKrConfig
 
