@@ -62,6 +62,7 @@ def configs(lib: str, r: int) -> dict[str, Any]:
     for name, cls, kwargs in (
         ("loha", "LoHaConfig", {"r": r, "alpha": 2 * r, "target_modules": TARGETS, "init_weights": False}),
         ("lokr", "LoKrConfig", {"r": r, "alpha": 2 * r, "target_modules": TARGETS, "init_weights": False}),
+        ("ln_tuning", "LNTuningConfig", {}),
         (
             "ia3",
             "IA3Config",

@@ -88,6 +88,8 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.LoHaConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
     if method == "lokr":
         return lib.LoKrConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
+    if method == "ln_tuning":  # every RMSNorm of the model (PEFT's default targets for Llama)
+        return lib.LNTuningConfig(), {}
     raise ValueError(method)
 
 

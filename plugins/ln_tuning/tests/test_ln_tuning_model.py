@@ -160,3 +160,9 @@ def test_the_adapter_is_a_weight_adapter_named_as_peft_names_it() -> None:
     assert adapters
     assert all(a.site is grafting.protocol.Site.WEIGHT for a in adapters)
     assert sorted(dict(adapters[0].named_parameters())) == ["ln_tuning_layers.bias", "ln_tuning_layers.weight"]
+
+
+def test_the_install_hint_names_the_distribution() -> None:
+    from grafting.plugins import Registry, missing_method_message
+
+    assert "pip install grafting-ln-tuning" in missing_method_message("LN_TUNING", Registry(load_entry_points=False))
