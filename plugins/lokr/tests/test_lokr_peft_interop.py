@@ -18,6 +18,7 @@ CONV2D = ["conv_a", "conv_b", "grouped", "conv_c"]
 CASES = [
     ("llama", {"r": 2}),
     ("llama", {"r": 1, "decompose_both": True, "decompose_factor": 2}),
+    ("llama", {"r": 2, "layers_to_transform": [1], "exclude_modules": ["down_proj"], "modules_to_save": ["lm_head"]}),
     ("bert", {"r": 4}),
     ("t5", {"r": 1, "decompose_both": True}),
     ("gpt2", {"r": 2}),
