@@ -67,6 +67,8 @@ def configs(lib: str, r: int) -> dict[str, Any]:
             "BOFTConfig",
             {"boft_block_size": 32, "boft_n_butterfly_factor": 2, "target_modules": TARGETS, "init_weights": False},
         ),
+        ("lokr", "LoKrConfig", {"r": r, "alpha": 2 * r, "target_modules": TARGETS, "init_weights": False}),
+        ("ln_tuning", "LNTuningConfig", {}),
         (
             "ia3",
             "IA3Config",

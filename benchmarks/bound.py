@@ -91,6 +91,10 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
     if method == "boft":  # block size 32, 2 butterfly factors (PEFT needs its CUDA extension for more than 1)
         cfg = lib.BOFTConfig(boft_block_size=32, boft_n_butterfly_factor=2, target_modules=TARGETS, init_weights=False)
         return cfg, {}
+    if method == "lokr":
+        return lib.LoKrConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
+    if method == "ln_tuning":  # every RMSNorm of the model (PEFT's default targets for Llama)
+        return lib.LNTuningConfig(), {}
     raise ValueError(method)
 
 
