@@ -349,12 +349,25 @@ class WeightAdapter(LayerAdapter):
 
 
 class InputAdapter(LayerAdapter):
-    """Transforms the layer's input before the base layer: ``forward(x) -> x'``, same shape and dtype."""
+    """Transforms the layer's input before the base layer: ``forward(x) -> x'``, same shape and dtype.
+
+    The input site is a multiplicative transform of the base layer's weight, ``W -> S·W·M``: ``forward``
+    applies ``M``, any linear map of the input (IA3's diagonal scaling, OFT's block rotation), and
+    :meth:`after_base` applies ``S``, a scaling of the output channels of the base layer's product
+    ``W·M·x`` (BOFT's ``s``; the bias is left out). ``merge`` writes ``S·W·M``. Several input adapters
+    act in the order they were added (the first one next to the input); the core merges them in the
+    reverse order, so ``W' = W·M_k···M_1``, and refuses to merge one while another added after it
+    stays active and unmerged.
+    """
 
     site = Site.INPUT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def after_base(self, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The base layer's output ``y = W·M·x + b`` with ``S`` applied to ``W·M·x``; default ``y`` unchanged."""
+        return y
 
 
 class DeltaAdapter(LayerAdapter):

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from grafting.api.peft_model import PeftModel
-from grafting.model.layer import AdaptedLayer
+from grafting.errors import AdapterStateError
+from grafting.model.layer import AdaptedLayer, Site
 from grafting.model.routing import BASE
 
 ARCHITECTURES = ("llama", "gpt2", "bert", "t5")
@@ -321,7 +322,8 @@ def check_layer_adapter_invariants(
 
     The adapter must change the output by :data:`MARGIN` tolerances at least
     (randomize it first, :func:`randomize_adapters`); then: disabled = base; per-sample routing
-    = each sample alone; merged = unmerged and unmerge restores the weights;
+    = each sample alone (for an adapter with a weight-site layer adapter, which cannot route:
+    refused with :class:`grafting.AdapterStateError`, the model unchanged); merged = unmerged and unmerge restores the weights;
     saved then loaded (strictly, onto ``rebuild()``, a fresh copy of the base
     model) = the same output; merge_and_unload = the same output, without any
     grafting wrapper. Float64 models give the tightest check. ``inputs`` needs
@@ -342,9 +344,18 @@ def check_layer_adapter_invariants(
     batch = next(iter(inputs.values())).shape[0]
     assert batch >= 2, "inputs need a batch of 2 or more for the routing check"
     routes = [adapter_name if i % 2 == 0 else BASE for i in range(batch)]
-    routed = model_output(model, {**inputs, "adapter_names": routes})
-    for i, route in enumerate(routes):
-        assert_close(routed[i], (out if route == adapter_name else base)[i], msg=f"sample {i} routed to {route}")
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLayer) and adapter_name in m.adapters]
+    if any(layer.adapters[adapter_name].site is Site.WEIGHT for layer in layers):
+        try:
+            model_output(model, {**inputs, "adapter_names": routes})
+        except AdapterStateError:
+            assert_close(model_output(model, inputs), out, msg="output after the refused routing")
+        else:
+            raise AssertionError("per-sample routing of a weight adapter ran instead of being refused")
+    else:
+        routed = model_output(model, {**inputs, "adapter_names": routes})
+        for i, route in enumerate(routes):
+            assert_close(routed[i], (out if route == adapter_name else base)[i], msg=f"sample {i} routed to {route}")
     weights = base_tensors(model)
     model.merge_adapter([adapter_name])  # type: ignore[operator]
     merged_close(model_output(model, inputs), out, "merged output")
