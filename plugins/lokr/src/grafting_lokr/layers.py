@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall
-from grafting.toolkit import add_to_weight
+from grafting.toolkit import add_to_weight, convolve_as
 from grafting_lokr.kron import kron_delta, kron_linear, split_size, tucker_kernel
 
 Init = bool | Literal["lycoris"]
@@ -202,4 +202,4 @@ class LoKrConv(LoKrAdapter):
         base = call.base_layer
         dtype = self._compute_dtype(x)
         weight = kron_delta(self.w1(), self.w2(), self._row_scale()).to(dtype)
-        return base._conv_forward(x.to(dtype), weight.reshape(base.weight.shape), None)
+        return convolve_as(base, x.to(dtype), weight.reshape(base.weight.shape), None)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, InputAdapter, LayerCall, MergeError, OutputAdapter
-from grafting.toolkit import dense_weight, store_weight
+from grafting.toolkit import convolve_as, dense_weight, store_weight
 from grafting_oft.rotation import cayley, constrain, dense, rotate, skew
 
 Precision = Literal["adapter", "input"]
@@ -191,14 +191,14 @@ class OFTConv2d(_Rotating, DeltaAdapter):
         base = call.base_layer
         dtype = self.compute_dtype(x)
         delta = self.rotated_weight(base, x) - base.weight.to(dtype)
-        return base._conv_forward(x.to(dtype), delta, None)
+        return convolve_as(base, x.to(dtype), delta, None)
 
     def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(base_layer, nn.Conv2d) or base_layer._forward_hooks or base_layer._forward_pre_hooks:
             return None
         dtype = self.compute_dtype(x)
         bias = None if base_layer.bias is None else base_layer.bias.to(dtype)
-        return base_layer._conv_forward(x.to(dtype), self.rotated_weight(base_layer, x), bias).to(x.dtype)
+        return convolve_as(base_layer, x.to(dtype), self.rotated_weight(base_layer, x), bias).to(x.dtype)
 
     def merge(self, base_layer: nn.Module) -> None:
         weight = dense_weight(base_layer)  # (out, in·k·k)
