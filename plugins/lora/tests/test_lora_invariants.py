@@ -14,14 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
-
-import grafting
-from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
-from grafting.model.layer import AdaptedLayer
-from grafting.model.modules_to_save import ModulesToSaveWrapper
-from grafting.testing import assert_close, assert_identical
-from tests.helpers import (
+from lora_model_helpers import (
     ARCHS,
     UNTIED_EMBEDDING,
     adapted,
@@ -34,6 +27,13 @@ from tests.helpers import (
     randomize,
     state_of,
 )
+from torch import nn
+
+import grafting
+from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.model.layer import AdaptedLayer
+from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.testing import assert_close, assert_identical
 
 
 def _base_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -167,7 +167,7 @@ def test_training_changes_adapter_parameters_only(arch: str, data: st.DataObject
 
 @pytest.mark.parametrize(("bias", "arch"), [("all", "bert"), ("lora_only", "bert"), ("all", "gpt2")])
 def test_bias_training_trains_the_chosen_biases_too(bias: str, arch: str) -> None:
-    from tests.helpers import lora
+    from lora_model_helpers import lora
 
     model = _model(arch, lora(arch, bias=bias))
     owned = set(adapter_params(model))
@@ -201,7 +201,7 @@ def _two_doras_on_a_layer(model: Any) -> bool:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_lora_and_a_dora_on_one_layer_merge_to_their_sum(arch: str) -> None:
-    from tests.helpers import LINEAR, lora
+    from lora_model_helpers import LINEAR, lora
 
     model = adapted(arch, lora(arch, target_modules=LINEAR[arch], r=3), dtype=F64)
     model.add_adapter("dora", lora(arch, use_dora=True, r=2))  # added second, merged first

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from lora_model_helpers import randomize
 from torch import nn
 
 import grafting
 from grafting.testing import assert_close
-from tests.helpers import randomize
 
 
 def _tiny_gemma3() -> nn.Module:

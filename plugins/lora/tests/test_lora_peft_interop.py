@@ -11,12 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
-
-import grafting
-from grafting.io.state_dict import get_peft_model_state_dict
-from grafting.testing import assert_close, assert_identical
-from tests.helpers import (
+from lora_model_helpers import (
     ARCHS,
     EMBEDDING,
     adapted,
@@ -30,6 +25,11 @@ from tests.helpers import (
     randomize,
     randomize_named,
 )
+from safetensors.torch import load_file
+
+import grafting
+from grafting.io.state_dict import get_peft_model_state_dict
+from grafting.testing import assert_close, assert_identical
 
 EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 WEIGHTS = "adapter_model.safetensors"

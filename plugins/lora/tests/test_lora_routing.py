@@ -8,11 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-import grafting
-from grafting.model.routing import BASE
-from grafting.testing import assert_close
-from tests.helpers import (
+from lora_model_helpers import (
     ARCHS,
     adapted,
     base_logits,
@@ -20,9 +16,12 @@ from tests.helpers import (
     logits,
     lora,
     lora_configs,
-    model_output,
     randomize,
 )
+
+import grafting
+from grafting.model.routing import BASE
+from grafting.testing import assert_close, model_output
 
 BATCH = 4
 #: float64 sums of a few dozen terms of order 1: rounding stays far below this, a wrong route far above

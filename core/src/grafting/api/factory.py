@@ -12,7 +12,7 @@ from grafting.api.peft_model import PeftModel
 from grafting.api.saving import DEFAULT
 from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import ConfigError, GraftingWarning, TargetNotFoundError
-from grafting.io.state_dict import attach_tuner, injected_tuner
+from grafting.io.slots import attach_tuner, injected_tuner
 from grafting.model.matching import candidate_modules, find_targets
 from grafting.model.tuner import AdapterModel
 from grafting.registry.plugins import get_method, get_registry

@@ -13,7 +13,7 @@ from torch import nn
 from grafting.config.adapter_config import AdapterConfig, read_config_file
 from grafting.errors import AdapterLoadError
 from grafting.io.files import check_pair, load_weights, remap_keys, weights_path
-from grafting.io.state_dict import LoadResult, plan_peft_model_state_dict
+from grafting.io.load_plan import LoadResult, plan_peft_model_state_dict
 
 if TYPE_CHECKING:
     from grafting.api.peft_model import PeftModel

@@ -29,7 +29,7 @@ from grafting.api.saving import DEFAULT, save_adapters, write_card
 from grafting.config.adapter_config import AdapterConfig, load_config
 from grafting.errors import AdapterStateError
 from grafting.io.hub import push_folder, resolve_adapter_folder
-from grafting.io.state_dict import LoadResult
+from grafting.io.load_plan import LoadResult
 from grafting.io.transaction import reading
 from grafting.model.adapter_training import add_loss_terms
 from grafting.model.tuner import AdapterModel

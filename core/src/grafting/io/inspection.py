@@ -18,7 +18,7 @@ import torch
 from grafting.config.adapter_config import CONFIG_NAME, read_config_file
 from grafting.errors import AdapterLoadError
 from grafting.io.files import load_weights, weights_path
-from grafting.io.state_dict import FLOAT_DTYPES
+from grafting.io.load_plan import FLOAT_DTYPES
 from grafting.model.matching import name_matches
 from grafting.registry.dispatch import config_from_dict
 from grafting.registry.plugins import get_method, get_registry

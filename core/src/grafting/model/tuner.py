@@ -21,19 +21,9 @@ from grafting.model.adapter_training import on_optimizer_step
 from grafting.model.adding import check_new_adapter, create_adapter, install
 from grafting.model.combine import add_weighted_adapter
 from grafting.model.layer import AdaptedLayer
+from grafting.model.merging import merge_layers, rebuild_layers, unmerge_for
 from grafting.model.modules_to_save import ModulesToSaveWrapper
 from grafting.protocol import ModelAdapter
-
-
-def _unmerge_for(layer: AdaptedLayer, names: list[str]) -> bool:
-    """Whether activating ``names`` must unmerge ``layer``: a merged adapter leaves the active set, or an
-    adapter that reads the layer's own weight (DoRA) would run unmerged beside merged ones."""
-    if set(layer.merged) - set(names):
-        return True
-    return bool(layer.merged) and any(
-        n in layer.adapters and n not in layer.merged and getattr(layer.adapters[n], "reads_base_weight", False)
-        for n in names
-    )
 
 
 class AdapterModel(nn.Module):
@@ -137,7 +127,7 @@ class AdapterModel(nn.Module):
             raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
         if len([n for n in names if n in self.model_adapters]) > 1:
             raise AdapterStateError(f"only one model-level adapter can be active at a time, got {names}")
-        self._rebuild_all({path: set() for path, layer in self.adapted_layers() if _unmerge_for(layer, names)})
+        self._rebuild_all({path: set() for path, layer in self.adapted_layers() if unmerge_for(layer, names)})
         for _, layer in self.adapted_layers():
             layer.set_active(names)
         for _, wrapper in self.save_wrappers():
@@ -252,49 +242,15 @@ class AdapterModel(nn.Module):
                 GraftingWarning,
                 stacklevel=3,
             )
-        for path, layer in self.adapted_layers():  # refuse before any layer's weights change
-            layer.check_merge(names, safe=safe_merge, layer_name=path)
-        done: list[tuple[str, AdaptedLayer, list[str]]] = []
-        try:
-            for path, layer in self.adapted_layers():
-                before = list(layer.merged)
-                layer.merge(names, safe=safe_merge, layer_name=path)
-                done.append((path, layer, before))
-        except BaseException:
-            for path, layer, before in reversed(done):
-                layer.rebuild(set(before), safe=False, layer_name=path)
-            raise
+        merge_layers(dict(self.adapted_layers()), names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights, all layers or none."""
         self._rebuild_all({path: set() for path, layer in self.adapted_layers() if layer.merged})
 
     def _rebuild_all(self, targets: dict[str, set[str]], *, without: str | None = None) -> None:
-        """Bring each layer at ``path`` to the merged set ``targets[path]``, every layer or none.
-
-        Every change is checked first (:meth:`AdaptedLayer.check_rebuild`, on a copy of the layer where
-        weights would come out), so a refusal leaves all weights as they were. Should a layer still fail,
-        the layers already changed are brought back.
-        """
-        layers = dict(self.adapted_layers())
-        changes = [
-            (path, layers[path], target) for path, target in targets.items() if target != set(layers[path].merged)
-        ]
-        for path, layer, target in changes:
-            layer.check_rebuild(target, layer_name=path, without=without)
-        done: list[tuple[str, AdaptedLayer, list[str], tuple[str, ...]]] = []
-        try:
-            for path, layer, target in changes:
-                before, active = list(layer.merged), layer.active
-                if without is not None:
-                    layer.active = tuple(n for n in layer.active if n != without)
-                done.append((path, layer, before, active))
-                layer.rebuild(target, safe=False, layer_name=path)
-        except BaseException:
-            for path, layer, before, active in reversed(done):
-                layer.rebuild(set(before), safe=False, layer_name=path)
-                layer.active = active
-            raise
+        """Bring each layer at ``path`` to the merged set ``targets[path]``, every layer or none."""
+        rebuild_layers(dict(self.adapted_layers()), targets, without=without)
 
     def _unload(
         self, *, merge: bool, safe_merge: bool, adapter_names: list[str] | None, progressbar: bool
