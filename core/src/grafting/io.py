@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from grafting.errors import AdapterLoadError
+from grafting.errors import AdapterLoadError, GraftingError, SaveError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -29,17 +29,33 @@ def staged_file(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    # an unguessable name of grafting's own, created exclusively (never through a link); the mode follows
+    # the umask (0644 typically) as any file the user writes, unlike mkstemp's 0600
+    tmp = os.path.join(folder, f".grafting-tmp-{secrets.token_hex(12)}-{os.path.basename(path)[:100]}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    except OSError as exc:
+        raise SaveError(f"cannot write {path}: {exc.strerror}") from None
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+            if hasattr(os, "fchmod"):  # writers (safetensors) may have made it 0600
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back at once."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -63,11 +79,16 @@ def save_weights(
     """Write a weights file atomically (safetensors with ``metadata``, or torch pickle if asked)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with staged_file(path) as tmp:
-        if safe_serialization:
-            save_file(_untie(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
-            _sort_metadata(tmp)
-        else:
-            torch.save(tensors, tmp)
+        try:
+            if safe_serialization:
+                save_file(_untie(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
+                _sort_metadata(tmp)
+            else:
+                torch.save(tensors, tmp)
+        except GraftingError:
+            raise
+        except Exception as exc:  # disk full (safetensors' own error class), no permission, ...
+            raise SaveError(f"cannot write {path}: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 def _sort_metadata(path: str) -> None:

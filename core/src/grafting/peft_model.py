@@ -45,7 +45,7 @@ from grafting.state_dict import (
     injected_tuner,
     plan_peft_model_state_dict,
 )
-from grafting.transaction import inside, is_bookkeeping, reading, save_transaction
+from grafting.transaction import inside, is_bookkeeping, reading, real_folders, save_transaction
 from grafting.tuner import AdapterModel
 
 DEFAULT = "default"
@@ -285,6 +285,8 @@ class PeftModel(nn.Module):
         weights = SAFETENSORS_NAME if safe_serialization else BIN_NAME
         other = BIN_NAME if safe_serialization else SAFETENSORS_NAME
         folders = {name: "" if name == DEFAULT else name for name in names}
+        for sub in folders.values():  # before anything is written: a subfolder is a real folder inside root
+            real_folders(os.path.abspath(root), sub)
         base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
         # every adapter of this call in one transaction: after a crash the folder holds all old or all new
         with save_transaction(root, remove=[os.path.join(f, other) for f in folders.values()]) as staging:
@@ -308,7 +310,7 @@ class PeftModel(nn.Module):
                 save_weights(tensors, path, safe_serialization=safe_serialization, metadata={CONFIG_DIGEST_KEY: digest})
                 atomic_write_text(inside(folder, os.path.join(folder, CONFIG_NAME)), text)
             card = os.path.join(root, "README.md")
-            if os.path.isfile(card):
+            if os.path.isfile(card) and not os.path.islink(card):  # never copies what a link points to
                 shutil.copyfile(card, os.path.join(staging, "README.md"))
             self.create_or_update_model_card(staging)
 
@@ -611,7 +613,7 @@ def saved_adapters(folder: str) -> list[tuple[str, str]]:
         found.append((DEFAULT, folder))
     for entry in sorted(os.listdir(folder)):
         sub = os.path.join(folder, entry)
-        if not is_bookkeeping(entry) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        if not is_bookkeeping(entry) and not os.path.islink(sub) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
             found.append((entry, sub))
     return found
 
