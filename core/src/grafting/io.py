@@ -166,6 +166,8 @@ def weights_path(folder: str) -> str:
 def load_weights(folder: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read an adapter's weights from a folder, refusing pickles that run code."""
     path = weights_path(folder)
+    if path.endswith(".safetensors"):
+        _check_header_size(path)
     try:
         if path.endswith(".safetensors"):
             loaded: Any = load_file(path, device=str(device))
@@ -178,6 +180,24 @@ def load_weights(folder: str, device: str | torch.device = "cpu") -> dict[str, t
     ):
         raise AdapterLoadError(f"{path} does not hold a dict of named tensors: it is not adapter weights")
     return dict(loaded)
+
+
+#: The largest safetensors header read (about 250,000 tensor entries): a header of millions of (empty)
+#: tensors is refused at once instead of being parsed into memory.
+MAX_HEADER_BYTES = 32 << 20
+
+
+def _check_header_size(path: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+    except OSError as exc:
+        raise AdapterLoadError(f"cannot read adapter weights {path}: {exc.strerror}") from None
+    if size > MAX_HEADER_BYTES:
+        raise AdapterLoadError(
+            f"{path}: its header of {size} bytes lists more tensors than an adapter holds (the limit is"
+            f" {MAX_HEADER_BYTES} bytes)"
+        )
 
 
 def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:

@@ -37,6 +37,8 @@ from grafting.tying import TiedEmbedding, tied_embedding
 from grafting.validators import (
     boolean,
     check_count,
+    iteration_count,
+    iterations,
     module_names,
     names,
     one_of,
@@ -164,6 +166,8 @@ __all__ = [
     "is_conv",
     "is_hf_conv1d",
     "is_linear",
+    "iteration_count",
+    "iterations",
     "model_type",
     "module_names",
     "name_matches",

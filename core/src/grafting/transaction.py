@@ -518,7 +518,7 @@ def _proven_journal(root: str) -> tuple[str, dict[str, Any]] | None:
         bad = [rel for rel in [*files, *remove] if not _relative_ok(rel)]
         if bad or not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in files.values()):
             raise ValueError(f"it names paths or digests grafting never writes ({bad[:3]})")
-        staging = _proven_staging(root, journal.get("staging"), journal)
+        staging = _proven_staging(root, str(journal.get("staging")), journal)
         new = os.path.join(staging, _NEW)
         for rel, digest in files.items():
             src, dst = os.path.join(new, rel), os.path.join(root, rel)

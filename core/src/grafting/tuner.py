@@ -15,6 +15,7 @@ from grafting.config import AdapterConfig, TaskType
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
+    ConfigError,
     GraftingWarning,
     MergeError,
     PluginError,
@@ -212,7 +213,7 @@ class AdapterModel(nn.Module):
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
             _place(model_adapter, self.model, autocast_adapter_dtype)
-        saved = self._modules_to_save_paths(config)
+        saved = self._modules_to_save_paths(config, [path for path, _ in created])
         tied_copies: dict[str, str] = {}  # partner path -> the embedding path whose copy it shares
         if tying is not None and tying.option == "modules_to_save" and tying.embedding in saved:
             tied_copies = {p: tying.embedding for p in tying.partners}
@@ -253,21 +254,44 @@ class AdapterModel(nn.Module):
         current = list(config.modules_to_save or [])
         return attrs.evolve(config, modules_to_save=current + [h for h in heads if h not in current])
 
-    def _modules_to_save_paths(self, config: AdapterConfig) -> list[str]:
+    def _modules_to_save_paths(self, config: AdapterConfig, targets: list[str] | None = None) -> list[str]:
+        """The modules ``config.modules_to_save`` copies: each a self-contained module (a head, an embedding).
+
+        A container (ModuleList, ModuleDict), the model's backbone or a module holding a layer the adapter
+        adapts is refused: its copy would replace the layers the model indexes or adapts.
+        """
         if not config.modules_to_save:
             return []
-        paths = [
-            n
+        found = [
+            (n, m)
             for n, m in candidate_modules(self.model)
             if name_matches(n, config.modules_to_save) and not isinstance(m, AdaptedLayer)
         ]
         # the outermost match only (a head, not its submodules)
-        paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
-        if not paths:
+        found = [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found)]
+        if not found:
             raise TargetNotFoundError(
                 f"{type(config).__name__}: modules_to_save={config.modules_to_save!r} matches no module of the model"
             )
-        return paths
+        backbone = getattr(self.model, "base_model", None)
+        adapted = [p for p, m in candidate_modules(self.model) if isinstance(m, AdaptedLayer)] + list(targets or [])
+        for path, module in found:
+            inner = next((t for t in adapted if t.startswith(path + ".")), None)
+            why = (
+                "a container of layers"
+                if isinstance(module, (nn.ModuleList, nn.ModuleDict))
+                else "the model's backbone"
+                if module is backbone and backbone is not self.model
+                else f"it holds {inner}, which an adapter adapts"
+                if inner
+                else ""
+            )
+            if why:
+                raise ConfigError(
+                    f"{type(config).__name__}.modules_to_save={config.modules_to_save!r}: {path} cannot be copied"
+                    f" and trained ({why}); name a head or an embedding"
+                )
+        return [p for p, _ in found]
 
     # -- activation -------------------------------------------------------------------
     @property
@@ -400,7 +424,15 @@ class AdapterModel(nn.Module):
                 stacklevel=3,
             )
         for path, layer in self.adapted_layers():  # refuse before any layer's weights change
+            layer.check_unchanged(path)
             layer.check_merge(names, safe=safe_merge, layer_name=path)
+        for path, wrapper in self.save_wrappers() if safe_merge else ():  # the copies merge_and_unload keeps
+            for name in [n for n in names if n in wrapper.modules_to_save]:
+                for key, value in wrapper.modules_to_save[name].state_dict().items():
+                    if value.is_floating_point() and not torch.isfinite(value).all():
+                        raise MergeError(
+                            f"{path}: the modules_to_save copy of adapter {name!r} holds non-finite values in {key}"
+                        )
         done: list[tuple[str, AdaptedLayer, list[str]]] = []
         try:
             for path, layer in self.adapted_layers():
@@ -411,6 +443,8 @@ class AdapterModel(nn.Module):
             for path, layer, before in reversed(done):
                 layer._rebuild(set(before), safe=False, layer_name=path)
             raise
+        for _, layer in self.adapted_layers():  # once every layer is merged: tied layers share a weight
+            layer.record_merged()
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights, all layers or none."""
@@ -428,6 +462,7 @@ class AdapterModel(nn.Module):
             (path, layers[path], target) for path, target in targets.items() if target != set(layers[path].merged)
         ]
         for path, layer, target in changes:
+            layer.check_unchanged(path)
             layer.check_rebuild(target, layer_name=path, without=without)
         done: list[tuple[str, AdaptedLayer, list[str], tuple[str, ...]]] = []
         try:
@@ -442,6 +477,8 @@ class AdapterModel(nn.Module):
                 layer._rebuild(set(before), safe=False, layer_name=path)
                 layer.active = active
             raise
+        for _, layer in layers.items():
+            layer.record_merged()
 
     def _unload(
         self, *, merge: bool, safe_merge: bool, adapter_names: list[str] | None, progressbar: bool
