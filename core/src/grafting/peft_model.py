@@ -215,10 +215,12 @@ class PeftModel(nn.Module):
             return model_adapter.finish(fn(*args, **prepared), prepared)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self.base_model.model, args, kwargs)
+        with self.base_model.weights_guard.reading():  # never while another thread merges
+            return self._call(self.base_model.model, args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self.base_model.model.generate, args, kwargs, generate=True)
+        with self.base_model.weights_guard.reading():
+            return self._call(self.base_model.model.generate, args, kwargs, generate=True)
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -29,6 +29,7 @@ from grafting.plugins import get_method, get_registry
 from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
 from grafting.tying import plan_weight_tying
 from grafting.validators import check_adapter_name
+from grafting.weights_guard import WeightsGuard
 
 #: Heads trained in full for these task types, as PEFT does.
 TASK_HEADS: dict[str, list[str]] = {
@@ -95,6 +96,7 @@ class AdapterModel(nn.Module):
         self.trainable_adapters: set[str] = set()  # whose parameters require grad (PEFT: set_adapter trains)
         self.mixed = mixed
         self.disabled = False  # the base is frozen by the first add_adapter that succeeds
+        self.weights_guard = WeightsGuard()  # forwards vs merges across threads (grafting.weights_guard)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -406,45 +408,46 @@ class AdapterModel(nn.Module):
     # -- merging ------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights, all layers or none."""
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self._require(name)
-            if name in self.model_adapters:
-                raise MergeError(
-                    f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
+        with self.weights_guard.writing("merge_adapter"):
+            names = list(self.active_adapters if adapter_names is None else adapter_names)
+            for name in names:
+                self._require(name)
+                if name in self.model_adapters:
+                    raise MergeError(
+                        f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
+                    )
+            already = sorted({n for _, layer in self.adapted_layers() for n in layer.merged})
+            if already:  # as PEFT warns (a UserWarning)
+                more = [n for n in names if n not in already]
+                warnings.warn(
+                    f"adapters {already} are already merged; now also merging {more}"
+                    if more
+                    else f"adapters {already} are already merged; nothing to do",
+                    GraftingWarning,
+                    stacklevel=3,
                 )
-        already = sorted({n for _, layer in self.adapted_layers() for n in layer.merged})
-        if already:  # as PEFT warns (a UserWarning)
-            more = [n for n in names if n not in already]
-            warnings.warn(
-                f"adapters {already} are already merged; now also merging {more}"
-                if more
-                else f"adapters {already} are already merged; nothing to do",
-                GraftingWarning,
-                stacklevel=3,
-            )
-        for path, layer in self.adapted_layers():  # refuse before any layer's weights change
-            layer.check_unchanged(path)
-            layer.check_merge(names, safe=safe_merge, layer_name=path)
-        for path, wrapper in self.save_wrappers() if safe_merge else ():  # the copies merge_and_unload keeps
-            for name in [n for n in names if n in wrapper.modules_to_save]:
-                for key, value in wrapper.modules_to_save[name].state_dict().items():
-                    if value.is_floating_point() and not torch.isfinite(value).all():
-                        raise MergeError(
-                            f"{path}: the modules_to_save copy of adapter {name!r} holds non-finite values in {key}"
-                        )
-        done: list[tuple[str, AdaptedLayer, list[str]]] = []
-        try:
-            for path, layer in self.adapted_layers():
-                before = list(layer.merged)
-                layer.merge(names, safe=safe_merge, layer_name=path)
-                done.append((path, layer, before))
-        except BaseException:
-            for path, layer, before in reversed(done):
-                layer._rebuild(set(before), safe=False, layer_name=path)
-            raise
-        for _, layer in self.adapted_layers():  # once every layer is merged: tied layers share a weight
-            layer.record_merged()
+            for path, layer in self.adapted_layers():  # refuse before any layer's weights change
+                layer.check_unchanged(path)
+                layer.check_merge(names, safe=safe_merge, layer_name=path)
+            for path, wrapper in self.save_wrappers() if safe_merge else ():  # the copies merge_and_unload keeps
+                for name in [n for n in names if n in wrapper.modules_to_save]:
+                    for key, value in wrapper.modules_to_save[name].state_dict().items():
+                        if value.is_floating_point() and not torch.isfinite(value).all():
+                            raise MergeError(
+                                f"{path}: the modules_to_save copy of adapter {name!r} holds non-finite values in {key}"
+                            )
+            done: list[tuple[str, AdaptedLayer, list[str]]] = []
+            try:
+                for path, layer in self.adapted_layers():
+                    before = list(layer.merged)
+                    layer.merge(names, safe=safe_merge, layer_name=path)
+                    done.append((path, layer, before))
+            except BaseException:
+                for path, layer, before in reversed(done):
+                    layer._rebuild(set(before), safe=False, layer_name=path)
+                raise
+            for _, layer in self.adapted_layers():  # once every layer is merged: tied layers share a weight
+                layer.record_merged()
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights, all layers or none."""
@@ -457,28 +460,29 @@ class AdapterModel(nn.Module):
         weights would come out), so a refusal leaves all weights as they were. Should a layer still fail,
         the layers already changed are brought back.
         """
-        layers = dict(self.adapted_layers())
-        changes = [
-            (path, layers[path], target) for path, target in targets.items() if target != set(layers[path].merged)
-        ]
-        for path, layer, target in changes:
-            layer.check_unchanged(path)
-            layer.check_rebuild(target, layer_name=path, without=without)
-        done: list[tuple[str, AdaptedLayer, list[str], tuple[str, ...]]] = []
-        try:
+        with self.weights_guard.writing("changing merged adapters"):
+            layers = dict(self.adapted_layers())
+            changes = [
+                (path, layers[path], target) for path, target in targets.items() if target != set(layers[path].merged)
+            ]
             for path, layer, target in changes:
-                before, active = list(layer.merged), layer.active
-                if without is not None:
-                    layer.active = tuple(n for n in layer.active if n != without)
-                done.append((path, layer, before, active))
-                layer._rebuild(target, safe=False, layer_name=path)
-        except BaseException:
-            for path, layer, before, active in reversed(done):
-                layer._rebuild(set(before), safe=False, layer_name=path)
-                layer.active = active
-            raise
-        for _, layer in layers.items():
-            layer.record_merged()
+                layer.check_unchanged(path)
+                layer.check_rebuild(target, layer_name=path, without=without)
+            done: list[tuple[str, AdaptedLayer, list[str], tuple[str, ...]]] = []
+            try:
+                for path, layer, target in changes:
+                    before, active = list(layer.merged), layer.active
+                    if without is not None:
+                        layer.active = tuple(n for n in layer.active if n != without)
+                    done.append((path, layer, before, active))
+                    layer._rebuild(target, safe=False, layer_name=path)
+            except BaseException:
+                for path, layer, before, active in reversed(done):
+                    layer._rebuild(set(before), safe=False, layer_name=path)
+                    layer.active = active
+                raise
+            for _, layer in layers.items():
+                layer.record_merged()
 
     def _unload(
         self, *, merge: bool, safe_merge: bool, adapter_names: list[str] | None, progressbar: bool
