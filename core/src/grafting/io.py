@@ -191,12 +191,17 @@ def _check_header_size(path: str) -> None:
     try:
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
+            length = os.fstat(fh.fileno()).st_size
     except OSError as exc:
         raise AdapterLoadError(f"cannot read adapter weights {path}: {exc.strerror}") from None
+    if size > length - 8:
+        raise AdapterLoadError(
+            f"cannot read adapter weights {path}: not a safetensors file (a header of {size} bytes in {length})"
+        )
     if size > MAX_HEADER_BYTES:
         raise AdapterLoadError(
-            f"{path}: its header of {size} bytes lists more tensors than an adapter holds (the limit is"
-            f" {MAX_HEADER_BYTES} bytes)"
+            f"cannot read adapter weights {path}: its header of {size} bytes lists more tensors than an adapter"
+            f" holds (the limit is {MAX_HEADER_BYTES} bytes)"
         )
 
 
