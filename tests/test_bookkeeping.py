@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import grafting
-from grafting import transaction
 from grafting.errors import AdapterLoadError, FolderLockedError, SaveError
-from grafting.state_dict import get_peft_model_state_dict
+from grafting.io import transaction
+from grafting.io.state_dict import get_peft_model_state_dict
 from tests.helpers import adapted, base_model, files_under, lora, randomize
 
 CONFIG = "adapter_config.json"
@@ -477,8 +477,8 @@ def test_row07_a_forward_during_merges_in_another_thread_sees_old_or_new_weights
 def test_row07_a_merge_waits_for_forwards_in_other_threads_and_says_so_when_they_do_not_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from grafting import weights_guard
     from grafting.errors import AdapterStateError
+    from grafting.model import weights_guard
 
     model = adapted("llama")
     inside, release = threading.Event(), threading.Event()
