@@ -1,11 +1,30 @@
-"""Hypothesis profiles for the whole repository: `ci` (bounded) is what nox uses."""
+"""Hypothesis profiles for the whole repository.
+
+`ci` (what `nox -s tests` sets): derandomized, so a fresh clone runs the same examples every time and
+a red CI run is reproducible; no example database. `fuzz` (what `nox -s fuzz` sets): random seeds and
+more examples, to find new failures (a test's own ``max_examples`` still caps it). `dev`: the default.
+"""
 
 import os
 
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    "ci",
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=200,
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 settings.register_profile("dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -1,4 +1,4 @@
-"""Development sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""Development sessions: `nox -s tests`, `nox -s lint`, `nox -s fuzz`, `nox -s demo`, `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def tests(session: nox.Session) -> None:
     session.install(*TEST_DEPS)
     args = session.posargs or ["-n", "2", "--dist", "loadgroup"]
     session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": "ci", "TOKENIZERS_PARALLELISM": "false"})
+
+
+@nox.session(python="3.11")
+def fuzz(session: nox.Session) -> None:
+    """The property tests with random seeds and more examples (not derandomized): `nox -s fuzz -- -k tied`."""
+    install_grafting(session)
+    session.install(*TEST_DEPS)
+    args = session.posargs or ["-n", "2", "-m", "not slow"]
+    session.run(
+        "pytest",
+        "--hypothesis-show-statistics",
+        *args,
+        env={"HYPOTHESIS_PROFILE": "fuzz", "TOKENIZERS_PARALLELISM": "false"},
+    )
 
 
 @nox.session(python="3.11")

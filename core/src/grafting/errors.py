@@ -105,3 +105,7 @@ class TiedWeightsWarning(GraftingWarning):
 
 class CombinationError(GraftingError, ValueError):
     """``add_weighted_adapter`` cannot combine the given adapters as asked."""
+
+
+class SaveError(GraftingError, OSError):
+    """A save could not be written (disk full, no permission, something in the way); the folder keeps its old save."""

@@ -37,6 +37,8 @@ from torch import nn
 from grafting.config.validators import (
     boolean,
     check_count,
+    iteration_count,
+    iterations,
     module_names,
     names,
     one_of,
@@ -251,6 +253,8 @@ __all__ = [
     "is_conv",
     "is_hf_conv1d",
     "is_linear",
+    "iteration_count",
+    "iterations",
     "model_type",
     "module_names",
     "name_matches",

@@ -12,7 +12,7 @@ from lora_option_helpers import F64, TOL
 
 from grafting import LoraConfig, PeftModel, get_peft_model
 from grafting.model.routing import BASE
-from grafting.testing import assert_close, assert_identical, tiny_model
+from grafting.testing import assert_close, tiny_model
 
 
 def base() -> torch.nn.Module:
@@ -71,4 +71,4 @@ def test_tokens_and_lora_on_one_embedding(tmp_path_factory: Any, tokens: list[in
     loaded = PeftModel.from_pretrained(base(), folder)
     loaded.load_adapter(folder / "lora", adapter_name="lora")
     loaded.base_model.set_adapter(["default", "lora"])
-    assert_identical(logits(loaded), out)
+    assert_close(logits(loaded), out, changed_from=logits(base()), **TOL)  # computed logits: not bitwise

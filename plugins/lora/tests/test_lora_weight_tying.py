@@ -175,7 +175,7 @@ def test_tied_properties(tmp_path_factory: Any, r: int, alpha: int, seed: int, a
     folder = tmp_path_factory.mktemp("tied")
     model.save_pretrained(folder)
     loaded = quiet(PeftModel.from_pretrained, make(), folder)
-    assert_identical(logits(loaded), out)
+    assert_close(logits(loaded), out, changed_from=base, **TOL)  # computed logits: not bitwise
     quiet(model.add_adapter, "other", LoraConfig(r=r, lora_alpha=alpha, ensure_weight_tying=True, **options))
     model.set_adapter("other")  # trains "other" only
     randomize(model, seed + 1)

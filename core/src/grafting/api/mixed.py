@@ -59,7 +59,7 @@ def saved_adapters(folder: str) -> list[tuple[str, str]]:
         found.append((DEFAULT, folder))
     for entry in sorted(os.listdir(folder)):
         sub = os.path.join(folder, entry)
-        if not is_bookkeeping(entry) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        if not is_bookkeeping(entry) and not os.path.islink(sub) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
             found.append((entry, sub))
     return found
 

@@ -195,10 +195,12 @@ class PeftModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return add_loss_terms(self.base_model, call_model(self, self.base_model.model, args, kwargs))
+        with self.base_model.weights_guard.reading():  # never while another thread merges
+            return add_loss_terms(self.base_model, call_model(self, self.base_model.model, args, kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return call_model(self, self.base_model.model.generate, args, kwargs, generate=True)
+        with self.base_model.weights_guard.reading():
+            return call_model(self, self.base_model.model.generate, args, kwargs, generate=True)
 
     # -- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -11,7 +11,7 @@ from grafting.errors import AdapterLoadError
 from grafting.io.files import BIN_NAME, CONFIG_DIGEST_KEY, SAFETENSORS_NAME, config_digest, load_weights, write_weights
 from grafting.io.hub import write_model_card
 from grafting.io.state_dict import get_peft_model_state_dict
-from grafting.io.transaction import inside, save_transaction
+from grafting.io.transaction import inside, real_folders, save_transaction
 
 if TYPE_CHECKING:
     from grafting.api.peft_model import PeftModel
@@ -61,6 +61,8 @@ def save_adapters(
     weights = SAFETENSORS_NAME if safe_serialization else BIN_NAME
     other = BIN_NAME if safe_serialization else SAFETENSORS_NAME
     folders = {name: "" if name == DEFAULT else name for name in names}
+    for sub in folders.values():  # before anything is written: a subfolder is a real folder inside root
+        real_folders(os.path.abspath(root), sub)
     # every adapter of this call in one transaction: after a crash the folder holds all old or all new;
     # the files are written straight into its staging folder, which is what makes them atomic
     with save_transaction(root, remove=[os.path.join(f, other) for f in folders.values()]) as staging:
@@ -75,7 +77,7 @@ def save_adapters(
             with open(inside(folder, os.path.join(folder, CONFIG_NAME)), "w", encoding="utf-8") as fh:
                 fh.write(config_json(data))
         card = os.path.join(root, "README.md")
-        if os.path.isfile(card):
+        if os.path.isfile(card) and not os.path.islink(card):  # never copies what a link points to
             shutil.copyfile(card, os.path.join(staging, "README.md"))
         write_card(peft_model, staging)
 

@@ -17,6 +17,11 @@ from typing import Any, cast
 
 import attrs
 
+try:
+    from re import _parser as sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_parse  # type: ignore[no-redef]
+
 from grafting.errors import ConfigError
 
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
@@ -135,10 +140,19 @@ def compile_regex(pattern: Any, where: str) -> None:
     """A ConfigError naming ``where`` unless ``pattern`` is a string that compiles as a regex."""
     if not isinstance(pattern, str):
         raise ConfigError(f"{where} must be a string, got {pattern!r}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ConfigError(f"{where}: a pattern of {len(pattern)} characters is longer than {MAX_PATTERN_LENGTH}")
     try:
         re.compile(pattern)
+        why = _costly(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         raise ConfigError(f"{where}: {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+    if why:
+        raise ConfigError(
+            f"{where}: {pattern[:80]!r} could take exponential time to match ({why}); grafting accepts"
+            f" patterns whose repeated parts (*, +, {{m,n}}) hold no repeat or alternation, at most"
+            f" {MAX_REPEATS} repeats in all"
+        )
 
 
 def regex_if_string(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -182,9 +196,77 @@ def pattern_of(check: Validator) -> Validator:
         where = _where(instance, attribute)
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{where} must be a dict of module pattern -> value, got {value!r}")
+        if len(value) > MAX_PATTERN_KEYS:
+            raise ConfigError(f"{where} holds {len(value)} keys; the limit is {MAX_PATTERN_KEYS}")
         for key, item in value.items():
-            compile_regex(rf"(.*\.)?({key})$", f"{where} key {key[:80]!r}")  # how the key is matched
+            if not key.isidentifier():  # a plain name is matched without a regex
+                compile_regex(rf"(.*\.)?({key})$", f"{where} key {key[:80]!r}")  # how the key is matched
             entry = SimpleNamespace(name=f"{attribute.name}[{key!r}]")  # the message names the entry
             check(instance, cast(Any, entry), item)
 
     return validate
+
+
+#: The longest regex a pattern option may hold, and how many repeats (*, +, {m,n}) it may use: a match then
+#: costs at most about ``len(name) ** MAX_REPEATS`` steps (module names are short), never exponential time.
+MAX_PATTERN_LENGTH = 4096
+MAX_REPEATS = 3
+#: The most iterations an option that sets an iteration count (``pissa_niter_<n>``, ``loftq_iter``) may ask.
+MAX_ITERATIONS = 1000
+#: The most keys a ``rank_pattern``-style dict may hold (one per adapted module of a very large model).
+MAX_PATTERN_KEYS = 1000
+
+
+def _costly(pattern: str) -> str:
+    """Why matching ``pattern`` could backtrack beyond a polynomial of low degree, or '' (parse tree walk).
+
+    The rule: a repeated part (maximum count above one) holds no other repeat and no alternation, and the
+    whole pattern has at most ``MAX_REPEATS`` repeats. Nested repeats such as ``((\\w|\\.)+)+`` are refused.
+    """
+    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT, getattr(sre_parse, "POSSESSIVE_REPEAT", None)}
+    count = 0
+
+    def children(value: Any) -> list[Any]:
+        """The sub-patterns inside an opcode's argument, whatever its shape."""
+        if isinstance(value, sre_parse.SubPattern):
+            return [value]
+        if isinstance(value, (list, tuple)):
+            return [sub for item in value for sub in children(item)]
+        return []
+
+    def walk(sub: Any, repeated: bool) -> str:
+        nonlocal count
+        for op, av in sub:
+            if op in repeats and av[1] > 1:
+                count += 1
+                if repeated:
+                    return "a repeat inside a repeat"
+                for child in children(av[2]):
+                    found = walk(child, True)
+                    if found:
+                        return found
+                continue
+            if op == sre_parse.BRANCH and repeated:
+                return "an alternation inside a repeat"
+            for child in children(av):
+                found = walk(child, repeated)
+                if found:
+                    return found
+        return ""
+
+    why = walk(sre_parse.parse(pattern), False)
+    if not why and count > MAX_REPEATS:
+        why = f"{count} repeats"
+    return why
+
+
+def iterations(value: Any, where: str) -> int:
+    """A ConfigError naming ``where`` unless ``value`` is an integer in ``[1, MAX_ITERATIONS]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= int(value) <= MAX_ITERATIONS:
+        raise ConfigError(f"{where} must be an integer in [1, {MAX_ITERATIONS}] (an iteration count), got {value!r}")
+    return int(value)
+
+
+def iteration_count(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """An attrs validator: an iteration count in ``[1, MAX_ITERATIONS]``."""
+    iterations(value, _where(instance, attribute))

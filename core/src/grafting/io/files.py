@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from grafting.errors import AdapterLoadError
+from grafting.errors import AdapterLoadError, GraftingError, SaveError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -29,17 +29,33 @@ def staged_file(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    # an unguessable name of grafting's own, created exclusively (never through a link); the mode follows
+    # the umask (0644 typically) as any file the user writes, unlike mkstemp's 0600
+    tmp = os.path.join(folder, f".grafting-tmp-{secrets.token_hex(12)}-{os.path.basename(path)[:100]}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    except OSError as exc:
+        raise SaveError(f"cannot write {path}: {exc.strerror}") from None
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+            if hasattr(os, "fchmod"):  # writers (safetensors) may have made it 0600
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back at once."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -66,11 +82,17 @@ def write_weights(
     staging folder, which makes the whole save atomic at once.
     """
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    if safe_serialization:
-        save_file(_untie(tensors), path, metadata={"format": "pt", **(metadata or {})})
-        _sort_metadata(path)
-    else:
-        torch.save(tensors, path)
+    try:
+        if safe_serialization:
+            save_file(_untie(tensors), path, metadata={"format": "pt", **(metadata or {})})
+            _sort_metadata(path)
+        else:
+            torch.save(tensors, path)
+        os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; a save's modes follow the umask
+    except GraftingError:
+        raise
+    except Exception as exc:  # disk full (safetensors' own error class), no permission, ...
+        raise SaveError(f"cannot write {path}: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 def _sort_metadata(path: str) -> None:
@@ -148,6 +170,8 @@ def weights_path(folder: str) -> str:
 def load_weights(folder: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read an adapter's weights from a folder, refusing pickles that run code."""
     path = weights_path(folder)
+    if path.endswith(".safetensors"):
+        _check_header_size(path)
     try:
         if path.endswith(".safetensors"):
             loaded: Any = load_file(path, device=str(device))
@@ -160,6 +184,29 @@ def load_weights(folder: str, device: str | torch.device = "cpu") -> dict[str, t
     ):
         raise AdapterLoadError(f"{path} does not hold a dict of named tensors: it is not adapter weights")
     return dict(loaded)
+
+
+#: The largest safetensors header read (about 250,000 tensor entries): a header of millions of (empty)
+#: tensors is refused at once instead of being parsed into memory.
+MAX_HEADER_BYTES = 32 << 20
+
+
+def _check_header_size(path: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            length = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise AdapterLoadError(f"cannot read adapter weights {path}: {exc.strerror}") from None
+    if size > length - 8:
+        raise AdapterLoadError(
+            f"cannot read adapter weights {path}: not a safetensors file (a header of {size} bytes in {length})"
+        )
+    if size > MAX_HEADER_BYTES:
+        raise AdapterLoadError(
+            f"cannot read adapter weights {path}: its header of {size} bytes lists more tensors than an adapter"
+            f" holds (the limit is {MAX_HEADER_BYTES} bytes)"
+        )
 
 
 def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: dict[str, str] | None) -> dict[str, torch.Tensor]:

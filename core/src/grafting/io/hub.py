@@ -19,6 +19,16 @@ def resolve_adapter_folder(
 ) -> str:
     """A local folder holding adapter_config.json for ``model_id`` (downloaded if it is a Hub id)."""
     path = os.fspath(model_id)
+    if subfolder and (
+        not isinstance(subfolder, str)
+        or os.path.isabs(subfolder)
+        or ".." in subfolder.replace("\\", "/").split("/")
+        or (os.path.isdir(path) and os.path.islink(os.path.join(path, subfolder)))
+    ):
+        raise AdapterLoadError(
+            f"subfolder={subfolder!r} leads out of {path}: a subfolder is a real folder inside it (pass another"
+            " folder as the model id instead)"
+        )
     local = os.path.join(path, subfolder) if subfolder else path
     if os.path.isdir(local):
         return local

@@ -9,6 +9,7 @@ embedding layers go).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -47,32 +48,50 @@ def vocab_resized(model_config: Any, base_name: str | None, revision: str | None
     vocab = getattr(model_config, "vocab_size", None)
     if not vocab or not base_name:
         return False
-    if not os.path.isfile(os.path.join(base_name, "config.json")):
-        found = _on_hub(base_name, revision)
-        if found is None:
-            warnings.warn(
-                f"cannot read the config of the base model {base_name!r}: its vocabulary is taken as unchanged"
-                " (the embedding layers are not saved)",
-                GraftingWarning,
-                stacklevel=5,
-            )
-        if not found:
-            return False
-    base = type(model_config).from_pretrained(base_name, revision=revision)
-    return getattr(base, "vocab_size", vocab) != vocab
+    base_vocab = _saved_vocab_size(base_name, revision)
+    if base_vocab is None:
+        warnings.warn(
+            f"cannot read the config of the base model {base_name!r}: its vocabulary is taken as unchanged"
+            " (the embedding layers are not saved)",
+            GraftingWarning,
+            stacklevel=5,
+        )
+        return False
+    return base_vocab != vocab
 
 
-def _on_hub(repo_id: str, revision: str | None) -> bool | None:
-    """Whether the Hub repo ``repo_id`` has a config.json; None when that cannot be known (offline, no network)."""
-    import huggingface_hub
+#: The largest base-model config.json read to learn its vocabulary size.
+MAX_BASE_CONFIG_BYTES = 1 << 20
 
-    set_now = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    if set_now or huggingface_hub.constants.HF_HUB_OFFLINE:
-        return None
+
+def _saved_vocab_size(base_name: str, revision: str | None) -> int | None:
+    """``vocab_size`` of the base model's config.json: a local folder's, else the copy in the local Hub cache.
+
+    A save never goes to the network; a file that is not a small JSON object holding an integer
+    ``vocab_size`` (too large, not JSON, a link to a device) gives None.
+    """
+    path = os.path.join(base_name, "config.json")
+    if not os.path.isfile(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base_name, "config.json", revision=revision)
+        except Exception:  # not a valid repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = cached
     try:
-        return bool(huggingface_hub.file_exists(repo_id, "config.json", revision=revision))
-    except Exception:  # an invalid repo id, no network, no access: unknown
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_BASE_CONFIG_BYTES:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, RecursionError):
         return None
+    value = data.get("vocab_size") if isinstance(data, dict) else None
+    if value is None and isinstance(data, dict) and isinstance(data.get("text_config"), dict):
+        value = data["text_config"].get("vocab_size")  # a multimodal config keeps it in its text part
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def saves_embeddings(choice: bool | str, config: Any, base_model: nn.Module) -> tuple[bool, bool]:

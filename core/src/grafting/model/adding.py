@@ -23,6 +23,7 @@ from grafting.config.validators import check_adapter_name
 from grafting.errors import (
     AdapterStateError,
     BeyondPeftWarning,
+    ConfigError,
     PluginError,
     TargetNotFoundError,
     UnsupportedLayerError,
@@ -140,7 +141,7 @@ def create_adapter(
         if creation.model_adapter is None:
             raise PluginError(f"the {method.name} plugin built no model adapter for {type(model).__name__}")
         place(creation.model_adapter, model, autocast_adapter_dtype)
-    creation.saved = modules_to_save_paths(model, config)
+    creation.saved = modules_to_save_paths(model, config, [path for path, _ in creation.layer_adapters])
     if tying is not None and tying.option == "modules_to_save" and tying.embedding in creation.saved:
         creation.tied_copies = {p: tying.embedding for p in tying.partners}
         creation.saved = [p for p in creation.saved if p not in creation.tied_copies] + list(creation.tied_copies)
@@ -213,21 +214,41 @@ def with_task_heads(config: AdapterConfig) -> AdapterConfig:
     return attrs.evolve(config, modules_to_save=current + [h for h in heads if h not in current])
 
 
-def modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """The outermost modules ``config.modules_to_save`` names (a head, not its submodules)."""
+def modules_to_save_paths(model: nn.Module, config: AdapterConfig, targets: list[str] | None = None) -> list[str]:
+    """The outermost modules ``config.modules_to_save`` names (a head, not its submodules).
+
+    A container (ModuleList, ModuleDict), the model's backbone or a module holding a layer an adapter
+    adapts (``targets``: this adapter's) is refused: its copy would replace the layers the model indexes
+    or adapts.
+    """
     if not config.modules_to_save:
         return []
-    paths = [
-        n
+    found = [
+        (n, m)
         for n, m in candidate_modules(model)
         if name_matches(n, config.modules_to_save) and not isinstance(m, AdaptedLayer)
     ]
-    paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
-    if not paths:
+    found = [(p, m) for p, m in found if not any(p.startswith(q + ".") for q, _ in found)]
+    if not found:
         raise TargetNotFoundError(
             f"{type(config).__name__}: modules_to_save={config.modules_to_save!r} matches no module of the model"
         )
-    return paths
+    backbone = getattr(model, "base_model", None)
+    adapted = [p for p, m in candidate_modules(model) if isinstance(m, AdaptedLayer)] + list(targets or [])
+    for path, module in found:
+        inner = next((t for t in adapted if t.startswith(path + ".")), None)
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            why = "a container of layers"
+        elif module is backbone and backbone is not model:
+            why = "the model's backbone"
+        else:
+            why = f"it holds {inner}, which an adapter adapts" if inner else ""
+        if why:
+            raise ConfigError(
+                f"{type(config).__name__}.modules_to_save={config.modules_to_save!r}: {path} cannot be copied"
+                f" and trained ({why}); name a head or an embedding"
+            )
+    return [p for p, _ in found]
 
 
 def base_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:

@@ -300,6 +300,21 @@ class AdaptedLayer(nn.Module):
                         f"({self._get(name).site.name} site) stays unmerged; merge it too"
                     )
 
+    def record_merged(self) -> None:
+        """Remember what the merged weights look like (after a model-wide merge: tied layers share weights)."""
+        self._merged_fingerprint = _fingerprint(self.base_layer) if self.merged else None
+
+    def check_unchanged(self, layer_name: str = "layer") -> None:
+        """MergeError when the base weights were edited in place since :meth:`record_merged`: unmerging
+        could not give the original weights back then, so an unmerge (or a merge on top) is refused."""
+        recorded = getattr(self, "_merged_fingerprint", None)
+        if self.merged and recorded is not None and not _same_fingerprint(recorded, _fingerprint(self.base_layer)):
+            raise MergeError(
+                f"{layer_name}: its base weights changed since {self.merged} were merged (edited in place), so"
+                " unmerging would not give the original weights back; nothing was changed (reload the base model,"
+                " or merge_and_unload to keep the edited weights)"
+            )
+
     def _check_input_order(self, target: set[str], layer_name: str) -> None:
         """Merged input adapters must act next to the weight: added after every active unmerged one.
 
@@ -350,3 +365,26 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={list(self.active)}, merged={self.merged}"
+
+
+def _fingerprint(module: nn.Module) -> dict[str, tuple[float, float]]:
+    """Sum and sum of squares (in float64) of each floating tensor of ``module``: what an in-place edit changes."""
+    out = {}
+    with torch.no_grad():
+        for key, value in module.state_dict().items():
+            if value.is_floating_point() and value.device.type != "meta":
+                wide = value.double()
+                out[key] = (float(wide.sum()), float(wide.square().sum()))
+    return out
+
+
+def _same_fingerprint(a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]]) -> bool:
+    """Equal up to the rounding of the reductions (whose order may change with the number of threads)."""
+    if a.keys() != b.keys():
+        return False
+    for key, (sum_a, sq_a) in a.items():
+        sum_b, sq_b = b[key]
+        scale = max(sq_a, sq_b) ** 0.5 * 1e-9 + 1e-30
+        if abs(sum_a - sum_b) > scale * 1e3 or abs(sq_a - sq_b) > max(sq_a, sq_b) * 1e-9:
+            return False
+    return True

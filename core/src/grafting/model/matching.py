@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -36,9 +37,18 @@ def name_matches(name: str, spec: list[str] | str | None) -> bool:
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     """The first key of a ``rank_pattern``-style dict that matches ``name`` (suffix regex)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if key.isidentifier():  # a plain name (most keys): no regex to compile
+            if name == key or name.endswith("." + key):
+                return key
+        elif _suffix_regex(key).match(name):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _suffix_regex(key: str) -> re.Pattern[str]:
+    """A ``rank_pattern`` key compiled once as a dotted-suffix match (re's own cache holds 512)."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def warn_unmatched_patterns(config: Any, names: list[str]) -> None:
@@ -71,7 +81,7 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
         found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(found.group(1)) if found else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        found = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\.", name)  # a name, not a regex
         if found:
             return int(found.group(1))
     return None

@@ -27,6 +27,7 @@ def merge_layers(layers: dict[str, AdaptedLayer], names: list[str], *, safe_merg
     as they were; should a layer still fail, the layers already merged are brought back.
     """
     for path, layer in layers.items():  # refuse before any layer's weights change
+        layer.check_unchanged(path)
         layer.check_merge(names, safe=safe_merge, layer_name=path)
     done: list[tuple[str, AdaptedLayer, list[str]]] = []
     try:
@@ -38,6 +39,8 @@ def merge_layers(layers: dict[str, AdaptedLayer], names: list[str], *, safe_merg
         for path, layer, before in reversed(done):
             layer.rebuild(set(before), safe=False, layer_name=path)
         raise
+    for layer in layers.values():  # once every layer is merged: tied layers share a weight
+        layer.record_merged()
 
 
 def rebuild_layers(
@@ -51,6 +54,7 @@ def rebuild_layers(
     """
     changes = [(path, layers[path], target) for path, target in targets.items() if target != set(layers[path].merged)]
     for path, layer, target in changes:
+        layer.check_unchanged(path)
         layer.check_rebuild(target, layer_name=path, without=without)
     done: list[tuple[str, AdaptedLayer, list[str], tuple[str, ...]]] = []
     try:
@@ -65,3 +69,5 @@ def rebuild_layers(
             layer.rebuild(set(before), safe=False, layer_name=path)
             layer.active = active
         raise
+    for layer in layers.values():
+        layer.record_merged()

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,6 +24,7 @@ from grafting.model.combine import add_weighted_adapter
 from grafting.model.layer import AdaptedLayer
 from grafting.model.merging import merge_layers, rebuild_layers, unmerge_for
 from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.model.weights_guard import WeightsGuard
 from grafting.protocol import ModelAdapter
 
 
@@ -44,6 +46,7 @@ class AdapterModel(nn.Module):
         self.trainable_adapters: set[str] = set()  # whose parameters require grad (PEFT: set_adapter trains)
         self.mixed = mixed
         self.disabled = False  # the base is frozen by the first add_adapter that succeeds
+        self.weights_guard = WeightsGuard()  # forwards vs merges across threads (grafting.model.weights_guard)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -225,24 +228,32 @@ class AdapterModel(nn.Module):
     # -- merging ------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights, all layers or none."""
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            self.require_adapter(name)
-            if name in self.model_adapters:
-                raise MergeError(
-                    f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
+        with self.weights_guard.writing("merge_adapter"):
+            names = list(self.active_adapters if adapter_names is None else adapter_names)
+            for name in names:
+                self.require_adapter(name)
+                if name in self.model_adapters:
+                    raise MergeError(
+                        f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
+                    )
+            already = sorted({n for _, layer in self.adapted_layers() for n in layer.merged})
+            if already:  # as PEFT warns (a UserWarning)
+                more = [n for n in names if n not in already]
+                warnings.warn(
+                    f"adapters {already} are already merged; now also merging {more}"
+                    if more
+                    else f"adapters {already} are already merged; nothing to do",
+                    GraftingWarning,
+                    stacklevel=3,
                 )
-        already = sorted({n for _, layer in self.adapted_layers() for n in layer.merged})
-        if already:  # as PEFT warns (a UserWarning)
-            more = [n for n in names if n not in already]
-            warnings.warn(
-                f"adapters {already} are already merged; now also merging {more}"
-                if more
-                else f"adapters {already} are already merged; nothing to do",
-                GraftingWarning,
-                stacklevel=3,
-            )
-        merge_layers(dict(self.adapted_layers()), names, safe_merge=safe_merge)
+            for path, wrapper in self.save_wrappers() if safe_merge else ():  # the copies merge_and_unload keeps
+                for name in [n for n in names if n in wrapper.modules_to_save]:
+                    for key, value in wrapper.modules_to_save[name].state_dict().items():
+                        if value.is_floating_point() and not torch.isfinite(value).all():
+                            raise MergeError(
+                                f"{path}: the modules_to_save copy of adapter {name!r} holds non-finite values in {key}"
+                            )
+            merge_layers(dict(self.adapted_layers()), names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights, all layers or none."""
@@ -250,7 +261,8 @@ class AdapterModel(nn.Module):
 
     def _rebuild_all(self, targets: dict[str, set[str]], *, without: str | None = None) -> None:
         """Bring each layer at ``path`` to the merged set ``targets[path]``, every layer or none."""
-        rebuild_layers(dict(self.adapted_layers()), targets, without=without)
+        with self.weights_guard.writing("changing merged adapters"):
+            rebuild_layers(dict(self.adapted_layers()), targets, without=without)
 
     def _unload(
         self, *, merge: bool, safe_merge: bool, adapter_names: list[str] | None, progressbar: bool

@@ -93,10 +93,19 @@ def store_weight(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 @torch.no_grad()
 def add_to_weight(layer: nn.Module, matrix: torch.Tensor, alpha: float = 1.0) -> None:
-    """``weight += alpha * matrix``, ``matrix`` given as (out, in·k); in place for float weights."""
+    """``weight += alpha * matrix``, ``matrix`` given as (out, in·k); in place for float weights.
+
+    The sum is computed in float32 (or the wider of the two dtypes) and rounded once into the weight's
+    dtype: a bfloat16 weight is not rounded a first time by casting ``matrix`` to bfloat16 before the add.
+    """
     if is_float_weight(layer):
         weight = _weight(layer)
-        weight.add_(to_weight_layout(layer, matrix).to(weight.dtype), alpha=alpha)
+        delta = to_weight_layout(layer, matrix)
+        if weight.dtype in (torch.float32, torch.float64) and delta.dtype in (weight.dtype, torch.float32):
+            weight.add_(delta.to(weight.dtype), alpha=alpha)  # one rounding already
+            return
+        wide = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+        weight.copy_(torch.add(weight.to(wide), delta.to(device=weight.device, dtype=wide), alpha=alpha))
     else:
         dense = dense_weight(layer).float()
         store_weight(layer, dense + alpha * matrix.to(device=dense.device, dtype=dense.dtype))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from grafting import ConfigError
-from grafting.toolkit import dense_weight, in_out_features, store_weight
+from grafting.toolkit import dense_weight, in_out_features, iterations, store_weight
 
 #: Values of ``init_lora_weights`` besides True/False/"gaussian" that grafting implements.
 RESIDUAL_INITS = ("pissa", "olora")
@@ -37,7 +37,9 @@ def check_init(value: object) -> None:
     """Raise ConfigError unless ``value`` is an ``init_lora_weights`` grafting implements."""
     if value is True or value is False or value in ("gaussian", "orthogonal", *RESIDUAL_INITS, *OTHER_INITS):
         return
-    if isinstance(value, str) and PISSA_NITER.fullmatch(value):
+    found = PISSA_NITER.fullmatch(value) if isinstance(value, str) else None
+    if found:
+        iterations(int(found.group(1)), f"LoraConfig.init_lora_weights={value!r}: the <n> of 'pissa_niter_<n>'")
         return
     hint = " (a PEFT initialization grafting does not implement)" if value in NOT_IMPLEMENTED else ""
     raise ConfigError(

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import attrs
 
 from grafting import ConfigError
-from grafting.toolkit import boolean, one_of, optional_string, positive_int
+from grafting.toolkit import boolean, iteration_count, one_of, optional_string
 
 
 def _probability_closed(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -38,7 +38,7 @@ class LoftQConfig:
     quantization error, alternating quantization and a rank-r SVD ``loftq_iter`` times."""
 
     loftq_bits: int = attrs.field(default=4, validator=one_of(4, 8))
-    loftq_iter: int = attrs.field(default=1, validator=positive_int)
+    loftq_iter: int = attrs.field(default=1, validator=iteration_count)
 
 
 @attrs.define(kw_only=True)

@@ -163,7 +163,14 @@ class TokenPlan:
 
 
 def _unwrapped(module: nn.Module | None) -> nn.Module | None:
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
+    """The module an AdaptedLayer or a modules_to_save wrapper (its ``original_module``) stands for."""
+    while True:
+        if isinstance(module, AdaptedLayer):
+            module = module.base_layer
+        elif isinstance(getattr(module, "original_module", None), nn.Module):
+            module = module.original_module  # type: ignore[union-attr]
+        else:
+            return module
 
 
 def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
