@@ -47,6 +47,7 @@ class IA3Adapter(LayerAdapter):
     """
 
     scales_input: ClassVar[bool]
+    peft_attributes = ("ia3_l",)  # PEFT's IA3Layer: layer.ia3_l["default"]
     #: ``"input"`` (default): a half-precision activation is scaled in its own dtype;
     #: ``"adapter"``: in the vector's (float32), as PEFT does.
     precision: Precision = "input"

@@ -40,6 +40,19 @@ class LoHaAdapter(DeltaAdapter):
     """
 
     lora_convertible = True  # an additive ΔW, as PEFT says for LoHa
+    #: PEFT's LoHaLayer attributes (``layer.hada_w1_a["default"]``).
+    peft_attributes = (
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "hada_t1",
+        "hada_t2",
+        "r",
+        "scaling",
+        "rank_dropout",
+        "module_dropout",
+    )
 
     #: Set per instance (or on the class) to force an evaluation; tests and benchmarks do.
     path: Path = "auto"

@@ -150,6 +150,18 @@ class LoraLinear(DeltaAdapter):
     node_when_compiling: bool = False
 
     lora_convertible = True
+    #: PEFT's LoraLayer attributes (``layer.lora_A["default"]``); empty where this adapter has none (DoRA's vector).
+    peft_attributes = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_dropout",
+        "scaling",
+        "r",
+        "use_dora",
+    )
 
     def __init__(
         self,
@@ -355,6 +367,7 @@ class LoraEmbedding(DeltaAdapter):
     """``delta = embed(x, Aᵀ) · Bᵀ · scaling`` for ``nn.Embedding`` (saved as lora_embedding_A/B)."""
 
     lora_convertible = True
+    peft_attributes = LoraLinear.peft_attributes
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, init: bool | str = True) -> None:
         super().__init__()
@@ -398,6 +411,7 @@ class LoraConv(DeltaAdapter):
     """``delta = B(A(dropout(x))) · scaling`` for ``nn.Conv1d/2d/3d``: A a conv, B a 1×1 conv."""
 
     lora_convertible = True
+    peft_attributes = LoraLinear.peft_attributes
 
     def __init__(
         self,
