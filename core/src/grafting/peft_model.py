@@ -46,7 +46,7 @@ from grafting.state_dict import (
     plan_peft_model_state_dict,
 )
 from grafting.transaction import inside, is_bookkeeping, reading, save_transaction
-from grafting.tuner import AdapterModel
+from grafting.tuner import AdapterModel, drawing_as_peft
 
 DEFAULT = "default"
 
@@ -401,14 +401,15 @@ class PeftModel(nn.Module):
                 key_mapping = getattr(model, "_checkpoint_conversion_mapping", None)
             klass = cls if cls is not PeftModel else TASK_CLASSES.get(config.task_type or "", PeftModel)
             flags = _grad_flags(model)
-            peft_model = klass(
-                model,
-                config,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=True,
-                mixed=mixed,
-            )
+            with drawing_as_peft(not low_cpu_mem_usage):  # PEFT builds the adapter for real unless asked not to
+                peft_model = klass(
+                    model,
+                    config,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=True,
+                    mixed=mixed,
+                )
             try:
                 peft_model._load_weights(folder, adapter_name, strict=strict, key_mapping=key_mapping)
             except BaseException:
@@ -447,12 +448,13 @@ class PeftModel(nn.Module):
             config.inference_mode = not is_trainable
             if key_mapping is None and not _is_prompt_learning(config):
                 key_mapping = getattr(self.base_model.model, "_checkpoint_conversion_mapping", None)
-            self.base_model.add_adapter(  # on the meta device unless tensors may be missing (strict=False)
-                adapter_name,
-                config,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=strict or low_cpu_mem_usage,
-            )
+            with drawing_as_peft(not low_cpu_mem_usage):  # PEFT builds the adapter for real unless asked not to
+                self.base_model.add_adapter(  # on the meta device unless tensors may be missing (strict=False)
+                    adapter_name,
+                    config,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=strict or low_cpu_mem_usage,
+                )
             try:
                 result = self._load_weights(folder, adapter_name, strict=strict, key_mapping=key_mapping)
             except BaseException:

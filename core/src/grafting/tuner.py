@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,6 +31,23 @@ from grafting.tying import plan_weight_tying
 from grafting.validators import check_adapter_name
 
 #: Heads trained in full for these task types, as PEFT does.
+#: Set while PeftModel.from_pretrained / load_adapter load without ``low_cpu_mem_usage``: PEFT then builds
+#: each adapter for real (its random initialisation drawn from torch's global generator) before the file
+#: overwrites it. grafting builds on the meta device and, while this is set, also builds each adapter once
+#: for real and drops it, so a seeded script's generator continues where PEFT's would.
+_DRAW_AS_PEFT: contextvars.ContextVar[bool] = contextvars.ContextVar("grafting_draw_as_peft", default=False)
+
+
+@contextlib.contextmanager
+def drawing_as_peft(enabled: bool = True) -> Iterator[None]:
+    """Within: adapters created on the meta device for loading draw from torch's generator as PEFT's loading does."""
+    token = _DRAW_AS_PEFT.set(enabled)
+    try:
+        yield
+    finally:
+        _DRAW_AS_PEFT.reset(token)
+
+
 TASK_HEADS: dict[str, list[str]] = {
     TaskType.SEQ_CLS.value: ["classifier", "score"],
     TaskType.TOKEN_CLS.value: ["classifier", "score"],
@@ -129,7 +147,9 @@ class AdapterModel(nn.Module):
 
     def _require(self, name: str) -> None:
         if name not in self.peft_config:
-            raise AdapterNotFoundError(f"no adapter named {name!r}; the model holds {sorted(self.peft_config)}")
+            raise AdapterNotFoundError(  # PEFT's sentence first: code matches it
+                f"Adapter {name} not found. No adapter named {name!r}; the model holds {sorted(self.peft_config)}"
+            )
 
     # -- adding -----------------------------------------------------------------------
     def add_adapter(
@@ -159,6 +179,14 @@ class AdapterModel(nn.Module):
         config.validate_for_model(self.model)
         registry = get_registry()
         device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
+        replay = low_cpu_mem_usage and _DRAW_AS_PEFT.get()
+
+        def create(hook: str, **kwargs: Any) -> Any:
+            if replay:  # built for real and dropped: torch's generator advances as PEFT's loading advances it
+                registry.create(hook, **kwargs)
+            with device_ctx:
+                return registry.create(hook, **kwargs)
+
         created: list[tuple[str, LayerAdapter]] = []
         model_adapter: ModelAdapter | None = None
         shared: SharedState | None = None
@@ -173,30 +201,28 @@ class AdapterModel(nn.Module):
             for path in found:
                 module = self.model.get_submodule(physical_path(self.model, path))
                 targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
-            with device_ctx:
-                shared = registry.create(
-                    "grafting_create_shared_state",
-                    config=config,
-                    model=self.model,
-                    adapter_name=adapter_name,
-                    targets=dict(targets),
-                )
+            shared = create(
+                "grafting_create_shared_state",
+                config=config,
+                model=self.model,
+                adapter_name=adapter_name,
+                targets=dict(targets),
+            )
             if shared is not None:
                 clash = [k for k in shared.state_dict() if k.split(".")[0] == "model"]
                 if clash:
                     raise PluginError(f"{method.name}: a shared state may not name tensors model.*, got {clash}")
                 _place(shared, next(iter(targets.values())), autocast_adapter_dtype)
             for path, base in targets.items():
-                with device_ctx:
-                    adapter = registry.create(
-                        "grafting_create_layer_adapter",
-                        config=config,
-                        base_layer=base,
-                        adapter_name=adapter_name,
-                        module_name=path,
-                        model=self.model,
-                        shared=shared,
-                    )
+                adapter = create(
+                    "grafting_create_layer_adapter",
+                    config=config,
+                    base_layer=base,
+                    adapter_name=adapter_name,
+                    module_name=path,
+                    model=self.model,
+                    shared=shared,
+                )
                 if adapter is None:
                     raise UnsupportedLayerError(
                         f"{config.peft_type} adapter {adapter_name!r}: {path} is a {type(base).__name__}, which no "
@@ -205,10 +231,9 @@ class AdapterModel(nn.Module):
                 _place(adapter, base, autocast_adapter_dtype)
                 created.append((path, adapter))
         else:
-            with device_ctx:
-                model_adapter = registry.create(
-                    "grafting_create_model_adapter", config=config, model=self.model, adapter_name=adapter_name
-                )
+            model_adapter = create(
+                "grafting_create_model_adapter", config=config, model=self.model, adapter_name=adapter_name
+            )
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
             _place(model_adapter, self.model, autocast_adapter_dtype)
@@ -240,6 +265,9 @@ class AdapterModel(nn.Module):
                 self.model.get_submodule(physical_path(self.model, tied_copies[path])) if path in tied_copies else None
             )
             wrapper.add_copy(adapter_name, tied_to=tied_to if isinstance(tied_to, ModulesToSaveWrapper) else None)
+        if method.level == "layer" and config.target_modules is None and defaults is not None:
+            # saved as the resolved names, as PEFT writes them: serving stacks (vLLM, SGLang) read this list
+            config = attrs.evolve(config, target_modules=defaults)
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
             self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -268,6 +296,19 @@ class AdapterModel(nn.Module):
                 f"{type(config).__name__}: modules_to_save={config.modules_to_save!r} matches no module of the model"
             )
         return paths
+
+    @property
+    def prefix(self) -> str:
+        """PEFT's tuner ``prefix`` (``model.prefix``): how the adapter parameters' names of this model's method start.
+
+        Declared by the method's plugin (``Method.prefix``); the active adapter's method first.
+        """
+        names = [*self.active_adapters, *self.peft_config]
+        for name in names:
+            prefix = get_method(self.peft_config[name].peft_type).prefix if name in self.peft_config else None
+            if prefix is not None:
+                return prefix
+        raise AttributeError(f"no adapter of this model has a parameter prefix: {sorted(self.peft_config)}")
 
     # -- activation -------------------------------------------------------------------
     @property
@@ -395,7 +436,7 @@ class AdapterModel(nn.Module):
             warnings.warn(
                 f"adapters {already} are already merged; now also merging {more}"
                 if more
-                else f"adapters {already} are already merged; nothing to do",
+                else f"All adapters are already merged, nothing to do. (merged: {already})",
                 GraftingWarning,
                 stacklevel=3,
             )

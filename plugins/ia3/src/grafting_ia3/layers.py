@@ -65,8 +65,10 @@ class IA3Adapter(LayerAdapter):
             shape: tuple[int, ...] = (1, features) + (1,) * self.spatial
         else:
             shape = (1, features) if self.scales_input else (features, 1)
-        self.ia3_l = nn.Parameter(torch.empty(shape))
-        self.reset(init)
+        # standard-normal entries, kept unless ``init``: PEFT's draws from torch's generator (a seeded script repeats)
+        self.ia3_l = nn.Parameter(torch.randn(shape))
+        if init:
+            self.reset(init)
 
     @torch.no_grad()
     def reset(self, init: bool = True) -> None:
