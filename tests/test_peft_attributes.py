@@ -148,3 +148,36 @@ def test_views_list_adapters_refuse_unknown_names_and_writes() -> None:
     model.delete_adapter("second")
     assert list(q_proj.lora_A.keys()) == ["default"]  # a live view
     assert q_proj.in_features == 16  # the base layer's attributes still answer
+
+
+PREFIX_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("LoraConfig", {"r": 2, "target_modules": ["q_proj"]}),
+    "loha": ("LoHaConfig", {"r": 2, "target_modules": ["q_proj"]}),
+    "ia3": ("IA3Config", {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+    "vera": ("VeraConfig", {"r": 2, "target_modules": ["q_proj", "v_proj"]}),
+}
+
+
+@pytest.mark.parametrize("method", list(PREFIX_CONFIGS))
+def test_model_prefix_is_peft_s_and_picks_the_same_parameters(method: str) -> None:
+    name, options = PREFIX_CONFIGS[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base_model("llama"), getattr(peft, name)(**options))
+    ours = grafting.get_peft_model(base_model("llama"), getattr(grafting, name)(**options))
+    assert ours.prefix == theirs.prefix
+
+    def picked(model: Any) -> int:  # PEFT users' idiom: the adapter's parameters by name
+        return sum(p.numel() for n, p in model.named_parameters() if model.prefix in n)
+
+    assert picked(ours) == picked(theirs) > 0
+
+
+def test_prompt_learning_models_have_no_prefix_as_in_peft() -> None:
+    config = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 2}
+    theirs = peft.get_peft_model(base_model("llama"), peft.PromptTuningConfig(**config))
+    ours = grafting.get_peft_model(base_model("llama"), grafting.PromptTuningConfig(**config))
+    with pytest.raises(AttributeError):
+        _ = theirs.prefix
+    with pytest.raises(AttributeError):
+        _ = ours.prefix

@@ -21,6 +21,8 @@ class Method:
     says whether the method wraps layers or acts on the whole model.
     ``exports`` are further public names of the method that ``grafting``
     resolves lazily, as it does config classes (``grafting.PromptTuningInit``).
+    ``prefix`` is what PEFT's tuner for the method answers as ``model.prefix``: the
+    start of its adapter parameters' names (``"lora_"``); ``None`` where PEFT has none.
     The plugin manager fills ``distribution`` and ``entry_point``.
     """
 
@@ -33,6 +35,7 @@ class Method:
     distribution: str | None = None
     version: str | None = None
     entry_point: str | None = None
+    prefix: str | None = None
 
 
 @functools.cache
