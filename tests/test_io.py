@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import grafting
-from grafting import io as grafting_io
 from grafting.errors import AdapterLoadError, AdapterNotFoundError
-from grafting.layer import AdaptedLayer
-from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.io import files as grafting_io
+from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,

@@ -49,7 +49,7 @@ def test_defaulted_target_modules_are_saved_resolved_as_peft_saves_them(method: 
 def test_peft_version_records_the_format_and_grafting_and_peft_reads_it_silently(tmp_path: Path) -> None:
     data = saved_config(grafting.get_peft_model(base_model("llama"), grafting.LoraConfig(r=2)), tmp_path)
     version = Version(data["peft_version"])
-    assert version.public == peft.__version__ == grafting.config.PEFT_FORMAT_VERSION
+    assert version.public == peft.__version__ == grafting.config.adapter_config.PEFT_FORMAT_VERSION
     assert version.local == f"grafting.{grafting.__version__}"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # PEFT warns about keys it does not know

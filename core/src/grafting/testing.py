@@ -3,6 +3,14 @@
 Each builder makes a seeded, randomly initialized transformers model a few
 kilobytes large, in eval mode, so plugin authors can check their method on
 the same architectures the core is tested on.
+
+What the helpers expect of a model of your own (``model_output``,
+``check_layer_adapter_invariants``): it is called with keyword inputs only
+(``model(**inputs)``, a dict of tensors whose first dimension is the batch, so
+``adapter_names=`` can route its rows) and returns an object with a ``.logits``
+tensor (a transformers ``ModelOutput``; wrap a plain module's output in
+``types.SimpleNamespace(logits=...)``). It is in eval mode, so dropout does not
+make two forwards differ.
 """
 
 from __future__ import annotations
@@ -289,7 +297,7 @@ def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the base model's floating-point weights, keyed by their path in the plain model."""
-    from grafting.layer import AdaptedLayer
+    from grafting.model.layer import AdaptedLayer
 
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
@@ -318,9 +326,9 @@ def check_layer_adapter_invariants(
     """
     import copy
 
-    from grafting.layer import AdaptedLayer
-    from grafting.peft_model import PeftModel
-    from grafting.routing import BASE
+    from grafting.api.peft_model import PeftModel
+    from grafting.model.layer import AdaptedLayer
+    from grafting.model.routing import BASE
 
     out = model_output(model, inputs)
     # a merged layer rounds W + ΔW before the product: 1000 epsilons of the output's scale (float64 is tight)

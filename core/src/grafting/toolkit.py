@@ -29,12 +29,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from grafting.combine import union_of_targets
-from grafting.errors import GraftingWarning
-from grafting.matching import candidate_modules, find_targets, name_matches, pattern_value
-from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
-from grafting.tying import TiedEmbedding, tied_embedding
-from grafting.validators import (
+from grafting.config.validators import (
     boolean,
     check_count,
     module_names,
@@ -46,7 +41,12 @@ from grafting.validators import (
     positive_int,
     probability,
 )
-from grafting.weights import (
+from grafting.errors import GraftingWarning
+from grafting.model.combine import union_of_targets
+from grafting.model.matching import candidate_modules, find_targets, name_matches, pattern_value
+from grafting.model.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
+from grafting.model.tying import TiedEmbedding, tied_embedding
+from grafting.model.weights import (
     add_to_weight,
     dense_weight,
     in_out_features,

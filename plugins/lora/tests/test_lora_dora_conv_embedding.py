@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lora_option_helpers import TOL, assert_moves, peft_config_of, randomize, run, weights_of, zoo, zoo_ids
 
 from grafting import LoraConfig, PeftModel, get_peft_model
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close
 from grafting_lora.dora import DoraConv, DoraEmbedding
 

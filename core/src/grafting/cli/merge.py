@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from grafting.cli.common import CommandError, adapter_folder, human_size
-from grafting.transaction import is_bookkeeping, save_transaction
+from grafting.io.transaction import is_bookkeeping, save_transaction
 
 #: The transformers auto class for each ``task_type`` an adapter config records.
 TASK_AUTO_CLASSES = {
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from grafting import PeftModel
-    from grafting.dispatch import load_config
+    from grafting.registry.dispatch import load_config
 
     out = Path(args.out).expanduser()
     if out.is_file():

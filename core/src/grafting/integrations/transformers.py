@@ -27,7 +27,7 @@ TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer._save writes beside the
 
 def adapter_model(model: Any) -> Any:
     """The grafting ``PeftModel`` inside ``model`` (unwrapped from DDP/FSDP/compile), or ``None``."""
-    from grafting.peft_model import PeftModel
+    from grafting.api.peft_model import PeftModel
 
     seen = 0
     while not isinstance(model, PeftModel) and seen < 8:
@@ -128,7 +128,7 @@ class AdapterTrainerMixin:
 
 
 def _saved_adapters(folder: str) -> list[tuple[str, str]]:
-    from grafting.peft_model import saved_adapters
+    from grafting.api.peft_model import saved_adapters
 
     return saved_adapters(folder) if os.path.isdir(folder) else []
 

@@ -94,8 +94,8 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     plain model), so a module inside an adapted module can be targeted too.
     Adapters and :class:`ModulesToSaveWrapper` copies are not candidates.
     """
-    from grafting.layer import AdaptedLayer
-    from grafting.modules_to_save import ModulesToSaveWrapper
+    from grafting.model.layer import AdaptedLayer
+    from grafting.model.modules_to_save import ModulesToSaveWrapper
 
     out: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
@@ -117,7 +117,7 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def physical_path(model: nn.Module, name: str) -> str:
     """The attribute path of the module a logical name designates (``base_layer`` steps put back)."""
-    from grafting.layer import AdaptedLayer
+    from grafting.model.layer import AdaptedLayer
 
     atoms: list[str] = []
     module = model
@@ -138,7 +138,7 @@ def logical_path(model: nn.Module, path: str) -> str:
     layer keeps it (``q_proj.base_layer``, as PEFT names a wrapped layer's own
     weights).
     """
-    from grafting.layer import AdaptedLayer
+    from grafting.model.layer import AdaptedLayer
 
     if not path:
         return path

@@ -11,7 +11,7 @@ from typing import Any
 
 from grafting.config import CONFIG_NAME, AdapterConfig, read_config_file
 from grafting.errors import ConfigError, UnknownMethodError
-from grafting.plugins import get_method
+from grafting.registry.plugins import get_method
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:

@@ -15,10 +15,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from grafting.config import AdapterConfig
-from grafting.errors import AdapterLoadError, ConfigError
-from grafting.hub import resolve_adapter_folder
-from grafting.peft_model import (
+from grafting.api.peft_model import (
     TASK_CLASSES,
     PeftModel,
     PeftModelForCausalLM,
@@ -28,6 +25,9 @@ from grafting.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from grafting.config.adapter_config import AdapterConfig
+from grafting.errors import AdapterLoadError, ConfigError
+from grafting.io.hub import resolve_adapter_folder
 
 #: Packages an adapter config's ``auto_mapping`` may name (PEFT's allowlist): importing is running code.
 DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from grafting.errors import ConfigError, GraftingWarning
-from grafting.matching import ALL_LINEAR
+from grafting.model.matching import ALL_LINEAR
 
 #: The module names PEFT recognises as embedding layers in ``target_modules``.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")

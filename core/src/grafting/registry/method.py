@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 from importlib import resources
 from typing import Any, Literal
@@ -23,6 +24,11 @@ class Method:
     resolves lazily, as it does config classes (``grafting.PromptTuningInit``).
     ``prefix`` is what PEFT's tuner for the method answers as ``model.prefix``: the
     start of its adapter parameters' names (``"lora_"``); ``None`` where PEFT has none.
+    ``hooks`` is the object whose hook implementations serve this method alone
+    (a module, class or instance with ``@hookimpl`` functions); ``None`` means the
+    plugin that declares the method serves it. The method-scoped hooks of a config
+    reach only that object (and plugins that declare no method: extensions), so a
+    plugin that declares several methods gives each its own ``hooks``.
     The plugin manager fills ``distribution`` and ``entry_point``.
     """
 
@@ -32,21 +38,35 @@ class Method:
     level: Level = attrs.field(default="layer", validator=attrs.validators.in_(("layer", "model")))
     description: str = ""
     exports: dict[str, object] = attrs.field(factory=dict, eq=False, repr=False)
+    hooks: object | None = attrs.field(default=None, eq=False, repr=False)
     distribution: str | None = None
     version: str | None = None
     entry_point: str | None = None
     prefix: str | None = None
 
 
+#: Entry-point group where any installed distribution names methods it knows how to install:
+#: ``LOKR = "grafting-lokr:LoKrConfig"`` (peft_type = "distribution:ConfigName[,OtherConfig]").
+KNOWN_METHODS_GROUP = "grafting.known_methods"
+
+
 @functools.cache
 def known_methods() -> dict[str, dict[str, Any]]:
-    """``known_methods.json``: for each ``peft_type`` grafting knows of, its distribution and config class names.
+    """For each ``peft_type`` grafting knows of, its distribution and config class names.
 
-    Only for methods that are not installed (install hints, ``grafting.LoraConfig``
-    resolving to an install hint); an installed method's own :class:`Method` record wins.
+    Seeded by ``known_methods.json`` (the first-party plugins) and extended, without
+    an edit to the core, by entry points in :data:`KNOWN_METHODS_GROUP`. Only for
+    methods that are not installed (install hints, ``grafting.LoraConfig`` resolving
+    to an install hint); an installed method's own :class:`Method` record wins.
     """
-    text = resources.files("grafting").joinpath("known_methods.json").read_text(encoding="utf-8")
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    text = resources.files("grafting.registry").joinpath("known_methods.json").read_text(encoding="utf-8")
+    known = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    for ep in importlib.metadata.entry_points(group=KNOWN_METHODS_GROUP):
+        distribution, _, configs = ep.value.partition(":")
+        if ep.name.upper() not in known and distribution.strip():
+            names = [c.strip() for c in configs.split(",") if c.strip()]
+            known[ep.name.upper()] = {"distribution": distribution.strip(), "configs": names}
+    return known
 
 
 def distribution_of(peft_type: str) -> str | None:

@@ -55,7 +55,7 @@ def keyword_forward(names: tuple[str, ...]) -> Callable[..., Any]:
     )
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        from grafting.peft_model import PeftModel
+        from grafting.api.peft_model import PeftModel
 
         bound = signature.bind(self, *args, **kwargs).arguments
         call = {name: bound[name] for name in names if bound.get(name) is not None}

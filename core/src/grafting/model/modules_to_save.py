@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from grafting.errors import UnsupportedLayerError
-from grafting.routing import current_routing
+from grafting.model.routing import current_routing
 
 
 class ModulesToSaveWrapper(nn.Module):

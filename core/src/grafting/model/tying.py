@@ -42,8 +42,8 @@ class WeightTying:
 
 
 def _unwrapped(module: Any) -> Any:
-    from grafting.layer import AdaptedLayer
-    from grafting.modules_to_save import ModulesToSaveWrapper
+    from grafting.model.layer import AdaptedLayer
+    from grafting.model.modules_to_save import ModulesToSaveWrapper
 
     while isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
         module = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
@@ -52,7 +52,7 @@ def _unwrapped(module: Any) -> Any:
 
 def tied_embedding(model: nn.Module) -> TiedEmbedding | None:
     """The input embedding and the modules sharing its weight, by logical name; None when nothing is tied."""
-    from grafting.matching import candidate_modules
+    from grafting.model.matching import candidate_modules
 
     getter = getattr(model, "get_input_embeddings", None)
     try:

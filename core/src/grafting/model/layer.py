@@ -12,8 +12,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from grafting.attribute_view import attribute_view
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
+from grafting.model.attribute_view import attribute_view
+from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
     InputAdapter,
@@ -23,7 +24,6 @@ from grafting.protocol import (
     Site,
     WeightAdapter,
 )
-from grafting.routing import current_routing, route_all
 
 __all__ = [
     "AdaptedLayer",

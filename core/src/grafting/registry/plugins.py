@@ -12,7 +12,7 @@ import pluggy
 
 from grafting import protocol
 from grafting.errors import PluginConflictError, PluginError, UnknownMethodError
-from grafting.method import Method, distribution_of
+from grafting.registry.method import Method, distribution_of
 
 ENTRY_POINT_GROUP = "grafting"
 
@@ -36,6 +36,9 @@ class Registry:
         self.failures: list[PluginLoadFailure] = []
         self.conflicts: dict[str, PluginConflictError] = {}
         self._methods: dict[str, Method] = {}
+        #: peft_type -> the registered object whose hooks serve that method (``Method.hooks`` or its plugin)
+        self._owners: dict[str, Any] = {}
+        self._declarers: dict[str, Any] = {}  # peft_type -> the plugin that declared it
         if load_entry_points:
             self._load_entry_points()
 
@@ -113,16 +116,33 @@ class Registry:
             raise PluginError(
                 f"plugin {label}: {exc} (a misspelled hook name? the hooks are listed in grafting.protocol)"
             ) from None
+        try:
+            for m in methods:
+                if m.hooks is not None and not self.pm.is_registered(m.hooks):
+                    self.pm.register(m.hooks, name=f"{self.pm.get_name(plugin)}:{m.peft_type}")
+            self.pm.check_pending()
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            self._drop(plugin, methods)
+            raise PluginError(f"plugin {label}: the hooks of one of its methods: {exc}") from None
         for m in methods:
             self._methods[m.peft_type] = m
+            self._owners[m.peft_type] = m.hooks if m.hooks is not None else plugin
+            self._declarers[m.peft_type] = plugin
         return methods
+
+    def _drop(self, plugin: Any, methods: list[Method]) -> None:
+        for m in methods:
+            if m.hooks is not None and self.pm.is_registered(m.hooks):
+                self.pm.unregister(m.hooks)
+        if self.pm.is_registered(plugin):
+            self.pm.unregister(plugin)
 
     def unregister(self, plugin: Any) -> None:
         """Remove a plugin registered in-process, with the methods it declared."""
-        hook = getattr(plugin, "grafting_methods", None)
-        for m in hook() if hook is not None else []:
-            self._methods.pop(m.peft_type, None)
-        self.pm.unregister(plugin)
+        mine = [m for m in self._methods.values() if self._declarers[m.peft_type] is plugin]
+        for m in mine:
+            del self._methods[m.peft_type], self._owners[m.peft_type], self._declarers[m.peft_type]
+        self._drop(plugin, mine)
 
     # -- lookup ---------------------------------------------------------------------
     @property
@@ -145,27 +165,29 @@ class Registry:
     def hook(self) -> Any:
         return self.pm.hook
 
-    def create(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call a firstresult ``create`` hook and check the answer is what the hook promises.
+    def method_hook(self, method: Method, hook_name: str) -> Any:
+        """The hook ``hook_name`` as ``method`` sees it: its own implementation and extension plugins only.
 
-        An answer of another type is a :class:`PluginError` naming the plugin that gave it.
+        pluggy's own dispatch (a subset hook caller) leaves out the plugins that serve other
+        methods, so a method's hook implementations never see another method's config.
         """
-        caller = getattr(self.pm.hook, hook_name)
-        expected = protocol.HOOK_RESULTS[hook_name]
-        impls = caller.get_hookimpls()
-        if any(impl.hookwrapper or impl.wrapper for impl in impls):  # let pluggy run wrappers
-            result, label = caller(**kwargs), "a plugin"
-        else:
-            result, label = None, "a plugin"
-            for impl in reversed(impls):  # pluggy's call order
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-                if result is not None:
-                    label = describe_plugin(impl.plugin, impl.plugin_name)
-                    break
-        if result is not None and not isinstance(result, expected):
+        others = {id(owner): owner for m, owner in self._owners.items() if m != method.peft_type}
+        mine = self._owners.get(method.peft_type)
+        return self.pm.subset_hook_caller(hook_name, [o for o in others.values() if o is not mine])
+
+    def call(self, method: Method, hook_name: str, **kwargs: Any) -> Any:
+        """Call a method-scoped hook for ``method``; check a ``create`` answer is what the hook promises.
+
+        An answer of another type is a :class:`PluginError` naming the plugins that could have given it.
+        """
+        caller = self.method_hook(method, hook_name)
+        result = caller(**kwargs)
+        expected = protocol.HOOK_RESULTS.get(hook_name)
+        if expected is not None and result is not None and not isinstance(result, expected):
+            answering = [describe_plugin(i.plugin, i.plugin_name) for i in reversed(caller.get_hookimpls())]
             raise PluginError(
-                f"plugin {label}: {hook_name} returned a {type(result).__name__}, not a grafting.{expected.__name__}"
-                " (or None)"
+                f"plugin {' or '.join(answering)}: {hook_name} returned a {type(result).__name__}, not a"
+                f" grafting.{expected.__name__} (or None)"
             )
         return result
 

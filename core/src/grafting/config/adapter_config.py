@@ -13,10 +13,8 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from grafting.errors import AdapterLoadError, ConfigError, GraftingError, GraftingWarning
-
 # field validators, kept importable from here for code written before grafting.toolkit
-from grafting.validators import (
+from grafting.config.validators import (
     boolean,
     names,
     one_of,
@@ -26,6 +24,7 @@ from grafting.validators import (
     probability,
     regexes,
 )
+from grafting.errors import AdapterLoadError, ConfigError, GraftingError, GraftingWarning
 
 __all__ = ["AdapterConfig", "TaskType", "one_of", "positive", "positive_int", "probability", "read_config_file"]
 
@@ -312,7 +311,7 @@ class AdapterConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Write adapter_config.json atomically into ``save_directory`` (``kwargs`` are accepted for PEFT's sake)."""
-        from grafting.io import atomic_write_text
+        from grafting.io.files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
@@ -325,17 +324,17 @@ class AdapterConfig:
 
         On a method's class, that class reads it; on ``AdapterConfig`` itself
         (PEFT's ``PeftConfig.from_pretrained``) the installed method of its
-        ``peft_type`` does (:func:`grafting.dispatch.config_from_dict`).
+        ``peft_type`` does (:func:`grafting.registry.dispatch.config_from_dict`).
         ``revision`` picks the Hub revision; other keyword arguments override config fields.
         """
-        from grafting.hub import resolve_adapter_folder
+        from grafting.io.hub import resolve_adapter_folder
 
         revision = kwargs.pop("revision", None)
         folder = resolve_adapter_folder(pretrained_model_name_or_path, subfolder, revision)
         data = read_config_file(folder)
         data.update(kwargs)
         if cls is AdapterConfig:
-            from grafting.dispatch import config_from_dict  # the registry sits above this module
+            from grafting.registry.dispatch import config_from_dict  # the registry sits above this module
 
             return config_from_dict(data, source=os.path.join(folder, CONFIG_NAME))
         return cls.from_dict(data, source=os.path.join(folder, CONFIG_NAME))
@@ -353,7 +352,7 @@ class AdapterConfig:
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> AdapterConfig:
         """The config of the method named by ``kwargs["peft_type"]``, built from the other keyword arguments."""
-        from grafting.dispatch import config_from_dict
+        from grafting.registry.dispatch import config_from_dict
 
         return config_from_dict(kwargs)
 
@@ -365,7 +364,7 @@ class AdapterConfig:
     @property
     def is_prompt_learning(self) -> bool:
         """True for methods that act on the model's inputs (prompt tuning, P-tuning, prefix tuning)."""
-        from grafting.plugins import get_method
+        from grafting.registry.plugins import get_method
 
         try:
             return get_method(str(self.peft_type)).level == "model"
@@ -386,7 +385,7 @@ class AdapterConfig:
 
         ``None`` (default): the method has no such option, and an adapter on a tied embedding
         only gets a warning. A method answering ``True`` adapts the tied partners of a targeted
-        embedding itself (see :mod:`grafting.tying`); ``modules_to_save`` copies are tied by the core.
+        embedding itself (see :mod:`grafting.model.tying`); ``modules_to_save`` copies are tied by the core.
         """
         return None
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from grafting.errors import AdapterLoadError
-from grafting.io import atomic_write_text
-from grafting.transaction import is_bookkeeping
+from grafting.io.files import atomic_write_text
+from grafting.io.transaction import is_bookkeeping
 
 
 def resolve_adapter_folder(
@@ -142,7 +142,7 @@ def load_peft_weights(
     ``key_mapping`` renames keys (regex -> replacement, the first match wins);
     ``subfolder`` and ``revision`` among the keyword arguments pick where on the Hub.
     """
-    from grafting.io import load_weights, remap_keys
+    from grafting.io.files import load_weights, remap_keys
 
     folder = resolve_adapter_folder(
         model_id, hf_hub_download_kwargs.get("subfolder"), hf_hub_download_kwargs.get("revision")

@@ -18,11 +18,11 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.config import AdapterConfig
+from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import CombinationError, GraftingWarning
 
 if TYPE_CHECKING:
-    from grafting.tuner import AdapterModel
+    from grafting.model.tuner import AdapterModel
 
 #: ``fill(target, sources)``: write the new adapter ``target`` from ``[(source adapter, weight), ...]``, the
 #: source adapters present where ``target`` sits (a layer, or the model for model-level adapters).
@@ -127,9 +127,15 @@ def add_weighted_adapter(
         density=density,
         majority_sign_method=majority_sign_method,
     )
-    from grafting.plugins import get_registry
+    from grafting.registry.plugins import get_method, get_registry
 
-    combination = get_registry().hook.grafting_combine_adapters(request=request, model=tuner.model)
+    registry, combination = get_registry(), None
+    for peft_type in dict.fromkeys(str(c.peft_type) for c in request.configs):  # the sources' methods, in order
+        combination = registry.call(
+            get_method(peft_type), "grafting_combine_adapters", request=request, model=tuner.model
+        )
+        if combination is not None:
+            break
     if combination is None:
         raise CombinationError(
             f"add_weighted_adapter: no installed plugin combines {request.peft_types()} adapters"
@@ -147,9 +153,10 @@ def add_weighted_adapter(
 def _resolved_targets(tuner: AdapterModel, config: AdapterConfig) -> AdapterConfig:
     if config.target_modules is not None:
         return config
-    from grafting.plugins import get_registry
+    from grafting.registry.plugins import get_method, get_registry
 
-    defaults = get_registry().hook.grafting_default_target_modules(config=config, model=tuner.model)
+    method = get_method(str(config.peft_type))
+    defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=tuner.model)
     return config if defaults is None else attrs.evolve(config, target_modules=defaults)
 
 

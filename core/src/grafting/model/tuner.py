@@ -12,23 +12,30 @@ import attrs
 import torch
 from torch import nn
 
-from grafting.config import AdapterConfig, TaskType
+from grafting.config.adapter_config import AdapterConfig, TaskType
+from grafting.config.validators import check_adapter_name
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
+    BeyondPeftWarning,
     GraftingWarning,
     MergeError,
     PluginError,
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from grafting.layer import AdaptedLayer
-from grafting.matching import candidate_modules, find_targets, name_matches, physical_path, warn_unmatched_patterns
-from grafting.modules_to_save import ModulesToSaveWrapper
-from grafting.plugins import get_method, get_registry
-from grafting.protocol import LayerAdapter, ModelAdapter, SharedState
-from grafting.tying import plan_weight_tying
-from grafting.validators import check_adapter_name
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import (
+    candidate_modules,
+    find_targets,
+    name_matches,
+    physical_path,
+    warn_unmatched_patterns,
+)
+from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.model.tying import plan_weight_tying
+from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
+from grafting.registry.plugins import get_method, get_registry
 
 #: Heads trained in full for these task types, as PEFT does.
 #: Set while PeftModel.from_pretrained / load_adapter load without ``low_cpu_mem_usage``: PEFT then builds
@@ -181,17 +188,22 @@ class AdapterModel(nn.Module):
         device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
         replay = low_cpu_mem_usage and _DRAW_AS_PEFT.get()
 
+        shadows: dict[int, AdapterContext] = {}  # the replays' own contexts: the real calls' state is untouched
+
         def create(hook: str, **kwargs: Any) -> Any:
             if replay:  # built for real and dropped: torch's generator advances as PEFT's loading advances it
-                registry.create(hook, **kwargs)
+                context = kwargs["context"]
+                shadow = shadows.setdefault(id(context), attrs.evolve(context, state={}))
+                shadow.shared = context.shared
+                registry.call(method, hook, **{**kwargs, "context": shadow})
             with device_ctx:
-                return registry.create(hook, **kwargs)
+                return registry.call(method, hook, **kwargs)
 
         created: list[tuple[str, LayerAdapter]] = []
         model_adapter: ModelAdapter | None = None
         shared: SharedState | None = None
         if method.level == "layer":
-            defaults = registry.hook.grafting_default_target_modules(config=config, model=self.model)
+            defaults = registry.call(method, "grafting_default_target_modules", config=config, model=self.model)
             targets: dict[str, nn.Module] = {}
             found = find_targets(self.model, config, defaults)
             if tying is not None and tying.option == "target_modules" and tying.embedding in found:
@@ -201,13 +213,16 @@ class AdapterModel(nn.Module):
             for path in found:
                 module = self.model.get_submodule(physical_path(self.model, path))
                 targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
+            context = AdapterContext(config, self.model, adapter_name, dict(targets))
             shared = create(
                 "grafting_create_shared_state",
                 config=config,
                 model=self.model,
                 adapter_name=adapter_name,
                 targets=dict(targets),
+                context=context,
             )
+            context.shared = shared
             if shared is not None:
                 clash = [k for k in shared.state_dict() if k.split(".")[0] == "model"]
                 if clash:
@@ -222,6 +237,7 @@ class AdapterModel(nn.Module):
                     module_name=path,
                     model=self.model,
                     shared=shared,
+                    context=context,
                 )
                 if adapter is None:
                     raise UnsupportedLayerError(
@@ -232,11 +248,24 @@ class AdapterModel(nn.Module):
                 created.append((path, adapter))
         else:
             model_adapter = create(
-                "grafting_create_model_adapter", config=config, model=self.model, adapter_name=adapter_name
+                "grafting_create_model_adapter",
+                config=config,
+                model=self.model,
+                adapter_name=adapter_name,
+                context=AdapterContext(config, self.model, adapter_name),
             )
             if model_adapter is None:
                 raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
             _place(model_adapter, self.model, autocast_adapter_dtype)
+        beyond = [path for path, adapter in created if not adapter.peft_loadable]
+        if beyond:
+            warnings.warn(
+                f"{config.peft_type} adapter {adapter_name!r} on {beyond[:5]}{' …' if len(beyond) > 5 else ''}: PEFT's"
+                f" {config.peft_type} refuses these layer types; grafting adapts, saves and loads them, PEFT cannot"
+                " load the saved folder",
+                BeyondPeftWarning,
+                stacklevel=3,
+            )
         saved = self._modules_to_save_paths(config)
         tied_copies: dict[str, str] = {}  # partner path -> the embedding path whose copy it shares
         if tying is not None and tying.option == "modules_to_save" and tying.embedding in saved:
@@ -539,7 +568,7 @@ class AdapterModel(nn.Module):
         IA3 combines its vectors linearly. An existing ``adapter_name`` is
         left alone with a warning (PEFT returns silently).
         """
-        from grafting.combine import add_weighted_adapter
+        from grafting.model.combine import add_weighted_adapter
 
         add_weighted_adapter(
             self,

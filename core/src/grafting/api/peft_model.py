@@ -13,8 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.config import CONFIG_NAME, AdapterConfig, TaskType, read_config_file
-from grafting.dispatch import load_config
+from grafting.api.signatures import FEATURE_INPUTS, LM_INPUTS, QA_INPUTS, SEQ2SEQ_INPUTS, keyword_forward
+from grafting.config.adapter_config import (
+    CONFIG_NAME,
+    AdapterConfig,
+    TaskType,
+    read_config_file,
+)
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -23,8 +28,7 @@ from grafting.errors import (
     GraftingWarning,
     TargetNotFoundError,
 )
-from grafting.hub import push_folder, resolve_adapter_folder, write_model_card
-from grafting.io import (
+from grafting.io.files import (
     BIN_NAME,
     CONFIG_DIGEST_KEY,
     SAFETENSORS_NAME,
@@ -36,17 +40,18 @@ from grafting.io import (
     save_weights,
     weights_path,
 )
-from grafting.routing import BASE, route_samples
-from grafting.signatures import FEATURE_INPUTS, LM_INPUTS, QA_INPUTS, SEQ2SEQ_INPUTS, keyword_forward
-from grafting.state_dict import (
+from grafting.io.hub import push_folder, resolve_adapter_folder, write_model_card
+from grafting.io.state_dict import (
     LoadResult,
     attach_tuner,
     get_peft_model_state_dict,
     injected_tuner,
     plan_peft_model_state_dict,
 )
-from grafting.transaction import inside, is_bookkeeping, reading, save_transaction
-from grafting.tuner import AdapterModel, drawing_as_peft
+from grafting.io.transaction import inside, is_bookkeeping, reading, save_transaction
+from grafting.model.routing import BASE, route_samples
+from grafting.model.tuner import AdapterModel, drawing_as_peft
+from grafting.registry.dispatch import load_config
 
 DEFAULT = "default"
 
@@ -155,7 +160,7 @@ class PeftModel(nn.Module):
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
         """Make the embeddings' output require grad (unless ``model`` is quantized), so checkpointed blocks backprop."""
-        from grafting.prepare import prepare_model_for_gradient_checkpointing
+        from grafting.api.prepare import prepare_model_for_gradient_checkpointing
 
         return prepare_model_for_gradient_checkpointing(model)
 
@@ -712,8 +717,8 @@ def _targets_from_state_dict(
     """``config`` aimed at the modules that ``state_dict``'s keys hold adapter tensors for (PEFT's rule)."""
     import attrs
 
-    from grafting.matching import candidate_modules, find_targets
-    from grafting.plugins import get_registry
+    from grafting.model.matching import candidate_modules, find_targets
+    from grafting.registry.plugins import get_method, get_registry
 
     modules = dict(candidate_modules(model))
     targets: set[str] = set()
@@ -729,7 +734,8 @@ def _targets_from_state_dict(
                 break
     if not targets:
         raise TargetNotFoundError("inject_adapter_in_model: the state_dict's keys name no module of the model")
-    defaults = get_registry().hook.grafting_default_target_modules(config=config, model=model)
+    method = get_method(str(config.peft_type))
+    defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
     try:
         from_config = set(find_targets(model, config, defaults))
     except TargetNotFoundError:

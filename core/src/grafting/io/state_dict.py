@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterLoadError, BaseStateDictError, GraftingWarning, StateDictKeyError
-from grafting.matching import logical_path
+from grafting.model.matching import logical_path
 
 PREFIX = "base_model.model."
 #: Where a model-level adapter's file keeps base-model tensors (modules_to_save).
@@ -35,7 +35,7 @@ def injected_tuner(model: nn.Module) -> Any:
 
 def tuner_of(model: nn.Module) -> Any:
     """The AdapterModel behind a PeftModel, an injected model, or the AdapterModel itself."""
-    from grafting.tuner import AdapterModel
+    from grafting.model.tuner import AdapterModel
 
     if isinstance(model, AdapterModel):
         return model
@@ -120,7 +120,7 @@ def get_peft_model_state_dict(
     ``model.state_dict()``, e.g. a full state dict gathered from a sharded model) the adapter's tensors are
     taken from it instead; a model-level adapter's saved tensors are computed from the model, as PEFT does.
     """
-    from grafting.save_embeddings import saves_embeddings
+    from grafting.io.save_embeddings import saves_embeddings
 
     tuner = tuner_of(model)
     tuner._require(adapter_name)
@@ -183,11 +183,11 @@ def embedding_slots(tuner: Any, adapter_name: str, adapted_only: bool = False) -
 
     PEFT writes them (under ``<path>.<peft_base_path>`` for an adapted embedding: ``base_layer``, or where
     the layer's adapter says PEFT's module keeps the wrapped layer) so that a resized vocabulary comes
-    back (see grafting.save_embeddings for when); a file that holds them loads them into the base model.
+    back (see grafting.io.save_embeddings for when); a file that holds them loads them into the base model.
     ``adapted_only``: only the embedding layers wrapped where PEFT's tuner layers keep the base layer
     (``base_layer``), the ones a config that targets embeddings adapts.
     """
-    from grafting.layer import AdaptedLayer
+    from grafting.model.layer import AdaptedLayer
 
     prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
     paths = {id(module): name for name, module in tuner.model.named_modules()}
@@ -427,7 +427,7 @@ def _check_tied_to_base(
     Otherwise the key is a saved head the config does not account for (no ``modules_to_save``), and
     loading it would silently change both the head and the input embeddings.
     """
-    from grafting.layer import AdaptedLayer
+    from grafting.model.layer import AdaptedLayer
 
     modules = [
         getattr(tuner.model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(tuner.model, g)
@@ -493,8 +493,8 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _base_slots(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Slot]]:
     """The base model's tensors under their original names: wrappers seen through, adapters left out."""
-    from grafting.layer import AdaptedLayer
-    from grafting.modules_to_save import ModulesToSaveWrapper
+    from grafting.model.layer import AdaptedLayer
+    from grafting.model.modules_to_save import ModulesToSaveWrapper
 
     if isinstance(module, AdaptedLayer):
         yield from _base_slots(module.base_layer, prefix)
