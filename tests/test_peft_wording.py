@@ -80,3 +80,33 @@ def test_an_unknown_adapter_error_contains_peft_s_sentence(call: str) -> None:
         getattr(lora(grafting), call)("nope")
     assert isinstance(ours.value, ValueError)
     assert "Adapter nope not found." in str(ours.value)
+
+
+@pytest.mark.parametrize("operation", ["unload", "merge_and_unload"])
+def test_unloading_a_prompt_learning_model_is_an_attribute_error_as_in_peft(operation: str) -> None:
+    config = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 2}
+    theirs = peft.get_peft_model(base_model("llama"), peft.PromptTuningConfig(**config))
+    ours = grafting.get_peft_model(base_model("llama"), grafting.PromptTuningConfig(**config))
+    with pytest.raises(AttributeError) as peft_error:
+        getattr(theirs, operation)()
+    with pytest.raises(grafting.NotAvailableError) as error:
+        getattr(ours, operation)()
+    assert isinstance(error.value, AttributeError)
+    assert str(peft_error.value) in str(error.value)
+    assert ours.get_base_model().model.embed_tokens is not None  # the model is left as it was
+
+
+def test_seq2seq_generate_takes_keywords_only_as_in_peft() -> None:
+    import torch
+
+    config = {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["q", "v"], "r": 2}
+    theirs = peft.get_peft_model(base_model("t5"), peft.LoraConfig(**config))
+    ours = grafting.get_peft_model(base_model("t5"), grafting.LoraConfig(**config))
+    ids = torch.tensor([[4, 5, 6]])
+    with pytest.raises(TypeError):
+        theirs.generate(ids, max_new_tokens=2)
+    with pytest.raises(TypeError):
+        ours.generate(ids, max_new_tokens=2)
+    assert (
+        ours.generate(input_ids=ids, max_new_tokens=2).shape == theirs.generate(input_ids=ids, max_new_tokens=2).shape
+    )

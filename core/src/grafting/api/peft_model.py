@@ -26,6 +26,7 @@ from grafting.errors import (
     AdapterStateError,
     ConfigError,
     GraftingWarning,
+    NotAvailableError,
     TargetNotFoundError,
 )
 from grafting.io.files import (
@@ -232,14 +233,25 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
+    def _refuse_for_prompt_learning(self, operation: str) -> None:
+        """PEFT's prompt-learning model has no ``unload``/``merge_and_unload``: the same AttributeError here."""
+        names = list(self.peft_config)
+        if names and all(name in self.base_model.model_adapters for name in names):
+            raise NotAvailableError(
+                f"'{type(self.base_model.model).__name__}' object has no attribute '{operation}': adapters {names}"
+                " act on the model's inputs, not its layers; get_base_model() is the model without them"
+            )
+
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
+        self._refuse_for_prompt_learning("merge_and_unload")
         return self.base_model.merge_and_unload(
             progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
     def unload(self) -> nn.Module:
+        self._refuse_for_prompt_learning("unload")
         return self.base_model.unload()
 
     # -- saving -------------------------------------------------------------------------------
@@ -552,6 +564,10 @@ class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder language models (``task_type="SEQ_2_SEQ_LM"``)."""
 
     forward = keyword_forward(SEQ2SEQ_INPUTS)
+
+    def generate(self, **kwargs: Any) -> Any:
+        """Keywords only, as PEFT's: a positional input is a ``TypeError``."""
+        return super().generate(**kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
