@@ -35,6 +35,7 @@ from grafting.api.prepare import (
     prepare_model_for_gradient_checkpointing,
     prepare_model_for_kbit_training,
 )
+from grafting.api.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
 from grafting.errors import (
     AdapterLoadError,
@@ -157,6 +158,8 @@ __all__ = [
     "TargetNotFoundError",
     "TaskType",
     "TiedWeightsWarning",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "UnknownMethodError",
     "UnsupportedLayerError",
     "UnusedOptionWarning",
@@ -164,7 +167,9 @@ __all__ = [
     "cast_mixed_precision_params",
     "config_from_dict",
     "get_base_model_state_dict",
+    "get_layer_status",
     "get_method",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
