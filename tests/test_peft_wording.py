@@ -110,3 +110,19 @@ def test_seq2seq_generate_takes_keywords_only_as_in_peft() -> None:
     assert (
         ours.generate(input_ids=ids, max_new_tokens=2).shape == theirs.generate(input_ids=ids, max_new_tokens=2).shape
     )
+
+
+def test_two_active_adapters_with_one_modules_to_save_module_are_a_value_error_as_in_peft() -> None:
+    def two(library: Any) -> Any:
+        model = library.get_peft_model(
+            base_model("llama"), library.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+        )
+        model.add_adapter("b", library.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        return model
+
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        two(peft).base_model.set_adapter(["default", "b"])
+    ours = two(grafting)
+    with pytest.raises(grafting.ActiveAdaptersError, match="Only one adapter can be set at a time for ModulesToSav"):
+        ours.base_model.set_adapter(["default", "b"])
+    assert ours.active_adapters == ["default"]  # nothing changed

@@ -38,6 +38,7 @@ from grafting.api.prepare import (
 from grafting.api.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
 from grafting.errors import (
+    ActiveAdaptersError,
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterStateError,
@@ -109,6 +110,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ActiveAdaptersError",
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterContext",

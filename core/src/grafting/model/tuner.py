@@ -15,6 +15,7 @@ from torch import nn
 from grafting.config.adapter_config import AdapterConfig, TaskType
 from grafting.config.validators import check_adapter_name
 from grafting.errors import (
+    ActiveAdaptersError,
     AdapterNotFoundError,
     AdapterStateError,
     BeyondPeftWarning,
@@ -359,6 +360,13 @@ class AdapterModel(nn.Module):
             raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
         if len([n for n in names if n in self.model_adapters]) > 1:
             raise AdapterStateError(f"only one model-level adapter can be active at a time, got {names}")
+        for path, wrapper in self.save_wrappers():
+            sharing = [n for n in names if n in wrapper.modules_to_save]
+            if len(sharing) > 1:  # one copy of the module runs; PEFT refuses with a ValueError
+                raise ActiveAdaptersError(
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(sharing)}: adapters"
+                    f" {sharing} each train their own copy of {path} (modules_to_save); activate one of them"
+                )
         self._rebuild_all({path: set() for path, layer in self.adapted_layers() if _unmerge_for(layer, names)})
         for _, layer in self.adapted_layers():
             layer.set_active(names)
