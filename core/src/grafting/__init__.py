@@ -26,6 +26,7 @@ from grafting.api.prepare import (
     prepare_model_for_gradient_checkpointing,
     prepare_model_for_kbit_training,
 )
+from grafting.api.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from grafting.api.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -36,6 +37,7 @@ from grafting.api.tasks import (
 )
 from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
 from grafting.errors import (
+    ActiveAdaptersError,
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterStateError,
@@ -46,6 +48,7 @@ from grafting.errors import (
     GraftingError,
     GraftingWarning,
     MergeError,
+    NotAvailableError,
     PluginConflictError,
     PluginError,
     StateDictKeyError,
@@ -106,6 +109,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ActiveAdaptersError",
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterContext",
@@ -133,6 +137,7 @@ __all__ = [
     "Method",
     "ModelAdapter",
     "NoMatchingPeftModuleError",
+    "NotAvailableError",
     "OutputAdapter",
     "PeftConfig",
     "PeftError",
@@ -154,6 +159,8 @@ __all__ = [
     "TargetNotFoundError",
     "TaskType",
     "TiedWeightsWarning",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "UnknownMethodError",
     "UnsupportedLayerError",
     "UnusedOptionWarning",
@@ -161,7 +168,9 @@ __all__ = [
     "cast_mixed_precision_params",
     "config_from_dict",
     "get_base_model_state_dict",
+    "get_layer_status",
     "get_method",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",

@@ -79,6 +79,14 @@ class BaseStateDictError(GraftingError, RuntimeError):
     """A base-model state dict does not fit the model under the adapters (a RuntimeError, as load_state_dict's)."""
 
 
+class ActiveAdaptersError(AdapterStateError, ValueError):
+    """Adapters that cannot be active together (two copies of one ``modules_to_save`` module): PEFT's ValueError."""
+
+
+class NotAvailableError(GraftingError, AttributeError):
+    """An operation the model's adapters do not have (``unload`` of a prompt-learning model): PEFT's model lacks the attribute."""
+
+
 class GraftingWarning(UserWarning):
     """Something worth knowing that does not stop the call (PEFT's ``PeftWarning`` plays this role)."""
 

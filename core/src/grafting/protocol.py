@@ -261,6 +261,12 @@ class LayerAdapter(nn.Module):
     peft_loadable: ClassVar[bool] = True
     #: The adapter's shared state, set by :meth:`use_shared` (``None`` for methods without one).
     shared: SharedState | None = None
+    #: The per-adapter attributes PEFT's tuner layer has and this adapter holds under the same name
+    #: (``"lora_A"``, ``"scaling"``, ``"r"``): the adapted layer answers ``layer.<name>`` with a
+    #: read-only mapping ``{adapter name: adapter.<name>}`` over its adapters that declare the name
+    #: and hold a value (not ``None``), as PEFT's ``layer.lora_A["default"]``. The values are the
+    #: adapter's own modules and tensors, so writes in place reach them.
+    peft_attributes: ClassVar[tuple[str, ...]] = ()
 
     def use_shared(self, shared: SharedState | None) -> None:
         """Keep ``shared`` as a plain reference (not a submodule): it is saved once, not per layer."""

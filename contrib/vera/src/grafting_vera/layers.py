@@ -42,6 +42,8 @@ class VeraProjections(SharedState):
 class VeraLinear(DeltaAdapter):
     """``delta = λ_b ⊙ B[:out] (λ_d ⊙ A[:, :in] dropout(x))`` for ``nn.Linear`` and ``Conv1D``."""
 
+    peft_attributes = ("vera_lambda_b", "vera_lambda_d", "vera_dropout")  # PEFT's VeraLayer: layer.vera_lambda_b[...]
+
     def __init__(
         self,
         base_layer: nn.Module,

@@ -19,6 +19,7 @@ def grafting_methods() -> list[Method]:
             name="vera",
             config_class=VeraConfig,
             description="VeRA: shared frozen random projections, trained scaling vectors",
+            prefix="vera_lambda_",
         )
     ]
 

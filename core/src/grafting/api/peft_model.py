@@ -27,11 +27,12 @@ from grafting.api.loading import (
 from grafting.api.prepare import prepare_model_for_gradient_checkpointing
 from grafting.api.saving import DEFAULT, save_adapters, write_card
 from grafting.config.adapter_config import AdapterConfig, load_config
-from grafting.errors import AdapterStateError
+from grafting.errors import AdapterStateError, NotAvailableError
 from grafting.io.hub import push_folder, resolve_adapter_folder
 from grafting.io.load_plan import LoadResult
 from grafting.io.transaction import reading
 from grafting.model.adapter_training import add_loss_terms
+from grafting.model.adding import drawing_as_peft
 from grafting.model.tuner import AdapterModel
 from grafting.registry.plugins import get_registry
 
@@ -209,14 +210,25 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
+    def _refuse_for_prompt_learning(self, operation: str) -> None:
+        """PEFT's prompt-learning model has no ``unload``/``merge_and_unload``: the same AttributeError here."""
+        names = list(self.peft_config)
+        if names and all(name in self.base_model.model_adapters for name in names):
+            raise NotAvailableError(
+                f"'{type(self.base_model.model).__name__}' object has no attribute '{operation}': adapters {names}"
+                " act on the model's inputs, not its layers; get_base_model() is the model without them"
+            )
+
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
+        self._refuse_for_prompt_learning("merge_and_unload")
         return self.base_model.merge_and_unload(
             progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
     def unload(self) -> nn.Module:
+        self._refuse_for_prompt_learning("unload")
         return self.base_model.unload()
 
     # -- saving -------------------------------------------------------------------------------
@@ -342,14 +354,15 @@ class PeftModel(nn.Module):
             key_mapping = checkpoint_key_mapping(model, config, key_mapping)
             klass = cls if cls is not PeftModel else PeftModel.class_for(config.task_type)
             flags = grad_flags(model)
-            peft_model = klass(
-                model,
-                config,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=True,
-                mixed=mixed,
-            )
+            with drawing_as_peft(not low_cpu_mem_usage):  # PEFT builds the adapter for real unless asked not to
+                peft_model = klass(
+                    model,
+                    config,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=True,
+                    mixed=mixed,
+                )
             try:
                 load_adapter_weights(peft_model, folder, adapter_name, strict=strict, key_mapping=key_mapping)
             except BaseException:
@@ -387,12 +400,13 @@ class PeftModel(nn.Module):
             config = load_config(folder)
             config.inference_mode = not is_trainable
             key_mapping = checkpoint_key_mapping(self.base_model.model, config, key_mapping)
-            self.base_model.add_adapter(  # on the meta device unless tensors may be missing (strict=False)
-                adapter_name,
-                config,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=strict or low_cpu_mem_usage,
-            )
+            with drawing_as_peft(not low_cpu_mem_usage):  # PEFT builds the adapter for real unless asked not to
+                self.base_model.add_adapter(  # on the meta device unless tensors may be missing (strict=False)
+                    adapter_name,
+                    config,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=strict or low_cpu_mem_usage,
+                )
             try:
                 result = load_adapter_weights(self, folder, adapter_name, strict=strict, key_mapping=key_mapping)
             except BaseException:

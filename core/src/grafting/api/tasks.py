@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from grafting.api.peft_model import PeftModel
 from grafting.api.signatures import keyword_forward
 from grafting.config.adapter_config import TaskType
@@ -20,6 +22,10 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
     serves_task = TaskType.SEQ_2_SEQ_LM.value
     forward = keyword_forward(TASKS[serves_task].inputs, PeftModel.forward)
+
+    def generate(self, **kwargs: Any) -> Any:
+        """Keywords only, as PEFT's: a positional input is a ``TypeError``."""
+        return super().generate(**kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):

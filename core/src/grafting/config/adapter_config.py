@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.metadata
 import json
 import os
 import re
@@ -178,6 +179,23 @@ class _DataclassFields:
         return cached
 
 
+#: The PEFT release whose adapter_config.json grafting writes (the oracle its tests run against).
+PEFT_FORMAT_VERSION = "0.21.2"
+
+
+def peft_version_stamp() -> str:
+    """``peft_version`` for a saved config: PEFT's format version, grafting's own as its local label.
+
+    ``"0.21.2+grafting.0.1.0"`` is a PEP 440 version: PEFT stores the key without reading it, and a
+    tool that parses it sees the format's release; no key is added that PEFT would warn about.
+    """
+    try:
+        own = importlib.metadata.version("grafting")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return f"{PEFT_FORMAT_VERSION}+grafting.{re.sub(r'[^A-Za-z0-9]+', '.', own)}"
+
+
 @attrs.define(kw_only=True)
 class AdapterConfig:
     """Options every method shares. Subclasses set ``peft_type`` and add their own fields.
@@ -239,6 +257,7 @@ class AdapterConfig:
         """The adapter_config.json content, as PEFT writes it."""
         out: dict[str, Any] = dict(self.inert_keys)
         out.update(self.extra)
+        out.setdefault("peft_version", peft_version_stamp())  # as PEFT >= 0.18 writes it; a read file keeps its own
         for field in attrs.fields(type(self)):
             if field.name == "extra":
                 continue
@@ -273,6 +292,8 @@ class AdapterConfig:
                         f"{source}: {cls.__name__} option {key}={value!r} is a PEFT feature grafting"
                         f" does not implement (only {cls.inert_keys[key]!r} is accepted)"
                     )
+            elif key == "peft_version" and isinstance(value, str) and "+grafting." in value:
+                continue  # grafting's own stamp: to_dict writes the current one
             else:
                 extra[key] = value
                 if key not in cls.informational_keys:

@@ -9,7 +9,8 @@ library's own class:
 * :mod:`grafting.integrations.transformers`: ``Trainer``, ``Seq2SeqTrainer`` and
   :class:`~grafting.integrations.transformers.AdapterTrainerMixin` for any other
   ``Trainer`` subclass;
-* :mod:`grafting.integrations.trl`: ``SFTTrainer``.
+* :mod:`grafting.integrations.trl`: ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``, ``RewardTrainer``
+  (each also takes ``peft_config=`` a grafting config, as TRL's take peft's).
 
 Nothing here changes how these libraries treat any other model.
 """

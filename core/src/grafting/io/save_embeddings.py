@@ -105,10 +105,14 @@ def saves_embeddings(choice: bool | str, config: Any, base_model: nn.Module) -> 
     if isinstance(choice, bool):
         return choice, targeted
     if targeted and not config.trains_token_rows():
-        why = "target_modules names one"
+        why = "embedding layers found in `target_modules`"
     elif vocab_resized(getattr(base_model, "config", None), config.base_model_name_or_path, config.revision):
-        why = "the vocabulary was resized since the base model was loaded"
+        why = "the embedding layer has been resized during finetuning"
     else:
         return False, targeted
-    warnings.warn(f"save_embedding_layers='auto' saves the embedding layers: {why}", GraftingWarning, stacklevel=3)
+    warnings.warn(  # PEFT's sentence, which user code matches
+        f"Setting `save_embedding_layers` to `True` as {why}. (save_embedding_layers='auto')",
+        GraftingWarning,
+        stacklevel=3,
+    )
     return True, targeted

@@ -10,8 +10,10 @@ place only after every creation succeeded, so a failure leaves the model as it w
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -73,6 +75,44 @@ def check_new_adapter(tuner: AdapterModel, adapter_name: str, config: AdapterCon
             )
 
 
+#: Set while PeftModel.from_pretrained / load_adapter load without ``low_cpu_mem_usage``: PEFT then builds
+#: each adapter for real (its random initialisation drawn from torch's global generator) before the file
+#: overwrites it. grafting builds on the meta device and, while this is set, also builds each adapter once
+#: for real and drops it, so a seeded script's generator continues where PEFT's would.
+_DRAW_AS_PEFT: contextvars.ContextVar[bool] = contextvars.ContextVar("grafting_draw_as_peft", default=False)
+
+
+@contextlib.contextmanager
+def drawing_as_peft(enabled: bool = True) -> Iterator[None]:
+    """Within: adapters created on the meta device for loading draw from torch's generator as PEFT's loading does."""
+    token = _DRAW_AS_PEFT.set(enabled)
+    try:
+        yield
+    finally:
+        _DRAW_AS_PEFT.reset(token)
+
+
+class _Creator:
+    """Calls the method's create hooks, on the meta device when loading; replays them for real and drops the
+    result where PEFT's loading would draw from torch's generator (:func:`drawing_as_peft`)."""
+
+    def __init__(self, method: Method, low_cpu_mem_usage: bool) -> None:
+        self.method = method
+        self.meta = low_cpu_mem_usage
+        self.replay = low_cpu_mem_usage and _DRAW_AS_PEFT.get()
+        self.shadows: dict[int, AdapterContext] = {}  # the replays' own contexts: the real calls' state is untouched
+
+    def __call__(self, hook: str, **kwargs: Any) -> Any:
+        registry = get_registry()
+        if self.replay:
+            context = kwargs["context"]
+            shadow = self.shadows.setdefault(id(context), attrs.evolve(context, state={}))
+            shadow.shared = context.shared
+            registry.call(self.method, hook, **{**kwargs, "context": shadow})
+        with torch.device("meta") if self.meta else contextlib.nullcontext():
+            return registry.call(self.method, hook, **kwargs)
+
+
 def create_adapter(
     model: nn.Module,
     adapter_name: str,
@@ -86,21 +126,19 @@ def create_adapter(
     derived, tying = plan_weight_tying(with_task_heads(config).for_model(model), model)
     config = config if derived == config else derived  # the caller's own object when nothing was filled in
     config.validate_for_model(model)
-    device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
+    create = _Creator(method, low_cpu_mem_usage)
     creation = Creation()
     if method.level == "layer":
         targets = layer_targets(model, method, config, tying)
         context = AdapterContext(config, model, adapter_name, dict(targets))
-        with device_ctx:
-            creation.shared = get_registry().call(
-                method,
-                "grafting_create_shared_state",
-                config=config,
-                model=model,
-                adapter_name=adapter_name,
-                targets=dict(targets),
-                context=context,
-            )
+        creation.shared = create(
+            "grafting_create_shared_state",
+            config=config,
+            model=model,
+            adapter_name=adapter_name,
+            targets=dict(targets),
+            context=context,
+        )
         context.shared = creation.shared
         if creation.shared is not None:
             clash = [k for k in creation.shared.state_dict() if k.split(".")[0] == "model"]
@@ -108,18 +146,16 @@ def create_adapter(
                 raise PluginError(f"{method.name}: a shared state may not name tensors model.*, got {clash}")
             place(creation.shared, next(iter(targets.values())), autocast_adapter_dtype)
         for path, base in targets.items():
-            with device_ctx:
-                adapter = get_registry().call(
-                    method,
-                    "grafting_create_layer_adapter",
-                    config=config,
-                    base_layer=base,
-                    adapter_name=adapter_name,
-                    module_name=path,
-                    model=model,
-                    shared=creation.shared,
-                    context=context,
-                )
+            adapter = create(
+                "grafting_create_layer_adapter",
+                config=config,
+                base_layer=base,
+                adapter_name=adapter_name,
+                module_name=path,
+                model=model,
+                shared=creation.shared,
+                context=context,
+            )
             if adapter is None:
                 raise UnsupportedLayerError(
                     f"{config.peft_type} adapter {adapter_name!r}: {path} is a {type(base).__name__}, which no "
@@ -128,16 +164,18 @@ def create_adapter(
             place(adapter, base, autocast_adapter_dtype)
             creation.layer_adapters.append((path, adapter))
         warn_beyond_peft(config, adapter_name, creation)
+        if config.target_modules is None:  # saved as the resolved names, as PEFT writes them (vLLM, SGLang read them)
+            defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
+            if defaults is not None:
+                config = attrs.evolve(config, target_modules=defaults)
     else:
-        with device_ctx:
-            creation.model_adapter = get_registry().call(
-                method,
-                "grafting_create_model_adapter",
-                config=config,
-                model=model,
-                adapter_name=adapter_name,
-                context=AdapterContext(config, model, adapter_name),
-            )
+        creation.model_adapter = create(
+            "grafting_create_model_adapter",
+            config=config,
+            model=model,
+            adapter_name=adapter_name,
+            context=AdapterContext(config, model, adapter_name),
+        )
         if creation.model_adapter is None:
             raise PluginError(f"the {method.name} plugin built no model adapter for {type(model).__name__}")
         place(creation.model_adapter, model, autocast_adapter_dtype)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
+from grafting.model.attribute_view import attribute_view
 from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
@@ -69,13 +70,19 @@ class AdaptedLayer(nn.Module):
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base layer's.
 
-        Model code reads them on the modules it calls (T5's ``self.wo.weight.dtype``).
+        Model code reads them on the modules it calls (T5's ``self.wo.weight.dtype``). Before
+        them come the PEFT attributes the adapters declare (``lora_A``, ``ia3_l``, ...): a
+        read-only view ``{adapter name: value}`` over the adapters themselves.
         """
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name in ("base_layer", "adapters"):
                 raise
+            adapters = self._modules.get("adapters")
+            view = None if adapters is None else attribute_view(cast(nn.ModuleDict, adapters), name)
+            if view is not None:  # PEFT's layer.lora_A["default"] and the like
+                return view
             return getattr(self.base_layer, name)
 
     # -- bookkeeping --------------------------------------------------------------

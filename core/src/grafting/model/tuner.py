@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import (
+    ActiveAdaptersError,
     AdapterNotFoundError,
     AdapterStateError,
     GraftingWarning,
@@ -26,6 +27,7 @@ from grafting.model.merging import merge_layers, rebuild_layers, unmerge_for
 from grafting.model.modules_to_save import ModulesToSaveWrapper
 from grafting.model.weights_guard import WeightsGuard
 from grafting.protocol import ModelAdapter
+from grafting.registry.plugins import get_method
 
 
 class AdapterModel(nn.Module):
@@ -83,7 +85,9 @@ class AdapterModel(nn.Module):
     def require_adapter(self, name: str) -> None:
         """Raise :class:`AdapterNotFoundError` unless the model holds adapter ``name``."""
         if name not in self.peft_config:
-            raise AdapterNotFoundError(f"no adapter named {name!r}; the model holds {sorted(self.peft_config)}")
+            raise AdapterNotFoundError(  # PEFT's sentence first: code matches it
+                f"Adapter {name} not found. No adapter named {name!r}; the model holds {sorted(self.peft_config)}"
+            )
 
     # -- adding -----------------------------------------------------------------------
     def add_adapter(
@@ -110,6 +114,18 @@ class AdapterModel(nn.Module):
         else:  # a new inactive adapter starts frozen, as in PEFT
             self.refresh_trainable()
 
+    @property
+    def prefix(self) -> str:
+        """PEFT's tuner ``prefix`` (``model.prefix``): how the adapter parameters' names of this model's method start.
+
+        Declared by the method's plugin (``Method.prefix``); the active adapter's method first.
+        """
+        for name in [*self.active_adapters, *self.peft_config]:
+            prefix = get_method(self.peft_config[name].peft_type).prefix if name in self.peft_config else None
+            if prefix is not None:
+                return prefix
+        raise AttributeError(f"no adapter of this model has a parameter prefix: {sorted(self.peft_config)}")
+
     # -- activation -------------------------------------------------------------------
     @property
     def active_adapter(self) -> list[str]:
@@ -130,6 +146,13 @@ class AdapterModel(nn.Module):
             raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
         if len([n for n in names if n in self.model_adapters]) > 1:
             raise AdapterStateError(f"only one model-level adapter can be active at a time, got {names}")
+        for path, wrapper in self.save_wrappers():
+            sharing = [n for n in names if n in wrapper.modules_to_save]
+            if len(sharing) > 1:  # one copy of the module runs; PEFT refuses with a ValueError
+                raise ActiveAdaptersError(
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(sharing)}: adapters"
+                    f" {sharing} each train their own copy of {path} (modules_to_save); activate one of them"
+                )
         self._rebuild_all({path: set() for path, layer in self.adapted_layers() if unmerge_for(layer, names)})
         for _, layer in self.adapted_layers():
             layer.set_active(names)
@@ -242,7 +265,7 @@ class AdapterModel(nn.Module):
                 warnings.warn(
                     f"adapters {already} are already merged; now also merging {more}"
                     if more
-                    else f"adapters {already} are already merged; nothing to do",
+                    else f"All adapters are already merged, nothing to do. (merged: {already})",
                     GraftingWarning,
                     stacklevel=3,
                 )

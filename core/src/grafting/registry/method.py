@@ -22,6 +22,8 @@ class Method:
     says whether the method wraps layers or acts on the whole model.
     ``exports`` are further public names of the method that ``grafting``
     resolves lazily, as it does config classes (``grafting.PromptTuningInit``).
+    ``prefix`` is what PEFT's tuner for the method answers as ``model.prefix``: the
+    start of its adapter parameters' names (``"lora_"``); ``None`` where PEFT has none.
     ``hooks`` is the object whose hook implementations serve this method alone
     (a module, class or instance with ``@hookimpl`` functions); ``None`` means the
     plugin that declares the method serves it. The method-scoped hooks of a config
@@ -40,6 +42,7 @@ class Method:
     distribution: str | None = None
     version: str | None = None
     entry_point: str | None = None
+    prefix: str | None = None
 
 
 #: Entry-point group where any installed distribution names methods it knows how to install:

@@ -53,6 +53,7 @@ class IA3Adapter(LayerAdapter):
     """
 
     scales_input: ClassVar[bool]
+    peft_attributes = ("ia3_l",)  # PEFT's IA3Layer: layer.ia3_l["default"]
     #: ``"input"`` (default): a half-precision activation is scaled in its own dtype;
     #: ``"adapter"``: in the vector's (float32), as PEFT does.
     precision: Precision = "input"
@@ -70,8 +71,10 @@ class IA3Adapter(LayerAdapter):
             shape: tuple[int, ...] = (1, features) + (1,) * self.spatial
         else:
             shape = (1, features) if self.scales_input else (features, 1)
-        self.ia3_l = nn.Parameter(torch.empty(shape))
-        self.reset(init)
+        # standard-normal entries, kept unless ``init``: PEFT's draws from torch's generator (a seeded script repeats)
+        self.ia3_l = nn.Parameter(torch.randn(shape))
+        if init:
+            self.reset(init)
 
     @torch.no_grad()
     def reset(self, init: bool = True) -> None:

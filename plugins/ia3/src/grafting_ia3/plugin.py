@@ -15,7 +15,15 @@ from grafting_ia3.layers import IA3Adapter, IA3Input, IA3Output, supports
 
 @hookimpl
 def grafting_methods() -> list[Method]:
-    return [Method(peft_type="IA3", name="ia3", config_class=IA3Config, description="IA3: learned activation scaling")]
+    return [
+        Method(
+            peft_type="IA3",
+            name="ia3",
+            config_class=IA3Config,
+            description="IA3: learned activation scaling",
+            prefix="ia3_",
+        )
+    ]
 
 
 @hookimpl

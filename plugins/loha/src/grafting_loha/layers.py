@@ -38,6 +38,19 @@ class LoHaAdapter(DeltaAdapter):
     """
 
     lora_convertible = True  # an additive ΔW, as PEFT says for LoHa
+    #: PEFT's LoHaLayer attributes (``layer.hada_w1_a["default"]``).
+    peft_attributes = (
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "hada_t1",
+        "hada_t2",
+        "r",
+        "scaling",
+        "rank_dropout",
+        "module_dropout",
+    )
 
     #: Set per instance (or on the class) to force an evaluation; tests and benchmarks do.
     path: Path = "auto"
@@ -89,9 +102,14 @@ class LoHaAdapter(DeltaAdapter):
 
     @torch.no_grad()
     def reset_parameters(self, init_weights: bool = True) -> None:
-        """Kaiming-uniform factors; with ``init_weights`` ``hada_w2_b`` is zero, so ΔW starts at 0."""
+        """Kaiming-uniform factors; with ``init_weights`` ``hada_w2_b`` is zero, so ΔW starts at 0.
+
+        Drawn in PEFT's order from torch's generator (the zero factor draws nothing), so a seeded
+        script builds the same adapter as with PEFT.
+        """
         for p in self.parameters():
-            _kaiming(p)
+            if not (init_weights and p is self.hada_w2_b):
+                _kaiming(p)
         if init_weights:
             nn.init.zeros_(self.hada_w2_b)
 
@@ -119,9 +137,12 @@ class LoHaAdapter(DeltaAdapter):
         return (keep * self.scaling).to(self.hada_w1_a.device)
 
     def _skipped(self) -> bool:
-        """Module dropout: with either dropout on, one draw from the CPU generator per training call,
-        where and as PEFT draws it, so the same seed drops the same modules and rows."""
-        if not (self.training and (self.module_dropout or self.rank_dropout)):
+        """Module dropout: one draw from the CPU generator per training call, where and as PEFT draws it
+        (also at ``module_dropout = 0``), so the same seed drops the same modules and rows and a seeded
+        script's later draws stay in step; under ``torch.compile`` only when a dropout is on."""
+        if not self.training:
+            return False
+        if not (self.module_dropout or self.rank_dropout) and torch.compiler.is_compiling():
             return False
         return float(torch.rand(1)) <= self.module_dropout
 

@@ -13,7 +13,13 @@ from grafting_loha.layers import LoHaConv, LoHaLinear
 @hookimpl
 def grafting_methods() -> list[Method]:
     return [
-        Method(peft_type="LOHA", name="loha", config_class=LoHaConfig, description="Low-rank Hadamard product (LoHa)")
+        Method(
+            peft_type="LOHA",
+            name="loha",
+            config_class=LoHaConfig,
+            description="Low-rank Hadamard product (LoHa)",
+            prefix="hada_",
+        )
     ]
 
 

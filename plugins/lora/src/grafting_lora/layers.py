@@ -91,6 +91,18 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
     initialization: Initialization | None = None
 
     lora_convertible = True
+    #: PEFT's LoraLayer attributes (``layer.lora_A["default"]``); empty where this adapter has none (DoRA's vector).
+    peft_attributes = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_dropout",
+        "scaling",
+        "r",
+        "use_dora",
+    )
 
     def __init__(
         self,
@@ -281,6 +293,7 @@ class LoraEmbedding(DeltaAdapter):
     """``delta = embed(x, Aᵀ) · Bᵀ · scaling`` for ``nn.Embedding`` (saved as lora_embedding_A/B)."""
 
     lora_convertible = True
+    peft_attributes = LoraLinear.peft_attributes
 
     def __init__(self, base_layer: nn.Embedding, r: int, scaling: float, init: bool | str = True) -> None:
         super().__init__()
@@ -328,6 +341,7 @@ class LoraConv(DeltaAdapter):
     lora_convertible = True
     #: as :attr:`LoraLinear.precision`
     precision: Precision = "input"
+    peft_attributes = LoraLinear.peft_attributes
 
     def __init__(
         self,

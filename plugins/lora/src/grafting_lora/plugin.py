@@ -40,6 +40,7 @@ def grafting_methods() -> list[Method]:
             name="lora",
             config_class=LoraConfig,
             description="Low-rank adaptation (DoRA, rsLoRA)",
+            prefix="lora_",
             exports={
                 "LoftQConfig": LoftQConfig,
                 "EvaConfig": EvaConfig,
@@ -122,8 +123,9 @@ def grafting_create_layer_adapter(
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
     if config.lora_bias and getattr(base_layer, "bias", None) is None and not isinstance(base_layer, nn.Embedding):
         warnings.warn(  # as PEFT warns; merging such an adapter is refused
-            f"LoraConfig.lora_bias=True on a {type(base_layer).__name__} without a bias: the adapter trains a bias"
-            " but cannot be merged",
+            f"`lora_bias=True` was passed but the targeted layer of type {type(base_layer).__name__} has no bias."
+            f" This means that merging LoRA weights won't be possible. ({module_name}: the adapter trains a bias"
+            " that no base bias can take)",
             GraftingWarning,
             stacklevel=2,
         )

@@ -180,8 +180,9 @@ class PromptEncoderConfig(PromptLearningConfig):
         super().__attrs_post_init__()
         if self.encoder_reparameterization_type == "MLP" and self.encoder_num_layers != 2:
             warnings.warn(
-                f"PromptEncoderConfig: encoder_num_layers={self.encoder_num_layers} is ignored by the MLP encoder,"
-                " which always has 3 linear layers (as in PEFT); it sets the LSTM's depth",
+                "for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP layers are used."
+                f" (PromptEncoderConfig: encoder_num_layers={self.encoder_num_layers}; PEFT's MLP encoder, and"
+                " grafting's, has 3 linear layers; the option sets the LSTM's depth)",
                 GraftingWarning,
                 stacklevel=3,
             )
