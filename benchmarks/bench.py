@@ -61,6 +61,12 @@ def configs(lib: str, r: int) -> dict[str, Any]:
     }
     for name, cls, kwargs in (
         ("loha", "LoHaConfig", {"r": r, "alpha": 2 * r, "target_modules": TARGETS, "init_weights": False}),
+        ("oft", "OFTConfig", {"r": 0, "oft_block_size": 32, "target_modules": TARGETS, "init_weights": False}),
+        (
+            "boft",
+            "BOFTConfig",
+            {"boft_block_size": 32, "boft_n_butterfly_factor": 2, "target_modules": TARGETS, "init_weights": False},
+        ),
         ("lokr", "LoKrConfig", {"r": r, "alpha": 2 * r, "target_modules": TARGETS, "init_weights": False}),
         ("ln_tuning", "LNTuningConfig", {}),
         (
@@ -143,7 +149,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--methods", default="lora,dora,loha,ia3")
+    parser.add_argument("--methods", default="lora,dora,loha,ia3,oft,boft")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", default=None, help="also write the results here")

@@ -86,6 +86,11 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         ), {}
     if method == "loha":
         return lib.LoHaConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
+    if method == "oft":  # block size 32 (issue 22's figure), PEFT's default Cayley-Neumann series
+        return lib.OFTConfig(r=0, oft_block_size=32, target_modules=TARGETS, init_weights=False), {}
+    if method == "boft":  # block size 32, 2 butterfly factors (PEFT needs its CUDA extension for more than 1)
+        cfg = lib.BOFTConfig(boft_block_size=32, boft_n_butterfly_factor=2, target_modules=TARGETS, init_weights=False)
+        return cfg, {}
     if method == "lokr":
         return lib.LoKrConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
     if method == "ln_tuning":  # every RMSNorm of the model (PEFT's default targets for Llama)
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     parser.add_argument("--part", default="eager", choices=["eager", "compile", "big"])
-    parser.add_argument("--methods", default="lora,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha")
+    parser.add_argument("--methods", default="lora,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha,oft,boft")
     parser.add_argument("--libs", default="grafting,peft")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)

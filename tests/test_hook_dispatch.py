@@ -12,9 +12,9 @@ import pytest
 from torch import nn
 
 import grafting
-from grafting import method as method_module
-from grafting import plugins
 from grafting.errors import UnknownMethodError
+from grafting.registry import method as method_module
+from grafting.registry import plugins
 from tests.helpers import base_model
 from tests.toy_methods import ToyDelta
 

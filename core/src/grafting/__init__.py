@@ -18,25 +18,23 @@ from grafting.api.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from grafting.api.peft_model import (
-    PeftMixedModel,
-    PeftModel,
+from grafting.api.factory import get_peft_model, inject_adapter_in_model
+from grafting.api.mixed import PeftMixedModel
+from grafting.api.peft_model import PeftModel
+from grafting.api.prepare import (
+    cast_mixed_precision_params,
+    prepare_model_for_gradient_checkpointing,
+    prepare_model_for_kbit_training,
+)
+from grafting.api.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    get_peft_model,
-    inject_adapter_in_model,
-)
-from grafting.api.prepare import (
-    cast_mixed_precision_params,
-    prepare_model_for_gradient_checkpointing,
-    prepare_model_for_kbit_training,
 )
 from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
-from grafting.dispatch import config_from_dict, get_peft_config
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
@@ -58,16 +56,15 @@ from grafting.errors import (
     UnusedOptionWarning,
 )
 from grafting.io.hub import load_peft_weights
+from grafting.io.inspection import inspect_adapter
 from grafting.io.state_dict import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
-from grafting.method import peft_type_of_config
 from grafting.model.layer import AdaptedLayer
 from grafting.model.routing import route_samples
-from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
 from grafting.protocol import (
     AdapterContext,
     DeltaAdapter,
@@ -82,6 +79,9 @@ from grafting.protocol import (
     WeightAdapter,
     hookimpl,
 )
+from grafting.registry.dispatch import config_from_dict, get_peft_config
+from grafting.registry.method import peft_type_of_config
+from grafting.registry.plugins import get_method, get_registry, register_plugin, unregister_plugin
 
 __version__ = "0.1.0"
 
@@ -168,6 +168,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "inject_adapter_in_model",
+    "inspect_adapter",
     "load_peft_weights",
     "prepare_model_for_gradient_checkpointing",
     "prepare_model_for_kbit_training",

@@ -15,7 +15,7 @@ loads them in PEFT's format, merges them in site order; a plugin never wraps
 modules itself.
 
 **Dispatch.** A method-scoped hook (every hook below except ``grafting_methods``,
-``grafting_dense_weight`` and ``grafting_store_weight``) reaches only the object
+``grafting_dense_weight``, ``grafting_store_weight`` and ``grafting_parameter_count``) reaches only the object
 that serves the config's method: :attr:`Method.hooks`, or the plugin that declared
 the method when it gives none. Plugins that declare no method at all (extensions:
 a quantized layer type for an existing method, a shape checker) see every
@@ -41,7 +41,7 @@ The create hooks of one such call share one :class:`AdapterContext`: its
 embedding's adapter for the tied head built after it), never a module global.
 
 **Config methods a plugin overrides** (on its :class:`grafting.AdapterConfig`
-subclass; defaults in ``grafting.config``), each called by the core:
+subclass; defaults in ``grafting.config.adapter_config``), each called by the core:
 
 ==============================  =============================================================================
 ``for_model(model)``            before validation: a copy with model-dependent values filled (PEFT saves them)
@@ -49,6 +49,8 @@ subclass; defaults in ``grafting.config``), each called by the core:
 ``select_targets(model, names)``after matching: keep or add modules among the matched logical names
 ``trainable_base_parameters``   ``(model, adapted_paths)`` -> base parameter names the method trains and saves
 ``ties_weights()``              ``True`` when the method ties adapters of tied embeddings (``ensure_weight_tying``)
+``trains_token_rows()``         ``True`` when the adapter trains and saves single embedding rows (LoRA's tokens)
+``is_adaption_prompt``          class attribute, PEFT's flag: ``True`` on the adaption prompt config only
 ``as_update_of_base``           ``(tensors, initial)`` -> config and tensors against the original base (PiSSA)
 ``inert_keys``                  ``{key: PEFT's default}`` of PEFT options not implemented (other values refused)
 ``absent_in_peft``              shared options PEFT's class lacks: written only when set
@@ -80,7 +82,7 @@ disk: the saved key of a layer adapter's tensor is
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -88,9 +90,8 @@ import pluggy
 import torch
 from torch import nn
 
-from grafting.combine import Combination, CombineRequest
 from grafting.errors import BeyondPeftWarning, MergeError
-from grafting.method import Method
+from grafting.registry.method import Method
 
 if TYPE_CHECKING:
     from grafting.config import AdapterConfig
@@ -99,6 +100,47 @@ PROJECT = "grafting"
 hookspec = pluggy.HookspecMarker(PROJECT)
 #: Marks a plugin's hook implementation: ``@grafting.hookimpl`` (``tryfirst=True`` to take precedence).
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- combining adapters (add_weighted_adapter) ------------------------------------------------
+#: ``fill(target, sources)``: write the new adapter ``target`` from ``[(source adapter, weight), ...]``, the
+#: source adapters present where ``target`` sits (a layer, or the model for model-level adapters).
+Fill = Callable[[nn.Module, list[tuple[nn.Module, float]]], None]
+
+
+@attrs.frozen(kw_only=True)
+class CombineRequest:
+    """What ``add_weighted_adapter`` was asked for, handed to the ``grafting_combine_adapters`` hook.
+
+    ``configs`` are the source adapters' configs, in the order of ``adapters``,
+    with ``target_modules`` resolved (a ``None`` replaced by the method's
+    default for the model). The options after ``combination_type`` are PEFT's
+    (``svd_*`` for the SVD-based types, ``density`` and
+    ``majority_sign_method`` for the pruning ones); a plugin refuses those it
+    cannot honour with a :class:`~grafting.errors.CombinationError`.
+    """
+
+    adapters: tuple[str, ...]
+    configs: tuple[AdapterConfig, ...]
+    weights: tuple[float, ...]
+    combination_type: str = "svd"
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    svd_full_matrices: bool = True
+    svd_driver: str | None = None
+    density: float | None = None
+    majority_sign_method: str = "total"
+
+    def peft_types(self) -> list[str]:
+        return sorted({c.peft_type for c in self.configs})
+
+
+@attrs.frozen
+class Combination:
+    """A plugin's answer: the config of the new adapter and the function that fills its tensors."""
+
+    config: AdapterConfig
+    fill: Fill
 
 
 # -- where a layer adapter acts ------------------------------------------------------------
@@ -286,12 +328,25 @@ class WeightAdapter(LayerAdapter):
 
 
 class InputAdapter(LayerAdapter):
-    """Transforms the layer's input before the base layer: ``forward(x) -> x'``, same shape and dtype."""
+    """Transforms the layer's input before the base layer: ``forward(x) -> x'``, same shape and dtype.
+
+    The input site is a multiplicative transform of the base layer's weight, ``W -> S·W·M``: ``forward``
+    applies ``M``, any linear map of the input (IA3's diagonal scaling, OFT's block rotation), and
+    :meth:`after_base` applies ``S``, a scaling of the output channels of the base layer's product
+    ``W·M·x`` (BOFT's ``s``; the bias is left out). ``merge`` writes ``S·W·M``. Several input adapters
+    act in the order they were added (the first one next to the input); the core merges them in the
+    reverse order, so ``W' = W·M_k···M_1``, and refuses to merge one while another added after it
+    stays active and unmerged.
+    """
 
     site = Site.INPUT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def after_base(self, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The base layer's output ``y = W·M·x + b`` with ``S`` applied to ``W·M·x``; default ``y`` unchanged."""
+        return y
 
 
 class DeltaAdapter(LayerAdapter):
@@ -502,6 +557,20 @@ def grafting_store_weight(layer: nn.Module, matrix: torch.Tensor) -> bool | None
 
 
 @hookspec(firstresult=True)
+def grafting_parameter_count(param: torch.Tensor) -> int | None:
+    """How many weights a parameter stores, when its storage packs several into one element.
+
+    Called for every parameter by ``PeftModel.get_nb_trainable_parameters`` (and
+    ``print_trainable_parameters``): a quantization plugin answers for its packed parameters
+    (bitsandbytes' 4-bit ``Params4bit`` holds two weights per byte), so the counts are PEFT's.
+
+    :param param: a parameter of the model.
+    :return: the number of weights it holds, or ``None`` for parameters this plugin does not pack
+        (they count ``param.numel()``).
+    """
+
+
+@hookspec(firstresult=True)
 def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Combination | None:
     """Combine existing adapters of this plugin's method into a new one (``add_weighted_adapter``).
 
@@ -513,7 +582,7 @@ def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Comb
     :meth:`LayerAdapter.delta_matrix`) or answer ``None``.
 
     :return: ``None`` when the method does not combine adapters; otherwise a
-        :class:`grafting.combine.Combination`: the new adapter's config, which the core adds
+        :class:`grafting.model.combine.Combination`: the new adapter's config, which the core adds
         like any other, and ``fill(target, sources)``, which the core calls (without
         gradients) wherever the new adapter sits, with the source adapters found there and
         their weights. Raise :class:`grafting.CombinationError` for a request this plugin

@@ -15,12 +15,18 @@ make two forwards differ.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from grafting.api.peft_model import PeftModel
+from grafting.errors import AdapterStateError
+from grafting.model.layer import AdaptedLayer, Site
+from grafting.model.routing import BASE
 
 ARCHITECTURES = ("llama", "gpt2", "bert", "t5")
 
@@ -297,8 +303,6 @@ def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the base model's floating-point weights, keyed by their path in the plain model."""
-    from grafting.model.layer import AdaptedLayer
-
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
@@ -325,12 +329,6 @@ def check_layer_adapter_invariants(
     grafting wrapper. Float64 models give the tightest check. ``inputs`` needs
     a batch of 2 or more. Raises AssertionError naming the failed property.
     """
-    import copy
-
-    from grafting.api.peft_model import PeftModel
-    from grafting.errors import AdapterStateError
-    from grafting.model.layer import AdaptedLayer, Site
-    from grafting.model.routing import BASE
 
     out = model_output(model, inputs)
     # a merged layer rounds W + ΔW before the product: 1000 epsilons of the output's scale (float64 is tight)

@@ -15,9 +15,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from grafting.api.peft_model import (
-    TASK_CLASSES,
-    PeftModel,
+from grafting.api.peft_model import PeftModel
+from grafting.api.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
@@ -25,7 +24,8 @@ from grafting.api.peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from grafting.config.adapter_config import AdapterConfig
+from grafting.config.adapter_config import AdapterConfig, TaskType
+from grafting.config.tasks import TASKS
 from grafting.errors import AdapterLoadError, ConfigError
 from grafting.io.hub import resolve_adapter_folder
 
@@ -104,7 +104,7 @@ class _AutoPeftModel:
                     f" allowlist {allowlist}; pass import_allowlist=[{package!r}] if you trust it"
                 )
             return getattr(importlib.import_module(package), name)
-        if task is not None and TASK_CLASSES.get(task) is not cls.peft_class:
+        if task is not None and PeftModel.class_for(task) is not cls.peft_class:
             raise ConfigError(
                 f"the adapter's task_type is {task}; {cls.__name__} loads {cls.peft_class.__name__} adapters:"
                 f" use {_auto_class_for(task)}"
@@ -115,7 +115,7 @@ class _AutoPeftModel:
 
 
 def _auto_class_for(task: str) -> str:
-    return next(c.__name__ for c in AUTO_CLASSES if TASK_CLASSES.get(task) is c.peft_class)
+    return next(c.__name__ for c in AUTO_CLASSES if PeftModel.class_for(task) is c.peft_class)
 
 
 def _grow_embeddings_to_tokenizer(model: nn.Module, folder: str) -> None:
@@ -138,32 +138,32 @@ class AutoPeftModel(_AutoPeftModel):
 
 
 class AutoPeftModelForCausalLM(_AutoPeftModel):
-    transformers_class = "AutoModelForCausalLM"
+    transformers_class = TASKS[TaskType.CAUSAL_LM.value].auto_class
     peft_class = PeftModelForCausalLM
 
 
 class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
-    transformers_class = "AutoModelForSeq2SeqLM"
+    transformers_class = TASKS[TaskType.SEQ_2_SEQ_LM.value].auto_class
     peft_class = PeftModelForSeq2SeqLM
 
 
 class AutoPeftModelForSequenceClassification(_AutoPeftModel):
-    transformers_class = "AutoModelForSequenceClassification"
+    transformers_class = TASKS[TaskType.SEQ_CLS.value].auto_class
     peft_class = PeftModelForSequenceClassification
 
 
 class AutoPeftModelForTokenClassification(_AutoPeftModel):
-    transformers_class = "AutoModelForTokenClassification"
+    transformers_class = TASKS[TaskType.TOKEN_CLS.value].auto_class
     peft_class = PeftModelForTokenClassification
 
 
 class AutoPeftModelForQuestionAnswering(_AutoPeftModel):
-    transformers_class = "AutoModelForQuestionAnswering"
+    transformers_class = TASKS[TaskType.QUESTION_ANS.value].auto_class
     peft_class = PeftModelForQuestionAnswering
 
 
 class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
-    transformers_class = "AutoModel"
+    transformers_class = TASKS[TaskType.FEATURE_EXTRACTION.value].auto_class
     peft_class = PeftModelForFeatureExtraction
 
 

@@ -24,6 +24,10 @@ from grafting.config.validators import (
     regexes,
 )
 from grafting.errors import AdapterLoadError, ConfigError, GraftingError, GraftingWarning
+from grafting.io.files import atomic_write_text
+from grafting.io.hub import resolve_adapter_folder
+from grafting.registry.dispatch import config_from_dict
+from grafting.registry.plugins import get_method
 
 __all__ = ["AdapterConfig", "TaskType", "one_of", "positive", "positive_int", "probability", "read_config_file"]
 
@@ -189,6 +193,8 @@ class AdapterConfig:
     inert_keys: ClassVar[dict[str, Any]] = {}
     #: Shared options that PEFT's config class for this method lacks: written only when set.
     absent_in_peft: ClassVar[tuple[str, ...]] = ()
+    #: PEFT's ``is_adaption_prompt``: ``True`` on the adaption prompt method's config, which declares it.
+    is_adaption_prompt: ClassVar[bool] = False
     #: Fields that map module-name patterns to per-module values (``rank_pattern``): a key that
     #: matches none of the adapted modules is reported with an ``UnusedOptionWarning``.
     pattern_fields: ClassVar[tuple[str, ...]] = ()
@@ -286,12 +292,10 @@ class AdapterConfig:
     def to_json_string(self) -> str:
         # to_dict() sorts the top-level keys; nested dicts keep their order, which carries meaning
         # (the first rank_pattern key that matches a module wins)
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return config_json(self.to_dict())
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """Write adapter_config.json atomically into ``save_directory`` (``kwargs`` are accepted for PEFT's sake)."""
-        from grafting.io.files import atomic_write_text
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
@@ -303,18 +307,14 @@ class AdapterConfig:
 
         On a method's class, that class reads it; on ``AdapterConfig`` itself
         (PEFT's ``PeftConfig.from_pretrained``) the installed method of its
-        ``peft_type`` does (:func:`grafting.dispatch.config_from_dict`).
+        ``peft_type`` does (:func:`grafting.registry.dispatch.config_from_dict`).
         ``revision`` picks the Hub revision; other keyword arguments override config fields.
         """
-        from grafting.io.hub import resolve_adapter_folder
-
         revision = kwargs.pop("revision", None)
         folder = resolve_adapter_folder(pretrained_model_name_or_path, subfolder, revision)
         data = read_config_file(folder)
         data.update(kwargs)
         if cls is AdapterConfig:
-            from grafting.dispatch import config_from_dict  # the registry sits above this module
-
             return config_from_dict(data, source=os.path.join(folder, CONFIG_NAME))
         return cls.from_dict(data, source=os.path.join(folder, CONFIG_NAME))
 
@@ -331,8 +331,6 @@ class AdapterConfig:
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> AdapterConfig:
         """The config of the method named by ``kwargs["peft_type"]``, built from the other keyword arguments."""
-        from grafting.dispatch import config_from_dict
-
         return config_from_dict(kwargs)
 
     @classmethod
@@ -343,21 +341,22 @@ class AdapterConfig:
     @property
     def is_prompt_learning(self) -> bool:
         """True for methods that act on the model's inputs (prompt tuning, P-tuning, prefix tuning)."""
-        from grafting.plugins import get_method
-
         try:
             return get_method(str(self.peft_type)).level == "model"
         except GraftingError:
             return False
 
-    @property
-    def is_adaption_prompt(self) -> bool:
-        return self.peft_type == PeftType.ADAPTION_PROMPT
-
     # -- per-method extension points ----------------------------------------------
     def trainable_base_parameters(self, model: Any, adapted_paths: list[str]) -> list[str]:
         """Names of base-model parameters this config also trains and saves (e.g. biases)."""
         return []
+
+    def trains_token_rows(self) -> bool:
+        """Whether the adapter trains single embedding rows (PEFT's trainable tokens) and saves them itself.
+
+        Then ``save_embedding_layers="auto"`` does not save the whole embedding for it (PEFT's rule).
+        """
+        return False
 
     def ties_weights(self) -> bool | None:
         """Whether adapters on a tied embedding are tied too (PEFT's ``ensure_weight_tying``).
@@ -453,3 +452,13 @@ def _depth(value: Any) -> int:
             if level <= MAX_CONFIG_DEPTH:
                 stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+def load_config(folder: str | os.PathLike[str]) -> AdapterConfig:
+    """The config saved in ``folder`` (adapter_config.json), as its method's class."""
+    return config_from_dict(read_config_file(folder), source=os.path.join(folder, CONFIG_NAME))
+
+
+def config_json(data: dict[str, Any]) -> str:
+    """The text of adapter_config.json holding ``data`` (a config's :meth:`AdapterConfig.to_dict`)."""
+    return json.dumps(data, indent=2) + "\n"

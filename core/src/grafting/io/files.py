@@ -53,21 +53,24 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[b
         yield fh
 
 
-def save_weights(
+def write_weights(
     tensors: dict[str, torch.Tensor],
     path: str,
     *,
     safe_serialization: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a weights file atomically (safetensors with ``metadata``, or torch pickle if asked)."""
+    """Write a weights file (safetensors with ``metadata``, or torch pickle if asked) into a staging folder.
+
+    Not atomic by itself: the caller writes into a :func:`grafting.io.transaction.save_transaction`'s
+    staging folder, which makes the whole save atomic at once.
+    """
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with staged_file(path) as tmp:
-        if safe_serialization:
-            save_file(_untie(tensors), tmp, metadata={"format": "pt", **(metadata or {})})
-            _sort_metadata(tmp)
-        else:
-            torch.save(tensors, tmp)
+    if safe_serialization:
+        save_file(_untie(tensors), path, metadata={"format": "pt", **(metadata or {})})
+        _sort_metadata(path)
+    else:
+        torch.save(tensors, path)
 
 
 def _sort_metadata(path: str) -> None:

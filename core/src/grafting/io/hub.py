@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from grafting.errors import AdapterLoadError
-from grafting.io.files import atomic_write_text
+from grafting.io.files import atomic_write_text, load_weights, remap_keys
 from grafting.io.transaction import is_bookkeeping
 
 
@@ -142,8 +142,6 @@ def load_peft_weights(
     ``key_mapping`` renames keys (regex -> replacement, the first match wins);
     ``subfolder`` and ``revision`` among the keyword arguments pick where on the Hub.
     """
-    from grafting.io.files import load_weights, remap_keys
-
     folder = resolve_adapter_folder(
         model_id, hf_hub_download_kwargs.get("subfolder"), hf_hub_download_kwargs.get("revision")
     )

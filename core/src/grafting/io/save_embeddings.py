@@ -37,16 +37,6 @@ def targets_embeddings(config: Any, base_model: nn.Module) -> bool:
     return any(emb in (targets or ()) for emb in EMBEDDING_NAMES)
 
 
-def trains_token_rows(config: Any) -> bool:
-    """True when the adapter trains single embedding rows (PEFT's trainable tokens), which it saves itself.
-
-    PEFT's rule, by its option names: a ``TRAINABLE_TOKENS`` config, or ``trainable_token_indices`` set.
-    """
-    return str(getattr(config, "peft_type", "")) == "TRAINABLE_TOKENS" or (
-        getattr(config, "trainable_token_indices", None) is not None
-    )
-
-
 def vocab_resized(model_config: Any, base_name: str | None, revision: str | None = None) -> bool:
     """True when ``model_config.vocab_size`` differs from the one in the base model's config.
 
@@ -95,7 +85,7 @@ def saves_embeddings(choice: bool | str, config: Any, base_model: nn.Module) -> 
     targeted = targets_embeddings(config, base_model)
     if isinstance(choice, bool):
         return choice, targeted
-    if targeted and not trains_token_rows(config):
+    if targeted and not config.trains_token_rows():
         why = "target_modules names one"
     elif vocab_resized(getattr(base_model, "config", None), config.base_model_name_or_path, config.revision):
         why = "the vocabulary was resized since the base model was loaded"

@@ -11,7 +11,11 @@ import torch
 from torch import nn
 
 from grafting.errors import AdapterLoadError, BaseStateDictError, GraftingWarning, StateDictKeyError
+from grafting.io.save_embeddings import saves_embeddings
+from grafting.model.layer import AdaptedLayer
 from grafting.model.matching import logical_path
+from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.model.tuner import AdapterModel
 
 PREFIX = "base_model.model."
 #: Where a model-level adapter's file keeps base-model tensors (modules_to_save).
@@ -35,8 +39,6 @@ def injected_tuner(model: nn.Module) -> Any:
 
 def tuner_of(model: nn.Module) -> Any:
     """The AdapterModel behind a PeftModel, an injected model, or the AdapterModel itself."""
-    from grafting.model.tuner import AdapterModel
-
     if isinstance(model, AdapterModel):
         return model
     base = getattr(model, "base_model", None)
@@ -120,10 +122,8 @@ def get_peft_model_state_dict(
     ``model.state_dict()``, e.g. a full state dict gathered from a sharded model) the adapter's tensors are
     taken from it instead; a model-level adapter's saved tensors are computed from the model, as PEFT does.
     """
-    from grafting.io.save_embeddings import saves_embeddings
-
     tuner = tuner_of(model)
-    tuner._require(adapter_name)
+    tuner.require_adapter(adapter_name)
     slots = adapter_slots(model, adapter_name)
     save, targeted = saves_embeddings(save_embedding_layers, tuner.peft_config[adapter_name], tuner.model)
     if save and not callable(getattr(tuner.model, "get_input_embeddings", None)):
@@ -187,8 +187,6 @@ def embedding_slots(tuner: Any, adapter_name: str, adapted_only: bool = False) -
     ``adapted_only``: only the embedding layers wrapped where PEFT's tuner layers keep the base layer
     (``base_layer``), the ones a config that targets embeddings adapts.
     """
-    from grafting.model.layer import AdaptedLayer
-
     prefix = MODEL_LEVEL_PREFIX if adapter_name in tuner.model_adapters else PREFIX
     paths = {id(module): name for name, module in tuner.model.named_modules()}
     slots: dict[str, Slot] = {}
@@ -357,7 +355,7 @@ def plan_peft_model_state_dict(
     slot is an :class:`AdapterLoadError` naming it (see :func:`checked_value` for the dtype rule).
     """
     tuner = tuner_of(model)
-    tuner._require(adapter_name)
+    tuner.require_adapter(adapter_name)
     where = f"{source} (adapter {adapter_name!r})"
     state = dict(peft_model_state_dict)
     bad_keys = [k for k in state if not isinstance(k, str)]
@@ -427,8 +425,6 @@ def _check_tied_to_base(
     Otherwise the key is a saved head the config does not account for (no ``modules_to_save``), and
     loading it would silently change both the head and the input embeddings.
     """
-    from grafting.model.layer import AdaptedLayer
-
     modules = [
         getattr(tuner.model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(tuner.model, g)
     ]
@@ -493,8 +489,6 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def _base_slots(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, Slot]]:
     """The base model's tensors under their original names: wrappers seen through, adapters left out."""
-    from grafting.model.layer import AdaptedLayer
-    from grafting.model.modules_to_save import ModulesToSaveWrapper
 
     if isinstance(module, AdaptedLayer):
         yield from _base_slots(module.base_layer, prefix)

@@ -94,9 +94,18 @@ class AdaptedLayer(nn.Module):
         self.active = tuple(n for n in names if n in self.adapters)
 
     def _sorted(self, names: list[str] | set[str]) -> list[str]:
-        """Adapter names in merge order: by site, one that reads the base weight first, then insertion order."""
+        """Adapter names in merge order: by site, one that reads the base weight first, then insertion order.
+
+        Input adapters merge in reverse insertion order: the forward applies them in insertion order, so
+        the last one added acts next to the weight and is folded into it first (``W' = W·M_k···M_1``).
+        """
         order = list(self.adapters.keys())
-        return sorted(names, key=lambda n: (self._get(n).site, not self._get(n).reads_base_weight, order.index(n)))
+
+        def key(name: str) -> tuple[int, bool, int]:
+            adapter, index = self._get(name), order.index(name)
+            return adapter.site, not adapter.reads_base_weight, -index if adapter.site is Site.INPUT else index
+
+        return sorted(names, key=key)
 
     # -- forward ------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -122,13 +131,15 @@ class AdaptedLayer(nn.Module):
         x, where = _primary(args, kwargs)
         base_args, base_kwargs = args, kwargs
         x_in = x
-        for adapter in live:
-            if adapter.site is Site.INPUT:
-                x_in = adapter(x_in)
+        inputs = [cast(InputAdapter, a) for a in self.adapters.values() if a in live and a.site is Site.INPUT]
+        for step in inputs:  # insertion order: the reverse of their merge order
+            x_in = step(x_in)
         if x_in is not x:
             base_args, base_kwargs = _replace(args, kwargs, where, x_in)
         out = self._call_base([a for a in live if a.site is Site.WEIGHT], base_args, base_kwargs)
         y = out[0] if isinstance(out, tuple) else out
+        for step in inputs:
+            y = step.after_base(y, self.base_layer)
         dtype = y.dtype
         call: LayerCall | None = None
         for adapter in live:
@@ -186,7 +197,9 @@ class AdaptedLayer(nn.Module):
                 if adapter.site is Site.INPUT:
                     sub_args, sub_kwargs = _replace(args, kwargs, where, adapter(x[rows]))
                     sub = self.base_layer(*sub_args, **sub_kwargs)
-                    value = sub[0] if isinstance(sub, tuple) else sub
+                    value = cast(InputAdapter, adapter).after_base(
+                        sub[0] if isinstance(sub, tuple) else sub, self.base_layer
+                    )
                 elif adapter.site is Site.DELTA:
                     own = y[rows]
                     call = LayerCall(self.base_layer, args, kwargs, own, rows)
@@ -216,12 +229,12 @@ class AdaptedLayer(nn.Module):
         the merged weights are not finite.
         """
         names = [n for n in names if n in self.adapters]
-        self._rebuild(set(self.merged) | set(names), safe=safe, layer_name=layer_name)
+        self.rebuild(set(self.merged) | set(names), safe=safe, layer_name=layer_name)
 
     def unmerge(self, names: list[str] | None = None, *, layer_name: str = "layer") -> None:
         """Take ``names`` (default: all) out of the base weights."""
         drop = set(self.merged) if names is None else set(names)
-        self._rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
+        self.rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
 
     def check_merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:
         """Raise :class:`MergeError` if :meth:`merge` of ``names`` would be refused; touches no weight.
@@ -251,7 +264,7 @@ class AdaptedLayer(nn.Module):
         if safe or self.merged:
             if trial is self:
                 trial = copy.deepcopy(self)
-            trial._rebuild(target, safe=safe, layer_name=layer_name)
+            trial.rebuild(target, safe=safe, layer_name=layer_name)
 
     def _check(self, target: set[str], layer_name: str) -> None:
         for name in target:
@@ -278,6 +291,7 @@ class AdaptedLayer(nn.Module):
                     " it reads the layer's own weight (DoRA's norm), which the merge would change; merge it too,"
                     " or deactivate it first"
                 )
+            self._check_input_order(target, layer_name)
             top = max(self._get(n).site for n in target)
             for name in set(self.active) - target:
                 if self._get(name).site < top:
@@ -286,7 +300,25 @@ class AdaptedLayer(nn.Module):
                         f"({self._get(name).site.name} site) stays unmerged; merge it too"
                     )
 
-    def _rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+    def _check_input_order(self, target: set[str], layer_name: str) -> None:
+        """Merged input adapters must act next to the weight: added after every active unmerged one.
+
+        An input adapter may be any linear map of the input (OFT's rotation), so input adapters do
+        not commute: the merged ones must be a prefix of the input adapters' merge order.
+        """
+        order = list(self.adapters.keys())
+        inputs = [n for n in order if self._get(n).site is Site.INPUT]
+        merged = [n for n in inputs if n in target]
+        waiting = [n for n in inputs if n in self.active and n not in target]
+        if merged and waiting and order.index(waiting[-1]) > order.index(merged[0]):
+            raise MergeError(
+                f"{layer_name}: cannot merge input adapter {merged[0]!r} while input adapter {waiting[-1]!r},"
+                " added after it, stays active and unmerged (it acts between the input and the merged one);"
+                " merge it too"
+            )
+
+    def rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+        """Bring the layer to the merged set ``target``: unmerge the stack (LIFO), merge ``target`` in site order."""
         if target == set(self.merged):
             return
         self._check(target, layer_name)

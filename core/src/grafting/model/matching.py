@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from grafting.errors import TargetNotFoundError
+from grafting.errors import TargetNotFoundError, UnusedOptionWarning
+from grafting.model.layer import AdaptedLayer
+from grafting.model.modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 V = TypeVar("V")
@@ -41,8 +43,6 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
 
 def warn_unmatched_patterns(config: Any, names: list[str]) -> None:
     """Warn about keys of the config's ``pattern_fields`` that match none of the adapted modules ``names``."""
-    from grafting.errors import UnusedOptionWarning
-
     for field in getattr(config, "pattern_fields", ()):
         patterns = getattr(config, field, None) or {}
         unmatched = sorted(key for key in patterns if not any(pattern_key([key], name) for name in names))
@@ -94,8 +94,6 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     plain model), so a module inside an adapted module can be targeted too.
     Adapters and :class:`ModulesToSaveWrapper` copies are not candidates.
     """
-    from grafting.model.layer import AdaptedLayer
-    from grafting.model.modules_to_save import ModulesToSaveWrapper
 
     out: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
@@ -117,8 +115,6 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def physical_path(model: nn.Module, name: str) -> str:
     """The attribute path of the module a logical name designates (``base_layer`` steps put back)."""
-    from grafting.model.layer import AdaptedLayer
-
     atoms: list[str] = []
     module = model
     for item in name.split("."):
@@ -138,8 +134,6 @@ def logical_path(model: nn.Module, path: str) -> str:
     layer keeps it (``q_proj.base_layer``, as PEFT names a wrapped layer's own
     weights).
     """
-    from grafting.model.layer import AdaptedLayer
-
     if not path:
         return path
     atoms = path.split(".")

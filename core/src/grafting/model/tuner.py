@@ -7,69 +7,21 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import attrs
-import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from grafting.config.adapter_config import AdapterConfig, TaskType
-from grafting.config.validators import check_adapter_name
+from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import (
     AdapterNotFoundError,
     AdapterStateError,
-    BeyondPeftWarning,
     GraftingWarning,
     MergeError,
-    PluginError,
-    TargetNotFoundError,
-    UnsupportedLayerError,
 )
+from grafting.model.adding import check_new_adapter, create_adapter, install
+from grafting.model.combine import add_weighted_adapter
 from grafting.model.layer import AdaptedLayer
-from grafting.model.matching import (
-    candidate_modules,
-    find_targets,
-    name_matches,
-    physical_path,
-    warn_unmatched_patterns,
-)
 from grafting.model.modules_to_save import ModulesToSaveWrapper
-from grafting.model.tying import plan_weight_tying
-from grafting.plugins import get_method, get_registry
-from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
-
-#: Heads trained in full for these task types, as PEFT does.
-TASK_HEADS: dict[str, list[str]] = {
-    TaskType.SEQ_CLS.value: ["classifier", "score"],
-    TaskType.TOKEN_CLS.value: ["classifier", "score"],
-    TaskType.QUESTION_ANS.value: ["qa_outputs"],
-}
-
-
-def _base_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    for tensor in module.parameters():
-        return tensor.device, None
-    return torch.device("cpu"), None
-
-
-def _place(adapter: nn.Module, base: nn.Module, autocast_adapter_dtype: bool) -> None:
-    """Put a new adapter on its base's device; float32 unless the base is float64 or autocast is off.
-
-    Meta tensors (an adapter built for loading) stay on meta, only their dtype changes.
-    """
-    device, dtype = _base_device_dtype(base)
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    if dtype not in floats or (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
-        target = torch.float32
-    else:
-        target = dtype
-
-    def convert(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(dtype=target) if t.is_floating_point() else t
-        return t if t.is_meta else t.to(device=device)
-
-    adapter._apply(convert)
+from grafting.protocol import ModelAdapter
 
 
 def _unmerge_for(layer: AdaptedLayer, names: list[str]) -> bool:
@@ -134,7 +86,8 @@ class AdapterModel(nn.Module):
         if name in self.model_adapters:
             yield f"model_adapters.{name}", self.model_adapters[name]
 
-    def _require(self, name: str) -> None:
+    def require_adapter(self, name: str) -> None:
+        """Raise :class:`AdapterNotFoundError` unless the model holds adapter ``name``."""
         if name not in self.peft_config:
             raise AdapterNotFoundError(f"no adapter named {name!r}; the model holds {sorted(self.peft_config)}")
 
@@ -148,153 +101,20 @@ class AdapterModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         """Create adapter ``adapter_name`` from ``config``; on any error the model is unchanged."""
-        check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise AdapterStateError(f"the model already holds an adapter named {adapter_name!r}")
-        if not isinstance(config, AdapterConfig):
-            raise TypeError(f"expected a grafting adapter config, got {type(config).__name__}")
-        if not self.mixed:
-            others = {c.peft_type for c in self.peft_config.values()} - {config.peft_type}
-            if others:
-                raise AdapterStateError(
-                    f"this model holds {sorted(others)} adapters; adding a {config.peft_type} adapter needs a mixed model "
-                    "(get_peft_model(..., mixed=True))"
-                )
-        method = get_method(config.peft_type)
-        derived, tying = plan_weight_tying(self._with_task_heads(config).for_model(self.model), self.model)
-        config = config if derived == config else derived  # the caller's own object when nothing was filled in
-        config.validate_for_model(self.model)
-        registry = get_registry()
-        device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
-        created: list[tuple[str, LayerAdapter]] = []
-        model_adapter: ModelAdapter | None = None
-        shared: SharedState | None = None
-        if method.level == "layer":
-            defaults = registry.call(method, "grafting_default_target_modules", config=config, model=self.model)
-            targets: dict[str, nn.Module] = {}
-            found = find_targets(self.model, config, defaults)
-            if tying is not None and tying.option == "target_modules" and tying.embedding in found:
-                # the tied partners come last, after the embedding whose adapter they follow
-                found = [p for p in found if p not in tying.partners] + list(tying.partners)
-            warn_unmatched_patterns(config, found)
-            for path in found:
-                module = self.model.get_submodule(physical_path(self.model, path))
-                targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
-            context = AdapterContext(config, self.model, adapter_name, dict(targets))
-            with device_ctx:
-                shared = registry.call(
-                    method,
-                    "grafting_create_shared_state",
-                    config=config,
-                    model=self.model,
-                    adapter_name=adapter_name,
-                    targets=dict(targets),
-                    context=context,
-                )
-            context.shared = shared
-            if shared is not None:
-                clash = [k for k in shared.state_dict() if k.split(".")[0] == "model"]
-                if clash:
-                    raise PluginError(f"{method.name}: a shared state may not name tensors model.*, got {clash}")
-                _place(shared, next(iter(targets.values())), autocast_adapter_dtype)
-            for path, base in targets.items():
-                with device_ctx:
-                    adapter = registry.call(
-                        method,
-                        "grafting_create_layer_adapter",
-                        config=config,
-                        base_layer=base,
-                        adapter_name=adapter_name,
-                        module_name=path,
-                        model=self.model,
-                        shared=shared,
-                        context=context,
-                    )
-                if adapter is None:
-                    raise UnsupportedLayerError(
-                        f"{config.peft_type} adapter {adapter_name!r}: {path} is a {type(base).__name__}, which no "
-                        f"installed plugin can adapt with {config.peft_type}"
-                    )
-                _place(adapter, base, autocast_adapter_dtype)
-                created.append((path, adapter))
-        else:
-            with device_ctx:
-                model_adapter = registry.call(
-                    method,
-                    "grafting_create_model_adapter",
-                    config=config,
-                    model=self.model,
-                    adapter_name=adapter_name,
-                    context=AdapterContext(config, self.model, adapter_name),
-                )
-            if model_adapter is None:
-                raise PluginError(f"the {method.name} plugin built no model adapter for {type(self.model).__name__}")
-            _place(model_adapter, self.model, autocast_adapter_dtype)
-        beyond = [path for path, adapter in created if not adapter.peft_loadable]
-        if beyond:
-            warnings.warn(
-                f"{config.peft_type} adapter {adapter_name!r} on {beyond[:5]}{' …' if len(beyond) > 5 else ''}: PEFT's"
-                f" {config.peft_type} refuses these layer types; grafting adapts, saves and loads them, PEFT cannot"
-                " load the saved folder",
-                BeyondPeftWarning,
-                stacklevel=3,
-            )
-        saved = self._modules_to_save_paths(config)
-        tied_copies: dict[str, str] = {}  # partner path -> the embedding path whose copy it shares
-        if tying is not None and tying.option == "modules_to_save" and tying.embedding in saved:
-            tied_copies = {p: tying.embedding for p in tying.partners}
-            saved = [p for p in saved if p not in tied_copies] + list(tied_copies)
-        # every check passed: install
-        for path, adapter in created:
-            where = physical_path(self.model, path)  # after this loop's earlier installs
-            module = self.model.get_submodule(where)
-            if not isinstance(module, AdaptedLayer):
-                module = AdaptedLayer(module)
-                self.model.set_submodule(where, module)
-            module.add_adapter(adapter_name, adapter)
-            adapter.attach(module.base_layer)
-        if model_adapter is not None:
-            self.model_adapters[adapter_name] = model_adapter
-        if shared is not None:
-            self.shared_states[adapter_name] = shared
-        for path in saved:
-            where = physical_path(self.model, path)
-            wrapper = self.model.get_submodule(where)
-            if not isinstance(wrapper, ModulesToSaveWrapper):
-                wrapper = ModulesToSaveWrapper(wrapper)
-                self.model.set_submodule(where, wrapper)
-            tied_to = (
-                self.model.get_submodule(physical_path(self.model, tied_copies[path])) if path in tied_copies else None
-            )
-            wrapper.add_copy(adapter_name, tied_to=tied_to if isinstance(tied_to, ModulesToSaveWrapper) else None)
+        check_new_adapter(self, adapter_name, config)
+        config, creation = create_adapter(
+            self.model,
+            adapter_name,
+            config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+        install(self, adapter_name, creation)  # every check passed
         self.peft_config[adapter_name] = config
         if not self.active_adapters:
             self.set_adapter(adapter_name, inference_mode=config.inference_mode)
         else:  # a new inactive adapter starts frozen, as in PEFT
-            self._refresh_trainable()
-
-    def _with_task_heads(self, config: AdapterConfig) -> AdapterConfig:
-        heads = TASK_HEADS.get(config.task_type or "")
-        if not heads:
-            return config
-        current = list(config.modules_to_save or [])
-        return attrs.evolve(config, modules_to_save=current + [h for h in heads if h not in current])
-
-    def _modules_to_save_paths(self, config: AdapterConfig) -> list[str]:
-        if not config.modules_to_save:
-            return []
-        paths = [
-            n
-            for n, m in candidate_modules(self.model)
-            if name_matches(n, config.modules_to_save) and not isinstance(m, AdaptedLayer)
-        ]
-        # the outermost match only (a head, not its submodules)
-        paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
-        if not paths:
-            raise TargetNotFoundError(
-                f"{type(config).__name__}: modules_to_save={config.modules_to_save!r} matches no module of the model"
-            )
-        return paths
+            self.refresh_trainable()
 
     # -- activation -------------------------------------------------------------------
     @property
@@ -310,7 +130,7 @@ class AdapterModel(nn.Module):
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
-            self._require(name)
+            self.require_adapter(name)
         types = {self.peft_config[n].peft_type for n in names}
         if len(types) > 1 and not self.mixed:
             raise AdapterStateError(f"adapters {names} are of different methods {sorted(types)}; use a mixed model")
@@ -323,20 +143,20 @@ class AdapterModel(nn.Module):
             wrapper.set_active(names)
         self.active_adapters = names
         self.trainable_adapters = set() if inference_mode else set(names)
-        self._refresh_trainable()
+        self.refresh_trainable()
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Let the given adapters' parameters train (``requires_grad=True``) or freeze them, active or not."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            self._require(name)
+            self.require_adapter(name)
         if requires_grad:
             self.trainable_adapters |= set(names)
         else:
             self.trainable_adapters -= set(names)
-        self._refresh_trainable()
+        self.refresh_trainable()
 
-    def _refresh_trainable(self) -> None:
+    def refresh_trainable(self) -> None:
         """The adapters in ``trainable_adapters`` train; everything else is frozen."""
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -391,7 +211,7 @@ class AdapterModel(nn.Module):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether adapter ``adapter_name`` is ``W + ΔW`` on every layer it touches (its adapters say so)."""
-        self._require(adapter_name)
+        self.require_adapter(adapter_name)
         if adapter_name in self.model_adapters:
             return False
         found = [layer.adapters[adapter_name] for _, layer in self.adapted_layers() if adapter_name in layer.adapters]
@@ -411,7 +231,7 @@ class AdapterModel(nn.Module):
         """Fold adapters (default: the active ones) into the base weights, all layers or none."""
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         for name in names:
-            self._require(name)
+            self.require_adapter(name)
             if name in self.model_adapters:
                 raise MergeError(
                     f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the model's inputs and cannot be merged"
@@ -436,7 +256,7 @@ class AdapterModel(nn.Module):
                 done.append((path, layer, before))
         except BaseException:
             for path, layer, before in reversed(done):
-                layer._rebuild(set(before), safe=False, layer_name=path)
+                layer.rebuild(set(before), safe=False, layer_name=path)
             raise
 
     def unmerge_adapter(self) -> None:
@@ -463,10 +283,10 @@ class AdapterModel(nn.Module):
                 if without is not None:
                     layer.active = tuple(n for n in layer.active if n != without)
                 done.append((path, layer, before, active))
-                layer._rebuild(target, safe=False, layer_name=path)
+                layer.rebuild(target, safe=False, layer_name=path)
         except BaseException:
             for path, layer, before, active in reversed(done):
-                layer._rebuild(set(before), safe=False, layer_name=path)
+                layer.rebuild(set(before), safe=False, layer_name=path)
                 layer.active = active
             raise
 
@@ -477,8 +297,6 @@ class AdapterModel(nn.Module):
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         layers = list(self.adapted_layers())[::-1]  # inner layers first: their paths pass through outer ones
         if progressbar:
-            from tqdm.auto import tqdm
-
             layers = list(tqdm(layers, desc="Unloading" + (" and merging" if merge else "")))
         for path, layer in layers:
             self.model.set_submodule(path, layer.base_layer)
@@ -525,8 +343,6 @@ class AdapterModel(nn.Module):
         IA3 combines its vectors linearly. An existing ``adapter_name`` is
         left alone with a warning (PEFT returns silently).
         """
-        from grafting.combine import add_weighted_adapter
-
         add_weighted_adapter(
             self,
             adapters,
@@ -551,7 +367,7 @@ class AdapterModel(nn.Module):
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
-            self._require(name)
+            self.require_adapter(name)
         for name in dict.fromkeys(names):
             self._delete_one(name)
 
@@ -582,7 +398,7 @@ class AdapterModel(nn.Module):
         self.trainable_adapters.discard(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if remaining == self.active_adapters:  # an inactive adapter went: nothing else changes
-            self._refresh_trainable()
+            self.refresh_trainable()
             return
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]

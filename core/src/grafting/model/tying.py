@@ -19,6 +19,9 @@ import attrs
 from torch import nn
 
 from grafting.errors import TiedWeightsWarning
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import candidate_modules
+from grafting.model.modules_to_save import ModulesToSaveWrapper
 
 #: The module names PEFT looks for in the options to decide whether an embedding is adapted.
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
@@ -42,8 +45,6 @@ class WeightTying:
 
 
 def _unwrapped(module: Any) -> Any:
-    from grafting.model.layer import AdaptedLayer
-    from grafting.model.modules_to_save import ModulesToSaveWrapper
 
     while isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
         module = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
@@ -52,8 +53,6 @@ def _unwrapped(module: Any) -> Any:
 
 def tied_embedding(model: nn.Module) -> TiedEmbedding | None:
     """The input embedding and the modules sharing its weight, by logical name; None when nothing is tied."""
-    from grafting.model.matching import candidate_modules
-
     getter = getattr(model, "get_input_embeddings", None)
     try:
         embedding = _unwrapped(getter()) if callable(getter) else None

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from grafting.errors import UnsupportedLayerError
+from grafting.registry.plugins import get_registry
 
 
 def is_hf_conv1d(layer: nn.Module) -> bool:
@@ -71,7 +72,6 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The weight as a floating-point (out, in·k) matrix, dequantized if need be (do not modify it)."""
     if is_float_weight(layer):
         return weight_matrix(layer)
-    from grafting.plugins import get_registry
 
     dense = get_registry().hook.grafting_dense_weight(layer=layer)
     if dense is None:
@@ -86,7 +86,6 @@ def store_weight(layer: nn.Module, matrix: torch.Tensor) -> None:
         weight = _weight(layer)
         weight.copy_(to_weight_layout(layer, matrix).to(weight.dtype))
         return
-    from grafting.plugins import get_registry
 
     if not get_registry().hook.grafting_store_weight(layer=layer, matrix=matrix):
         raise UnsupportedLayerError(_no_codec(layer))

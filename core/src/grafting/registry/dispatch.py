@@ -1,17 +1,14 @@
-"""Configs by ``peft_type``: the installed method's class reads an adapter_config.json dict.
-
-Apart from :mod:`grafting.config`, so the config base class knows nothing of the
-plugin registry above it.
-"""
+"""Configs by ``peft_type``: the installed method's class reads an adapter_config.json dict."""
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from grafting.config import CONFIG_NAME, AdapterConfig, read_config_file
 from grafting.errors import ConfigError, UnknownMethodError
-from grafting.plugins import get_method
+from grafting.registry.plugins import get_method
+
+if TYPE_CHECKING:
+    from grafting.config.adapter_config import AdapterConfig
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> AdapterConfig:
@@ -31,8 +28,3 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Adapter
 def get_peft_config(config_dict: dict[str, Any]) -> AdapterConfig:
     """PEFT's name for :func:`config_from_dict`."""
     return config_from_dict(config_dict)
-
-
-def load_config(folder: str | os.PathLike[str]) -> AdapterConfig:
-    """The config saved in ``folder`` (adapter_config.json), as its method's class."""
-    return config_from_dict(read_config_file(folder), source=os.path.join(folder, CONFIG_NAME))

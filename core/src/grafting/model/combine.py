@@ -11,57 +11,19 @@ adapter, as it was.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
-from torch import nn
 
 from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import CombinationError, GraftingWarning
+from grafting.protocol import Combination, CombineRequest
+from grafting.registry.plugins import get_method, get_registry
 
 if TYPE_CHECKING:
     from grafting.model.tuner import AdapterModel
-
-#: ``fill(target, sources)``: write the new adapter ``target`` from ``[(source adapter, weight), ...]``, the
-#: source adapters present where ``target`` sits (a layer, or the model for model-level adapters).
-Fill = Callable[[nn.Module, list[tuple[nn.Module, float]]], None]
-
-
-@attrs.frozen(kw_only=True)
-class CombineRequest:
-    """What ``add_weighted_adapter`` was asked for, handed to the ``grafting_combine_adapters`` hook.
-
-    ``configs`` are the source adapters' configs, in the order of ``adapters``,
-    with ``target_modules`` resolved (a ``None`` replaced by the method's
-    default for the model). The options after ``combination_type`` are PEFT's
-    (``svd_*`` for the SVD-based types, ``density`` and
-    ``majority_sign_method`` for the pruning ones); a plugin refuses those it
-    cannot honour with a :class:`~grafting.errors.CombinationError`.
-    """
-
-    adapters: tuple[str, ...]
-    configs: tuple[AdapterConfig, ...]
-    weights: tuple[float, ...]
-    combination_type: str = "svd"
-    svd_rank: int | None = None
-    svd_clamp: float | None = None
-    svd_full_matrices: bool = True
-    svd_driver: str | None = None
-    density: float | None = None
-    majority_sign_method: str = "total"
-
-    def peft_types(self) -> list[str]:
-        return sorted({c.peft_type for c in self.configs})
-
-
-@attrs.frozen
-class Combination:
-    """A plugin's answer: the config of the new adapter and the function that fills its tensors."""
-
-    config: AdapterConfig
-    fill: Fill
 
 
 def union_of_targets(values: Sequence[list[str] | str], what: str = "target_modules") -> list[str] | str:
@@ -106,7 +68,7 @@ def add_weighted_adapter(
     if not names:
         raise CombinationError("add_weighted_adapter needs at least one adapter to combine")
     for name in names:
-        tuner._require(name)
+        tuner.require_adapter(name)
     if len(set(names)) != len(names):
         raise CombinationError(f"add_weighted_adapter: adapters {names} name an adapter twice")
     values = list(weights)
@@ -127,7 +89,6 @@ def add_weighted_adapter(
         density=density,
         majority_sign_method=majority_sign_method,
     )
-    from grafting.plugins import get_method, get_registry
 
     registry, combination = get_registry(), None
     for peft_type in dict.fromkeys(str(c.peft_type) for c in request.configs):  # the sources' methods, in order
@@ -153,7 +114,6 @@ def add_weighted_adapter(
 def _resolved_targets(tuner: AdapterModel, config: AdapterConfig) -> AdapterConfig:
     if config.target_modules is not None:
         return config
-    from grafting.plugins import get_method, get_registry
 
     method = get_method(str(config.peft_type))
     defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=tuner.model)

@@ -12,7 +12,7 @@ import pluggy
 
 from grafting import protocol
 from grafting.errors import PluginConflictError, PluginError, UnknownMethodError
-from grafting.method import Method, distribution_of
+from grafting.registry.method import Method, distribution_of
 
 ENTRY_POINT_GROUP = "grafting"
 

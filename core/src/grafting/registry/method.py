@@ -56,7 +56,7 @@ def known_methods() -> dict[str, dict[str, Any]]:
     methods that are not installed (install hints, ``grafting.LoraConfig`` resolving
     to an install hint); an installed method's own :class:`Method` record wins.
     """
-    text = resources.files("grafting").joinpath("known_methods.json").read_text(encoding="utf-8")
+    text = resources.files("grafting.registry").joinpath("known_methods.json").read_text(encoding="utf-8")
     known = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
     for ep in importlib.metadata.entry_points(group=KNOWN_METHODS_GROUP):
         distribution, _, configs = ep.value.partition(":")

@@ -1,0 +1,106 @@
+"""Shared pieces of the OFT plugin's tests: float64 tiny models, a convolutional net, seeded adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from grafting.testing import model_output, sample_inputs, tiny_model
+
+F64 = torch.float64
+#: per architecture: the layers OFT adapts there (GPT-2's linear layers are Conv1D, which PEFT's OFT refuses)
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    "gpt2": ["wpe", "lm_head"],
+    "bert": ["query", "value", "dense", "word_embeddings"],
+    "t5": ["q", "v", "wo", "wi"],
+    "conv": ["pointwise", "spatial", "strided"],
+}
+ARCHS = tuple(TARGETS)
+
+
+class ConvNet(nn.Module):
+    """Conv2d layers OFT adapts: 1×1, 3×3 padded, 3×3 strided with reflect padding; a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pointwise = nn.Conv2d(4, 6, 1)
+        self.spatial = nn.Conv2d(6, 6, 3, padding=1)
+        self.strided = nn.Conv2d(6, 5, 3, stride=2, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.pointwise(x))
+        h = torch.tanh(self.strided(torch.tanh(self.spatial(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def untied_gpt2(seed: int = 0) -> nn.Module:
+    """Tiny GPT-2 whose lm_head has its own weight: a merge there leaves wte alone."""
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_model("gpt2").config
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def base(arch: str, seed: int = 0) -> nn.Module:
+    """A float64 tiny model: one of grafting.testing's, ``gpt2-untied`` or ``conv``."""
+    if arch == "conv":
+        torch.manual_seed(seed)
+        return ConvNet().to(F64).eval()
+    if arch == "gpt2-untied":
+        return untied_gpt2(seed).to(F64)
+    return tiny_model(arch, seed=seed).to(F64)
+
+
+def inputs(arch: str, seed: int = 0) -> Any:
+    if arch == "conv":
+        return torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
+
+
+def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
+    if arch == "conv":
+        with torch.no_grad():
+            return model(inputs(arch, seed))
+    return model_output(model, inputs(arch, seed))
+
+
+def loss(model: nn.Module, arch: str) -> torch.Tensor:
+    """A differentiable scalar of the model's output."""
+    if arch == "conv":
+        return model(inputs(arch)).square().sum()
+    return model(**inputs(arch)).logits.square().sum()
+
+
+def oft_params(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """Every OFT weight of a grafting or PEFT model (of one grafting adapter if given), by name."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if ("oft_R" in name or "oft_embedding_R" in name) and (adapter is None or f".adapters.{adapter}." in name)
+    }
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int, adapter: str | None = None, scale: float = 0.3) -> None:
+    """Seeded skew entries of order ``scale`` in every OFT weight: rotations far from the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(oft_params(model, adapter).items()):
+        p.copy_((torch.randn(p.shape, generator=gen, dtype=F64) * scale).to(p.dtype))
+
+
+def peft_key(name: str) -> str:
+    """grafting's ``<path>.adapters.<adapter>.oft_R.weight`` as PEFT names it: ``<path>.oft_R.<adapter>.weight``."""
+    path, _, rest = name.partition(".adapters.")
+    adapter, _, local = rest.partition(".")
+    module, _, leaf = local.rpartition(".")
+    return f"{path}.{module}.{adapter}.{leaf}"
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
