@@ -163,6 +163,6 @@ def test_the_adapter_is_a_weight_adapter_named_as_peft_names_it() -> None:
 
 
 def test_the_install_hint_names_the_distribution() -> None:
-    from grafting.plugins import Registry, missing_method_message
+    from grafting.registry.plugins import Registry, missing_method_message
 
     assert "pip install grafting-ln-tuning" in missing_method_message("LN_TUNING", Registry(load_entry_points=False))

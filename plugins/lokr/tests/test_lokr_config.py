@@ -113,8 +113,6 @@ def test_grafting_config_is_read_by_peft_with_the_same_values(tmp_path) -> None:
 
 
 def test_the_install_hint_names_the_distribution() -> None:
-    from grafting.plugins import missing_method_message
+    from grafting.registry.plugins import Registry, missing_method_message
 
-    assert "pip install grafting-lokr" in missing_method_message(
-        "LOKR", grafting.plugins.Registry(load_entry_points=False)
-    )
+    assert "pip install grafting-lokr" in missing_method_message("LOKR", Registry(load_entry_points=False))

@@ -251,3 +251,16 @@ def test_merge_adds_the_delta_and_unmerge_removes_it() -> None:
     assert_close(base.weight, before + delta, changed_from=before, msg="merged")
     adapter.unmerge(base)
     assert_close(base.weight, before, changed_from=before + delta, msg="unmerged")
+
+
+def test_the_factored_path_keeps_no_activation_sized_intermediate_for_backward() -> None:
+    base = nn.Linear(64, 48).to(F64)
+    adapter = _adapter(base, 2)
+    x = torch.randn(32, 64, dtype=F64, requires_grad=True)
+    call = LayerCall(base, (x,), {}, base(x))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        adapter(x, call)
+    sizes = sorted(t.numel() for t in saved)
+    assert sizes[-1] == x.numel(), sizes  # x itself (the base layer keeps it too), nothing else as large
+    assert sum(sizes[:-1]) <= 2 * sum(p.numel() for p in adapter.parameters()), sizes  # factors and W1, W2

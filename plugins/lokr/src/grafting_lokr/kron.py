@@ -74,10 +74,47 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float | torch.Tensor) 
     return delta * scale
 
 
+class _KronLinear(torch.autograd.Function):
+    """``W1 · X · W2ᵀ`` per input, keeping only ``x`` and the two small factors for backward.
+
+    Plain autograd would keep the (n·b, c) intermediate ``X W2ᵀ``, as large as the layer's
+    input, for the gradient of ``W1``; it is recomputed in backward instead (one small product).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+    ) -> torch.Tensor:
+        (a, b), (c, d) = w1.shape, w2.shape
+        inner = x.reshape(-1, d) @ w2.t()  # (n·b, c): every row of X times W2ᵀ
+        out = torch.matmul(w1, inner.view(-1, b, c))  # (n, a, c): W1 · (X W2ᵀ)
+        ctx.save_for_backward(x, w1, w2)
+        return out.reshape(*x.shape[:-1], a * c)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, w1, w2 = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        (a, b), (c, d) = w1.shape, w2.shape
+        xs = x.reshape(-1, b, d)
+        gy = grad.reshape(-1, a, c)
+        g_x = g_w1 = g_w2 = None
+        if needs[1]:
+            inner = xs.reshape(-1, d) @ w2.t()
+            g_w1 = torch.einsum("nac,nbc->ab", gy, inner.view(-1, b, c))
+        if needs[0] or needs[2]:
+            g_inner = torch.matmul(w1.t(), gy)  # (n, b, c)
+            if needs[2]:
+                g_w2 = g_inner.reshape(-1, c).t() @ xs.reshape(-1, d)
+            if needs[0]:
+                g_x = (g_inner.reshape(-1, c) @ w2).view(x.shape)
+        return g_x, g_w1, g_w2
+
+
 def kron_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``x @ (W1 ⊗ W2)ᵀ`` for 2-d ``W1`` (a, b), ``W2`` (c, d) and ``x`` (..., b·d): two small products."""
-    (a, b), (c, d) = w1.shape, w2.shape
-    lead = x.shape[:-1]
-    inner = x.reshape(-1, d) @ w2.t()  # (n·b, c): every row of X times W2ᵀ
-    out = torch.matmul(w1, inner.view(-1, b, c))  # (n, a, c): W1 · (X W2ᵀ)
-    return out.reshape(*lead, a * c)
+    """``x @ (W1 ⊗ W2)ᵀ`` for 2-d ``W1`` (a, b), ``W2`` (c, d) and ``x`` (..., b·d): two small products.
+
+    Values and gradients equal the dense product's up to rounding; backward keeps no
+    activation-sized intermediate.
+    """
+    return _KronLinear.apply(x, w1, w2)  # type: ignore[no-any-return]

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall
-from grafting.toolkit import add_to_weight, convolve_as
+from grafting.toolkit import PRECISIONS, Precision, add_to_weight, compute_dtype, convolve_as
 from grafting_lokr.kron import kron_delta, kron_linear, split_size, tucker_kernel
 
 Init = bool | Literal["lycoris"]
-PRECISIONS: tuple[str, ...] = ("adapter", "input")
 
 
 def _kaiming(t: torch.Tensor) -> None:
@@ -39,7 +38,7 @@ class LoKrAdapter(DeltaAdapter):
 
     #: For a bf16/fp16 input and float32 factors (outside autocast): ``"input"`` runs the products in
     #: the input's dtype, as autocast would; ``"adapter"`` casts the input up, as PEFT does.
-    precision: str = "input"
+    precision: Precision = "input"
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "precision" and value not in PRECISIONS:
@@ -139,13 +138,8 @@ class LoKrAdapter(DeltaAdapter):
         return float(torch.rand(1)) <= self.module_dropout
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the products run in: autocast's if it is on, else per :attr:`precision`."""
-        own = next(self.parameters()).dtype
-        if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (own, x.dtype):
-            return torch.get_autocast_dtype(x.device.type)
-        if self.precision == "input" and x.dtype in (torch.float16, torch.bfloat16) and own.itemsize > x.dtype.itemsize:
-            return x.dtype
-        return own
+        """The dtype the products run in: the toolkit's policy (:func:`grafting.toolkit.compute_dtype`)."""
+        return compute_dtype(self.precision, next(self.parameters()).dtype, x, where=type(self).__name__)
 
     # -- merging ----------------------------------------------------------------------
     @torch.no_grad()
@@ -202,4 +196,4 @@ class LoKrConv(LoKrAdapter):
         base = call.base_layer
         dtype = self._compute_dtype(x)
         weight = kron_delta(self.w1(), self.w2(), self._row_scale()).to(dtype)
-        return convolve_as(base, x.to(dtype), weight.reshape(base.weight.shape), None)
+        return convolve_as(base, x.to(dtype), weight.reshape(base.weight.shape))
