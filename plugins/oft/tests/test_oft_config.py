@@ -102,3 +102,17 @@ def test_grafting_plugins_lists_the_method(capsys) -> None:
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("OFT "))
     assert "grafting-oft" in line
     assert "grafting_oft.plugin" in line
+
+
+@pytest.mark.parametrize(
+    ("version", "warns"), [(None, True), ("0.17.1", True), ("0.18.0", False), ("0.21.2@abc", False)]
+)
+def test_a_cayley_neumann_file_from_before_peft_0_18_warns_as_peft_does(version: str | None, warns: bool) -> None:
+    data = _peft_dict(target_modules=["q"])
+    data.pop("peft_version")
+    if version is not None:
+        data["peft_version"] = version
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grafting.get_peft_config(data)
+    assert any("changed the series" in str(w.message) for w in caught) == warns

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import attrs
 
-from grafting import AdapterConfig, ConfigError
+from grafting import AdapterConfig, ConfigError, GraftingWarning
 from grafting.toolkit import boolean, check_count, one_of, positive, positive_int, probability, trainable_biases
 
 
@@ -56,6 +57,20 @@ class OFTConfig(AdapterConfig):
                 " non-zero (r blocks of oft_block_size make up a layer's input size); set the other to 0"
             )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> OFTConfig:
+        """PEFT's reading, with its warning: a Cayley-Neumann file from before PEFT 0.18 used another series."""
+        config = super().from_dict(data, source=source)
+        if config.use_cayley_neumann and _before_0_18(data.get("peft_version")):
+            warnings.warn(
+                f"{source}: this OFT adapter uses the Cayley-Neumann series and was saved by PEFT"
+                f" {data.get('peft_version') or 'before 0.18'}; PEFT 0.18 changed the series, so it computes"
+                " differently now (retrain it, or use PEFT 0.17)",
+                GraftingWarning,
+                stacklevel=2,
+            )
+        return config
+
     def to_dict(self) -> dict[str, Any]:
         """PEFT's dict, with the PEFT version whose parameterization it follows when none was read.
 
@@ -68,3 +83,14 @@ class OFTConfig(AdapterConfig):
 
     def trainable_base_parameters(self, model: Any, adapted_paths: list[str]) -> list[str]:
         return trainable_biases(model, adapted_paths, self.bias)
+
+
+def _before_0_18(version: Any) -> bool:
+    """Whether a ``peft_version`` is older than 0.18 (missing: PEFT wrote none before 0.18)."""
+    if version is None:
+        return True
+    try:
+        major, minor = (int(part) for part in str(version).partition("@")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) < (0, 18)
