@@ -51,20 +51,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calendar-method", default="lora", help="the calendar task's adapter method")
     p.add_argument("--numbers-method", default="loha", help="the number task's adapter method")
     p.add_argument("--rank", type=int, default=8, help="both adapters' rank")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (each batch mixes the two tasks)")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (each batch mixes the two tasks)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "demo-mixed", help="where adapters and results go")
     p.add_argument("--cache", type=Path, help="where converted GGUF weights are kept (default ~/.cache/grafting-demo)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see demo.finetune --help)")
-    p.add_argument("--eval-batch-size", type=int, default=50)
+    p.add_argument("--test-size", type=int, default=40, help="held-out examples scored per task (the first N)")
+    p.add_argument("--eval-batch-size", type=int, default=40)
     p.add_argument("--no-peft", action="store_true", help="skip loading each adapter alone in PEFT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if min(args.steps, args.rank, args.batch_size, args.threads, args.eval_batch_size) < 1:
-        p.error("--steps, --rank, --batch-size, --eval-batch-size and --threads must be at least 1")
+    if min(args.steps, args.rank, args.batch_size, args.threads, args.eval_batch_size, args.test_size) < 1:
+        p.error("--steps, --rank, --batch-size, --test-size, --eval-batch-size and --threads must be at least 1")
     return args
 
 
@@ -101,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
             args.calendar_method,
             INSTRUCTION,
             read_rows(data / "train.jsonl"),
-            read_rows(data / "test.jsonl"),
+            read_rows(data / "test.jsonl")[: args.test_size],
         ),
         Task(
             "numbers",
             args.numbers_method,
             make_numbers.INSTRUCTION,
             read_rows(data / "numbers_train.jsonl"),
-            read_rows(data / "numbers_test.jsonl"),
+            read_rows(data / "numbers_test.jsonl")[: args.test_size],
         ),
     ]
     dtype = models.pick_dtype(args.dtype)
@@ -207,23 +208,17 @@ def run(args: argparse.Namespace) -> int:
         f" ({clock.lap('reload'):.0f}s)"
     )
     del reloaded, fresh
-
-    peft_same: dict[str, int] = {}
+    peft_check: dict[str, dict[str, float]] = {}
     if not args.no_peft and _peft_available():
-        from peft import PeftModel as PeftReference
-
-        peft_answers: dict[str, list[str]] = {}
-        for t in tasks:
-            base, _ = models.load(folder, dtype)
-            reference = PeftReference.from_pretrained(base, adapters_dir / t.name)
-            own = [i for i, (task, _) in enumerate(mixed_rows) if task is t]
-            peft_answers[t.name] = generate(reference, f"scoring {t.name} in PEFT", None, own)
-            peft_same[t.name] = _same(peft_answers[t.name], alone[t.name])
-            del reference, base
-        table["each adapter alone, loaded by PEFT"] = scores(peft_answers)
+        peft_check = compare_with_peft(folder, dtype, adapters_dir, tasks, tokenizer)
         print(
-            f"peft:    {_fmt(table['each adapter alone, loaded by PEFT'])}; the same answers as grafting's: "
-            f"{', '.join(f'{k} {v}/{len(peft_answers[k])}' for k, v in peft_same.items())} ({clock.lap('peft'):.0f}s)"
+            "peft:    each adapter loaded alone in PEFT and in grafting, teacher-forced on 8 held-out answers: "
+            + "; ".join(
+                f"{k}: max |Δlogit| {v['max_abs_logit_diff']:.1e}, same greedy tokens "
+                f"{v['same_tokens']:.0f}/{v['tokens']:.0f}"
+                for k, v in peft_check.items()
+            )
+            + f" ({clock.lap('peft'):.0f}s)"
         )
 
     print("\n" + markdown_table(table, tasks))
@@ -238,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             "trainable_parameters": trainable,
             "exact_match": table,
             "same_answers_alone_vs_routed": same_alone,
-            "same_answers_peft_vs_grafting": peft_same,
+            "peft_alone_vs_grafting_alone": peft_check,
             "reloaded_answers_identical": identical,
             "losses": losses,
             "seconds": {**{k: round(v, 1) for k, v in clock.phases.items()}, "total": round(clock.total, 1)},
@@ -254,6 +249,38 @@ def run(args: argparse.Namespace) -> int:
         f"\ntime:    {clock.total / 60:.1f} min in all ({', '.join(f'{k} {v:.0f}s' for k, v in clock.phases.items())})"
     )
     return 0 if identical else 1
+
+
+@torch.no_grad()
+def compare_with_peft(
+    folder: Path, dtype: torch.dtype, adapters_dir: Path, tasks: list[Task], tokenizer: Any
+) -> dict[str, dict[str, float]]:
+    """Each saved adapter loaded alone by grafting and by PEFT into fresh base models: their logits on
+    eight held-out prompts followed by their answers (teacher-forced), compared."""
+    from peft import PeftModel as PeftReference
+
+    from demo.pipeline import left_pad
+    from grafting import PeftModel
+
+    found: dict[str, dict[str, float]] = {}
+    for t in tasks:
+        batch = encode(tokenizer, t.test[:8], t.instruction)
+        ids, mask = left_pad([p + a for p, a in batch], tokenizer.pad_token_id)
+        logits = []
+        for loader in (PeftModel, PeftReference):
+            base, _ = models.load(folder, dtype)
+            model = loader.from_pretrained(base, adapters_dir / t.name)
+            logits.append(model(input_ids=ids, attention_mask=mask).logits.float())
+            del model, base
+        ours, theirs = logits
+        spans = [slice(ids.shape[1] - len(a) - 1, ids.shape[1] - 1) for _, a in batch]
+        same = sum(int((ours[i, s].argmax(-1) == theirs[i, s].argmax(-1)).sum()) for i, s in enumerate(spans))
+        found[t.name] = {
+            "max_abs_logit_diff": float((ours - theirs)[mask.bool()].abs().max()),
+            "same_tokens": float(same),
+            "tokens": float(sum(len(a) for _, a in batch)),
+        }
+    return found
 
 
 def markdown_table(table: dict[str, dict[str, float]], tasks: list[Task]) -> str:

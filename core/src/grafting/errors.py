@@ -97,3 +97,9 @@ class TiedWeightsWarning(GraftingWarning):
 
 class CombinationError(GraftingError, ValueError):
     """``add_weighted_adapter`` cannot combine the given adapters as asked."""
+
+
+class ExportError(GraftingError, TypeError, ValueError):
+    """An adapter cannot be exported as asked (to plain LoRA, or for a serving stack); nothing was written.
+
+    A ``TypeError`` and a ``ValueError``, as PEFT's ``convert_to_lora`` raises for layers and ranks."""
