@@ -27,6 +27,7 @@ from grafting.errors import (
     BaseStateDictError,
     CombinationError,
     ConfigError,
+    ExportError,
     GraftingError,
     GraftingWarning,
     MergeError,
@@ -39,6 +40,8 @@ from grafting.errors import (
     UnsupportedLayerError,
     UnusedOptionWarning,
 )
+from grafting.export import convert_to_lora, save_as_lora
+from grafting.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from grafting.hub import load_peft_weights
 from grafting.layer import AdaptedLayer
 from grafting.method import peft_type_of_config
@@ -120,6 +123,7 @@ __all__ = [
     "CombinationError",
     "ConfigError",
     "DeltaAdapter",
+    "ExportError",
     "GraftingError",
     "GraftingWarning",
     "InputAdapter",
@@ -156,6 +160,7 @@ __all__ = [
     "WeightAdapter",
     "cast_mixed_precision_params",
     "config_from_dict",
+    "convert_to_lora",
     "get_base_model_state_dict",
     "get_method",
     "get_peft_config",
@@ -163,12 +168,15 @@ __all__ = [
     "get_peft_model_state_dict",
     "get_registry",
     "hookimpl",
+    "hotswap_adapter",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_gradient_checkpointing",
     "prepare_model_for_kbit_training",
     "register_plugin",
     "route_samples",
+    "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "unregister_plugin",

@@ -192,7 +192,7 @@ def convert_to_lora(
 def save_as_lora(
     path: str | os.PathLike[str],
     model: nn.Module,
-    rank: int | float | None = None,
+    rank: int | float | None,
     adapter_name: str | Sequence[str] = "default",
     progressbar: bool = False,
     compile_kwargs: dict[str, Any] | None = None,

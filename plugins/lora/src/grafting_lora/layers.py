@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from grafting.toolkit import (
     store_weight,
 )
 from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_row_norm, lora_linear
+from grafting_lora.hotswap import pad_pair, swap_values
 from grafting_lora.init import subtract_initial_delta
 from grafting_lora.scaled import embed_scale
 
@@ -204,6 +205,14 @@ class LoraLinear(DeltaAdapter):
     def delta_matrix(self) -> torch.Tensor:
         """``B·A·scaling`` as an (out, in) matrix."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def pad_rank(self, rank: int) -> None:
+        pad_pair(self, rank)
+
+    def hotswap_values(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
+    ) -> dict[str, torch.Tensor]:
+        return swap_values(self, tensors, config, module_name)
 
     def _weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         delta = (self.lora_B.weight.to(weight) @ self.lora_A.weight.to(weight)) * self.scaling  # in weight's dtype
