@@ -34,7 +34,11 @@ PRESETS: dict[str, dict[str, int]] = {
     "1b": {"hidden": 2048, "intermediate": 5632, "layers": 16, "heads": 32, "kv": 4, "batch": 8, "seq": 1024},
     "8b": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv": 8, "batch": 4, "seq": 1024},
     "tiny": {"hidden": 64, "intermediate": 176, "layers": 2, "heads": 4, "kv": 2, "batch": 2, "seq": 32},
+    # Qwen3-MoE: 64 experts, top-8, expert width 768 (the `lora-moe` variant adapts the expert tensors)
+    "moe": {"hidden": 2048, "intermediate": 768, "layers": 12, "heads": 32, "kv": 4, "batch": 4, "seq": 1024},
+    "moe-tiny": {"hidden": 64, "intermediate": 32, "layers": 2, "heads": 4, "kv": 2, "batch": 2, "seq": 32},
 }
+EXPERTS, TOP_K = 64, 8
 VOCAB = 32000
 
 
@@ -45,13 +49,11 @@ def libraries() -> dict[str, Any]:
     import grafting
 
     known = grafting.get_registry().methods
-    for peft_type, module in (("LORA", "grafting_lora"), ("IA3", "grafting_ia3"), ("LOHA", "grafting_loha")):
-        if peft_type not in known:
+    plugins = ["lora", "ia3", "loha", "prefix", "lokr", "oft", "boft", "adalora", "ln_tuning"]
+    if not known:  # run from a source tree without installing: register every plugin found on the path
+        for name in plugins:
             with contextlib.suppress(ImportError):
-                grafting.register_plugin(__import__(f"{module}.plugin", fromlist=["plugin"]))
-    if "PREFIX_TUNING" not in known:
-        with contextlib.suppress(ImportError):
-            grafting.register_plugin(__import__("grafting_prefix.plugin", fromlist=["plugin"]))
+                grafting.register_plugin(__import__(f"grafting_{name}.plugin", fromlist=["plugin"]))
     return {"grafting": grafting, "peft": peft}
 
 
@@ -77,15 +79,36 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return cfg, {}
     if method == "prefix":
         return lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=30), {}
+    if method == "lora-moe":  # attention projections plus every layer's 3-D expert tensors (target_parameters)
+        return lib.LoraConfig(
+            **{**lora, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ), {}
     if method == "loha":
         return lib.LoHaConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights=False), {}
     raise ValueError(method)
 
 
-def build_base(shape: dict[str, int], device: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_base(shape: dict[str, int], device: str, moe: bool = False) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
+    if moe:
+        moe_cfg = Qwen3MoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=shape["hidden"],
+            moe_intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["layers"],
+            num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["kv"],
+            num_experts=EXPERTS if shape["hidden"] > 256 else 8,
+            num_experts_per_tok=TOP_K if shape["hidden"] > 256 else 2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            max_position_embeddings=4096,
+        )
+        with torch.device(device):
+            return Qwen3MoeForCausalLM(moe_cfg).to(torch.bfloat16).requires_grad_(False)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=shape["hidden"],
@@ -215,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = PRESETS[args.preset]
     libs = libraries()
     run = timer(args.device)
-    base = build_base(shape, args.device)
+    base = build_base(shape, args.device, moe=args.preset.startswith("moe"))
     ids = torch.randint(0, VOCAB, (shape["batch"], shape["seq"]), device=args.device)
     rows: list[dict[str, Any]] = []
     header = {
@@ -288,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
                 record(f"{method} inference", lib, run(infer(target, ids), args.warmup, args.steps), base_fwd)
             if method == "lora" and not compiled:
                 record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
+                if lib == "grafting":  # PEFT refuses adapter_names in training
+                    record("lora routed train, 1 adapter", lib, *_routed_training(libs, base, ids, args, run))
             del model, target, step, params
             gc.collect()
             if compiled:
@@ -310,6 +335,32 @@ def _routed(
     model.eval()
     four = run(infer(model, ids, adapter_names=names), args.warmup, args.steps)
     print(f"  4 adapters per sample: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x", flush=True)
+    return four, one
+
+
+def _routed_training(
+    libs: dict[str, Any], base: nn.Module, ids: torch.Tensor, args: argparse.Namespace, run: Callable
+) -> tuple[float, float]:
+    """A training step with four adapters routed per sample against one adapter's step (grafting only)."""
+    cfg, _ = config(libs["grafting"], "lora", args.r)
+    model = libs["grafting"].get_peft_model(copy.deepcopy(base), cfg)
+    model.train()
+    one = run(train_step(model, ids, [p for p in model.parameters() if p.requires_grad]), args.warmup, args.steps)
+    names = ["default", "extra1", "extra2", "extra3"]
+    for name in names[1:]:
+        model.add_adapter(name, copy.deepcopy(cfg))
+    model.base_model.set_adapter(names)  # all four active and trainable; each sample reaches its own
+    routes = [names[i % 4] for i in range(ids.shape[0])]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids, adapter_names=routes).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    four = run(step, args.warmup, args.steps)
+    print(f"  4 adapters routed in training: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x")
     return four, one
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 import grafting
-from grafting import plugins
+from grafting.registry import plugins
 from tests.toy_methods import ToyPlugin
 
 

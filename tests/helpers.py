@@ -160,8 +160,8 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def files_under(folder: str | os.PathLike[str]) -> list[str]:
-    """The files of a saved folder, less the save lock grafting keeps there (``grafting.transaction``)."""
-    from grafting.transaction import is_bookkeeping
+    """The files of a saved folder, less the save lock grafting keeps there (``grafting.io.transaction``)."""
+    from grafting.io.transaction import is_bookkeeping
 
     out = []
     for root, _, names in os.walk(folder):

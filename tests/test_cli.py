@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import grafting
-from grafting import AdapterConfig, LoraConfig, PeftModel, get_peft_model, plugins
+from grafting import AdapterConfig, LoraConfig, PeftModel, get_peft_model
 from grafting.cli import main
+from grafting.registry import plugins
 from grafting.testing import assert_close, model_output, sample_inputs, tiny_llama
 from tests.toy_methods import ToyOutputConfig
 
@@ -324,3 +325,17 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["merge", "--base", "x"])
     assert exc.value.code == 2
     assert "--adapter" in capsys.readouterr().err
+
+
+def test_inspect_adapter_is_the_public_form_of_grafting_inspect(tmp_path: Path) -> None:
+    from grafting.errors import AdapterLoadError
+
+    folder = tmp_path / "adapter"
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    info = grafting.inspect_adapter(folder)
+    assert info["method"]["peft_type"] == "LORA"
+    assert info["check"]["ok"]
+    assert info["targets"] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert info["parameters"] == sum(t.numel() for t in grafting.load_peft_weights(str(folder)).values())
+    with pytest.raises(AdapterLoadError, match="not an adapter folder"):
+        grafting.inspect_adapter(tmp_path)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import grafting
 from grafting import config_from_dict
-from grafting.config import AdapterConfig
+from grafting.config.adapter_config import AdapterConfig
 from grafting.errors import AdapterLoadError, ConfigError, GraftingWarning
 from grafting_lora import LoraConfig
 from tests.helpers import peft_lora_keys, read_json

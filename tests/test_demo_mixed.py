@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from demo import make_data, make_numbers, mixed
 from demo.task import INSTRUCTION, read_jsonl, target_text
+from grafting.io.transaction import is_bookkeeping
 from grafting.testing import tiny_llama
-from grafting.transaction import is_bookkeeping
 from tests.test_demo_pipeline import char_tokenizer
 
 WORDS = {w: i for i, w in enumerate(make_numbers.ONES)}

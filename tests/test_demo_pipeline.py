@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from demo import finetune, make_data
 from demo.pipeline import answer_ids, answer_loss, encode, left_pad, positions, prompt_ids
 from demo.task import INSTRUCTION, exact_match, parse_answer, read_jsonl, score, target_text
+from grafting.io.transaction import is_bookkeeping
 from grafting.testing import assert_close, tiny_llama
-from grafting.transaction import is_bookkeeping
 
 DAYS = {d[:3].lower(): d for d in make_data.DAYS}
 

@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grafting
+from grafting.api.export import VLLM_RANKS, convert_to_lora, export_lora, save_as_lora
 from grafting.cli import main as cli_main
 from grafting.errors import ExportError
-from grafting.export import VLLM_RANKS, convert_to_lora, export_lora, save_as_lora
+from grafting.model.matching import physical_path
 from grafting.testing import assert_close, assert_identical, randomize_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")  # the oracle; installed with the test dependencies
@@ -93,7 +94,7 @@ def test_each_layer_differs_by_no_more_than_its_reported_error(
     tuner = source.base_model
     with torch.no_grad():
         for layer in exported.layers:
-            ours = tuner.model.get_submodule(grafting.matching.physical_path(tuner.model, layer.name))
+            ours = tuner.model.get_submodule(physical_path(tuner.model, layer.name))
             theirs = loaded.base_model.model.get_submodule(layer.name)
             n_in = ours.base_layer.in_features
             base = _linear_map(ours.base_layer, n_in)

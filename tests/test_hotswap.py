@@ -12,8 +12,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import grafting
+from grafting.api.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from grafting.errors import AdapterLoadError, AdapterStateError
-from grafting.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from grafting.testing import assert_close, assert_identical, randomize_adapters, tiny_llama
 
 ATTN = ["q_proj", "v_proj"]

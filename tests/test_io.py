@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import grafting
-from grafting import io as grafting_io
 from grafting.errors import AdapterLoadError, AdapterNotFoundError
-from grafting.layer import AdaptedLayer
-from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.io import files as grafting_io
+from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,
@@ -202,14 +203,14 @@ def test_a_crash_while_writing_the_config_leaves_it_intact(tmp_path: Path, monke
     model.save_pretrained(tmp_path)
     before = _bytes(tmp_path)
 
-    real_replace = os.replace
+    real_open = builtins.open
 
-    def crashing_replace(src: str, dst: str) -> None:
-        if str(dst).endswith(CONFIG):
+    def crashing_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file).endswith(CONFIG) and "w" in mode:  # the config file, written into the save's staging folder
             raise OSError("disk went away")
-        real_replace(src, dst)
+        return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(os, "replace", crashing_replace)
+    monkeypatch.setattr(builtins, "open", crashing_open)
     with pytest.raises(OSError, match="disk went away"):
         adapted("gpt2", lora("gpt2", r=4)).save_pretrained(tmp_path)
     assert sorted(_bytes(tmp_path)) == sorted(before)  # no temporary file left behind

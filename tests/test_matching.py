@@ -13,8 +13,8 @@ from torch import nn
 
 import grafting
 from grafting.errors import AdapterStateError, ConfigError, TargetNotFoundError, UnsupportedLayerError
-from grafting.layer import AdaptedLayer
-from grafting.matching import find_targets
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import find_targets
 from grafting.testing import assert_close, assert_identical
 from grafting_lora import LoraConfig
 from tests.helpers import (

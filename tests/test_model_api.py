@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import grafting
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,

@@ -17,9 +17,9 @@ from torch import nn
 
 import grafting
 from grafting import AdapterConfig, DeltaAdapter, LayerCall, Method, get_peft_model, hookimpl
-from grafting.layer import AdaptedLayer
-from grafting.matching import candidate_modules, logical_path, physical_path
-from grafting.state_dict import get_peft_model_state_dict
+from grafting.io.state_dict import get_peft_model_state_dict
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import candidate_modules, logical_path, physical_path
 from grafting.testing import assert_close
 from tests.helpers import base_logits, base_model, inputs, logits, randomize
 

@@ -35,7 +35,7 @@ ABSENT: dict[str, str] = {
     ),
     **dict.fromkeys(
         ["LoraModel", "LoHaModel", "IA3Model", "AdaptionPromptModel"],
-        "one method-agnostic tuner (grafting.tuner.AdapterModel) instead of one per method",
+        "one method-agnostic tuner (grafting.model.tuner.AdapterModel) instead of one per method",
     ),
     **dict.fromkeys(
         [
@@ -142,9 +142,13 @@ SIGNATURES = [
     ("get_peft_model", peft.get_peft_model, grafting.get_peft_model),
     ("get_peft_model_state_dict", peft.get_peft_model_state_dict, grafting.get_peft_model_state_dict),
     ("set_peft_model_state_dict", peft.set_peft_model_state_dict, grafting.set_peft_model_state_dict),
-    ("LoraModel.set_adapter", peft.LoraModel.set_adapter, grafting.tuner.AdapterModel.set_adapter),
-    ("LoraModel.delete_adapter", peft.LoraModel.delete_adapter, grafting.tuner.AdapterModel.delete_adapter),
-    ("LoraModel.set_requires_grad", peft.LoraModel.set_requires_grad, grafting.tuner.AdapterModel.set_requires_grad),
+    ("LoraModel.set_adapter", peft.LoraModel.set_adapter, grafting.model.tuner.AdapterModel.set_adapter),
+    ("LoraModel.delete_adapter", peft.LoraModel.delete_adapter, grafting.model.tuner.AdapterModel.delete_adapter),
+    (
+        "LoraModel.set_requires_grad",
+        peft.LoraModel.set_requires_grad,
+        grafting.model.tuner.AdapterModel.set_requires_grad,
+    ),
 ]
 
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import grafting
-from grafting import plugins
 from grafting.errors import PluginConflictError, PluginError, UnknownMethodError
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
+from grafting.registry import plugins
 from grafting.testing import assert_close
 from tests.helpers import base_logits, base_model, logits
 from tests.toy_methods import ToyDelta, ToyDeltaConfig, ToyPlugin

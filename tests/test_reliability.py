@@ -303,7 +303,7 @@ def test_a_config_that_is_not_json_of_an_adapter_is_refused(content: bytes, matc
 
 
 def test_a_huge_config_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from grafting import config as config_module
+    from grafting.config import adapter_config as config_module
 
     adapted("llama").save_pretrained(tmp_path)
     monkeypatch.setattr(config_module, "MAX_CONFIG_BYTES", 100)
@@ -369,7 +369,7 @@ def test_weights_beside_the_config_of_another_save_are_refused(tmp_path: Path) -
 
 
 def test_an_interrupted_commit_is_finished_by_the_next_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from grafting import transaction
+    from grafting.io import transaction
 
     old = adapted("llama", lora("llama", r=2))
     old.add_adapter("other", lora("llama", r=3))

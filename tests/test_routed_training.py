@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import grafting
 from grafting.errors import AdapterStateError
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import adapter_parameters, assert_close, assert_identical, randomize_adapters, tiny_llama
 
 BATCH, LENGTH, STEPS = 6, 5, 3

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grafting
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close, model_output, sample_inputs, tiny_model
 from tests.helpers import ARCHS, ATTENTION, TASK_TYPES
 from tests.toy_methods import ToyDeltaConfig, ToyInputConfig, ToyOutputConfig, ToyPlugin, ToySharedConfig

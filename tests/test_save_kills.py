@@ -26,8 +26,8 @@ import pytest
 import torch
 
 import grafting
-from grafting.state_dict import get_peft_model_state_dict
-from grafting.transaction import JOURNAL_NAME, STAGING_PREFIX, reading
+from grafting.io.state_dict import get_peft_model_state_dict
+from grafting.io.transaction import JOURNAL_NAME, STAGING_PREFIX, reading
 from tests.helpers import base_model
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")  # every CI runner has it

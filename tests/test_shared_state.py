@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 import grafting
 from grafting import AdapterLoadError, PluginError
 from grafting.cli import inspect_adapter
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
+from grafting.model.weights import in_out_features
 from grafting.testing import assert_close, assert_identical
-from grafting.weights import in_out_features
 from tests.helpers import (
     ATTENTION,
     LINEAR,

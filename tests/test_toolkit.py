@@ -8,14 +8,17 @@ from pathlib import Path
 
 import attrs
 import pytest
+import torch
 from torch import nn
 
 import grafting
 from grafting import ConfigError, GraftingWarning
-from grafting.testing import tiny_model
+from grafting.testing import assert_close, tiny_model
 from grafting.toolkit import (
     RankAlphaPatterns,
     boolean,
+    compute_dtype,
+    convolve_as,
     default_targets,
     is_conv,
     is_linear,
@@ -55,6 +58,18 @@ def test_plugins_import_only_public_modules() -> None:
         if module not in PUBLIC
     }
     assert not private, f"plugins import grafting internals: {sorted(private)}"
+
+
+def test_plugins_convolve_through_the_toolkit() -> None:
+    """No plugin calls torch's private ``_conv_forward``: ``toolkit.convolve_as`` takes a layer's geometry."""
+    sources = sorted(ROOT.glob("plugins/*/src/**/*.py")) + sorted(ROOT.glob("contrib/*/src/**/*.py"))
+    private = sorted(
+        str(path.relative_to(ROOT))
+        for path in sources
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "_conv_forward"
+    )
+    assert not private, f"plugins call torch's private _conv_forward: {private}"
 
 
 @attrs.define(kw_only=True)
@@ -131,3 +146,42 @@ def test_no_fan_in_fan_out_warning_when_it_fits() -> None:
         warn_fan_in_fan_out(Config(), nn.Embedding(2, 2))  # not a linear layer: nothing to say
     with pytest.warns(GraftingWarning, match=r"Config\.fan_in_fan_out=True does not fit the Linear"):
         warn_fan_in_fan_out(Config(), nn.Linear(2, 2))
+
+
+def test_the_compute_dtype_policy() -> None:
+    """Autocast's dtype under autocast; a half input's dtype for "input" and wider weights; else the weights'."""
+    half, single = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    assert compute_dtype("input", torch.float32, half) == torch.bfloat16
+    assert compute_dtype("input", torch.float32, half.half()) == torch.float16
+    assert compute_dtype("adapter", torch.float32, half) == torch.float32
+    assert compute_dtype("input", torch.float32, single.double()) == torch.float32  # only half precision casts down
+    assert compute_dtype("input", torch.bfloat16, single) == torch.bfloat16  # narrower weights: theirs
+    assert compute_dtype("input", torch.float16, half) == torch.float16  # no wider: the weights' dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype("adapter", torch.float32, single) == torch.bfloat16
+        assert compute_dtype("adapter", torch.float32, single, autocast=False) == torch.float32  # elementwise
+        assert compute_dtype("input", torch.float64, single) == torch.float64  # float64 stays out of autocast
+    with pytest.raises(ConfigError, match=r"MyAdapter: precision must be one of \['input', 'adapter'\], got 'fast'"):
+        compute_dtype("fast", torch.float32, single, where="MyAdapter")
+
+
+CONVOLUTIONS = [
+    nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2),
+    nn.Conv2d(4, 6, (3, 2), padding="same", dilation=(1, 2), groups=2, padding_mode="reflect"),
+    nn.Conv2d(4, 4, 3, stride=(2, 1), padding=(2, 0), groups=4, padding_mode="circular"),
+    nn.Conv2d(4, 6, 2, padding="valid", padding_mode="replicate"),
+    nn.Conv3d(2, 4, 3, padding="same", padding_mode="replicate"),
+]
+
+
+@pytest.mark.parametrize("layer", CONVOLUTIONS, ids=lambda layer: f"{type(layer).__name__}-{layer.padding_mode}")
+def test_convolve_as_convolves_with_the_layer_geometry(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    """Another weight through the layer's stride, padding, dilation, groups and padding mode: the layer's own call."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, layer.in_channels, *(7,) * (layer.weight.dim() - 2), generator=gen).double()
+    layer = layer.double()
+    weight = torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        own = torch.func.functional_call(layer, {"weight": weight, "bias": layer.bias}, (x,))
+        assert_close(convolve_as(layer, x, weight, layer.bias), own, changed_from=layer(x))
+        assert_close(convolve_as(layer, x, layer.weight), layer(x) - layer.bias.view(-1, *(1,) * (x.dim() - 2)))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import grafting
-from grafting.state_dict import get_peft_model_state_dict
+from grafting.io.state_dict import get_peft_model_state_dict
 from grafting.testing import assert_identical
 from tests.helpers import ARCHS, adapted, base_model, files_under, lora_configs, randomize
 

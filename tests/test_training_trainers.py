@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grafting.transaction import is_bookkeeping
+from grafting.io.transaction import is_bookkeeping
 from tests.training.oracle import (
     adapter_tensors,
     assert_adapter_only_checkpoint,

@@ -13,8 +13,8 @@ import torch
 
 import grafting
 from grafting.errors import CombinationError
+from grafting.model.weights import to_weight_layout
 from grafting.testing import assert_close
-from grafting.weights import to_weight_layout
 from tests.helpers import EMBEDDING, adapted, base_model, logits, lora, randomize, state_of
 
 #: Per architecture: targets with an embedding (LoRA on embeddings combines too); GPT-2 has Conv1D layers.

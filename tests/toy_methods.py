@@ -18,7 +18,7 @@ from torch import nn
 
 import grafting
 from grafting import AdapterConfig, DeltaAdapter, InputAdapter, Method, OutputAdapter, SharedState, hookimpl
-from grafting.weights import add_to_weight, in_out_features, is_hf_conv1d, weight_matrix
+from grafting.model.weights import add_to_weight, in_out_features, is_hf_conv1d, weight_matrix
 
 
 @attrs.define(kw_only=True)

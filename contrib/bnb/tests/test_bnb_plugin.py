@@ -12,8 +12,8 @@ from grafting_bnb import quantize_linears
 
 import grafting
 from grafting.errors import UnsupportedLayerError
+from grafting.model.weights import dense_weight
 from grafting.testing import assert_close, assert_identical, model_output, sample_inputs, tiny_llama
-from grafting.weights import dense_weight
 
 INPUTS = sample_inputs("llama")
 

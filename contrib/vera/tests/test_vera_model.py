@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -131,16 +133,14 @@ def test_bias_vera_only_trains_the_adapted_layers_biases() -> None:
 
 
 def test_inspect_checks_the_shared_shapes(tmp_path) -> None:
-    from grafting.cli import inspect_adapter
-
     get_peft_model(tiny_model("llama"), VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
-    info = inspect_adapter.describe(tmp_path)
+    info = grafting.inspect_adapter(tmp_path)  # the public inspection API
     assert info["check"]["ok"]
     assert info["check"]["shapes_checked"]
     assert info["shared"] == ["base_model.vera_A", "base_model.vera_B"]
     config = grafting.VeraConfig.from_pretrained(tmp_path)
-    problems = inspect_adapter.sanity_check(
-        VeraConfig(r=5, target_modules=["q_proj"]), {"base_model.vera_A": torch.zeros(4, 16)}
-    )["problems"]
-    assert any("r=5" in p for p in problems)
     assert config.r == 4
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "r": 5}))  # the file now contradicts r
+    problems = grafting.inspect_adapter(tmp_path)["check"]["problems"]
+    assert any("r=5" in p for p in problems)

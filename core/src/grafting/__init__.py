@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from grafting.auto import (
+from grafting.api.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
     AutoPeftModelForFeatureExtraction,
@@ -18,13 +18,31 @@ from grafting.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from grafting.config import AdapterConfig, PeftType, TaskType
-from grafting.dispatch import config_from_dict, get_peft_config
+from grafting.api.export import convert_to_lora, save_as_lora
+from grafting.api.factory import get_peft_model, inject_adapter_in_model
+from grafting.api.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from grafting.api.mixed import PeftMixedModel
+from grafting.api.peft_model import PeftModel
+from grafting.api.prepare import (
+    cast_mixed_precision_params,
+    prepare_model_for_gradient_checkpointing,
+    prepare_model_for_kbit_training,
+)
+from grafting.api.tasks import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from grafting.config.adapter_config import AdapterConfig, PeftType, TaskType
 from grafting.errors import (
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterStateError,
     BaseStateDictError,
+    BeyondPeftWarning,
     CombinationError,
     ConfigError,
     ExportError,
@@ -40,30 +58,18 @@ from grafting.errors import (
     UnsupportedLayerError,
     UnusedOptionWarning,
 )
-from grafting.export import convert_to_lora, save_as_lora
-from grafting.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
-from grafting.hub import load_peft_weights
-from grafting.layer import AdaptedLayer
-from grafting.method import peft_type_of_config
-from grafting.peft_model import (
-    PeftMixedModel,
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-    get_peft_model,
-    inject_adapter_in_model,
+from grafting.io.hub import load_peft_weights
+from grafting.io.inspection import inspect_adapter
+from grafting.io.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
 )
-from grafting.plugins import get_method, get_registry, register_plugin, unregister_plugin
-from grafting.prepare import (
-    cast_mixed_precision_params,
-    prepare_model_for_gradient_checkpointing,
-    prepare_model_for_kbit_training,
-)
+from grafting.model.layer import AdaptedLayer
+from grafting.model.routing import route_samples
 from grafting.protocol import (
+    AdapterContext,
     DeltaAdapter,
     InputAdapter,
     LayerAdapter,
@@ -76,13 +82,9 @@ from grafting.protocol import (
     WeightAdapter,
     hookimpl,
 )
-from grafting.routing import route_samples
-from grafting.state_dict import (
-    get_base_model_state_dict,
-    get_peft_model_state_dict,
-    set_base_model_state_dict,
-    set_peft_model_state_dict,
-)
+from grafting.registry.dispatch import config_from_dict, get_peft_config
+from grafting.registry.method import peft_type_of_config
+from grafting.registry.plugins import get_method, get_registry, register_plugin, unregister_plugin
 
 __version__ = "0.1.0"
 
@@ -109,6 +111,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdaptedLayer",
     "AdapterConfig",
+    "AdapterContext",
     "AdapterLoadError",
     "AdapterNotFoundError",
     "AdapterStateError",
@@ -120,6 +123,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "BaseStateDictError",
+    "BeyondPeftWarning",
     "CombinationError",
     "ConfigError",
     "DeltaAdapter",
@@ -170,6 +174,7 @@ __all__ = [
     "hookimpl",
     "hotswap_adapter",
     "inject_adapter_in_model",
+    "inspect_adapter",
     "load_peft_weights",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_gradient_checkpointing",

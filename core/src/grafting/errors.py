@@ -90,6 +90,14 @@ class UnusedOptionWarning(GraftingWarning, RuntimeWarning):
     """
 
 
+class BeyondPeftWarning(GraftingWarning):
+    """An adapter sits where PEFT's version of its method refuses to go (a layer type PEFT does not adapt).
+
+    grafting trains, merges, saves and loads it; PEFT cannot load the saved folder. Raised once per
+    ``add_adapter`` call, naming the modules; filter it to accept the difference.
+    """
+
+
 class TiedWeightsWarning(GraftingWarning):
     """Adapters on an embedding whose weight the output head shares are not tied (or nothing was tied),
     as PEFT warns around ``ensure_weight_tying``."""

@@ -14,16 +14,54 @@ The core composes adapters by site (ARCHITECTURE.md, section 3), saves and
 loads them in PEFT's format, merges them in site order; a plugin never wraps
 modules itself.
 
-Call order when a user adds an adapter (``get_peft_model``, ``add_adapter``,
-``from_pretrained``, ``load_adapter``)::
+**Dispatch.** A method-scoped hook (every hook below except ``grafting_methods``,
+``grafting_dense_weight``, ``grafting_store_weight`` and ``grafting_parameter_count``) reaches only the object
+that serves the config's method: :attr:`Method.hooks`, or the plugin that declared
+the method when it gives none. Plugins that declare no method at all (extensions:
+a quantized layer type for an existing method, a shape checker) see every
+method's calls and answer ``None`` for those they do not extend, with
+``tryfirst=True`` to take precedence. A method's own hooks never check the
+config's class. Like every pluggy hook, an implementation lists only the
+arguments it uses.
 
-    config.for_model(model) -> config.validate_for_model(model)
+Call order when a user adds an adapter (``get_peft_model``, ``add_adapter``,
+``from_pretrained``, ``load_adapter``); every step may raise, and nothing is
+installed until all succeeded::
+
+    config.for_model(model) -> config.validate_for_model(model)      (read-only on the model)
     layer methods:  grafting_default_target_modules   (only if target_modules is None)
                     matching, then config.select_targets(model, names)
                     grafting_create_shared_state       (once, every target)
                     grafting_create_layer_adapter      (once per target, model order)
     model methods:  grafting_create_model_adapter      (once)
-    then, only when every call succeeded, the adapters are installed.
+    install:        each LayerAdapter.attach(base_layer), the only step that may write the base
+
+The create hooks of one such call share one :class:`AdapterContext`: its
+``state`` dict is where one hook call leaves what a later one needs (an
+embedding's adapter for the tied head built after it), never a module global.
+
+**Config methods a plugin overrides** (on its :class:`grafting.AdapterConfig`
+subclass; defaults in ``grafting.config.adapter_config``), each called by the core:
+
+==============================  =============================================================================
+``for_model(model)``            before validation: a copy with model-dependent values filled (PEFT saves them)
+``validate_for_model(model)``   before matching: raise :class:`ConfigError` for options the model cannot take
+``select_targets(model, names)``after matching: keep or add modules among the matched logical names
+``trainable_base_parameters``   ``(model, adapted_paths)`` -> base parameter names the method trains and saves
+``ties_weights()``              ``True`` when the method ties adapters of tied embeddings (``ensure_weight_tying``)
+``trains_token_rows()``         ``True`` when the adapter trains and saves single embedding rows (LoRA's tokens)
+``is_adaption_prompt``          class attribute, PEFT's flag: ``True`` on the adaption prompt config only
+``as_update_of_base``           ``(tensors, initial)`` -> config and tensors against the original base (PiSSA)
+``inert_keys``                  ``{key: PEFT's default}`` of PEFT options not implemented (other values refused)
+``absent_in_peft``              shared options PEFT's class lacks: written only when set
+``pattern_fields``              ``rank_pattern``-style fields whose keys must match an adapted module
+==============================  =============================================================================
+
+**Layer-adapter methods** beyond ``forward``: ``merge``/``unmerge`` (merge phase,
+in site order), ``check_merge`` (before any weight changes), ``attach``
+(install), ``delta_matrix`` (the effect as one ``ΔW``, read by other methods'
+combination and conversion code), ``fused_call``/``add_delta``/``add_grouped``
+(fast paths of the composition; each must equal it up to rounding).
 
 **The meta device.** ``from_pretrained``, ``load_adapter`` and
 ``low_cpu_mem_usage=True`` call the ``create`` hooks under
@@ -44,16 +82,16 @@ disk: the saved key of a layer adapter's tensor is
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import attrs
 import pluggy
 import torch
 from torch import nn
 
-from grafting.combine import Combination, CombineRequest
-from grafting.errors import AdapterStateError, MergeError
-from grafting.method import Method
+from grafting.errors import AdapterStateError, BeyondPeftWarning, MergeError
+from grafting.registry.method import Method
 
 if TYPE_CHECKING:
     from grafting.config import AdapterConfig
@@ -62,6 +100,47 @@ PROJECT = "grafting"
 hookspec = pluggy.HookspecMarker(PROJECT)
 #: Marks a plugin's hook implementation: ``@grafting.hookimpl`` (``tryfirst=True`` to take precedence).
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- combining adapters (add_weighted_adapter) ------------------------------------------------
+#: ``fill(target, sources)``: write the new adapter ``target`` from ``[(source adapter, weight), ...]``, the
+#: source adapters present where ``target`` sits (a layer, or the model for model-level adapters).
+Fill = Callable[[nn.Module, list[tuple[nn.Module, float]]], None]
+
+
+@attrs.frozen(kw_only=True)
+class CombineRequest:
+    """What ``add_weighted_adapter`` was asked for, handed to the ``grafting_combine_adapters`` hook.
+
+    ``configs`` are the source adapters' configs, in the order of ``adapters``,
+    with ``target_modules`` resolved (a ``None`` replaced by the method's
+    default for the model). The options after ``combination_type`` are PEFT's
+    (``svd_*`` for the SVD-based types, ``density`` and
+    ``majority_sign_method`` for the pruning ones); a plugin refuses those it
+    cannot honour with a :class:`~grafting.errors.CombinationError`.
+    """
+
+    adapters: tuple[str, ...]
+    configs: tuple[AdapterConfig, ...]
+    weights: tuple[float, ...]
+    combination_type: str = "svd"
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    svd_full_matrices: bool = True
+    svd_driver: str | None = None
+    density: float | None = None
+    majority_sign_method: str = "total"
+
+    def peft_types(self) -> list[str]:
+        return sorted({c.peft_type for c in self.configs})
+
+
+@attrs.frozen
+class Combination:
+    """A plugin's answer: the config of the new adapter and the function that fills its tensors."""
+
+    config: AdapterConfig
+    fill: Fill
 
 
 # -- where a layer adapter acts ------------------------------------------------------------
@@ -113,8 +192,27 @@ class SharedState(nn.Module):
     """
 
 
+@attrs.define(eq=False)
+class AdapterContext:
+    """One ``add_adapter`` call as the method's create hooks see it (also given to them as ``context``).
+
+    ``targets`` maps each module the adapter will wrap (logical name) to its base layer, in
+    model order (empty for model-level methods); ``shared`` is the adapter's shared state once
+    :func:`grafting_create_shared_state` made one. ``state`` is the plugin's own scratch space
+    for this call: what one hook call leaves for a later one (an embedding's adapter for the
+    tied head created after it). It is dropped when the call ends.
+    """
+
+    config: AdapterConfig
+    model: nn.Module
+    adapter_name: str
+    targets: dict[str, nn.Module] = attrs.field(factory=dict)
+    shared: SharedState | None = None
+    state: dict[str, Any] = attrs.field(factory=dict)
+
+
 class LayerAdapter(nn.Module):
-    """One adapter of one method on one layer; subclass one of the three site classes.
+    """One adapter of one method on one layer; subclass one of the four site classes.
 
     Parameters and buffers are named as PEFT names them on disk. The core
     places the adapter on its base layer's device (float32 for a half-precision
@@ -136,6 +234,10 @@ class LayerAdapter(nn.Module):
     #: key prefix of the layer's own weight in a file that saves it (``save_embedding_layers``). PEFT's
     #: tuner layers keep it at ``base_layer``; its trainable-tokens wrapper at ``token_adapter.base_layer``.
     peft_base_path: ClassVar[str] = "base_layer"
+    #: False for an adapter on a layer type PEFT's version of the method refuses (the policy: a plugin
+    #: may go beyond PEFT, and says so here): the core then warns with :class:`BeyondPeftWarning`
+    #: when the adapter is added, since PEFT cannot load the folder it saves.
+    peft_loadable: ClassVar[bool] = True
     #: The adapter's shared state, set by :meth:`use_shared` (``None`` for methods without one).
     shared: SharedState | None = None
 
@@ -172,6 +274,16 @@ class LayerAdapter(nn.Module):
         depends on the layer (a head no longer sharing its weight with the embedding whose
         adapter it follows) leaves the whole model as it was. Reads, never writes.
         """
+
+    def delta_matrix(self) -> torch.Tensor:
+        """This adapter's effect as one weight delta ``ΔW`` (out, in·k), for adapters with ``lora_convertible``.
+
+        Read, without gradients, by code of other methods and of the core that needs an
+        adapter as a plain ``W + ΔW`` (LoRA's ``add_weighted_adapter`` over a mixed layer,
+        conversion to LoRA). An adapter whose effect is no fixed ``ΔW`` leaves the default,
+        which raises :class:`MergeError`.
+        """
+        raise MergeError(f"{type(self).__name__} has no weight delta of its own")
 
     def pad_rank(self, rank: int) -> None:
         """Grow this adapter's tensors to ``rank`` with zeros, its effect unchanged (``prepare_model_for_compiled_hotswap``).
@@ -348,7 +460,7 @@ def grafting_methods() -> list[Method]:
 def grafting_default_target_modules(config: AdapterConfig, model: nn.Module) -> list[str] | str | None:
     """Name the modules to adapt when ``config.target_modules`` is ``None``.
 
-    :param config: the adapter's config (answer ``None`` for other methods' configs).
+    :param config: the adapter's config.
     :param model: the user's model; look its type up with :func:`grafting.toolkit.model_type`.
     :return: module names or a regex, or ``None`` when the model type is unknown
         (the core then asks the user to set ``target_modules``).
@@ -357,17 +469,18 @@ def grafting_default_target_modules(config: AdapterConfig, model: nn.Module) -> 
 
 @hookspec(firstresult=True)
 def grafting_create_shared_state(
-    config: AdapterConfig, model: nn.Module, adapter_name: str, targets: dict[str, nn.Module]
+    config: AdapterConfig, model: nn.Module, adapter_name: str, targets: dict[str, nn.Module], context: AdapterContext
 ) -> SharedState | None:
     """Build the state all of one adapter's layer adapters share, once per adapter.
 
     Called for layer methods after matching, before any layer adapter, under
     the meta device when loading (see the module docstring).
 
-    :param config: the adapter's config (answer ``None`` for other methods' configs).
+    :param config: the adapter's config.
     :param model: the user's model.
     :param adapter_name: the adapter's name.
     :param targets: every module the adapter will wrap, ``{logical name: base layer}`` in model order.
+    :param context: this ``add_adapter`` call (:class:`AdapterContext`).
     :return: a :class:`SharedState`, or ``None`` for no shared state.
     """
 
@@ -380,15 +493,15 @@ def grafting_create_layer_adapter(
     module_name: str,
     model: nn.Module,
     shared: SharedState | None,
+    context: AdapterContext,
 ) -> LayerAdapter | None:
     """Build the adapter that ``config`` puts on ``base_layer``.
 
     Called once per target, in model order, after
     :func:`grafting_create_shared_state`; under the meta device when loading.
-    Must not modify ``base_layer``. Answer ``None`` for configs or layer types
-    this plugin does not handle (a more specific plugin answers first with
-    ``tryfirst=True``); if no plugin answers, the user gets an
-    :class:`UnsupportedLayerError` naming the module.
+    Must not modify ``base_layer``. Answer ``None`` for layer types the method
+    does not handle (an extension plugin may answer first with ``tryfirst=True``);
+    if nothing answers, the user gets an :class:`UnsupportedLayerError` naming the module.
 
     :param config: the adapter's config.
     :param base_layer: the module to adapt (the base layer itself, even when it is already adapted).
@@ -396,18 +509,22 @@ def grafting_create_layer_adapter(
     :param module_name: the module's logical dotted path (for ``rank_pattern``-style options).
     :param model: the whole model (for options that depend on its type).
     :param shared: this adapter's :class:`SharedState`, or ``None``; keep it with :meth:`LayerAdapter.use_shared`.
-    :return: a :class:`LayerAdapter` (input, delta or output), or ``None``.
+    :param context: this ``add_adapter`` call (:class:`AdapterContext`): ``context.state`` carries data between calls.
+    :return: a :class:`LayerAdapter` (weight, input, delta or output), or ``None``.
     """
 
 
 @hookspec(firstresult=True)
-def grafting_create_model_adapter(config: AdapterConfig, model: nn.Module, adapter_name: str) -> ModelAdapter | None:
+def grafting_create_model_adapter(
+    config: AdapterConfig, model: nn.Module, adapter_name: str, context: AdapterContext
+) -> ModelAdapter | None:
     """Build the model-level adapter for ``config`` (methods declared with ``level="model"``).
 
     :param config: the adapter's config (after ``for_model``).
     :param model: the user's model.
     :param adapter_name: the adapter's name.
-    :return: a :class:`ModelAdapter`, or ``None`` for other methods' configs.
+    :param context: this ``add_adapter`` call (:class:`AdapterContext`).
+    :return: a :class:`ModelAdapter`, or ``None`` (the core then reports that no adapter was built).
     """
 
 
@@ -421,7 +538,7 @@ def grafting_check_saved_shapes(config: AdapterConfig, shapes: dict[str, tuple[i
         to its shape; keys of ``modules_to_save`` copies may be present and are
         not the plugin's concern.
     :return: one line per inconsistency (``[]`` when everything fits), or
-        ``None`` for other methods' configs.
+        ``None`` when the method does not check shapes.
     """
 
 
@@ -448,14 +565,32 @@ def grafting_store_weight(layer: nn.Module, matrix: torch.Tensor) -> bool | None
 
 
 @hookspec(firstresult=True)
+def grafting_parameter_count(param: torch.Tensor) -> int | None:
+    """How many weights a parameter stores, when its storage packs several into one element.
+
+    Called for every parameter by ``PeftModel.get_nb_trainable_parameters`` (and
+    ``print_trainable_parameters``): a quantization plugin answers for its packed parameters
+    (bitsandbytes' 4-bit ``Params4bit`` holds two weights per byte), so the counts are PEFT's.
+
+    :param param: a parameter of the model.
+    :return: the number of weights it holds, or ``None`` for parameters this plugin does not pack
+        (they count ``param.numel()``).
+    """
+
+
+@hookspec(firstresult=True)
 def grafting_combine_adapters(request: CombineRequest, model: nn.Module) -> Combination | None:
     """Combine existing adapters of this plugin's method into a new one (``add_weighted_adapter``).
 
     :param request: the source adapters, their configs (``target_modules``
         resolved), their weights, ``combination_type`` and its options.
     :param model: the user's model.
-    :return: ``None`` when this plugin does not handle these configs; otherwise a
-        :class:`grafting.combine.Combination`: the new adapter's config, which the core adds
+    Called for each distinct method among the sources, in the sources' order, until one
+    answers: a plugin may combine its own adapters with other methods' (through
+    :meth:`LayerAdapter.delta_matrix`) or answer ``None``.
+
+    :return: ``None`` when the method does not combine adapters; otherwise a
+        :class:`grafting.model.combine.Combination`: the new adapter's config, which the core adds
         like any other, and ``fill(target, sources)``, which the core calls (without
         gradients) wherever the new adapter sits, with the source adapters found there and
         their weights. Raise :class:`grafting.CombinationError` for a request this plugin
@@ -474,6 +609,8 @@ HOOK_RESULTS.update(
 
 __all__ = [
     "PROJECT",
+    "AdapterContext",
+    "BeyondPeftWarning",
     "Combination",
     "CombineRequest",
     "DeltaAdapter",

@@ -3,16 +3,29 @@
 Each builder makes a seeded, randomly initialized transformers model a few
 kilobytes large, in eval mode, so plugin authors can check their method on
 the same architectures the core is tested on.
+
+What the helpers expect of a model of your own (``model_output``,
+``check_layer_adapter_invariants``): it is called with keyword inputs only
+(``model(**inputs)``, a dict of tensors whose first dimension is the batch, so
+``adapter_names=`` can route its rows) and returns an object with a ``.logits``
+tensor (a transformers ``ModelOutput``; wrap a plain module's output in
+``types.SimpleNamespace(logits=...)``). It is in eval mode, so dropout does not
+make two forwards differ.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from grafting.api.peft_model import PeftModel
+from grafting.model.layer import AdaptedLayer
+from grafting.model.routing import BASE
 
 ARCHITECTURES = ("llama", "gpt2", "bert", "t5")
 
@@ -289,8 +302,6 @@ def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the base model's floating-point weights, keyed by their path in the plain model."""
-    from grafting.layer import AdaptedLayer
-
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
@@ -316,11 +327,6 @@ def check_layer_adapter_invariants(
     grafting wrapper. Float64 models give the tightest check. ``inputs`` needs
     a batch of 2 or more. Raises AssertionError naming the failed property.
     """
-    import copy
-
-    from grafting.layer import AdaptedLayer
-    from grafting.peft_model import PeftModel
-    from grafting.routing import BASE
 
     out = model_output(model, inputs)
     # a merged layer rounds W + ΔW before the product: 1000 epsilons of the output's scale (float64 is tight)

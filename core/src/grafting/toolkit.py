@@ -17,7 +17,10 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
   :func:`weight_matrix`), which quantized layers support through the codec hooks;
 * base parameters a config trains: :func:`trainable_biases`;
 * warnings: :func:`warn_fan_in_fan_out`;
-* tied weights: :func:`tied_embedding` (the input embedding and the modules sharing its weight).
+* tied weights: :func:`tied_embedding` (the input embedding and the modules sharing its weight);
+* adapter arithmetic: :func:`compute_dtype` (the dtype an adapter computes in, for its ``precision``
+  option and autocast) and :func:`convolve_as` (a convolution with a base layer's stride, padding,
+  dilation, groups and padding mode).
 """
 
 from __future__ import annotations
@@ -25,16 +28,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from grafting.combine import union_of_targets
-from grafting.errors import GraftingWarning
-from grafting.matching import candidate_modules, find_targets, name_matches, pattern_value
-from grafting.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
-from grafting.tying import TiedEmbedding, tied_embedding
-from grafting.validators import (
+from grafting.config.validators import (
     boolean,
     check_count,
     module_names,
@@ -46,7 +46,12 @@ from grafting.validators import (
     positive_int,
     probability,
 )
-from grafting.weights import (
+from grafting.errors import ConfigError, GraftingWarning
+from grafting.model.combine import union_of_targets
+from grafting.model.matching import candidate_modules, find_targets, name_matches, pattern_value
+from grafting.model.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
+from grafting.model.tying import TiedEmbedding, tied_embedding
+from grafting.model.weights import (
     add_to_weight,
     dense_weight,
     in_out_features,
@@ -149,14 +154,96 @@ def warn_fan_in_fan_out(config: Any, layer: nn.Module) -> None:
     )
 
 
+# -- adapter arithmetic ------------------------------------------------------------------------------
+#: An adapter's ``precision`` option: which dtype its products run in for a half-precision input.
+Precision = Literal["input", "adapter"]
+PRECISIONS: tuple[str, ...] = ("input", "adapter")
+HALF_PRECISION: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(
+    precision: str, adapter_dtype: torch.dtype, x: torch.Tensor, *, autocast: bool = True, where: str = "adapter"
+) -> torch.dtype:
+    """The dtype an adapter's arithmetic runs in, for input ``x`` and adapter weights of ``adapter_dtype``.
+
+    The one policy of grafting's methods, in order:
+
+    1. under autocast for ``x``'s device (when ``autocast``, and neither dtype is float64): autocast's
+       dtype, as for the base layer's own product (pass ``autocast=False`` for an elementwise product,
+       which autocast leaves alone);
+    2. ``precision="input"``, a half-precision ``x`` and wider weights: ``x``'s dtype (the weights cast
+       down, on tensor cores, as autocast would cast them);
+    3. otherwise ``adapter_dtype`` (``"adapter"``: the input cast up to the weights, PEFT's numerics).
+
+    Weights, their gradients and optimizer state keep ``adapter_dtype`` either way; the adapter casts
+    its result to the base output's dtype. ``precision`` outside :data:`PRECISIONS` raises
+    :class:`~grafting.ConfigError` naming ``where``.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{where}: precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    device = x.device.type
+    if autocast and torch.is_autocast_enabled(device) and torch.float64 not in (adapter_dtype, x.dtype):
+        return torch.get_autocast_dtype(device)
+    if precision == "input" and x.dtype in HALF_PRECISION and adapter_dtype.itemsize > x.dtype.itemsize:
+        return x.dtype
+    return adapter_dtype
+
+
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _explicit_padding(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> list[int]:
+    """``layer``'s padding as ``F.pad``'s list (last dimension first, before and after each)."""
+    pairs: list[int] = []
+    for k, d, p in reversed(list(zip(layer.kernel_size, layer.dilation, _padding_tuple(layer), strict=True))):
+        if p == "same":
+            total = d * (k - 1)
+            pairs += [total // 2, total - total // 2]
+        else:
+            pairs += [int(p), int(p)]
+    return pairs
+
+
+def _padding_tuple(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[int | str, ...]:
+    padding = layer.padding
+    if isinstance(padding, str):
+        return (padding if padding == "same" else 0,) * len(layer.kernel_size)
+    return tuple(padding)
+
+
+def convolve_as(
+    layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` convolved with ``weight`` (and ``bias``) the way ``layer`` convolves with its own weight.
+
+    ``layer``'s stride, padding (numbers, ``"same"`` or ``"valid"``), dilation, groups and
+    padding mode (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``) apply; ``weight``
+    has the shape ``layer.weight`` would have for its output channels: (out, in / groups, *kernel).
+    For an adapter's delta through the base layer's geometry, without torch's private ``_conv_forward``.
+    """
+    conv = _CONVOLUTIONS[weight.dim() - 2]
+    if layer.padding_mode == "zeros":
+        return conv(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    padded = F.pad(x, _explicit_padding(layer), mode=layer.padding_mode)
+    return conv(padded, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+
+
 __all__ = [
+    "HALF_PRECISION",
+    "PRECISIONS",
     "QUERY_VALUE_PROJECTIONS",
+    "Precision",
     "RankAlphaPatterns",
     "TiedEmbedding",
     "add_to_weight",
     "boolean",
     "candidate_modules",
     "check_count",
+    "compute_dtype",
+    "convolve_as",
     "default_targets",
     "dense_weight",
     "find_targets",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 
 
 def ia3_parameters(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import grafting
 from grafting import ConfigError, IA3Config, LoraConfig, get_peft_model
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import tiny_llama
 from grafting_ia3.layers import IA3Input, IA3Output
 

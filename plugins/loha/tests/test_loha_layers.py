@@ -11,7 +11,7 @@ from loha_helpers import F64
 from torch import nn
 
 from grafting import ConfigError
-from grafting.layer import LayerCall
+from grafting.model.layer import LayerCall
 from grafting.testing import assert_close
 from grafting_loha import LoHaAdapter, LoHaConv, LoHaLinear
 

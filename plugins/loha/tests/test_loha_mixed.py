@@ -10,7 +10,7 @@ import torch
 from loha_helpers import F64, base, hada_params, output, randomize, weights_of
 
 from grafting import LoraConfig, PeftModel, get_peft_model
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close
 from grafting_loha import LoHaConfig
 

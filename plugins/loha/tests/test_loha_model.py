@@ -13,7 +13,7 @@ from loha_helpers import base, hada_params, output, randomize, targets, train_ou
 import grafting
 from grafting import PeftModel, get_peft_model
 from grafting.errors import UnsupportedLayerError
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical
 from grafting_loha import LoHaAdapter, LoHaConfig
 

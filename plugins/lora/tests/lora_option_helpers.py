@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close
 
 F64 = torch.float64

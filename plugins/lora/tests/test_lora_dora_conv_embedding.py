@@ -12,10 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lora_option_helpers import TOL, assert_moves, peft_config_of, randomize, run, weights_of, zoo, zoo_ids
+from torch import nn
 
-from grafting import LoraConfig, PeftModel, get_peft_model
-from grafting.routing import BASE
-from grafting.testing import assert_close
+from grafting import ConfigError, LoraConfig, MergeError, PeftModel, get_peft_model
+from grafting.model.routing import BASE
+from grafting.testing import assert_close, assert_identical
 from grafting_lora.dora import DoraConv, DoraEmbedding
 
 TARGETS = ["emb", "conv1", "conv2", "conv3"]
@@ -136,3 +137,40 @@ def test_training_with_dropout_draws_and_gradients_as_peft(target: str) -> None:
         if p.requires_grad:
             key = name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
             assert_close(grads[key], p.grad, **TOL, msg=name)
+
+
+class GroupedConv(nn.Module):
+    """A grouped (groups=2) and a depthwise convolution, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")
+        self.head = nn.Linear(8, 3)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.depthwise(self.grouped(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_grouped_convolutions_give_peft_outputs_and_refuse_merging(use_dora: bool, tmp_path: Path) -> None:
+    """LoRA and DoRA on grouped and depthwise convolutions: PEFT's layout (B grouped, r a multiple of the groups),
+    PEFT's outputs for PEFT's weights, and a merge refused (as PEFT refuses it) with the model unchanged."""
+    options = {"r": 8, "lora_alpha": 4, "target_modules": ["grouped", "depthwise"], "use_dora": use_dora}
+    with pytest.warns(UserWarning, match="groups"):
+        theirs = peft.get_peft_model(GroupedConv(), peft.LoraConfig(**options))
+    randomize(theirs, 5)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(GroupedConv(), tmp_path)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert_close(ours(x), expected, **TOL, changed_from=GroupedConv()(x))
+    before = weights_of(ours)
+    with pytest.raises(MergeError, match="groups=2"):
+        ours.merge_adapter()
+    assert_identical(weights_of(ours), before)
+    with pytest.raises(ConfigError, match="divisible"):
+        get_peft_model(GroupedConv(), LoraConfig(**{**options, "r": 3}))

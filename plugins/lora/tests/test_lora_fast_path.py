@@ -13,9 +13,10 @@ from transformers.pytorch_utils import Conv1D
 
 import grafting
 from grafting.errors import ConfigError
-from grafting.layer import AdaptedLayer
+from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_identical, tiny_llama
-from grafting_lora.layers import LoraConv, LoraLinear, compute_dtype
+from grafting.toolkit import compute_dtype
+from grafting_lora.layers import LoraConv, LoraLinear
 
 HALF = [torch.bfloat16, torch.float16]
 

@@ -16,7 +16,7 @@ from lora_option_helpers import assert_moves, assert_rows_route_alone, peft_conf
 from safetensors.torch import load_file
 
 from grafting import ConfigError, LoraConfig, PeftModel, UnsupportedLayerError, get_peft_model
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close, tiny_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

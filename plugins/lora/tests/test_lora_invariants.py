@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grafting
-from grafting.layer import AdaptedLayer
-from grafting.modules_to_save import ModulesToSaveWrapper
-from grafting.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from grafting.model.layer import AdaptedLayer
+from grafting.model.modules_to_save import ModulesToSaveWrapper
 from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,

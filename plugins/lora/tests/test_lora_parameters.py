@@ -15,7 +15,7 @@ from lora_option_helpers import peft_config_of, weights_of
 from torch import nn
 
 from grafting import AdapterStateError, ConfigError, LoraConfig, PeftModel, get_peft_model
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close
 from grafting_lora.parameters import LoraMultiheadAttention, LoraParameters
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import grafting
-from grafting.state_dict import get_peft_model_state_dict
+from grafting.io.state_dict import get_peft_model_state_dict
 from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ARCHS,

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import grafting
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close
 from tests.helpers import (
     ARCHS,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from lora_option_helpers import F64, TOL
 
 from grafting import LoraConfig, PeftModel, get_peft_model
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close, assert_identical, tiny_model
 
 

@@ -22,7 +22,7 @@ from grafting import (
     UnsupportedLayerError,
     get_peft_model,
 )
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close, tiny_model
 from grafting_lora.trainable_tokens import TiedTrainableTokens, TrainableTokens
 

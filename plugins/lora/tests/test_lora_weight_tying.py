@@ -27,7 +27,7 @@ from grafting import (
     get_peft_model,
     set_peft_model_state_dict,
 )
-from grafting.routing import BASE
+from grafting.model.routing import BASE
 from grafting.testing import assert_close, assert_identical, tiny_gpt2, tiny_llama
 from grafting_lora.trainable_tokens import TiedTrainableTokens
 from grafting_lora.tying import TiedLoraHead

@@ -12,7 +12,7 @@ from prefix_helpers import configs
 
 import grafting
 from grafting import ConfigError, GraftingWarning, UnsupportedLayerError, get_peft_model
-from grafting.config import AdapterConfig
+from grafting.config.adapter_config import AdapterConfig
 from grafting.testing import assert_identical, tiny_model
 from grafting_prefix import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 

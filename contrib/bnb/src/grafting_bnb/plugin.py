@@ -35,3 +35,11 @@ def grafting_store_weight(layer: nn.Module, matrix: torch.Tensor) -> bool | None
         return None
     requantize(layer, matrix)
     return True
+
+
+@hookimpl
+def grafting_parameter_count(param: torch.Tensor) -> int | None:
+    """bitsandbytes' 4-bit parameters pack two weights into each uint8 element."""
+    if type(param).__name__ != "Params4bit" or not type(param).__module__.startswith("bitsandbytes"):
+        return None
+    return 2 * param.numel()

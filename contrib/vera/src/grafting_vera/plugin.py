@@ -24,16 +24,12 @@ def grafting_methods() -> list[Method]:
 
 
 @hookimpl
-def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
-    if not isinstance(config, VeraConfig):
-        return None
+def grafting_default_target_modules(config: VeraConfig, model: nn.Module) -> list[str] | None:
     return query_value_projections(model)
 
 
 @hookimpl
-def grafting_create_shared_state(config: object, targets: dict[str, nn.Module]) -> VeraProjections | None:
-    if not isinstance(config, VeraConfig):
-        return None
+def grafting_create_shared_state(config: VeraConfig, targets: dict[str, nn.Module]) -> VeraProjections | None:
     sizes = [in_out_features(layer) for layer in targets.values() if is_linear(layer)]
     if not sizes:
         raise UnsupportedLayerError(
@@ -45,16 +41,14 @@ def grafting_create_shared_state(config: object, targets: dict[str, nn.Module]) 
 
 @hookimpl
 def grafting_create_layer_adapter(
-    config: object, base_layer: nn.Module, shared: VeraProjections | None
+    config: VeraConfig, base_layer: nn.Module, shared: VeraProjections | None
 ) -> VeraLinear | None:
-    if not isinstance(config, VeraConfig) or not is_linear(base_layer) or shared is None:
+    if not is_linear(base_layer) or shared is None:
         return None
     warn_fan_in_fan_out(config, base_layer)
     return VeraLinear(base_layer, shared, config.vera_dropout, config.d_initial, config.init_weights)
 
 
 @hookimpl
-def grafting_check_saved_shapes(config: object, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
-    if not isinstance(config, VeraConfig):
-        return None
+def grafting_check_saved_shapes(config: VeraConfig, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
     return check_shapes(config, shapes)

@@ -10,8 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from grafting import __version__
 from grafting.cli import export, inspect_adapter, list_plugins, merge
 from grafting.cli.common import CommandError
+from grafting.errors import GraftingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from grafting import __version__
-
     return __version__
 
 
@@ -53,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def one_line(exc: BaseException) -> str:
     """The error's message on one line; the class name is added for errors that are not grafting's own."""
-    from grafting.errors import GraftingError
-
     message = " ".join(str(exc).split()) or repr(exc)
     if isinstance(exc, (GraftingError, CommandError)):
         return message

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grafting.config import CONFIG_NAME
+from grafting.config.adapter_config import CONFIG_NAME
+from grafting.io.inspection import sub_adapters
 
 
 class CommandError(Exception):
@@ -25,11 +26,6 @@ def adapter_folder(path: str) -> Path:
             raise CommandError(f"{path} is not an adapter folder, but holds adapters in: {names}")
         raise CommandError(f"{path} is not an adapter folder: it has no {CONFIG_NAME}")
     return folder
-
-
-def sub_adapters(folder: Path) -> list[Path]:
-    """Subfolders that are adapters themselves (PEFT saves every adapter but ``default`` in one)."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
 
 
 def human_size(n: float) -> str:

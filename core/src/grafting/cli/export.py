@@ -6,9 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+import attrs
+
+from grafting import PeftModel
+from grafting.api.export import LayerExport, save_as_lora
 from grafting.cli.common import CommandError, adapter_folder, human_size
 from grafting.cli.merge import adapter_names, load_base
-from grafting.transaction import is_bookkeeping
+from grafting.config.adapter_config import load_config
+from grafting.io.transaction import is_bookkeeping
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,10 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grafting import PeftModel
-    from grafting.dispatch import load_config
-    from grafting.export import save_as_lora
-
     out = Path(args.out).expanduser()
     if out.is_file():
         raise CommandError(f"--out {args.out} is a file, not a folder")
@@ -69,7 +70,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _row(layer: object) -> dict[str, object]:
-    import attrs
-
-    return attrs.asdict(layer)  # type: ignore[arg-type]
+def _row(layer: LayerExport) -> dict[str, object]:
+    return attrs.asdict(layer)

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from grafting.plugins import get_registry
+from grafting.registry.plugins import get_registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,18 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from grafting.cli.common import CommandError, adapter_folder, human_size
-from grafting.transaction import is_bookkeeping, save_transaction
+import torch
+from tqdm.auto import tqdm
 
-#: The transformers auto class for each ``task_type`` an adapter config records.
-TASK_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+from grafting import PeftModel
+from grafting.cli.common import CommandError, adapter_folder, human_size
+from grafting.config.adapter_config import load_config
+from grafting.config.tasks import task_of
+from grafting.io.transaction import is_bookkeeping, save_transaction
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -39,8 +36,9 @@ def model_class(task_type: str | None, architectures: list[str] | None) -> Any:
     """The class to load the base with: from the adapter's task type, else the checkpoint's architecture."""
     import transformers
 
-    if task_type in TASK_AUTO_CLASSES:
-        return getattr(transformers, TASK_AUTO_CLASSES[task_type])
+    task = task_of(task_type)
+    if task is not None:
+        return getattr(transformers, task.auto_class)
     for name in architectures or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
@@ -49,7 +47,6 @@ def model_class(task_type: str | None, architectures: list[str] | None) -> Any:
 
 def load_base(base: str, task_type: str | None, dtype: str) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a model folder or a GGUF file (dequantized, so it can be saved)."""
-    import torch
     import transformers
 
     path = Path(base).expanduser()
@@ -108,10 +105,6 @@ def _weight_files(out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from grafting import PeftModel
-    from grafting.dispatch import load_config
 
     out = Path(args.out).expanduser()
     if out.is_file():

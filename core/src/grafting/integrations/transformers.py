@@ -22,13 +22,15 @@ import transformers
 from torch import nn
 from transformers.utils import can_return_loss, find_labels
 
+from grafting.api.loading import load_adapter_weights
+from grafting.api.mixed import saved_adapters
+from grafting.api.peft_model import PeftModel
+
 TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer._save writes beside the model
 
 
 def adapter_model(model: Any) -> Any:
     """The grafting ``PeftModel`` inside ``model`` (unwrapped from DDP/FSDP/compile), or ``None``."""
-    from grafting.peft_model import PeftModel
-
     seen = 0
     while not isinstance(model, PeftModel) and seen < 8:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -128,8 +130,6 @@ class AdapterTrainerMixin:
 
 
 def _saved_adapters(folder: str) -> list[tuple[str, str]]:
-    from grafting.peft_model import saved_adapters
-
     return saved_adapters(folder) if os.path.isdir(folder) else []
 
 
@@ -142,7 +142,7 @@ def _restore(peft_model: Any, folder: str) -> None:
     active = peft_model.active_adapters
     for name, sub in _saved_adapters(folder):
         if name in peft_model.peft_config:
-            peft_model._load_weights(sub, name, strict=True)
+            load_adapter_weights(peft_model, sub, name, strict=True)
         else:
             peft_model.load_adapter(sub, name, is_trainable=name in active)
     peft_model.set_adapter(active if len(active) > 1 else active[0])

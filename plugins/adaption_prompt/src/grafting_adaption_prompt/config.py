@@ -42,6 +42,7 @@ class AdaptionPromptConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+    is_adaption_prompt: ClassVar[bool] = True
     #: Shared options PEFT's AdaptionPromptConfig does not have: written only when set.
     absent_in_peft: ClassVar[tuple[str, ...]] = (
         "exclude_modules",

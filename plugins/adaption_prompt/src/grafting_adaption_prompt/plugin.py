@@ -23,19 +23,15 @@ def grafting_methods() -> list[Method]:
 
 
 @hookimpl
-def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
-    if not isinstance(config, AdaptionPromptConfig):
-        return None
+def grafting_default_target_modules(config: AdaptionPromptConfig, model: nn.Module) -> list[str] | None:
     found = KINDS.get(model_type(model) or "")
     return [found.attention] if found else None
 
 
 @hookimpl
 def grafting_create_layer_adapter(
-    config: object, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+    config: AdaptionPromptConfig, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
 ) -> AdaptionPrompt | None:
-    if not isinstance(config, AdaptionPromptConfig):
-        return None
     kind = kind_for(model).kind
     if not kind.fits(base_layer):
         raise UnsupportedLayerError(

@@ -8,19 +8,25 @@ for input scaling; on ``nn.Conv2d``/``nn.Conv3d`` ``(1, channels, 1, ...)``.
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from grafting import ConfigError, GraftingWarning, InputAdapter, LayerAdapter, MergeError, OutputAdapter
-from grafting.toolkit import dense_weight, in_out_features, is_linear, plain_linear_weight, store_weight
+from grafting import GraftingWarning, InputAdapter, LayerAdapter, MergeError, OutputAdapter
+from grafting.toolkit import (
+    HALF_PRECISION,
+    Precision,
+    compute_dtype,
+    dense_weight,
+    in_out_features,
+    is_linear,
+    plain_linear_weight,
+    store_weight,
+)
 from grafting_ia3.fused import IA3InputLinear, IA3OutputLinear, ia3_linear
 
 SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d)
-Precision = Literal["input", "adapter"]
-PRECISIONS: tuple[str, ...] = ("input", "adapter")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def supports(layer: nn.Module) -> bool:
@@ -80,12 +86,11 @@ class IA3Adapter(LayerAdapter):
 
     # -- forward --------------------------------------------------------------------------
     def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:
-        """The dtype the product runs in: ``t``'s when half precision under ``"input"``, else the wider one."""
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"{self.where}: IA3 precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.precision == "input" and t.dtype in _HALF:
-            return t.dtype
-        return torch.promote_types(t.dtype, self.ia3_l.dtype)
+        """The dtype the product runs in: the toolkit's policy (:func:`grafting.toolkit.compute_dtype`).
+
+        An elementwise product, which autocast leaves in the activation's dtype: autocast is not followed.
+        """
+        return compute_dtype(self.precision, self.ia3_l.dtype, t, autocast=False, where=f"{self.where} (IA3)")
 
     def _scale(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` scaled along its feature (linear) or channel (conv) dimension, in ``t``'s dtype."""
@@ -99,7 +104,7 @@ class IA3Adapter(LayerAdapter):
         and weight share a half-precision dtype, with precision ``"input"``, outside autocast
         and ``torch.compile`` (the compiler fuses the plain ops itself); else ``None``.
         """
-        if not self.fused or self.spatial or x.dtype not in _HALF or self._compute_dtype(x) != x.dtype:
+        if not self.fused or self.spatial or x.dtype not in HALF_PRECISION or self._compute_dtype(x) != x.dtype:
             return None
         if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
             return None

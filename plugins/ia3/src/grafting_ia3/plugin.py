@@ -19,18 +19,16 @@ def grafting_methods() -> list[Method]:
 
 
 @hookimpl
-def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
-    if not isinstance(config, IA3Config):
-        return None
+def grafting_default_target_modules(config: IA3Config, model: nn.Module) -> list[str] | None:
     defaults = defaults_for(model)
     return list(defaults.targets) if defaults else None
 
 
 @hookimpl
 def grafting_create_layer_adapter(
-    config: object, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+    config: IA3Config, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
 ) -> IA3Adapter | None:
-    if not isinstance(config, IA3Config) or not supports(base_layer):
+    if not supports(base_layer):
         return None
     warn_fan_in_fan_out(config, base_layer)  # once per layer type, not once per layer
     kind = IA3Input if is_feedforward(module_name, config.feedforward_for(model)) else IA3Output

@@ -16,13 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall
-from grafting.toolkit import add_to_weight, in_out_features
+from grafting.toolkit import PRECISIONS, Precision, add_to_weight, compute_dtype, convolve_as, in_out_features
 from grafting_loha.hadamard import dense_delta, factored_delta, factored_linear, prefer_factored
 
 Path = Literal["auto", "dense", "factored"]
 PATHS: tuple[str, ...] = ("auto", "dense", "factored")
-Precision = Literal["adapter", "input"]
-PRECISIONS: tuple[str, ...] = ("adapter", "input")
 
 
 def _kaiming(t: torch.Tensor) -> None:
@@ -128,13 +126,8 @@ class LoHaAdapter(DeltaAdapter):
         return float(torch.rand(1)) <= self.module_dropout
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the products run in: autocast's if it is on, else per :attr:`precision`."""
-        own = self.hada_w1_a.dtype
-        if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (own, x.dtype):
-            return torch.get_autocast_dtype(x.device.type)
-        if self.precision == "input" and x.dtype in (torch.float16, torch.bfloat16) and own.itemsize > x.dtype.itemsize:
-            return x.dtype
-        return own
+        """The dtype the products run in: the toolkit's policy (:func:`grafting.toolkit.compute_dtype`)."""
+        return compute_dtype(self.precision, self.hada_w1_a.dtype, x, where=type(self).__name__)
 
     def _use_factored(self, n_flat: int, positions: int, allowed: bool = True) -> bool:
         if not allowed or self.path == "dense":
@@ -209,10 +202,10 @@ class LoHaConv(LoHaAdapter):
         if self._use_factored(self.n_flat, positions, allowed=base.groups == 1):
             u, v = factored_delta(*self.factors(), row_scale)
             kernels = v.to(dtype).reshape(-1, self.n_flat // math.prod(self.kernel), *self.kernel)
-            mid = base._conv_forward(h, kernels, None)
+            mid = convolve_as(base, h, kernels)
             pointwise = F.conv1d if len(self.kernel) == 1 else F.conv2d
             out = pointwise(mid, u.to(dtype).reshape(*u.shape, *(1,) * len(self.kernel)))
         else:
             weight = dense_delta(*self.factors(), row_scale).to(dtype)
-            out = base._conv_forward(h, weight.reshape(self.n_out, -1, *self.kernel), None)
+            out = convolve_as(base, h, weight.reshape(self.n_out, -1, *self.kernel))
         return out.to(call.base_out.dtype)

@@ -18,18 +18,14 @@ def grafting_methods() -> list[Method]:
 
 
 @hookimpl
-def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
-    if not isinstance(config, LoHaConfig):
-        return None
+def grafting_default_target_modules(config: LoHaConfig, model: nn.Module) -> list[str] | None:
     return query_value_projections(model)
 
 
 @hookimpl
 def grafting_create_layer_adapter(
-    config: object, base_layer: nn.Module, adapter_name: str, module_name: str
+    config: LoHaConfig, base_layer: nn.Module, adapter_name: str, module_name: str
 ) -> nn.Module | None:
-    if not isinstance(config, LoHaConfig):
-        return None
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
     options = {
         "rank_dropout": config.rank_dropout,

@@ -138,7 +138,7 @@ def _across_methods(request: CombineRequest) -> Combination:
 
     def fill(target: nn.Module, sources: list[tuple[nn.Module, float]]) -> None:
         for source, _ in sources:
-            if not callable(getattr(source, "delta_matrix", None)):
+            if not source.lora_convertible:  # only these promise a delta_matrix()
                 kind_of = type(source).__name__
                 raise CombinationError(
                     f"a {kind_of} adapter has no fixed ΔW to combine (of {sorted(names)}); across methods only"

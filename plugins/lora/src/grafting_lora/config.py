@@ -146,6 +146,9 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     def ties_weights(self) -> bool:
         return self.ensure_weight_tying
 
+    def trains_token_rows(self) -> bool:
+        return self.trainable_token_indices is not None
+
     def token_plan(self, model: Any) -> TokenPlan:
         """Where ``trainable_token_indices`` puts trainable rows on ``model`` (empty when unset)."""
         if self.trainable_token_indices is None:

@@ -204,5 +204,4 @@ def initialize_corda(adapter: nn.Module, base_layer: nn.Module, module_name: str
     root = (s.float() / scaling).sqrt()
     a = v.float().T * root[:, None]
     b = u.float() * root[None, :]
-    start_from(adapter, base_layer, a.contiguous(), b.contiguous(), residual=True)
-    adapter.after_attach = _forget_eigens
+    start_from(adapter, base_layer, a.contiguous(), b.contiguous(), residual=True, then=_forget_eigens)

@@ -1,15 +1,17 @@
-"""One autograd node for a frozen linear layer plus its LoRA delta, in the layer's half precision.
+"""Fast paths of :mod:`grafting_lora.reference`: a frozen linear layer and its LoRA (or DoRA) delta as one node.
 
-``y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ``: the low-rank product is accumulated into the base
-output by ``addmm_`` in forward, and the input gradient of the adapter into the
-base's input gradient in backward, so no elementwise pass over an activation is
-left and the whole layer is one node for autograd to run; dropout on the adapter's
-input is drawn inside the node and its mask applied to the adapter's input gradient
-in place. Weights of the adapter
-stay in their own (float32) dtype: they are cast down for the products and their
-gradients come back in their dtype. The plain composition
-(:meth:`LoraLinear.add_delta` with ``fused = False``) is the reference it is tested
-against.
+``base(x) + lora_delta(x)`` = ``x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ``, in the layer's half precision:
+the low-rank product is accumulated into the base output by ``addmm_`` in forward
+(:func:`_products`, shared by every forward here), and the input gradient of the adapter
+into the base's input gradient in backward, so no elementwise pass over an activation is
+left and the whole layer is one node for autograd to run; dropout on the adapter's input
+is drawn inside the node and its mask applied to the adapter's input gradient in place.
+Weights of the adapter stay in their own (float32) dtype: they are cast down for the
+products and their gradients come back in their dtype. Without autograd the same forward
+runs as plain ops (:func:`lora_linear`, :func:`dora_linear`).
+
+Each is checked against the reference (``LoraLinear.fused = False``: the layer computes
+``reference.lora_delta`` / ``reference.dora_delta``) for values and gradients.
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def _products(
+    flat: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, low)``: ``y = flat·Wᵀ + bias + scaling·low·bᵀ`` with ``low = h·aᵀ``, accumulated by ``addmm_``."""
+    low = h @ a.t()
+    y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+    y.addmm_(low, b.t(), alpha=scaling)
+    return y, low
 
 
 def lora_linear(
@@ -28,16 +46,15 @@ def lora_linear(
     scaling: float,
 ) -> torch.Tensor:
     """The forward of :class:`LoraLinearFunction` as plain ops (no autograd node), for inference."""
-    dtype = x.dtype
     flat = x.reshape(-1, x.shape[-1])
-    low = flat @ lora_a.to(dtype).t()
-    y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-    y.addmm_(low, lora_b.to(dtype).t(), alpha=scaling)
+    y, _ = _products(flat, flat, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """``x·Wᵀ + b + scaling·(d(x)·Aᵀ)·Bᵀ`` for ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r).
+    """Fast path of ``base(x) + lora_delta(x)``: ``x·Wᵀ + b + scaling·(d(x)·Aᵀ)·Bᵀ`` as one autograd node.
+
+    ``x`` (..., in), ``W`` (out, in), ``A`` (r, in), ``B`` (out, r).
 
     ``d`` is dropout with probability ``dropout`` (0: none), drawn as ``nn.Dropout`` draws it
     (one ``native_dropout`` over ``x``, so a seed gives the reference path's mask). Backward
@@ -60,9 +77,7 @@ class LoraLinearFunction(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         flat = x.reshape(-1, x.shape[-1])
         h, mask = torch.native_dropout(flat, dropout, True) if dropout > 0 else (flat, None)
-        low = h @ a.t()
-        y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-        y.addmm_(low, b.t(), alpha=scaling)
+        y, low = _products(flat, h, weight, bias, a, b, scaling)
         keep_x = mask is None or ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
         ctx.save_for_backward(flat if keep_x else None, h, weight, a, b, low, mask)
         ctx.scaling = scaling
@@ -103,7 +118,7 @@ def dora_row_norm(
     scaling: float,
     cast_a: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``‖W + scaling·B·A‖`` per row in float32, without forming ``W + ΔW`` or a float32 copy of ``W``.
+    """Fast path of ``reference.dora_norm``: ``‖W + scaling·B·A‖`` per row in float32, without forming ``W + ΔW``.
 
     ``‖W + ΔW‖² = ‖W‖² + s·⟨B, 2·W·Aᵀ + s·B·(A·Aᵀ)⟩`` row by row: ``weight_sq`` is ``‖W‖²`` (the
     frozen weight's, computed once), ``W·Aᵀ`` is one skinny product in W's dtype (accumulated
@@ -133,7 +148,9 @@ def dora_linear(
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """DoRA on a linear layer: ``s ⊙ (x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ) + b``, ``s = m / ‖W + ΔW‖`` (the norm a constant).
+    """Fast path of DoRA's layer ``base(x) + dora_delta``: ``s ⊙ (x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ) + b``, ``s = m / ‖W + ΔW‖``.
+
+    The norm is a constant for autograd, as in the reference.
 
     One node: the row norms from ``‖W‖²`` (:func:`dora_row_norm`), the two products into one
     output (the low-rank one accumulated by ``addmm_``), the magnitude applied in one pass
@@ -158,8 +175,7 @@ class DoraLinearFunction(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         norm = dora_row_norm(weight, weight_sq, lora_a, lora_b, scaling, a if weight.dtype == dtype else None)
         flat = x.reshape(-1, x.shape[-1])
-        low = flat @ a.t()
-        z = (flat @ weight.t()).addmm_(low, b.t(), alpha=scaling)  # (W + ΔW)·x, no bias
+        z, low = _products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
         scale = (magnitude / norm).to(dtype)
         y = z * scale if bias is None else torch.addcmul(bias, z, scale)
         ctx.save_for_backward(flat, weight, a, b, low, z, scale, norm)

@@ -1,17 +1,22 @@
-"""LoRA initializations beyond "A random, B zero": PiSSA, OLoRA and orthogonal.
+"""LoRA initializations: "A random, B zero" (:func:`init_factors`), PiSSA, OLoRA and orthogonal.
 
-PiSSA and OLoRA start the adapter on a rank-r piece of the base weight and
-leave the rest (the residual ``W − scaling·B·A``) in the base layer, so the
-model computes the same function at the start. The factors are computed when
-the adapter is created (from ``W``, read only); the residual is written when
-the adapter is installed (``LayerAdapter.attach``), after every target of the
-``add_adapter`` call was created, so a failing target leaves the model as it was.
+An initialization is two explicit steps. When the adapter is created it reads the base
+layer only and sets the factors; what it must write to the base layer is returned as an
+:class:`Initialization` (kept on the adapter), which ``LoraLinear.attach`` applies once the
+adapter is installed — after every target of the ``add_adapter`` call was created, so a
+failing target leaves the model as it was. PiSSA and OLoRA start the adapter on a rank-r
+piece of the base weight and leave the rest (the residual ``W − scaling·B·A``) in the base
+layer, so the model computes the same function at the start; LoftQ (loftq.py) stores its
+quantized weight, CorDA (corda.py) leaves a residual and drops its decomposition.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 
+import attrs
 import torch
 from torch import nn
 
@@ -46,8 +51,23 @@ def rewrites_base(init: object) -> bool:
     return isinstance(init, str) and (init in RESIDUAL_INITS or PISSA_NITER.fullmatch(init) is not None)
 
 
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+def init_factors(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+    """A random, B zero (so the adapter starts as the identity), unless ``init`` is False (both random).
+
+    The other string initializations set both factors themselves (:func:`start_from`), drawing no
+    numbers here; EVA draws A and keeps B zero until its data step.
+    """
+    if isinstance(init, str) and init not in ("gaussian", "eva"):
+        return
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
 
 
 def _work_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -111,6 +131,32 @@ def subtract_initial_delta(base_layer: nn.Module, a: torch.Tensor, b: torch.Tens
     store_weight(base_layer, residual_of(dense_weight(base_layer), a, b, scaling))
 
 
+@attrs.define(eq=False)
+class Initialization:
+    """What an initialization writes to the base layer, computed at creation and applied by ``attach``.
+
+    Applied once, in this order: the residual ``W − scaling·B·A`` (PiSSA, OLoRA, CorDA), the
+    stored ``base_weight`` (LoftQ's quantized and dequantized ``W``), then ``then(base_layer)``.
+    """
+
+    #: Leave ``W − scaling·B·A`` in the base, so the model starts as it was.
+    residual: bool = False
+    #: An (out, in) weight to store in the base instead of its own.
+    base_weight: torch.Tensor | None = None
+    #: Called with the base layer once it is written (CorDA forgets its decomposition).
+    then: Callable[[nn.Module], None] | None = None
+
+    @torch.no_grad()
+    def apply(self, base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Write the base layer's side of the initialization, for the adapter's factors ``a``, ``b``."""
+        if self.residual:
+            subtract_initial_delta(base_layer, a, b, scaling)
+        if self.base_weight is not None:
+            store_weight(base_layer, self.base_weight)
+        if self.then is not None:
+            self.then(base_layer)
+
+
 def initialize(adapter: nn.Module, base_layer: nn.Module, init: str, r: int, scaling: float) -> None:
     """Give a linear LoRA adapter the factors of the string initialization ``init`` (reads the base only)."""
     n_in, n_out = in_out_features(base_layer)
@@ -126,20 +172,17 @@ def start_from(
     *,
     residual: bool = False,
     new_base: torch.Tensor | None = None,
+    then: Callable[[nn.Module], None] | None = None,
 ) -> None:
-    """Set a linear adapter's factors; ``attach`` then leaves ``W − s·B·A`` (``residual``) or ``new_base`` in the base.
+    """Set a linear adapter's factors and its :class:`Initialization` (``residual``, ``new_base``, ``then``).
 
     Reads the base only, so a later failing target of the same ``add_adapter`` call leaves the model as it was.
     """
     dtype = adapter.lora_A.weight.dtype if not adapter.lora_A.weight.is_meta else a.dtype
     adapter.lora_A.weight = nn.Parameter(a.to(dtype))
     adapter.lora_B.weight = nn.Parameter(b.to(dtype))
-    adapter.leaves_residual = residual
-    if new_base is not None:
-        adapter.new_base_weight = new_base
+    adapter.initialization = Initialization(residual=residual, base_weight=new_base, then=then)
     if adapter.use_dora and not adapter.lora_A.weight.is_meta:
         # DoRA's magnitude: the norms of the weight the forward sees, W_res + s·B·A (W up to rounding)
         weight = dense_weight(base_layer) if new_base is None else new_base
-        start = residual_of(weight, a, b, adapter.scaling) if residual else weight
-        with torch.no_grad():
-            adapter.lora_magnitude_vector.copy_(adapter._weight_norm(_wide(start)))
+        adapter.reset_magnitude(residual_of(weight, a, b, adapter.scaling) if residual else weight)

@@ -21,7 +21,8 @@ from torch import nn
 
 from grafting import AdaptedLayer, ConfigError, UnsupportedLayerError, WeightAdapter
 from grafting.toolkit import candidate_modules
-from grafting_lora.layers import _init_pair
+from grafting_lora.init import init_factors
+from grafting_lora.reference import delta_weight
 
 
 class LoraFactors(nn.Module):
@@ -39,13 +40,13 @@ class LoraFactors(nn.Module):
         self.experts, self.r, self.scaling, self.transposed = experts, r, scaling, transposed
         self.lora_A = nn.Linear(n_in, r * experts, bias=False)
         self.lora_B = nn.Linear(r * experts, n_out, bias=False)
-        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        init_factors(self.lora_A.weight, self.lora_B.weight, init, r)
 
     def delta(self) -> torch.Tensor:
         """ΔW in the parameter's shape."""
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.experts == 1 and not self.transposed:
-            return (b @ a) * self.scaling
+            return delta_weight(a, b, self.scaling)
         a = a.reshape(self.experts, self.r, a.shape[-1])  # (experts, r, in)
         b = b.reshape(b.shape[0], self.r, self.experts).permute(2, 0, 1)  # (experts, out, r)
         delta = torch.bmm(b, a) * self.scaling  # (experts, out, in)

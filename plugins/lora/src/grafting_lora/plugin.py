@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 
 from torch import nn
 
-from grafting import ConfigError, GraftingWarning, Method, PluginError, UnsupportedLayerError, hookimpl
+from grafting import (
+    AdapterContext,
+    ConfigError,
+    GraftingWarning,
+    Method,
+    PluginError,
+    UnsupportedLayerError,
+    hookimpl,
+)
 from grafting.protocol import Combination, CombineRequest
 from grafting.toolkit import is_conv, is_linear, query_value_projections, tied_embedding, warn_fan_in_fan_out
 from grafting_lora.combine import combination
@@ -47,25 +54,19 @@ def grafting_methods() -> list[Method]:
 
 
 @hookimpl
-def grafting_default_target_modules(config: object, model: nn.Module) -> list[str] | None:
-    if not isinstance(config, LoraConfig):
-        return None
+def grafting_default_target_modules(config: LoraConfig, model: nn.Module) -> list[str] | None:
     return query_value_projections(model)
 
 
-#: The trainable-token adapters of embeddings made while an adapter is being added, for the tied heads
-#: created after them in the same call (the model, adapter name -> embedding path -> adapter).
-_token_adapters: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], TrainableTokens]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _tokens_adapter(
-    config: LoraConfig, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+    config: LoraConfig, base_layer: nn.Module, module_name: str, model: nn.Module, context: AdapterContext
 ) -> nn.Module | None:
-    """A trainable-tokens adapter if ``module_name`` carries ``trainable_token_indices``, else None."""
+    """A trainable-tokens adapter if ``module_name`` carries ``trainable_token_indices``, else None.
+
+    The embeddings' adapters are kept in ``context.state`` for the tied heads created after them.
+    """
     plan = config.token_plan(model)
-    made = _token_adapters.setdefault(model, {})
+    made: dict[str, TrainableTokens] = context.state.setdefault("token_adapters", {})
     if module_name in plan.own:
         init = config.init_lora_weights is not False
         if isinstance(base_layer, nn.Linear):  # an output head: one row per token id
@@ -76,30 +77,24 @@ def _tokens_adapter(
                 f" {type(base_layer).__name__}"
             )
         adapter = TrainableTokens(base_layer, plan.own[module_name], init=init)
-        made[(adapter_name, module_name)] = adapter
+        made[module_name] = adapter
         return adapter
     if module_name in plan.tied:
-        embedding = made.get((adapter_name, plan.tied[module_name]))
+        embedding = made.get(plan.tied[module_name])
         if embedding is None:
             raise PluginError(f"{module_name}: the embedding whose trainable tokens it follows was not adapted first")
         return TiedTrainableTokens(base_layer, embedding, base_layer.weight)
     return None
 
 
-#: The LoRA adapters of embeddings made while an adapter is being added, for the tied heads created after them.
-_lora_embeddings: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], LoraEmbedding]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _tied_head(
-    config: LoraConfig, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+    config: LoraConfig, base_layer: nn.Module, module_name: str, model: nn.Module, context: AdapterContext
 ) -> TiedLoraHead | None:
     """With ``ensure_weight_tying``: the LoRA of a head whose weight is the adapted input embedding's."""
     tied = tied_embedding(model)
     if tied is None or module_name not in tied.partners:
         return None
-    embedding = _lora_embeddings.get(model, {}).get((adapter_name, tied.embedding))
+    embedding = context.state.get("lora_embeddings", {}).get(tied.embedding)
     if embedding is None:  # the embedding is not adapted by LoRA here (trainable tokens, say)
         return None
     if not isinstance(base_layer, nn.Linear):  # T5's encoder/decoder embed_tokens: their own LoRA, as in PEFT
@@ -114,16 +109,14 @@ def _tied_head(
 
 @hookimpl
 def grafting_create_layer_adapter(
-    config: object, base_layer: nn.Module, adapter_name: str, module_name: str, model: nn.Module
+    config: LoraConfig, base_layer: nn.Module, module_name: str, model: nn.Module, context: AdapterContext
 ) -> nn.Module | None:
-    if not isinstance(config, LoraConfig):
-        return None
     if config.trainable_token_indices is not None:
-        tokens = _tokens_adapter(config, base_layer, adapter_name, module_name, model)
+        tokens = _tokens_adapter(config, base_layer, module_name, model, context)
         if tokens is not None:
             return tokens
     if config.ensure_weight_tying:
-        tied_head = _tied_head(config, base_layer, adapter_name, module_name, model)
+        tied_head = _tied_head(config, base_layer, module_name, model, context)
         if tied_head is not None:
             return tied_head
     r, scaling = config.rank_for(module_name), config.scaling_for(module_name)
@@ -167,7 +160,7 @@ def grafting_create_layer_adapter(
         if config.use_dora:
             return DoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
         embedding = LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
-        _lora_embeddings.setdefault(model, {})[(adapter_name, module_name)] = embedding
+        context.state.setdefault("lora_embeddings", {})[module_name] = embedding
         return embedding
     if is_conv(base_layer):
         if config.init_lora_weights not in (True, False, "gaussian", "eva"):
@@ -192,9 +185,7 @@ def _with_precision(adapter: LoraLinear | LoraConv, config: LoraConfig) -> LoraL
 
 
 @hookimpl
-def grafting_check_saved_shapes(config: object, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
-    if not isinstance(config, LoraConfig):
-        return None
+def grafting_check_saved_shapes(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> list[str] | None:
     return check_shapes(config, shapes)
 
 

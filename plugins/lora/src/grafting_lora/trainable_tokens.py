@@ -228,7 +228,7 @@ def tied_embedding_paths(model: nn.Module) -> tuple[str, str] | None:
 
 def check_weight_tying(config: Any, model: nn.Module) -> None:
     """``ensure_weight_tying=True``: trainable tokens follow the tie (``token_plan``); LoRA on a tied embedding
-    is tied by the core's plan (``grafting.tying``) and :class:`~grafting_lora.tying.TiedLoraHead`; DoRA there
+    is tied by the core's plan (``grafting.model.tying``) and :class:`~grafting_lora.tying.TiedLoraHead`; DoRA there
     is refused (each layer's magnitude rescales the one shared weight its own way)."""
     tied = tied_embedding_paths(model)
     if tied is None or not config.use_dora:

@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from grafting import LayerCall
-from grafting_lora.layers import LoraEmbedding, compute_dtype
+from grafting.toolkit import compute_dtype
+from grafting_lora.layers import LoraEmbedding
+from grafting_lora.reference import delta_weight, lora_delta
 from grafting_lora.tied import TiedFollower
 
 
@@ -75,10 +76,10 @@ class TiedLoraHead(TiedFollower[LoraEmbedding]):
 
     def delta_matrix(self) -> torch.Tensor:
         """``B·A·scaling`` as the head's (out, in) matrix."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         a = self.lora_A.weight
-        dtype = compute_dtype(self.precision, a.dtype, x)
+        dtype = compute_dtype(self.precision, a.dtype, x, where="LoRA")
         h = self.lora_dropout(x.to(dtype))
-        return F.linear(F.linear(h, a.to(dtype)), self.lora_B.weight.to(dtype)) * self.scaling
+        return lora_delta(h, a.to(dtype), self.lora_B.weight.to(dtype), self.scaling)

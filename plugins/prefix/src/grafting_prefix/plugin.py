@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 from grafting import Method, ModelAdapter, hookimpl
 from grafting_prefix import factory
 from grafting_prefix.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
+
+
+class _Builds:
+    """The hooks of one virtual-token method: its model adapter comes from ``build(config, model)``."""
+
+    def __init__(self, build: Callable[[Any, nn.Module], ModelAdapter]) -> None:
+        self.build = build
+
+    @hookimpl
+    def grafting_create_model_adapter(self, config: Any, model: nn.Module) -> ModelAdapter:
+        return self.build(config, model)
 
 
 @hookimpl
@@ -19,6 +33,7 @@ def grafting_methods() -> list[Method]:
             level="model",
             description="Learned virtual-token embeddings prepended to the input",
             exports={"PromptTuningInit": PromptTuningInit},
+            hooks=_Builds(factory.prompt_tuning),
         ),
         Method(
             peft_type="P_TUNING",
@@ -26,6 +41,7 @@ def grafting_methods() -> list[Method]:
             config_class=PromptEncoderConfig,
             level="model",
             description="Virtual-token embeddings computed by a trained MLP or LSTM encoder",
+            hooks=_Builds(factory.p_tuning),
         ),
         Method(
             peft_type="PREFIX_TUNING",
@@ -33,16 +49,6 @@ def grafting_methods() -> list[Method]:
             config_class=PrefixTuningConfig,
             level="model",
             description="Learned keys and values for virtual positions in every attention layer",
+            hooks=_Builds(factory.prefix_tuning),
         ),
     ]
-
-
-@hookimpl
-def grafting_create_model_adapter(config: object, model: nn.Module, adapter_name: str) -> ModelAdapter | None:
-    if isinstance(config, PromptTuningConfig):
-        return factory.prompt_tuning(config, model)
-    if isinstance(config, PromptEncoderConfig):
-        return factory.p_tuning(config, model)
-    if isinstance(config, PrefixTuningConfig):
-        return factory.prefix_tuning(config, model)
-    return None

@@ -1,0 +1,1 @@
+"""PEFT's API surface: PeftModel and its task classes, auto classes, preparation helpers, signatures."""

@@ -1,0 +1,1 @@
+"""On disk: state dicts, atomic transactions, weights files, the Hub."""

@@ -1,0 +1,259 @@
+"""Adding an adapter: check the request, create every piece, then install them all (or nothing).
+
+``AdapterModel.add_adapter`` runs three steps. :func:`check_new_adapter` refuses a bad name or
+config; :func:`create_adapter` resolves the config (task heads, ``for_model``, weight tying),
+matches the targets and asks the method's plugin for its shared state and one adapter per target
+(or its model-level adapter), touching nothing of the model; :func:`install` puts the pieces in
+place only after every creation succeeded, so a failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import TYPE_CHECKING
+
+import attrs
+import torch
+from torch import nn
+
+from grafting.config.adapter_config import AdapterConfig
+from grafting.config.tasks import task_of
+from grafting.config.validators import check_adapter_name
+from grafting.errors import (
+    AdapterStateError,
+    BeyondPeftWarning,
+    PluginError,
+    TargetNotFoundError,
+    UnsupportedLayerError,
+)
+from grafting.model.layer import AdaptedLayer
+from grafting.model.matching import (
+    candidate_modules,
+    find_targets,
+    name_matches,
+    physical_path,
+    warn_unmatched_patterns,
+)
+from grafting.model.modules_to_save import ModulesToSaveWrapper
+from grafting.model.tying import WeightTying, plan_weight_tying
+from grafting.protocol import AdapterContext, LayerAdapter, ModelAdapter, SharedState
+from grafting.registry.method import Method
+from grafting.registry.plugins import get_method, get_registry
+
+if TYPE_CHECKING:
+    from grafting.model.tuner import AdapterModel
+
+
+@attrs.define
+class Creation:
+    """What one ``add_adapter`` call built, not yet in the model."""
+
+    layer_adapters: list[tuple[str, LayerAdapter]] = attrs.Factory(list)  #: (logical path, adapter), model order
+    shared: SharedState | None = None
+    model_adapter: ModelAdapter | None = None
+    saved: list[str] = attrs.Factory(list)  #: the modules_to_save paths that get a trainable copy
+    tied_copies: dict[str, str] = attrs.Factory(dict)  #: partner path -> the embedding path whose copy it shares
+
+
+def check_new_adapter(tuner: AdapterModel, adapter_name: str, config: AdapterConfig) -> None:
+    """Refuse a bad or taken name, a config that is not grafting's, or a second method in a single-method model."""
+    check_adapter_name(adapter_name)
+    if adapter_name in tuner.peft_config:
+        raise AdapterStateError(f"the model already holds an adapter named {adapter_name!r}")
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"expected a grafting adapter config, got {type(config).__name__}")
+    if not tuner.mixed:
+        others = {c.peft_type for c in tuner.peft_config.values()} - {config.peft_type}
+        if others:
+            raise AdapterStateError(
+                f"this model holds {sorted(others)} adapters; adding a {config.peft_type} adapter needs a mixed model "
+                "(get_peft_model(..., mixed=True))"
+            )
+
+
+def create_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    config: AdapterConfig,
+    *,
+    autocast_adapter_dtype: bool,
+    low_cpu_mem_usage: bool,
+) -> tuple[AdapterConfig, Creation]:
+    """The config the model keeps and every piece of the new adapter; the model is left unchanged."""
+    method = get_method(config.peft_type)
+    derived, tying = plan_weight_tying(with_task_heads(config).for_model(model), model)
+    config = config if derived == config else derived  # the caller's own object when nothing was filled in
+    config.validate_for_model(model)
+    device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
+    creation = Creation()
+    if method.level == "layer":
+        targets = layer_targets(model, method, config, tying)
+        context = AdapterContext(config, model, adapter_name, dict(targets))
+        with device_ctx:
+            creation.shared = get_registry().call(
+                method,
+                "grafting_create_shared_state",
+                config=config,
+                model=model,
+                adapter_name=adapter_name,
+                targets=dict(targets),
+                context=context,
+            )
+        context.shared = creation.shared
+        if creation.shared is not None:
+            clash = [k for k in creation.shared.state_dict() if k.split(".")[0] == "model"]
+            if clash:
+                raise PluginError(f"{method.name}: a shared state may not name tensors model.*, got {clash}")
+            place(creation.shared, next(iter(targets.values())), autocast_adapter_dtype)
+        for path, base in targets.items():
+            with device_ctx:
+                adapter = get_registry().call(
+                    method,
+                    "grafting_create_layer_adapter",
+                    config=config,
+                    base_layer=base,
+                    adapter_name=adapter_name,
+                    module_name=path,
+                    model=model,
+                    shared=creation.shared,
+                    context=context,
+                )
+            if adapter is None:
+                raise UnsupportedLayerError(
+                    f"{config.peft_type} adapter {adapter_name!r}: {path} is a {type(base).__name__}, which no "
+                    f"installed plugin can adapt with {config.peft_type}"
+                )
+            place(adapter, base, autocast_adapter_dtype)
+            creation.layer_adapters.append((path, adapter))
+        warn_beyond_peft(config, adapter_name, creation)
+    else:
+        with device_ctx:
+            creation.model_adapter = get_registry().call(
+                method,
+                "grafting_create_model_adapter",
+                config=config,
+                model=model,
+                adapter_name=adapter_name,
+                context=AdapterContext(config, model, adapter_name),
+            )
+        if creation.model_adapter is None:
+            raise PluginError(f"the {method.name} plugin built no model adapter for {type(model).__name__}")
+        place(creation.model_adapter, model, autocast_adapter_dtype)
+    creation.saved = modules_to_save_paths(model, config)
+    if tying is not None and tying.option == "modules_to_save" and tying.embedding in creation.saved:
+        creation.tied_copies = {p: tying.embedding for p in tying.partners}
+        creation.saved = [p for p in creation.saved if p not in creation.tied_copies] + list(creation.tied_copies)
+    return config, creation
+
+
+def warn_beyond_peft(config: AdapterConfig, adapter_name: str, creation: Creation) -> None:
+    """One :class:`BeyondPeftWarning` naming the layers whose adapters PEFT's version of the method refuses."""
+    beyond = [path for path, adapter in creation.layer_adapters if not adapter.peft_loadable]
+    if beyond:
+        more = " …" if len(beyond) > 5 else ""
+        warnings.warn(
+            f"{config.peft_type} adapter {adapter_name!r} on {beyond[:5]}{more}: PEFT's {config.peft_type} refuses"
+            " these layer types; grafting adapts, saves and loads them, PEFT cannot load the saved folder",
+            BeyondPeftWarning,
+            stacklevel=4,
+        )
+
+
+def layer_targets(
+    model: nn.Module, method: Method, config: AdapterConfig, tying: WeightTying | None
+) -> dict[str, nn.Module]:
+    """{logical name: base layer} of every module the config adapts, in model order (tied partners last)."""
+    defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
+    found = find_targets(model, config, defaults)
+    if tying is not None and tying.option == "target_modules" and tying.embedding in found:
+        # the tied partners come last, after the embedding whose adapter they follow
+        found = [p for p in found if p not in tying.partners] + list(tying.partners)
+    warn_unmatched_patterns(config, found)
+    targets: dict[str, nn.Module] = {}
+    for path in found:
+        module = model.get_submodule(physical_path(model, path))
+        targets[path] = module.base_layer if isinstance(module, AdaptedLayer) else module
+    return targets
+
+
+def install(tuner: AdapterModel, adapter_name: str, creation: Creation) -> None:
+    """Put every created piece into the model (wrapping the modules that are not wrapped yet)."""
+    model = tuner.model
+    for path, adapter in creation.layer_adapters:
+        where = physical_path(model, path)  # after this loop's earlier installs
+        module = model.get_submodule(where)
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(module)
+            model.set_submodule(where, module)
+        module.add_adapter(adapter_name, adapter)
+        adapter.attach(module.base_layer)
+    if creation.model_adapter is not None:
+        tuner.model_adapters[adapter_name] = creation.model_adapter
+    if creation.shared is not None:
+        tuner.shared_states[adapter_name] = creation.shared
+    for path in creation.saved:
+        where = physical_path(model, path)
+        wrapper = model.get_submodule(where)
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            wrapper = ModulesToSaveWrapper(wrapper)
+            model.set_submodule(where, wrapper)
+        tied = creation.tied_copies.get(path)
+        tied_to = model.get_submodule(physical_path(model, tied)) if tied is not None else None
+        wrapper.add_copy(adapter_name, tied_to=tied_to if isinstance(tied_to, ModulesToSaveWrapper) else None)
+
+
+def with_task_heads(config: AdapterConfig) -> AdapterConfig:
+    """``config`` with its task's heads (trained in full, as PEFT does) added to ``modules_to_save``."""
+    task = task_of(config.task_type)
+    heads = task.heads if task is not None else ()
+    if not heads:
+        return config
+    current = list(config.modules_to_save or [])
+    return attrs.evolve(config, modules_to_save=current + [h for h in heads if h not in current])
+
+
+def modules_to_save_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The outermost modules ``config.modules_to_save`` names (a head, not its submodules)."""
+    if not config.modules_to_save:
+        return []
+    paths = [
+        n
+        for n, m in candidate_modules(model)
+        if name_matches(n, config.modules_to_save) and not isinstance(m, AdaptedLayer)
+    ]
+    paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+    if not paths:
+        raise TargetNotFoundError(
+            f"{type(config).__name__}: modules_to_save={config.modules_to_save!r} matches no module of the model"
+        )
+    return paths
+
+
+def base_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """The device and floating dtype of the first floating tensor of ``module`` (its first tensor's device otherwise)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in module.parameters():
+        return tensor.device, None
+    return torch.device("cpu"), None
+
+
+def place(adapter: nn.Module, base: nn.Module, autocast_adapter_dtype: bool) -> None:
+    """Put a new adapter on its base's device; float32 unless the base is float64 or autocast is off.
+
+    Meta tensors (an adapter built for loading) stay on meta, only their dtype changes.
+    """
+    device, dtype = base_device_dtype(base)
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if dtype not in floats or (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
+        target = torch.float32
+    else:
+        target = dtype
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype=target) if t.is_floating_point() else t
+        return t if t.is_meta else t.to(device=device)
+
+    adapter._apply(convert)

@@ -1,0 +1,321 @@
+"""AdaptedLayer: the wrapper that holds a frozen base layer and composes its adapters by site.
+
+The adapter classes it composes are the protocol's (:mod:`grafting.protocol`,
+re-exported here); ARCHITECTURE.md, section 3, gives the algebra.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
+from grafting.model.routing import current_routing, route_all
+from grafting.protocol import (
+    DeltaAdapter,
+    InputAdapter,
+    LayerAdapter,
+    LayerCall,
+    OutputAdapter,
+    Site,
+    WeightAdapter,
+)
+
+__all__ = [
+    "AdaptedLayer",
+    "DeltaAdapter",
+    "InputAdapter",
+    "LayerAdapter",
+    "LayerCall",
+    "OutputAdapter",
+    "Site",
+    "WeightAdapter",
+]
+
+
+def _primary(args: tuple, kwargs: dict) -> tuple[Any, str | int]:
+    if args:
+        return args[0], 0
+    for key in ("hidden_states", "input", "x", "input_ids"):
+        if key in kwargs:
+            return kwargs[key], key
+    raise TypeError("AdaptedLayer needs the layer's input as first argument or as hidden_states=")
+
+
+def _replace(args: tuple, kwargs: dict, where: str | int, value: Any) -> tuple[tuple, dict]:
+    if where == 0:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, str(where): value}
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen ``base_layer`` plus adapters, composed by site.
+
+    ``active`` lists the adapters that act in forward; ``merged`` the ones
+    folded into the base weights, in merge order.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base layer's.
+
+        Model code reads them on the modules it calls (T5's ``self.wo.weight.dtype``).
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self.base_layer, name)
+
+    # -- bookkeeping --------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: LayerAdapter) -> None:
+        if name in self.adapters:
+            raise AdapterStateError(f"layer already holds an adapter named {name!r}")
+        self.adapters[name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def set_active(self, names: list[str] | tuple[str, ...]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+
+    def _sorted(self, names: list[str] | set[str]) -> list[str]:
+        """Adapter names in merge order: by site, one that reads the base weight first, then insertion order."""
+        order = list(self.adapters.keys())
+        return sorted(names, key=lambda n: (self._get(n).site, not self._get(n).reads_base_weight, order.index(n)))
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            return self.base_layer(*args, **kwargs)
+        routing = current_routing()
+        if routing is not None and routing.single is None:
+            return self._routed_forward(routing, args, kwargs)
+        names = self.active
+        if routing is not None:  # inside an adapter's computation on its own rows: that adapter alone
+            if self.merged:
+                raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
+            single = routing.single
+            names = (single,) if single is not None and single in self.adapters else ()
+        live = [self._get(n) for n in names if n not in self.merged]
+        if not live:
+            return self.base_layer(*args, **kwargs)
+        if len(live) == 1 and len(args) == 1 and not kwargs:
+            fused = live[0].fused_call(self.base_layer, args[0])
+            if fused is not None:
+                return fused
+        live.sort(key=lambda a: a.site)
+        x, where = _primary(args, kwargs)
+        base_args, base_kwargs = args, kwargs
+        x_in = x
+        for adapter in live:
+            if adapter.site is Site.INPUT:
+                x_in = adapter(x_in)
+        if x_in is not x:
+            base_args, base_kwargs = _replace(args, kwargs, where, x_in)
+        out = self._call_base([a for a in live if a.site is Site.WEIGHT], base_args, base_kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        dtype = y.dtype
+        call: LayerCall | None = None
+        for adapter in live:
+            if adapter.site is Site.DELTA:
+                if call is None:
+                    call = LayerCall(self.base_layer, args, kwargs, y)
+                y = cast(DeltaAdapter, adapter).add_delta(y, x, call)
+            elif adapter.site is Site.OUTPUT:
+                y = adapter(y)
+        y = y.to(dtype)  # a delta may come in its adapter's wider dtype: the sum is rounded once, as in PEFT
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def _call_base(self, weight_adapters: list[LayerAdapter], args: tuple, kwargs: dict) -> Any:
+        """The base layer's call, with ``W + Σ ΔW`` in place of the parameters weight adapters change."""
+        if not weight_adapters:
+            return self.base_layer(*args, **kwargs)
+        params: dict[str, torch.Tensor] = {}
+        for adapter in weight_adapters:
+            for name, delta in cast(WeightAdapter, adapter).weight_deltas(self.base_layer).items():
+                current = params[name] if name in params else self.base_layer.get_parameter(name)
+                params[name] = current + delta.to(current.dtype)
+        return torch.func.functional_call(self.base_layer, params, args, kwargs, strict=False)
+
+    def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:
+        if self.merged:
+            raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
+        for name in routing.adapter_names:
+            if name in self.adapters and self._get(name).site is Site.WEIGHT:
+                raise AdapterStateError(
+                    f"adapter {name!r} ({type(self._get(name)).__name__}) changes the layer's weights; per-sample"
+                    " adapter_names cannot route it (PEFT refuses it too)"
+                )
+        x, where = _primary(args, kwargs)
+        if x.shape[0] != routing.batch_size:
+            raise AdapterStateError(
+                f"adapter_names has {routing.batch_size} entries but the batch has {x.shape[0]} samples"
+            )
+        out = self.base_layer(*args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        result = y
+        pending = [n for n in routing.adapter_names if n in self.adapters]
+        for group in self._groups(pending):
+            adapters = [cast(DeltaAdapter, self._get(n)) for n in group]
+            index = routing.index(group, y.device)
+            value = type(adapters[0]).add_grouped(
+                adapters, result, x, index, LayerCall(self.base_layer, args, kwargs, y)
+            )
+            if value is not None:
+                result = value.to(y.dtype)
+                pending = [n for n in pending if n not in group]
+        for name in pending:
+            adapter = self._get(name)
+            rows = routing.rows(name, y.device)
+            with route_all(name):  # adapted layers nested in this one see these rows, routed to `name`
+                if adapter.site is Site.INPUT:
+                    sub_args, sub_kwargs = _replace(args, kwargs, where, adapter(x[rows]))
+                    sub = self.base_layer(*sub_args, **sub_kwargs)
+                    value = sub[0] if isinstance(sub, tuple) else sub
+                elif adapter.site is Site.DELTA:
+                    own = y[rows]
+                    call = LayerCall(self.base_layer, args, kwargs, own, rows)
+                    value = cast(DeltaAdapter, adapter).add_delta(own, x[rows], call)
+                else:
+                    value = adapter(y[rows])
+            if result is y:
+                result = y.clone()
+            result = result.index_copy(0, rows, value.to(result.dtype))
+        return (result, *out[1:]) if isinstance(out, tuple) else result
+
+    def _groups(self, names: list[str]) -> list[tuple[str, ...]]:
+        """Routed delta adapters by class, for :meth:`DeltaAdapter.add_grouped`."""
+        groups: dict[type, list[str]] = {}
+        for name in names:
+            adapter = self._get(name)
+            if adapter.site is Site.DELTA:
+                groups.setdefault(type(adapter), []).append(name)
+        return [tuple(group) for group in groups.values()]
+
+    # -- merging ------------------------------------------------------------------
+    def merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:
+        """Fold ``names`` into the base weights, keeping the forward unchanged.
+
+        Raises :class:`MergeError` and leaves the weights as they were if the
+        merged set would not be a prefix of the site order, or (``safe``) if
+        the merged weights are not finite.
+        """
+        names = [n for n in names if n in self.adapters]
+        self.rebuild(set(self.merged) | set(names), safe=safe, layer_name=layer_name)
+
+    def unmerge(self, names: list[str] | None = None, *, layer_name: str = "layer") -> None:
+        """Take ``names`` (default: all) out of the base weights."""
+        drop = set(self.merged) if names is None else set(names)
+        self.rebuild(set(self.merged) - drop, safe=False, layer_name=layer_name)
+
+    def check_merge(self, names: list[str], *, safe: bool = False, layer_name: str = "layer") -> None:
+        """Raise :class:`MergeError` if :meth:`merge` of ``names`` would be refused; touches no weight.
+
+        With ``safe`` it also merges into a copy of this layer and refuses non-finite weights, so
+        a model-wide safe merge can refuse before any layer's weights change.
+        """
+        target = set(self.merged) | {n for n in names if n in self.adapters}
+        self.check_rebuild(target, safe=safe, layer_name=layer_name)
+
+    def check_rebuild(
+        self, target: set[str], *, safe: bool = False, layer_name: str = "layer", without: str | None = None
+    ) -> None:
+        """Raise :class:`MergeError` if bringing the merged set to ``target`` would be refused; touches no weight.
+
+        The order checks come first; then, when adapters must come out of the weights (a method may refuse
+        to unmerge, as IA3 does near zero) or ``safe`` asks for finite weights, the change is tried on a copy
+        of this layer. ``without`` leaves an adapter out of the active set (one about to be deleted).
+        """
+        if target == set(self.merged):
+            return
+        trial: AdaptedLayer = self
+        if without is not None:
+            trial = copy.deepcopy(self)
+            trial.active = tuple(n for n in trial.active if n != without)
+        trial._check(target, layer_name)
+        if safe or self.merged:
+            if trial is self:
+                trial = copy.deepcopy(self)
+            trial.rebuild(target, safe=safe, layer_name=layer_name)
+
+    def _check(self, target: set[str], layer_name: str) -> None:
+        for name in target:
+            if not self._get(name).mergeable:
+                raise MergeError(f"{layer_name}: adapter {name!r} ({type(self._get(name)).__name__}) cannot be merged")
+        for name in sorted(target - set(self.merged)):
+            try:
+                self._get(name).check_merge(self.base_layer)
+            except MergeError as error:
+                raise MergeError(f"{layer_name}: adapter {name!r}: {error}") from error
+        readers = sorted(n for n in target if self._get(n).reads_base_weight)
+        if readers:
+            clash = [n for n in sorted(target) if n != readers[0] and (n in readers or self._get(n).site is Site.INPUT)]
+            if clash:
+                raise MergeError(
+                    f"{layer_name}: adapter {readers[0]!r} merges from the layer's own weight and cannot be merged"
+                    f" together with {clash} (another such adapter or an input adapter); merge fewer adapters"
+                )
+        if target:
+            waiting = sorted(n for n in set(self.active) - target if self._get(n).reads_base_weight)
+            if waiting:  # PEFT merges anyway and the output changes
+                raise MergeError(
+                    f"{layer_name}: cannot merge {sorted(target)} while active adapter {waiting[0]!r} stays unmerged:"
+                    " it reads the layer's own weight (DoRA's norm), which the merge would change; merge it too,"
+                    " or deactivate it first"
+                )
+            top = max(self._get(n).site for n in target)
+            for name in set(self.active) - target:
+                if self._get(name).site < top:
+                    raise MergeError(
+                        f"{layer_name}: cannot merge {sorted(target)} while active adapter {name!r} "
+                        f"({self._get(name).site.name} site) stays unmerged; merge it too"
+                    )
+
+    def rebuild(self, target: set[str], *, safe: bool, layer_name: str) -> None:
+        """Bring the layer to the merged set ``target``: unmerge the stack (LIFO), merge ``target`` in site order."""
+        if target == set(self.merged):
+            return
+        self._check(target, layer_name)
+        snapshot = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        try:
+            for name in reversed(self.merged):
+                self._get(name).unmerge(self.base_layer)
+            ordered = self._sorted(target)
+            for name in ordered:
+                self._get(name).merge(self.base_layer)
+            if safe:
+                for key, value in self.base_layer.state_dict().items():
+                    if value.is_floating_point() and not torch.isfinite(value).all():
+                        raise MergeError(f"{layer_name}: merging {ordered} gives non-finite values in {key}")
+        except BaseException:
+            with torch.no_grad():
+                for key, value in self.base_layer.state_dict().items():
+                    value.copy_(snapshot[key])
+            raise
+        self.merged = ordered
+
+    def _get(self, name: str) -> LayerAdapter:
+        return cast(LayerAdapter, self.adapters[name])
+
+    def get_adapter(self, name: str) -> LayerAdapter:
+        if name not in self.adapters:
+            raise AdapterNotFoundError(f"layer has no adapter {name!r}")
+        return self._get(name)
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={self.merged}"

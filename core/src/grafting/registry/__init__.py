@@ -1,0 +1,1 @@
+"""Plugin discovery and the method table: entry points, pluggy, known methods, configs by peft_type."""

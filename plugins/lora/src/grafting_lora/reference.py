@@ -1,0 +1,144 @@
+"""LoRA's computation, written once: the reference every fast path is checked against.
+
+A base layer with weight ``W`` (out, in) — a convolution's seen as (out, in·k), an embedding's
+as (dim, num) — gets trained factors ``A`` (r, in) and ``B`` (out, r) and a fixed ``scaling``:
+
+* the delta on the base output:  ``Δy = B(A(dropout(x))) · scaling``          (:func:`lora_delta`)
+* the merged weight:             ``W + ΔW`` with ``ΔW = B·A · scaling``       (:func:`delta_weight`)
+
+DoRA adds a trained magnitude ``m`` (one entry per output row) and rescales each row of the
+adapted weight to it, the row norm a constant for autograd (no gradient flows through it):
+
+* the scale:   ``s = m / ‖W + ΔW‖`` per output row                          (:func:`dora_norm`)
+* the delta:   ``Δy = (s − 1) ⊙ W·h + s ⊙ B(A(h)) · scaling``, ``h = dropout(x)`` (:func:`dora_delta`)
+* the merge:   ``W ← s ⊙ (W + ΔW)``, unmerged by ``W ← W / s − ΔW``       (:func:`dora_merge`,
+  :func:`dora_unmerge`)
+
+Fast paths — the same functions up to rounding, taken only in half precision (float32 and
+float64 compute the reference, in PEFT's order of operations) and each tested against the
+reference for values and gradients (``tests/test_lora_fast_path.py``, ``tests/test_lora_reference.py``):
+
+* :func:`low_rank_add` — ``y + lora_delta`` with the scaling folded into ``B`` and the last
+  product accumulated into ``y`` by one ``addmm`` (``LoraLinear.add_delta``);
+* :func:`grouped_low_rank_add` — ``y + lora_delta`` of each sample's own adapter in a routed
+  batch, one gathered product for all adapters (``LoraLinear.add_grouped``);
+* :mod:`grafting_lora.fused` — the base layer and its delta as one autograd node (and as plain
+  ops without autograd): :class:`~grafting_lora.fused.LoraLinearFunction` for ``base(x) +
+  lora_delta``, :class:`~grafting_lora.fused.DoraLinearFunction` for DoRA's layer, with
+  :func:`~grafting_lora.fused.dora_row_norm` the fast path of :func:`dora_norm`
+  (``LoraLinear.fused_call``).
+
+``LoraLinear.fused = False`` (on the class, or on one adapter) turns every fast path off: the
+layer then computes the functions of this module and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+#: Applies one factor: ``product(h, weight, bias)`` — ``F.linear``, or a convolution for conv layers.
+Product = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# -- the reference -----------------------------------------------------------------------------------
+def low_rank(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    down: Product = F.linear,
+    up: Product = F.linear,
+) -> torch.Tensor:
+    """``B(A(h)) + bias``, unscaled; ``down``/``up`` apply ``A`` and ``B`` (linear by default)."""
+    return up(down(h, a, None), b, bias)
+
+
+def lora_delta(
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    *,
+    down: Product = F.linear,
+    up: Product = F.linear,
+) -> torch.Tensor:
+    """LoRA's delta ``(B(A(h)) + bias) · scaling`` for ``h = dropout(x)``, in ``h``'s dtype."""
+    return low_rank(h, a, b, bias, down=down, up=up) * scaling
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``ΔW = B·A · scaling`` as an (out, in·k) matrix, for factors of any kernel shape."""
+    return (b.flatten(1) @ a.flatten(1)) * scaling
+
+
+def dora_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``‖W + ΔW‖`` per output row, in ``weight``'s dtype (``delta`` is cast to it)."""
+    return torch.linalg.vector_norm(weight + delta.to(weight), dim=1)
+
+
+def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``s = m / ‖W + ΔW‖`` per output row, the norm computed without a graph (DoRA's constant)."""
+    with torch.no_grad():
+        norm = dora_norm(weight, delta)
+    return magnitude.flatten() / norm
+
+
+def dora_delta(
+    base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor, scaling: float = 1.0
+) -> torch.Tensor:
+    """DoRA's delta ``(s − 1) ⊙ W·h + s ⊙ lora_out · scaling`` in PEFT's order of operations.
+
+    ``base_out`` is ``W·h`` without the base bias, ``scale`` is shaped to broadcast over its
+    output dimension; ``lora_out`` is ``B(A(h))``, unscaled (or scaled, with ``scaling`` 1).
+    """
+    scaled = scale * lora_out
+    return (scale - 1) * base_out + (scaled * scaling if scaling != 1.0 else scaled)
+
+
+def dora_merge(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s ⊙ (W + ΔW), s)``: DoRA's merged weight and the scale it applied, in ``weight``'s dtype."""
+    merged = weight + delta.to(weight)
+    scale = magnitude.flatten().to(weight) / torch.linalg.vector_norm(merged, dim=1)
+    return scale[:, None] * merged, scale
+
+
+def dora_unmerge(weight: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``W / s − ΔW``: the weight before :func:`dora_merge` applied ``scale``."""
+    return weight / scale[:, None] - delta.to(weight)
+
+
+# -- fast paths --------------------------------------------------------------------------------------
+def low_rank_add(
+    y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fast path of ``y + lora_delta(h)``: ``y + (h·aᵀ)·bᵀ (+ bias)``, the last product one ``addmm`` into ``y``.
+
+    ``a`` (r, in) and ``b`` (out, r) already carry the scaling and the compute dtype;
+    ``y`` is left untouched (autograd may hold it, and ``LayerCall.base_out`` is it).
+    """
+    low = F.linear(h, a)
+    if bias is not None:
+        y = y + bias
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())
+    return flat.view(y.shape)
+
+
+def grouped_low_rank_add(
+    y: torch.Tensor, x: torch.Tensor, slot: torch.Tensor, stack_a: torch.Tensor, stack_b: torch.Tensor
+) -> torch.Tensor:
+    """Fast path of ``y + lora_delta`` for each sample's own adapter: one gathered product for all.
+
+    ``stack_a`` (n, r, in) and ``stack_b`` (n, out, r) hold every adapter's A and scaled B in
+    ``y``'s dtype (ranks zero-padded to the largest; an all-zero slot for samples without an
+    adapter); sample ``i`` uses slot ``slot[i]``. Two batched products run over the whole batch,
+    as multi-LoRA servers batch them.
+    """
+    seq = x.reshape(x.shape[0], -1, x.shape[-1]).to(y.dtype)  # (batch, positions, in)
+    low = torch.bmm(seq, stack_a[slot].transpose(1, 2))
+    out = torch.baddbmm(y.reshape(y.shape[0], -1, y.shape[-1]), low, stack_b[slot].transpose(1, 2))
+    return out.view(y.shape)
