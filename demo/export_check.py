@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (instruction, test_file) in TASKS.items():
         rows = read_rows(args.data / test_file)[:size]
         base, tokenizer = models.load(folder, dtype)
-        source = PeftModel.from_pretrained(base, args.out / "adapters" / name)
+        source = PeftModel.from_pretrained(base, args.out / "adapters" / name, adapter_name=name)
         target = args.out / "exported" / name
         exported = save_as_lora(target, source, args.rank, name, serving=args.serving)
         del source, base
