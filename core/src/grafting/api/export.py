@@ -242,7 +242,7 @@ def weight_delta(layer: AdaptedLayer, names: list[str], where: str) -> torch.Ten
         trial.merge(names, layer_name=where)
     except MergeError as error:
         raise ExportError(f"{where}: {error}; only adapters whose effect is a weight change export to LoRA") from None
-    if bias is not None and not torch.equal(base.bias, bias):
+    if bias is not None and not torch.equal(getattr(base, "bias"), bias):  # noqa: B009 (a Tensor here, not a Module)
         raise ExportError(f"{where}: adapters {names} change the layer's bias, which a plain LoRA adapter cannot carry")
     return dense_weight(base) - weight
 
