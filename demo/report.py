@@ -63,3 +63,44 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def plot_mixed(losses: list[float], table: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    """Demo 2's figure: the mixed batches' training loss, and each task's exact match at each stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    window = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))
+    ]
+    steps = range(1, len(losses) + 1)
+    left.plot(steps, losses, color="#9ecae1", linewidth=1, label="loss per mixed batch")
+    left.plot(steps, smooth, color="#08519c", linewidth=2, label=f"moving average ({window} steps)")
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("cross-entropy on the answer tokens")
+    left.set_title("training, every sample routed to its task's adapter")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+    stages = list(table)
+    names = list(next(iter(table.values())))
+    width = 0.8 / len(stages)
+    colors = ["#bdbdbd", "#08519c", "#6baed6", "#31a354", "#fd8d3c", "#756bb1"]
+    for k, stage in enumerate(stages):
+        xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(names))]
+        bars = right.bar(xs, [table[stage][n] for n in names], width, label=stage, color=colors[k % len(colors)])
+        right.bar_label(bars, fmt="%.0f", fontsize=7)
+    right.set_xticks(range(len(names)), names)
+    right.set_ylim(0, 110)
+    right.set_ylabel("exact match on the held-out set (%)")
+    right.set_title("accuracy per task")
+    right.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -63,7 +63,6 @@ ABSENT: dict[str, str] = {
         ],
         "helpers of methods or initializations grafting does not implement",
     ),
-    **dict.fromkeys(["convert_to_lora", "save_as_lora"], "conversion of other methods to LoRA is not implemented"),
     "shift_tokens_right": "a transformers utility PEFT re-exports (transformers.models.bart.modeling_bart)",
 }
 

@@ -18,7 +18,9 @@ from grafting.api.auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from grafting.api.export import convert_to_lora, save_as_lora
 from grafting.api.factory import get_peft_model, inject_adapter_in_model
+from grafting.api.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from grafting.api.mixed import PeftMixedModel
 from grafting.api.peft_model import PeftModel
 from grafting.api.prepare import (
@@ -45,6 +47,7 @@ from grafting.errors import (
     BeyondPeftWarning,
     CombinationError,
     ConfigError,
+    ExportError,
     GraftingError,
     GraftingWarning,
     MergeError,
@@ -128,6 +131,7 @@ __all__ = [
     "CombinationError",
     "ConfigError",
     "DeltaAdapter",
+    "ExportError",
     "GraftingError",
     "GraftingWarning",
     "InputAdapter",
@@ -167,6 +171,7 @@ __all__ = [
     "WeightAdapter",
     "cast_mixed_precision_params",
     "config_from_dict",
+    "convert_to_lora",
     "get_base_model_state_dict",
     "get_layer_status",
     "get_method",
@@ -176,13 +181,16 @@ __all__ = [
     "get_peft_model_state_dict",
     "get_registry",
     "hookimpl",
+    "hotswap_adapter",
     "inject_adapter_in_model",
     "inspect_adapter",
     "load_peft_weights",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_gradient_checkpointing",
     "prepare_model_for_kbit_training",
     "register_plugin",
     "route_samples",
+    "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "unregister_plugin",

@@ -117,3 +117,9 @@ class CombinationError(GraftingError, ValueError):
 
 class SaveError(GraftingError, OSError):
     """A save could not be written (disk full, no permission, something in the way); the folder keeps its old save."""
+
+
+class ExportError(GraftingError, TypeError, ValueError):
+    """An adapter cannot be exported as asked (to plain LoRA, or for a serving stack); nothing was written.
+
+    A ``TypeError`` and a ``ValueError``, as PEFT's ``convert_to_lora`` raises for layers and ranks."""

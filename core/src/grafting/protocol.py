@@ -90,7 +90,7 @@ import pluggy
 import torch
 from torch import nn
 
-from grafting.errors import BeyondPeftWarning, MergeError
+from grafting.errors import AdapterStateError, BeyondPeftWarning, MergeError
 from grafting.registry.method import Method
 
 if TYPE_CHECKING:
@@ -311,6 +311,27 @@ class LayerAdapter(nn.Module):
         which raises :class:`MergeError`.
         """
         raise MergeError(f"{type(self).__name__} has no weight delta of its own")
+
+    def pad_rank(self, rank: int) -> None:
+        """Grow this adapter's tensors to ``rank`` with zeros, its effect unchanged (``prepare_model_for_compiled_hotswap``).
+
+        Called before ``torch.compile``, so that adapters of any rank up to ``rank`` can later be swapped in
+        without a change of shape. Default: refuse (the method does not hot-swap).
+        """
+        raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no pad_rank)")
+
+    def hotswap_values(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
+    ) -> dict[str, torch.Tensor]:
+        """The values of this adapter's ``state_dict`` entries that give it the effect of a saved adapter of the
+        same method (``tensors``: the file's tensors for this layer, by local key; ``config``: its config).
+
+        ``hotswap_adapter`` copies them in place, so every tensor keeps its identity, shape and dtype and a
+        compiled graph stays valid; anything else the forward reads (a Python scaling) must stay as it is, so
+        fold a changed scalar into a tensor. Pure: the core asks every layer before it writes any. Raise
+        :class:`AdapterStateError` when the file does not fit (a larger rank, another option). Default: refuse.
+        """
+        raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no hotswap_values)")
 
     def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``base_layer(x)`` with this adapter's effect, computed in one step, or ``None`` (the default).

@@ -1,4 +1,4 @@
-"""The ``grafting`` command: ``plugins``, ``inspect`` and ``merge``.
+"""The ``grafting`` command: ``plugins``, ``inspect``, ``merge`` and ``export``.
 
 Every failure is one line on stderr and a non-zero exit status (1; 2 for a
 wrong command line), never a traceback unless ``--traceback`` is given.
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from grafting import __version__
-from grafting.cli import inspect_adapter, list_plugins, merge
+from grafting.cli import export, inspect_adapter, list_plugins, merge
 from grafting.cli.common import CommandError
 from grafting.errors import GraftingError
 
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in (("plugins", list_plugins), ("inspect", inspect_adapter), ("merge", merge)):
+    commands = (("plugins", list_plugins), ("inspect", inspect_adapter), ("merge", merge), ("export", export))
+    for name, module in commands:
         doc = (module.__doc__ or "").strip().splitlines()[0]
         command = sub.add_parser(name, help=doc, description=doc)
         module.add_arguments(command)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from grafting.toolkit import (
     plain_linear_weight,
 )
 from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_row_norm, lora_linear
+from grafting_lora.hotswap import pad_pair, swap_values
 from grafting_lora.init import Initialization, init_factors
 from grafting_lora.magnitude import DoraMagnitude, wide
 from grafting_lora.reference import (
@@ -140,6 +142,14 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
     def delta_matrix(self) -> torch.Tensor:
         """``B·A·scaling`` as an (out, in) matrix."""
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def pad_rank(self, rank: int) -> None:
+        pad_pair(self, rank)
+
+    def hotswap_values(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
+    ) -> dict[str, torch.Tensor]:
+        return swap_values(self, tensors, config, module_name)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
         return compute_dtype(self.precision, self.lora_A.weight.dtype, x, where="LoRA")

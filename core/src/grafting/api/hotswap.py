@@ -1,0 +1,143 @@
+"""Hot-swap: replace a loaded adapter's values by another saved adapter's, in place, so a compiled model does not
+recompile (PEFT's ``hotswap_adapter`` and ``prepare_model_for_compiled_hotswap``).
+
+Method-agnostic: each layer adapter says, through the protocol, how to grow to a target rank
+(:meth:`LayerAdapter.pad_rank`) and which values give it a saved adapter's effect
+(:meth:`LayerAdapter.hotswap_values`); the core checks every layer, then copies the values into the existing
+tensors. Tensors keep their identity, shape and dtype, and the Python attributes the forward reads stay as
+they are, so ``torch.compile``'s guards still hold and nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from grafting.config.adapter_config import load_config
+from grafting.errors import AdapterLoadError, AdapterStateError, GraftingWarning
+from grafting.io.files import load_weights
+from grafting.io.hub import resolve_adapter_folder
+from grafting.io.state_dict import tuner_of
+from grafting.io.transaction import reading
+from grafting.model.matching import logical_path
+
+PREFIX = "base_model.model."
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile``'s wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return hasattr(model, "_orig_mod")
+
+
+def prepare_model_for_compiled_hotswap(
+    model: nn.Module,
+    *,
+    target_rank: int | None = None,
+    config: Any = None,
+    check_compiled: Literal["error", "warn", "ignore"] = "error",
+) -> None:
+    """Grow every layer adapter to ``target_rank`` (zeros: the outputs do not change), before ``torch.compile``.
+
+    Then adapters of rank up to ``target_rank`` and any alpha swap in without recompiling. ``config`` is
+    accepted for PEFT's signature; grafting keeps the loaded adapter's config. A model already compiled is
+    refused (``check_compiled="error"``), warned about (``"warn"``) or prepared all the same (``"ignore"``).
+    """
+
+    if check_compiled not in ("error", "warn", "ignore"):
+        raise ValueError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}")
+    if _is_compiled(model):
+        message = "the model is already compiled: prepare it for hot-swapping before torch.compile"
+        if check_compiled == "error":
+            raise AdapterStateError(message)
+        if check_compiled == "warn":
+            warnings.warn(message, GraftingWarning, stacklevel=2)
+    if target_rank is None:
+        return
+    if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
+        raise ValueError(f"target_rank must be a positive int, got {target_rank!r}")
+    tuner = tuner_of(_unwrap(model))
+    # padding keeps every output as it was, so a method that refuses part-way leaves the model's behaviour unchanged
+    layers = [(path, layer) for path, layer in tuner.adapted_layers() if layer.adapters]
+    for path, layer in layers:
+        for adapter in layer.adapters.values():
+            try:
+                adapter.pad_rank(target_rank)
+            except AdapterStateError as error:
+                raise AdapterStateError(f"{path}: {error}") from None
+
+
+def hotswap_adapter(
+    model: nn.Module,
+    model_name_or_path: str | os.PathLike[str],
+    adapter_name: str,
+    torch_device: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Give the loaded adapter ``adapter_name`` the values of the adapter saved at ``model_name_or_path``, in place.
+
+    Same method, same target layers, a rank no larger than the loaded (or padded) one; any alpha. A compiled
+    model (``torch.compile(model)``) is swapped without recompiling. A file that does not fit is an
+    :class:`AdapterLoadError` or :class:`AdapterStateError` and changes nothing. ``torch_device`` and
+    ``kwargs`` (``subfolder``, ``revision``) locate the file as ``from_pretrained`` does.
+    """
+
+    folder = resolve_adapter_folder(model_name_or_path, kwargs.get("subfolder"), kwargs.get("revision"))
+    with reading(folder):
+        config = load_config(folder)
+        tensors = load_weights(folder, device=torch_device or "cpu")
+    hotswap_adapter_from_state_dict(model, tensors, adapter_name, config)
+
+
+@torch.no_grad()
+def hotswap_adapter_from_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, config: Any
+) -> None:
+    """:func:`hotswap_adapter` from tensors already loaded (PEFT's keys) and their config."""
+
+    tuner = tuner_of(_unwrap(model))
+    tuner.require_adapter(adapter_name)
+    loaded = tuner.peft_config[adapter_name]
+    if type(config) is not type(loaded):
+        raise AdapterLoadError(
+            f"cannot hot-swap a {type(config).__name__} adapter into {adapter_name!r}, a {type(loaded).__name__}:"
+            " hot-swapping keeps the method"
+        )
+    remaining = dict(state_dict)
+    plan: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+    for path, layer in tuner.adapted_layers():
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        name = logical_path(tuner.model, path)
+        own = adapter.state_dict()
+        found = {k: remaining.pop(f"{PREFIX}{name}.{k}") for k in own if f"{PREFIX}{name}.{k}" in remaining}
+        if not found:
+            raise AdapterLoadError(f"the new adapter has no tensors for {name}: it targets other layers")
+        try:
+            values = adapter.hotswap_values(found, config, name)
+        except AdapterStateError as error:
+            raise AdapterStateError(f"{name}: {error}") from None
+        for key, value in values.items():
+            if key not in own or value.shape != own[key].shape:
+                raise AdapterStateError(f"{name}: the hot-swap value for {key} does not fit the loaded adapter")
+            if not torch.isfinite(value).all():
+                raise AdapterLoadError(f"{name}: the new adapter's {key} holds NaN or infinite values")
+        plan.append((adapter, values))
+    if remaining:
+        extra = sorted(remaining)
+        raise AdapterLoadError(
+            f"the new adapter has tensors the loaded one lacks (other target layers?): {', '.join(extra[:3])}"
+            + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        )
+    for adapter, values in plan:
+        own = adapter.state_dict(keep_vars=True)
+        for key, value in values.items():
+            own[key].data.copy_(value.to(own[key].dtype))
