@@ -120,7 +120,7 @@ def test_row11_save_never_reads_a_broken_base_config_or_the_network(
     (base_dir / "config.json").write_text(json.dumps({"vocab_size": 10**6}))  # another vocabulary: resized
     model = adapted("llama")
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    with pytest.warns(UserWarning, match="the vocabulary was resized"):
+    with pytest.warns(UserWarning, match="the embedding layer has been resized"):
         model.save_pretrained(tmp_path / "out")
 
 

@@ -116,12 +116,12 @@ def test_an_in_place_write_through_lora_A_reaches_the_trained_module() -> None:
     assert weight.requires_grad
     assert any(weight is p for p in model.parameters())
     with torch.no_grad():
-        layer.lora_A["default"].weight.mul_(3.0)
-    tripled = logits(model, "llama")
+        layer.lora_A["default"].weight.mul_(16.0)  # a power of two: dividing back is exact
+    scaled = logits(model, "llama")
     with torch.no_grad():
-        layer.adapters["default"].lora_A.weight.div_(3.0)
+        layer.adapters["default"].lora_A.weight.div_(16.0)
     # back where it was: the write went to the adapter itself
-    assert_close(logits(model, "llama"), before, changed_from=tripled)
+    assert_close(logits(model, "llama"), before, changed_from=scaled)
     with torch.no_grad():
         layer.lora_B.default.weight.zero_()  # ModuleDict-style attribute access, as PEFT's
     assert not torch.equal(logits(model, "llama"), before)

@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 
 from torch import nn
 
+from grafting.api.peft_model import PeftModel
 from grafting.model.layer import AdaptedLayer
 from grafting.model.modules_to_save import ModulesToSaveWrapper
 
@@ -63,8 +64,6 @@ def _fold(values: Iterable[bool | Irregular]) -> bool | Irregular:
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from grafting.api.peft_model import PeftModel
-
     root = model.base_model if isinstance(model, PeftModel) else model
     return [(n, m) for n, m in root.named_modules() if isinstance(m, AdaptedLayer | ModulesToSaveWrapper)]
 
@@ -108,8 +107,6 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The status of ``model``'s adapters as a whole; fields the layers disagree on are ``"irregular"``."""
-    from grafting.api.peft_model import PeftModel
-
     layers = get_layer_status(model)
     if isinstance(model, PeftModel):
         trainable, total = model.get_nb_trainable_parameters()

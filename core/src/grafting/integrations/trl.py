@@ -26,6 +26,7 @@ import transformers
 import trl
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id
 
+from grafting.api.factory import get_peft_model
 from grafting.config import AdapterConfig
 from grafting.integrations.transformers import AdapterTrainerMixin, adapter_model
 
@@ -82,8 +83,6 @@ class PeftConfigMixin:
 
     def _adapt(self, model: Any, args: Any, config: AdapterConfig, quantization: Any) -> Any:
         """What TRL does with ``peft_config`` for peft, with grafting's ``get_peft_model``."""
-        from grafting import get_peft_model
-
         transformers.set_seed(args.seed)  # as TRL: the adapter's initialisation is seeded
         if isinstance(model, str):
             init = {**self.init_kwargs, **(args.model_init_kwargs or {})}
