@@ -129,7 +129,8 @@ def create_adapter(
     create = _Creator(method, low_cpu_mem_usage)
     creation = Creation()
     if method.level == "layer":
-        targets = layer_targets(model, method, config, tying)
+        defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
+        targets = layer_targets(model, config, defaults, tying)
         context = AdapterContext(config, model, adapter_name, dict(targets))
         creation.shared = create(
             "grafting_create_shared_state",
@@ -164,10 +165,9 @@ def create_adapter(
             place(adapter, base, autocast_adapter_dtype)
             creation.layer_adapters.append((path, adapter))
         warn_beyond_peft(config, adapter_name, creation)
-        if config.target_modules is None:  # saved as the resolved names, as PEFT writes them (vLLM, SGLang read them)
-            defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
-            if defaults is not None:
-                config = attrs.evolve(config, target_modules=defaults)
+        if config.target_modules is None and defaults is not None:
+            # saved as the resolved names, as PEFT writes them (vLLM, SGLang read them)
+            config = attrs.evolve(config, target_modules=defaults)
     else:
         creation.model_adapter = create(
             "grafting_create_model_adapter",
@@ -200,10 +200,12 @@ def warn_beyond_peft(config: AdapterConfig, adapter_name: str, creation: Creatio
 
 
 def layer_targets(
-    model: nn.Module, method: Method, config: AdapterConfig, tying: WeightTying | None
+    model: nn.Module, config: AdapterConfig, defaults: list[str] | str | None, tying: WeightTying | None
 ) -> dict[str, nn.Module]:
-    """{logical name: base layer} of every module the config adapts, in model order (tied partners last)."""
-    defaults = get_registry().call(method, "grafting_default_target_modules", config=config, model=model)
+    """{logical name: base layer} of every module the config adapts, in model order (tied partners last).
+
+    ``defaults`` are the method's default target modules (its ``grafting_default_target_modules``).
+    """
     found = find_targets(model, config, defaults)
     if tying is not None and tying.option == "target_modules" and tying.embedding in found:
         # the tied partners come last, after the embedding whose adapter they follow

@@ -171,9 +171,8 @@ class Registry:
         pluggy's own dispatch (a subset hook caller) leaves out the plugins that serve other
         methods, so a method's hook implementations never see another method's config.
         """
-        others = {id(owner): owner for m, owner in self._owners.items() if m != method.peft_type}
         mine = self._owners.get(method.peft_type)
-        return self.pm.subset_hook_caller(hook_name, [o for o in others.values() if o is not mine])
+        return self.pm.subset_hook_caller(hook_name, [o for o in self._owners.values() if o is not mine])
 
     def call(self, method: Method, hook_name: str, **kwargs: Any) -> Any:
         """Call a method-scoped hook for ``method``; check a ``create`` answer is what the hook promises.
