@@ -51,6 +51,9 @@ def _merge_without_base_bias(library: Any) -> None:
 
 CASES: dict[str, Callable[[Any], Any]] = {
     "merge into a layer without a bias": _merge_without_base_bias,
+    "on an embedding": lambda lib: lib.get_peft_model(
+        base_model("llama"), lib.LoraConfig(r=2, target_modules=["embed_tokens"], lora_bias=True)
+    ),
     "with DoRA": lambda lib: lib.LoraConfig(r=2, lora_bias=True, use_dora=True),
     "with a named init": lambda lib: lib.LoraConfig(r=2, lora_bias=True, init_lora_weights="gaussian"),
 }
