@@ -42,6 +42,23 @@ def _bert(seed: int) -> nn.Module:
     return BertForSequenceClassification(config).eval()
 
 
+def _roberta(seed: int) -> nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=40,
+        num_labels=3,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(config).eval()
+
+
 class TinyEncoderConfig(PretrainedConfig):
     model_type = "grafting-tiny-encoder"
 
@@ -99,7 +116,7 @@ def _custom(seed: int) -> nn.Module:
 
 
 def _peft_can_see_the_cache(model: nn.Module) -> nn.Module:
-    """Give BERT's backbone a forward that lists ``past_key_values`` (transformers 5 still accepts the name)."""
+    """Give BERT's (RoBERTa's) backbone a forward that lists ``past_key_values`` (transformers 5 still accepts the name)."""
     backbone = model.base_model
     original = backbone.forward
 
@@ -138,6 +155,7 @@ def _randomize(model: nn.Module, seed: int) -> None:
 
 CASES = {
     "bert-SEQ_CLS": (_bert, "SEQ_CLS", True),
+    "roberta-SEQ_CLS": (_roberta, "SEQ_CLS", False),
     "custom-FEATURE_EXTRACTION": (_custom, "FEATURE_EXTRACTION", False),
 }
 
