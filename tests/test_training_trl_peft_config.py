@@ -13,11 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from grafting.testing import assert_close
-from tests.training.common import LORA, texts, tokenizer
+from tests.training.common import LORA, TEMPLATE_TOKENS, texts, tokenizer
 from tests.training.oracle import assert_loads_with_same_logits, python, recorded_logits, result, run_once
-from tests.training.trl_peft_config import SCENARIOS, args, model_folder
+from tests.training.trl_peft_config import SCENARIOS, args, chat_template_sft, embedding_rows, model_folder
 
 pytestmark = pytest.mark.xdist_group("training_trl_peft_config")
 
@@ -80,3 +82,35 @@ def test_sft_losses_are_trl_with_peft_losses(out: Path, tmp_path: Path) -> None:
     theirs = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert os.path.isdir(tmp_path / "base")
     assert_close(ours, theirs)
+
+
+def test_a_cloned_chat_template_trains_the_added_rows_as_trl_with_peft(out: Path, tmp_path: Path) -> None:
+    """``chat_template_path`` adds tokens: their embedding rows train (and lm_head), the others do not, as in TRL."""
+    import peft
+    from trl import SFTTrainer
+
+    ours = result(out / "sft_chat_template")
+    rows = load_file(out / "sft_chat_template" / "embedding_rows.safetensors")
+    trainer = chat_template_sft(str(tmp_path), SFTTrainer, peft.LoraConfig(**LORA))
+    before = embedding_rows(trainer.model)
+    trainer.train()
+    after = embedding_rows(trainer.model)
+    config = trainer.model.peft_config["default"]
+
+    assert ours["vocabulary"] == len(trainer.processing_class) > 64  # resized, to a multiple of 64 as TRL does
+    assert ours["trainable_token_indices"] == config.trainable_token_indices
+    assert ours["modules_to_save"] == list(config.modules_to_save) == ["lm_head"]
+    added = set(config.trainable_token_indices["embed_tokens"])
+    template = set(trainer.processing_class.convert_tokens_to_ids(TEMPLATE_TOKENS))
+    assert template <= added
+
+    def changed(first: torch.Tensor, last: torch.Tensor) -> set[int]:
+        return {int(i) for i in (first != last).any(dim=1).nonzero().flatten()}
+
+    # the template's tokens occur in the conversations and train; rows never seen or not added stay
+    assert template <= changed(rows["before"], rows["after"]) <= added
+    assert changed(rows["before"], rows["after"]) == changed(before, after)
+    assert_close(rows["before"], before)
+    assert_close(rows["after"], after, changed_from=rows["before"])
+    theirs = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert_close(ours["losses"], theirs)

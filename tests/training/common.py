@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,6 +70,40 @@ def texts(n: int, seed: int) -> list[str]:
     return out
 
 
+#: Tokens the cloned chat template brings (not in :func:`tokenizer`'s vocabulary).
+TEMPLATE_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def chat_template_source(out: str) -> str:
+    """A tokenizer folder (offline) whose chat template uses :data:`TEMPLATE_TOKENS`: TRL's ``chat_template_path``."""
+    folder = os.path.join(out, "template")
+    source = tokenizer()
+    source.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
+    source.eos_token = TEMPLATE_TOKENS[1]
+    source.chat_template = CHAT_TEMPLATE
+    source.save_pretrained(folder)
+    return folder
+
+
+def conversations(n: int, seed: int) -> Any:
+    """``n`` two-turn conversations of :func:`texts` (a ``messages`` column)."""
+    from datasets import Dataset
+
+    rows = texts(2 * n, seed)
+    return Dataset.from_dict(
+        {
+            "messages": [
+                [{"role": "user", "content": rows[2 * i]}, {"role": "assistant", "content": rows[2 * i + 1]}]
+                for i in range(n)
+            ]
+        }
+    )
+
+
 def lm_dataset(n: int, seed: int) -> Any:
     """A ``datasets.Dataset`` of ``input_ids``/``attention_mask``/``labels`` (same length rows) and a text column."""
     from datasets import Dataset
@@ -119,3 +157,23 @@ def trainer_args(folder: str, arguments: Any = None, **options: Any) -> Any:
 
     quiet = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0}
     return (arguments or TrainingArguments)(output_dir=str(folder), **{**quiet, **options})
+
+
+def run_scenarios(out: str, names: list[str], scenarios: dict[str, Callable[[str], dict[str, Any]]]) -> None:
+    """Run the named scenarios (all when none is named), each into ``out/<name>``, leaving its ``result.json``.
+
+    A scenario's failure is recorded there with its traceback and the next one still runs; every result
+    says whether peft was importable (:func:`peft_blocked`).
+    """
+    torch.set_num_threads(1)
+    blocked = peft_blocked()
+    for name in names or list(scenarios):
+        folder = os.path.join(out, name)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            result: dict[str, Any] = {"ok": True, **scenarios[name](folder)}
+        except Exception:
+            result = {"ok": False, "error": traceback.format_exc()}
+        result["peft"] = blocked
+        with open(os.path.join(folder, "result.json"), "w", encoding="utf-8") as fh:
+            json.dump(result, fh, default=str, indent=1)

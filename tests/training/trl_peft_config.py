@@ -13,17 +13,25 @@ from tests.training.common import block_peft
 if __name__ == "__main__":
     block_peft()  # before transformers is imported, as if peft were not installed
 
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from tests.training.common import LORA, base_model, peft_blocked, probe_logits, texts, tokenizer, trainer_args
+from tests.training.common import (
+    LORA,
+    base_model,
+    chat_template_source,
+    conversations,
+    probe_logits,
+    run_scenarios,
+    texts,
+    tokenizer,
+    trainer_args,
+)
 
 STEPS = 3
 
@@ -153,8 +161,49 @@ def scenario_reward(out: str) -> dict[str, Any]:
     return adapter_facts(trainer, out)
 
 
+def chat_template_sft(out: str, trainer_class: Any, peft_config: Any) -> Any:
+    """SFT on conversations with ``chat_template_path`` a tokenizer that adds tokens (shared with the oracle run)."""
+    from trl import SFTConfig
+
+    return trainer_class(
+        model_folder(out),
+        args=args(SFTConfig, out, max_length=32, chat_template_path=chat_template_source(out)),
+        train_dataset=conversations(8, seed=9),
+        processing_class=tokenizer(),
+        peft_config=peft_config,
+    )
+
+
+def embedding_rows(model: Any) -> torch.Tensor:
+    """The input embedding's rows as the adapted model computes them (trainable tokens included)."""
+    layer = model.get_input_embeddings()
+    with torch.no_grad():
+        return layer(torch.arange(layer.weight.shape[0])).detach().clone()
+
+
+def scenario_sft_chat_template(out: str) -> dict[str, Any]:
+    from grafting import LoraConfig
+    from grafting.integrations.trl import SFTTrainer
+
+    trainer = chat_template_sft(out, SFTTrainer, LoraConfig(**LORA))
+    before = embedding_rows(trainer.model)
+    trainer.train()
+    save_file(
+        {"before": before, "after": embedding_rows(trainer.model)},
+        os.path.join(out, "embedding_rows.safetensors"),
+    )
+    config = trainer.model.peft_config["default"]
+    return {
+        **adapter_facts(trainer, out),
+        "vocabulary": len(trainer.processing_class),
+        "trainable_token_indices": config.trainable_token_indices,
+        "modules_to_save": config.modules_to_save,
+    }
+
+
 SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
     "sft": scenario_sft,
+    "sft_chat_template": scenario_sft_chat_template,
     "dpo": scenario_dpo,
     "grpo": scenario_grpo,
     "reward": scenario_reward,
@@ -162,18 +211,7 @@ SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
 
 
 def main(out: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    blocked = peft_blocked()
-    for name in names or list(SCENARIOS):
-        folder = os.path.join(out, name)
-        os.makedirs(folder, exist_ok=True)
-        try:
-            result: dict[str, Any] = {"ok": True, **SCENARIOS[name](folder)}
-        except Exception:
-            result = {"ok": False, "error": traceback.format_exc()}
-        result["peft"] = blocked
-        with open(os.path.join(folder, "result.json"), "w", encoding="utf-8") as fh:
-            json.dump(result, fh, default=str, indent=1)
+    run_scenarios(out, names, SCENARIOS)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ from tests.training.common import block_peft
 if __name__ == "__main__":
     block_peft()  # before transformers is imported, as if peft were not installed
 
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +24,8 @@ from safetensors.torch import save_file
 from tests.training.common import (
     lm_dataset,
     lora_model,
-    peft_blocked,
     probe_logits,
+    run_scenarios,
     texts,
     tokenizer,
     trainer_args,
@@ -169,18 +167,7 @@ SCENARIOS: dict[str, Callable[[str], dict[str, Any]]] = {
 
 
 def main(out: str, names: list[str]) -> None:
-    torch.set_num_threads(1)
-    blocked = peft_blocked()
-    for name in names or list(SCENARIOS):
-        folder = os.path.join(out, name)
-        os.makedirs(folder, exist_ok=True)
-        try:
-            result: dict[str, Any] = {"ok": True, **SCENARIOS[name](folder)}
-        except Exception:
-            result = {"ok": False, "error": traceback.format_exc()}
-        result["peft"] = blocked
-        with open(os.path.join(folder, "result.json"), "w", encoding="utf-8") as fh:
-            json.dump(result, fh, default=str, indent=1)
+    run_scenarios(out, names, SCENARIOS)
 
 
 if __name__ == "__main__":

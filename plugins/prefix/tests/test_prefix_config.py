@@ -123,7 +123,6 @@ def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     [
         ("llama", PromptTuningConfig(num_virtual_tokens=2), ConfigError, "task_type=None"),
         ("llama", PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=2), ConfigError, "TOKEN_CLS"),
-        ("bert", PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2), UnsupportedLayerError, "no key/value"),
         (
             "llama",
             PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2),

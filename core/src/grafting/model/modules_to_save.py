@@ -39,6 +39,24 @@ class ModulesToSaveWrapper(nn.Module):
         chosen = [n for n in names if n in self.modules_to_save]
         self.active = chosen[0] if chosen else None
 
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapper lacks (``weight``, ``bias``, ``in_features``) is the module in use's, as in PEFT.
+
+        TRL's fused LM head reads ``get_output_embeddings().weight``: with ``lm_head`` in
+        ``modules_to_save`` that is the active adapter's copy, the one forward runs.
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "original_module" not in modules or "modules_to_save" not in modules:  # still being built
+                raise
+        active = self.__dict__.get("active")
+        in_use = modules["original_module"]
+        if active is not None and not self.__dict__.get("disabled", False):
+            in_use = modules["modules_to_save"][active]
+        return getattr(in_use, name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled:
             return self.original_module(*args, **kwargs)

@@ -116,11 +116,15 @@ class LoraConfig(RankAlphaPatterns, AdapterConfig):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         if self.lora_bias and self.use_dora:
-            raise ConfigError("LoraConfig: lora_bias=True does not combine with use_dora=True (PEFT refuses it too)")
+            raise ConfigError(
+                "LoraConfig: The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"
+                " (or lora_bias=False: the two do not combine)"
+            )
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ConfigError(
-                f"LoraConfig: lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}"
-                " (PEFT refuses it too)"
+                "LoraConfig: The argument lora_bias=True is only supported with init_lora_weights=True or False,"
+                f" got init_lora_weights={self.init_lora_weights} instead. (lora_bias needs the plain"
+                f" initialization; {self.init_lora_weights!r} is not)"
             )
         self._check_init_options()
 

@@ -295,7 +295,11 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         if self.lora_B.bias is None:
             return
         if getattr(base_layer, "bias", None) is None:
-            raise MergeError("lora_bias=True needs a base layer with a bias to merge into")
+            raise MergeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
+                f" (the base {type(base_layer).__name__} has none to add lora_B's {self.lora_B.bias.numel()} bias"
+                " values to; the adapter stays unmerged and still runs in forward)"
+            )
         base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scaling)
 
 

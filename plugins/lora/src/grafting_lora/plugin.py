@@ -159,6 +159,12 @@ def grafting_create_layer_adapter(
             f" {type(base_layer).__name__}"
         )
     if isinstance(base_layer, nn.Embedding):
+        if config.lora_bias:  # PEFT refuses it too, in its words
+            raise ConfigError(
+                f"lora_bias=True is not supported for {type(base_layer).__name__}. ({module_name}: an embedding's"
+                " LoRA factors are looked up, with no lora_B layer to carry a bias; leave this module out of"
+                " target_modules or set lora_bias=False)"
+            )
         if config.use_dora:
             return DoraEmbedding(base_layer, r, scaling, config.init_lora_weights)
         embedding = LoraEmbedding(base_layer, r, scaling, config.init_lora_weights)

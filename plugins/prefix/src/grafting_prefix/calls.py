@@ -37,13 +37,42 @@ def drop(kwargs: dict[str, Any], key: str, method: str) -> None:
         warnings.warn(f"{method} ignores {key}, as PEFT does", GraftingWarning, stacklevel=4)
 
 
-def cache_argument(model: nn.Module) -> str | None:
-    """The name under which ``model.forward`` takes a key/value cache, or ``None``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
+def _named_cache(module: nn.Module) -> str | None:
+    """The name under which ``module.forward`` lists a key/value cache, or ``None``."""
+    params = _parameters(module)
     return next((name for name in CACHE_NAMES if name in params), None)
+
+
+def _parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def backbone_route(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """``(backbone, cache name)`` when ``model`` takes no cache itself but hands its keywords to one that does.
+
+    transformers 5's task heads (``BertForSequenceClassification``, ...) list no
+    cache but pass ``**kwargs`` on to their backbone (``model.base_model``),
+    whose forward takes one: the prefix travels that way.
+    """
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        return None
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(model).values()):
+        return None
+    name = _named_cache(backbone)
+    return None if name is None else (backbone, name)
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The keyword under which a call of ``model`` gets a key/value cache to its attention, or ``None``."""
+    own = _named_cache(model)
+    if own is not None:
+        return own
+    route = backbone_route(model)
+    return None if route is None else route[1]
 
 
 def pop_cache(kwargs: dict[str, Any]) -> Any:

@@ -206,7 +206,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
-    #: Any model whose forward takes a key/value cache; an encoder-decoder's goes to its decoder.
+    #: Any model whose attention takes a key/value cache (through the model's forward or, for a task head that passes
+    #: its keywords on, its backbone's); an encoder-decoder's goes to its decoder.
     task_types: ClassVar[tuple[str, ...]] = (
         "CAUSAL_LM",
         "SEQ_2_SEQ_LM",
@@ -255,7 +256,8 @@ class PrefixTuningConfig(PromptLearningConfig):
         if calls.cache_argument(model) is None:
             raise UnsupportedLayerError(
                 f"PrefixTuningConfig: {type(model).__name__}.forward takes no key/value cache"
-                f" ({' or '.join(calls.CACHE_NAMES)}) to put the prefix in"
+                f" ({' or '.join(calls.CACHE_NAMES)}) to put the prefix in, and does not pass its keywords on to"
+                " a backbone (model.base_model) that takes one; its attention cannot see a prefix"
             )
         if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
             raise ConfigError(

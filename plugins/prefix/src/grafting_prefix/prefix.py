@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grafting import UnsupportedLayerError
 from grafting_prefix import attention, calls
 from grafting_prefix.base import VirtualTokenAdapter
 
@@ -85,6 +86,8 @@ class PrefixAdapter(VirtualTokenAdapter):
             pairs = self.key_values(batch, calls.model_dtype(model, torch.float32), device)
             cache = _filled(cache, pairs, model, seq2seq=self.seq2seq)
         kwargs[calls.cache_argument(model) or calls.CACHE_NAMES[0]] = cache
+        if calls.backbone_route(model) is not None:  # reaches the attention through **kwargs: checked after
+            self.__dict__["_handed"] = (cache, cache.get_seq_length(), type(model).__name__)
         mask_name = "decoder_attention_mask" if self.seq2seq else "attention_mask"
         mask = kwargs.get(mask_name)
         if mask is None and generating and not self.seq2seq:  # generate must see the prefix to keep input_ids whole
@@ -104,6 +107,12 @@ class PrefixAdapter(VirtualTokenAdapter):
         if self._restore is not None:
             attention.switch_back(self.__dict__.pop("_model"), self._restore)
             self._restore = None
+        handed = self.__dict__.pop("_handed", None)
+        if handed is not None and handed[0].get_seq_length() <= handed[1]:
+            raise UnsupportedLayerError(
+                f"{METHOD}: {handed[2]} passed the prefix's cache on to its backbone, whose attention did not read"
+                " it (the cache was not extended); the output would be the base model's"
+            )
         return outputs
 
     def prepare(self, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any]:
