@@ -66,12 +66,17 @@ def prepare_model_for_compiled_hotswap(
     tuner = tuner_of(_unwrap(model))
     # padding keeps every output as it was, so a method that refuses part-way leaves the model's behaviour unchanged
     layers = [(path, layer) for path, layer in tuner.adapted_layers() if layer.adapters]
+    for name, shared in tuner.shared_states.items():
+        try:
+            shared.pad_rank(target_rank)
+        except AdapterStateError as error:
+            raise AdapterStateError(f"adapter {name!r}'s shared state: {error}") from None
     for path, layer in layers:
         for adapter in layer.adapters.values():
             try:
                 adapter.pad_rank(target_rank)
             except AdapterStateError as error:
-                raise AdapterStateError(f"{path}: {error}") from None
+                raise AdapterStateError(f"{logical_path(tuner.model, path)}: {error}") from None
 
 
 def hotswap_adapter(
@@ -111,7 +116,9 @@ def hotswap_adapter_from_state_dict(
             " hot-swapping keeps the method"
         )
     remaining = dict(state_dict)
-    plan: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+    plan: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    if adapter_name in tuner.shared_states:
+        plan.append(_shared_plan(tuner.shared_states[adapter_name], remaining, config))
     for path, layer in tuner.adapted_layers():
         if adapter_name not in layer.adapters:
             continue
@@ -125,19 +132,40 @@ def hotswap_adapter_from_state_dict(
             values = adapter.hotswap_values(found, config, name)
         except AdapterStateError as error:
             raise AdapterStateError(f"{name}: {error}") from None
-        for key, value in values.items():
-            if key not in own or value.shape != own[key].shape:
-                raise AdapterStateError(f"{name}: the hot-swap value for {key} does not fit the loaded adapter")
-            if not torch.isfinite(value).all():
-                raise AdapterLoadError(f"{name}: the new adapter's {key} holds NaN or infinite values")
-        plan.append((adapter, values))
+        targets = adapter.state_dict(keep_vars=True)
+        _check_values(values, targets, name)
+        plan.append((targets, values))
     if remaining:
         extra = sorted(remaining)
         raise AdapterLoadError(
             f"the new adapter has tensors the loaded one lacks (other target layers?): {', '.join(extra[:3])}"
             + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         )
-    for adapter, values in plan:
-        own = adapter.state_dict(keep_vars=True)
+    for targets, values in plan:
         for key, value in values.items():
-            own[key].data.copy_(value.to(own[key].dtype))
+            targets[key].data.copy_(value.to(targets[key].dtype))
+
+
+def _check_values(values: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], where: str) -> None:
+    """Every value names a tensor of the loaded adapter, has its shape and is finite."""
+    for key, value in values.items():
+        if key not in targets or value.shape != targets[key].shape:
+            raise AdapterStateError(f"{where}: the hot-swap value for {key} does not fit the loaded adapter")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{where}: the new adapter's {key} holds NaN or infinite values")
+
+
+def _shared_plan(
+    shared: nn.Module, remaining: dict[str, torch.Tensor], config: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The shared state's tensors (buffers included, persistent or not) and the values the new adapter gives them;
+    the file's shared keys (``base_model.<key>``, not a layer's) are taken out of ``remaining``."""
+    targets = {**dict(shared.named_parameters()), **dict(shared.named_buffers())}
+    shared_keys = [k for k in remaining if k.startswith("base_model.") and not k.startswith(PREFIX)]
+    found = {k.removeprefix("base_model."): remaining.pop(k) for k in shared_keys}
+    try:
+        values = shared.hotswap_values(found, config)  # type: ignore[operator]
+    except AdapterStateError as error:
+        raise AdapterStateError(f"the shared state: {error}") from None
+    _check_values(values, targets, "the shared state")
+    return targets, values
