@@ -119,13 +119,14 @@ def hotswap_adapter_from_state_dict(
     plan: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
     if adapter_name in tuner.shared_states:
         plan.append(_shared_plan(tuner.shared_states[adapter_name], remaining, config))
-    for path, layer in tuner.adapted_layers():
-        if adapter_name not in layer.adapters:
-            continue
-        adapter = layer.adapters[adapter_name]
-        name = logical_path(tuner.model, path)
-        own = adapter.state_dict()
-        found = {k: remaining.pop(f"{PREFIX}{name}.{k}") for k in own if f"{PREFIX}{name}.{k}" in remaining}
+    layers = {
+        logical_path(tuner.model, path): layer.adapters[adapter_name]
+        for path, layer in tuner.adapted_layers()
+        if adapter_name in layer.adapters
+    }
+    by_layer = _keys_by_layer(remaining, layers)
+    for name, adapter in layers.items():
+        found = by_layer.get(name, {})
         if not found:
             raise AdapterLoadError(f"the new adapter has no tensors for {name}: it targets other layers")
         try:
@@ -144,6 +145,21 @@ def hotswap_adapter_from_state_dict(
     for targets, values in plan:
         for key, value in values.items():
             targets[key].data.copy_(value.to(targets[key].dtype))
+
+
+def _keys_by_layer(remaining: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's layer tensors by adapted layer (the longest layer name that prefixes the key: a nested layer's
+    keys are its own), by local key; those taken are removed from ``remaining``. A method may save keys its
+    loaded adapter has not (LoKr's factors where it holds the product), so every key under the layer is given."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in remaining if k.startswith(PREFIX)]:
+        parts = key[len(PREFIX) :].split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:cut])
+            if name in layers:
+                out.setdefault(name, {})[".".join(parts[cut:])] = remaining.pop(key)
+                break
+    return out
 
 
 def _check_values(values: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], where: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from grafting import AdapterStateError
 from grafting.toolkit import fit_state, grow_tensor, require_same
@@ -19,7 +18,7 @@ EMBEDDING_RANK_DIMS = {"lora_embedding_A": (0,), "lora_embedding_B": (1,)}
 
 def pad_pair(adapter: Any, rank: int) -> None:
     """Grow ``lora_A`` (r, in[, k...]) and ``lora_B`` (out, r[, 1...]), modules or parameters, to ``rank``."""
-    if isinstance(adapter.lora_A, nn.Module):
+    if hasattr(adapter, "lora_A"):
         if getattr(adapter.lora_B, "groups", 1) > 1 and rank != adapter.r:
             raise AdapterStateError(
                 f"a LoRA adapter on a grouped convolution (groups={adapter.lora_B.groups}) keeps its rank {adapter.r}:"
@@ -43,11 +42,11 @@ def swap_values(
     adapter: Any, tensors: dict[str, torch.Tensor], config: Any, module_name: str
 ) -> dict[str, torch.Tensor]:
     """The loaded adapter's values for a saved LoRA adapter of rank <= its own (padded) rank, any alpha."""
-    embedding = not isinstance(adapter.lora_A, nn.Module)
+    embedding = not hasattr(adapter, "lora_A")
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
     if a_key not in tensors or b_key not in tensors:
         raise AdapterStateError(f"the new adapter lacks {a_key}/{b_key} here (it holds {sorted(tensors)})")
-    bias = getattr(adapter.lora_B, "bias", None) is not None
+    bias = not embedding and adapter.lora_B.bias is not None
     if bool(config.use_dora) != bool(getattr(adapter, "use_dora", False)) or bool(config.lora_bias) != bias:
         raise AdapterStateError("the new adapter differs in use_dora or lora_bias: hot-swapping keeps the structure")
     if not embedding:
