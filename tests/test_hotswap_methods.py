@@ -74,6 +74,12 @@ METHODS: dict[str, tuple[Configs, int | None]] = {
         lambda i: grafting.VeraConfig(r=(2, 4, 1)[i], projection_prng_key=i, target_modules=["proj", "head"]),
         4,
     ),
+    "vera-drawn": (  # projections not saved: drawn again from each file's key
+        lambda i: grafting.VeraConfig(
+            r=(2, 4, 1)[i], projection_prng_key=10 + i, save_projection=False, target_modules=["proj", "head"]
+        ),
+        4,
+    ),
     "oft": (lambda i: grafting.OFTConfig(r=2, oft_block_size=0, target_modules=["embed", "proj", "conv"]), None),
     "boft": (lambda i: grafting.BOFTConfig(boft_block_size=4, target_modules=["proj", "conv"]), None),
     "adalora": (
@@ -132,6 +138,7 @@ def test_a_swapped_adapter_computes_as_a_fresh_one_and_nothing_recompiles(
     assert_close(run(compiled), _fresh(saved[0], training)(IDS).detach(), changed_from=base)
     graphs = _graphs()
     assert graphs >= 1
+    storage = {name: (id(t), t.data_ptr()) for name, t in _tensors(model).items()}
     with torch.compiler.set_stance("fail_on_recompile"):
         for folder in [saved[1], saved[2], saved[0]]:
             hotswap_adapter(compiled, folder, adapter_name="default")
@@ -139,6 +146,12 @@ def test_a_swapped_adapter_computes_as_a_fresh_one_and_nothing_recompiles(
             assert_close(run(compiled), expected, changed_from=base, msg=f"{method}: compiled, {folder.name}")
             assert_close(run(model), expected, changed_from=base, msg=f"{method}: eager, {folder.name}")
     assert _graphs() == graphs  # zero recompiles across the swaps
+    assert {name: (id(t), t.data_ptr()) for name, t in _tensors(model).items()} == storage  # copied in place
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (non-persistent ones included: VeRA's drawn projections)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 #: method -> (the loaded adapter's config, a config whose adapter cannot swap in, the reason in the error)
