@@ -375,3 +375,25 @@ def test_a_grouped_convolution_is_refused_by_name() -> None:
     model = grafting.get_peft_model(net, grafting.LoHaConfig(r=2, target_modules=["conv1d"]))
     with pytest.raises(ExportError, match=r"conv1d \(Conv1d\)"):
         export_lora(model, 4)
+
+
+def test_cli_exports_an_embedding_adapter_and_refuses_it_for_vllm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny_llama().save_pretrained(tmp_path / "base")
+    source = grafting.get_peft_model(tiny_llama(), EMBEDDING_SOURCES["lora"][0]())
+    randomize_adapters(source, seed=4)
+    source.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    argv = ["export", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert cli_main([*argv, "--out", str(tmp_path / "served"), "--rank", "8", "--for", "vllm"]) == 1
+    assert "not on model.embed_tokens (embedding)" in capsys.readouterr().err
+    assert not (tmp_path / "served" / "adapter_config.json").exists()
+    assert cli_main([*argv, "--out", str(tmp_path / "lora"), "--rank", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert max(layer["relative"] for layer in report["layers"]) < 1e-6  # rank 16: every layer's smaller side
+    with torch.no_grad():
+        expected = source(input_ids=IDS).logits
+        with source.disable_adapter():
+            base = source(input_ids=IDS).logits
+        got = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")(input_ids=IDS).logits
+    assert_close(got, expected, changed_from=base, msg="the CLI's embedding export, loaded by PEFT")
