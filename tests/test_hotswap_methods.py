@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -216,3 +218,35 @@ def test_padding_keeps_the_outputs(tmp_path: Path, method: str) -> None:
         prepare_model_for_compiled_hotswap(model, target_rank=6)
         after = model(IDS)
     assert_close(after, before)
+
+
+#: rank methods -> config for (rank, alpha); LoKr on the head only, where every rank up to 3 is a product
+RANKED: dict[str, Callable[[int, float], grafting.AdapterConfig]] = {
+    "lora": lambda r, a: grafting.LoraConfig(r=r, lora_alpha=a, target_modules=["embed", "proj", "conv"]),
+    "loha": lambda r, a: grafting.LoHaConfig(r=r, alpha=a, target_modules=["proj", "conv"]),
+    "lokr": lambda r, a: grafting.LoKrConfig(r=r, alpha=a, decompose_both=True, target_modules=["head"]),
+    "adalora": lambda r, a: grafting.AdaLoraConfig(init_r=r, lora_alpha=a, total_step=10, target_modules=["proj"]),
+    "vera": lambda r, a: grafting.VeraConfig(r=r, projection_prng_key=int(a), target_modules=["proj", "head"]),
+}
+
+
+@settings(max_examples=3, deadline=None)
+@pytest.mark.parametrize("method", sorted(RANKED))
+@given(
+    first=st.integers(1, 3),
+    second=st.integers(1, 3),
+    alpha=st.sampled_from([1.0, 2.0, 7.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_rank_up_to_the_target_and_any_alpha_swap_in_as_a_fresh_load(
+    method: str, first: int, second: int, alpha: float, seed: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = tmp_path_factory.mktemp("swap")
+    loaded = _save(folder / "loaded", RANKED[method](first, 4.0), seed=seed)
+    other = _save(folder / "other", RANKED[method](second, alpha), seed=seed + 1)
+    model = grafting.PeftModel.from_pretrained(Net(), loaded)
+    prepare_model_for_compiled_hotswap(model, target_rank=3)
+    with torch.no_grad():
+        before = model(IDS)
+        hotswap_adapter(model, other, "default")
+        assert_close(model(IDS), _fresh(other, training=False)(IDS), changed_from=before)
