@@ -250,3 +250,15 @@ def test_any_rank_up_to_the_target_and_any_alpha_swap_in_as_a_fresh_load(
         before = model(IDS)
         hotswap_adapter(model, other, "default")
         assert_close(model(IDS), _fresh(other, training=False)(IDS), changed_from=before)
+
+
+def test_a_refused_padding_leaves_every_layer_as_it_was(tmp_path: Path) -> None:
+    """``proj`` (rank 2) pads to 4 before ``head`` (rank 6) refuses to shrink: ``proj`` is rolled back."""
+    config = grafting.LoraConfig(r=2, rank_pattern={"head": 6}, target_modules=["proj", "head"])
+    model = grafting.PeftModel.from_pretrained(Net(), _save(tmp_path / "a", config, seed=1))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    proj = model.base_model.model.proj.adapters["default"]
+    with pytest.raises(AdapterStateError, match=r"head: .*rank 6 cannot shrink to target_rank=4"):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)
+    assert_identical(model.state_dict(), before)
+    assert (proj.r, proj.lora_A.out_features, proj.lora_B.in_features) == (2, 2, 2)

@@ -10,6 +10,7 @@ they are, so ``torch.compile``'s guards still hold and nothing recompiles.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Any, Literal
@@ -64,19 +65,26 @@ def prepare_model_for_compiled_hotswap(
     if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
         raise ValueError(f"target_rank must be a positive int, got {target_rank!r}")
     tuner = tuner_of(_unwrap(model))
-    # padding keeps every output as it was, so a method that refuses part-way leaves the model's behaviour unchanged
-    layers = [(path, layer) for path, layer in tuner.adapted_layers() if layer.adapters]
-    for name, shared in tuner.shared_states.items():
+    owners: list[tuple[str, nn.Module]] = [
+        (f"adapter {name!r}'s shared state", shared) for name, shared in tuner.shared_states.items()
+    ]
+    for path, layer in tuner.adapted_layers():
+        owners += [(logical_path(tuner.model, path), adapter) for adapter in layer.adapters.values()]
+    snapshot = [_attributes(module) for _, owner in owners for module in owner.modules()]
+    for where, owner in owners:
         try:
-            shared.pad_rank(target_rank)
+            owner.pad_rank(target_rank)  # type: ignore[operator]
         except AdapterStateError as error:
-            raise AdapterStateError(f"adapter {name!r}'s shared state: {error}") from None
-    for path, layer in layers:
-        for adapter in layer.adapters.values():
-            try:
-                adapter.pad_rank(target_rank)
-            except AdapterStateError as error:
-                raise AdapterStateError(f"{logical_path(tuner.model, path)}: {error}") from None
+            for module, attributes in snapshot:  # the adapters padded so far, as they were: bit-identical
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+            raise AdapterStateError(f"{where}: {error}") from None
+
+
+def _attributes(module: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """A module's attributes, its parameter, buffer and submodule tables copied (padding replaces their entries)."""
+    tables = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+    return module, {k: (copy.copy(v) if k in tables else v) for k, v in module.__dict__.items()}
 
 
 def hotswap_adapter(
