@@ -232,3 +232,168 @@ def test_cli_export_stacks_adapters_for_vllm(tmp_path: Path, capsys: pytest.Capt
     assert cli_main([*again, "--rank", "600", "--for", "vllm", "--adapter", folders[0]]) == 1
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # after transformers' load bars
     assert last == "grafting export: error: vLLM loads ranks up to 512; this export needs rank 600"
+
+
+# -- convolutions and embeddings ------------------------------------------------------------------------------
+class ConvNet(torch.nn.Module):
+    """A 2-d and a 1-d convolution and a linear head: the layer kinds PEFT's LoRA holds beside linear ones."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.conv1d = torch.nn.Conv1d(6, 5, 3, padding=1)
+        self.head = torch.nn.Linear(80, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))  # (batch, 6, 4, 4)
+        h = torch.tanh(self.conv1d(h.flatten(2)))  # (batch, 5, 16)
+        return self.head(h.flatten(1))
+
+
+CONV_SOURCES: dict[str, list[Callable[[], Any]]] = {
+    "lora": [lambda: grafting.LoraConfig(r=2, lora_alpha=5, target_modules=["conv", "conv1d", "head"])],
+    "loha": [lambda: grafting.LoHaConfig(r=2, alpha=3, target_modules=["conv", "conv1d"])],
+    "loha-effective": [lambda: grafting.LoHaConfig(r=2, use_effective_conv2d=True, target_modules=["conv"])],
+    "lokr": [lambda: grafting.LoKrConfig(r=2, alpha=3, target_modules=["conv", "conv1d"])],
+    "stack": [
+        lambda: grafting.LoraConfig(r=2, target_modules=["conv", "conv1d"]),
+        lambda: grafting.LoHaConfig(r=2, target_modules=["conv"]),
+    ],
+}
+EMBEDDING_SOURCES: dict[str, list[Callable[[], Any]]] = {
+    "lora": [lambda: grafting.LoraConfig(r=3, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])],
+    "lora+oft": [
+        lambda: grafting.LoraConfig(r=2, target_modules=["embed_tokens"]),
+        lambda: grafting.OFTConfig(r=2, oft_block_size=0, target_modules=["embed_tokens"]),
+    ],
+}
+IMAGES = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+IDS = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _stacked(base: torch.nn.Module, factories: list[Callable[[], Any]], seed: int) -> tuple[Any, list[str]]:
+    names = [f"a{i}" for i in range(len(factories))]
+    model = grafting.get_peft_model(base.double(), factories[0](), adapter_name=names[0], mixed=len(names) > 1)
+    for name, make in zip(names[1:], factories[1:]):
+        model.add_adapter(name, make())
+    model.double()
+    randomize_adapters(model, seed=seed)
+    model.set_adapter(names)
+    return model.eval(), names
+
+
+def _outputs(model: Any, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IMAGES) if kind == "conv" else model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize(
+    ("kind", "case"), [("conv", c) for c in CONV_SOURCES] + [("embedding", c) for c in EMBEDDING_SOURCES]
+)
+def test_convolutions_and_embeddings_export_exactly_at_full_rank(kind: str, case: str, tmp_path: Path) -> None:
+    make_base = ConvNet if kind == "conv" else tiny_llama
+    sources = CONV_SOURCES if kind == "conv" else EMBEDDING_SOURCES
+    source, names = _stacked(make_base(), sources[case], seed=2)
+    expected = _outputs(source, kind)
+    with source.disable_adapter():
+        base = _outputs(source, kind)
+    exported = save_as_lora(tmp_path / "lora", source, 64, names)  # 64: at least every layer's smaller side
+    assert exported.max_relative_error < 1e-12
+    loaded = peft.PeftModel.from_pretrained(make_base().double(), tmp_path / "lora").eval()
+    assert_close(_outputs(loaded, kind), expected, changed_from=base, msg=f"{kind} {case} at full rank")
+
+
+def _patches(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per output position, the norm of the input patch the convolution multiplies (its kernel's receptive field)."""
+    if isinstance(layer, torch.nn.Conv1d):
+        x, kernel, padding = x[..., None], (layer.kernel_size[0], 1), (layer.padding[0], 0)
+    else:
+        kernel, padding = layer.kernel_size, layer.padding
+    return torch.nn.functional.unfold(x, kernel, padding=padding).norm(dim=1)  # (batch, positions)
+
+
+@settings(max_examples=2, deadline=None)
+@pytest.mark.parametrize("case", list(CONV_SOURCES))
+@given(seed=st.integers(0, 2**16), rank=st.integers(1, 3))
+def test_a_conv_layer_differs_by_no_more_than_its_reported_error(
+    case: str, seed: int, rank: int, tmp_path_factory: Any
+) -> None:
+    """Per convolution and output position: ``‖(ΔW − B·A)·patch‖ ≤ spectral · ‖patch‖``, the exported layer
+    loaded by PEFT against the source's; the reported relative error is the factors' own."""
+    source, names = _stacked(ConvNet(), CONV_SOURCES[case], seed)
+    folder = tmp_path_factory.mktemp("lora")
+    exported = save_as_lora(folder, source, rank, names)
+    loaded = peft.PeftModel.from_pretrained(ConvNet().double(), folder).eval()
+    tuner = source.base_model
+    inputs = {"conv": IMAGES, "conv1d": torch.randn(2, 6, 16, dtype=torch.float64), "head": torch.randn(2, 80).double()}
+    with torch.no_grad():
+        for layer in exported.layers:
+            ours = tuner.model.get_submodule(physical_path(tuner.model, layer.name))
+            theirs = loaded.base_model.model.get_submodule(layer.name)
+            x = inputs[layer.name]
+            gap = (theirs(x) - ours(x)).flatten(2).norm(dim=1) if x.dim() > 2 else (theirs(x) - ours(x)).norm(dim=-1)
+            bound = layer.spectral * (_patches(ours.base_layer, x) if x.dim() > 2 else x.norm(dim=-1))
+            assert (gap <= bound * (1 + 1e-9) + 1e-12).all(), layer.name
+            assert layer.rank == rank, layer.name
+            assert 0 <= layer.relative <= 1, layer.name
+
+
+def test_an_embedding_row_differs_by_no_more_than_its_reported_error(tmp_path: Path) -> None:
+    """A looked-up row is the table's column for a unit input: its error is at most the spectral error."""
+    source, names = _stacked(tiny_llama(), EMBEDDING_SOURCES["lora+oft"], seed=3)
+    exported = save_as_lora(tmp_path / "lora", source, 2, names)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama().double(), tmp_path / "lora").eval()
+    (layer,) = exported.layers
+    ours = source.base_model.model.get_submodule(physical_path(source.base_model.model, layer.name))
+    theirs = loaded.base_model.model.get_submodule(layer.name)
+    ids = torch.arange(64)[None]
+    with torch.no_grad():
+        gap = (theirs(ids) - ours(ids)).norm(dim=-1)
+    assert 0 < layer.relative < 1
+    assert (gap <= layer.spectral * (1 + 1e-9) + 1e-12).all()
+    # every row looked up once: the rows' errors make up the whole error matrix, ‖E‖_F = relative · ‖ΔW‖_F
+    expected = torch.tensor(layer.relative * layer.norm, dtype=torch.float64)
+    assert_close(gap.square().sum().sqrt(), expected, changed_from=torch.zeros((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("kind", "serving"), [("conv", "vllm"), ("embedding", "sglang"), ("embedding", "vllm")])
+def test_servers_are_not_given_embeddings_or_convolutions(kind: str, serving: str, tmp_path: Path) -> None:
+    make_base = ConvNet if kind == "conv" else tiny_llama
+    sources = CONV_SOURCES if kind == "conv" else EMBEDDING_SOURCES
+    source, names = _stacked(make_base(), sources["lora"], seed=1)
+    before = {k: v.detach().clone() for k, v in source.state_dict().items()}
+    with pytest.raises(ExportError, match=rf"linear projection layers only, not on .*\({kind}\)"):
+        save_as_lora(tmp_path / "out", source, 8, names, serving=serving)
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    assert_identical(source.state_dict(), before)
+
+
+def test_a_grouped_convolution_is_refused_by_name() -> None:
+    net = ConvNet()
+    net.conv1d = torch.nn.Conv1d(6, 5 * 2, 3, padding=1, groups=2)
+    model = grafting.get_peft_model(net, grafting.LoHaConfig(r=2, target_modules=["conv1d"]))
+    with pytest.raises(ExportError, match=r"conv1d \(Conv1d\)"):
+        export_lora(model, 4)
+
+
+def test_cli_exports_an_embedding_adapter_and_refuses_it_for_vllm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny_llama().save_pretrained(tmp_path / "base")
+    source = grafting.get_peft_model(tiny_llama(), EMBEDDING_SOURCES["lora"][0]())
+    randomize_adapters(source, seed=4)
+    source.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    argv = ["export", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert cli_main([*argv, "--out", str(tmp_path / "served"), "--rank", "8", "--for", "vllm"]) == 1
+    assert "not on model.embed_tokens (embedding)" in capsys.readouterr().err
+    assert not (tmp_path / "served" / "adapter_config.json").exists()
+    assert cli_main([*argv, "--out", str(tmp_path / "lora"), "--rank", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert max(layer["relative"] for layer in report["layers"]) < 1e-6  # rank 16: every layer's smaller side
+    with torch.no_grad():
+        expected = source(input_ids=IDS).logits
+        with source.disable_adapter():
+            base = source(input_ids=IDS).logits
+        got = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")(input_ids=IDS).logits
+    assert_close(got, expected, changed_from=base, msg="the CLI's embedding export, loaded by PEFT")

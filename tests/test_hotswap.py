@@ -125,9 +125,9 @@ def test_another_method_and_a_compiled_model_are_refused(saved: list[Path], tmp_
         hotswap_adapter(model, tmp_path / "loha", "default")
     with pytest.raises(AdapterStateError, match=r"prepare it for hot-swapping before torch\.compile"):
         prepare_model_for_compiled_hotswap(torch.compile(model, backend="eager"), target_rank=4)
-    loha_model = grafting.PeftModel.from_pretrained(tiny_llama(), tmp_path / "loha")
-    with pytest.raises(AdapterStateError, match="does not support hot-swapping"):
-        prepare_model_for_compiled_hotswap(loha_model, target_rank=4)
+    prompt = grafting.get_peft_model(tiny_llama(), grafting.AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
+    with pytest.raises(AdapterStateError, match="does not support hot-swapping"):  # a method without the protocol's
+        prepare_model_for_compiled_hotswap(prompt, target_rank=4)
 
 
 def test_padding_keeps_the_outputs(saved: list[Path]) -> None:

@@ -61,7 +61,9 @@ subclass; defaults in ``grafting.config.adapter_config``), each called by the co
 in site order), ``check_merge`` (before any weight changes), ``attach``
 (install), ``delta_matrix`` (the effect as one ``ΔW``, read by other methods'
 combination and conversion code), ``fused_call``/``add_delta``/``add_grouped``
-(fast paths of the composition; each must equal it up to rounding).
+(fast paths of the composition; each must equal it up to rounding), ``pad_rank``/``hotswap_values``
+(hot-swap into a compiled model: every layer method implements both, helpers in :mod:`grafting.toolkit`;
+a :class:`SharedState` with tensors implements them too).
 
 **The meta device.** ``from_pretrained``, ``load_adapter`` and
 ``low_cpu_mem_usage=True`` call the ``create`` hooks under
@@ -212,6 +214,21 @@ class SharedState(nn.Module):
         (PEFT's name, for a custom loop) and from grafting's ``Trainer`` on its own.
         """
 
+    def pad_rank(self, rank: int) -> None:
+        """Grow the shared tensors to ``rank`` with zeros, the adapter's effect unchanged (as
+        :meth:`LayerAdapter.pad_rank`). Default: nothing for a state without tensors, else refuse."""
+        if any(True for _ in self.buffers()) or any(True for _ in self.parameters()):
+            raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no pad_rank)")
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+        """The values of this state's tensors (``state_dict(keep_vars=True)`` keys, non-persistent buffers
+        included) that a saved adapter of the same method gives them (``tensors``: the file's shared tensors,
+        by key without ``base_model.``; ``config``: its config). Pure; the core copies them in place, as for
+        :meth:`LayerAdapter.hotswap_values`. Default: ``{}`` for a state without tensors, else refuse."""
+        if any(True for _ in self.buffers()) or any(True for _ in self.parameters()) or tensors:
+            raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no hotswap_values)")
+        return {}
+
 
 @attrs.define(eq=False)
 class AdapterContext:
@@ -316,7 +333,9 @@ class LayerAdapter(nn.Module):
         """Grow this adapter's tensors to ``rank`` with zeros, its effect unchanged (``prepare_model_for_compiled_hotswap``).
 
         Called before ``torch.compile``, so that adapters of any rank up to ``rank`` can later be swapped in
-        without a change of shape. Default: refuse (the method does not hot-swap).
+        without a change of shape; a method without a rank (IA3, OFT's block sizes) leaves its tensors as they
+        are. It may replace parameters (it runs before compiling and before an optimizer is built):
+        :func:`grafting.toolkit.grow_tensor`. Default: refuse (the method does not hot-swap).
         """
         raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no pad_rank)")
 
@@ -329,7 +348,9 @@ class LayerAdapter(nn.Module):
         ``hotswap_adapter`` copies them in place, so every tensor keeps its identity, shape and dtype and a
         compiled graph stays valid; anything else the forward reads (a Python scaling) must stay as it is, so
         fold a changed scalar into a tensor. Pure: the core asks every layer before it writes any. Raise
-        :class:`AdapterStateError` when the file does not fit (a larger rank, another option). Default: refuse.
+        :class:`AdapterStateError` when the file does not fit (a larger rank, a block size, another option the
+        forward reads); :func:`grafting.toolkit.fit_state` fits the saved tensors to the loaded shapes, rank
+        dimensions zero-padded. Default: refuse.
         """
         raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no hotswap_values)")
 

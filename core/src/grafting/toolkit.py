@@ -20,7 +20,10 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
 * tied weights: :func:`tied_embedding` (the input embedding and the modules sharing its weight);
 * adapter arithmetic: :func:`compute_dtype` (the dtype an adapter computes in, for its ``precision``
   option and autocast) and :func:`convolve_as` (a convolution with a base layer's stride, padding,
-  dilation, groups and padding mode).
+  dilation, groups and padding mode);
+* hot-swapping (a layer adapter's ``pad_rank``/``hotswap_values``): :func:`grow_tensor` (zeros up to a
+  target rank), :func:`fit_state` and :func:`fit` (a saved adapter's tensors in the loaded one's shapes,
+  rank dimensions zero-padded), :func:`require_same` (refuse a differing option).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from grafting.errors import ConfigError, GraftingWarning
 from grafting.model.combine import union_of_targets
 from grafting.model.matching import candidate_modules, find_targets, name_matches, pattern_value
 from grafting.model.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
+from grafting.model.swap import fit, fit_state, grow_tensor, require_same
 from grafting.model.tying import TiedEmbedding, tied_embedding
 from grafting.model.weights import (
     add_to_weight,
@@ -249,6 +253,9 @@ __all__ = [
     "default_targets",
     "dense_weight",
     "find_targets",
+    "fit",
+    "fit_state",
+    "grow_tensor",
     "in_out_features",
     "is_conv",
     "is_hf_conv1d",
@@ -268,6 +275,7 @@ __all__ = [
     "positive_int",
     "probability",
     "query_value_projections",
+    "require_same",
     "store_weight",
     "tied_embedding",
     "trainable_biases",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from grafting import DeltaAdapter, LayerCall, SharedState
 from grafting.toolkit import add_to_weight, in_out_features
+from grafting_vera import hotswap
 
 
 def kaiming_uniform(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
@@ -24,6 +26,12 @@ def kaiming_uniform(rows: int, columns: int, generator: torch.Generator) -> torc
     return matrix.uniform_(-bound, bound, generator=generator)
 
 
+def draw_projections(r: int, n_in: int, n_out: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (r, n_in) then ``B`` (n_out, r), drawn from a CPU generator seeded with ``key``."""
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    return kaiming_uniform(r, n_in, generator), kaiming_uniform(n_out, r, generator)
+
+
 class VeraProjections(SharedState):
     """The frozen random ``vera_A`` (r × largest in) and ``vera_B`` (largest out × r) of one adapter.
 
@@ -34,9 +42,17 @@ class VeraProjections(SharedState):
 
     def __init__(self, r: int, n_in: int, n_out: int, key: int, save: bool) -> None:
         super().__init__()
-        generator = torch.Generator(device="cpu").manual_seed(key)
-        self.register_buffer("vera_A", kaiming_uniform(r, n_in, generator), persistent=save)
-        self.register_buffer("vera_B", kaiming_uniform(n_out, r, generator), persistent=save)
+        vera_a, vera_b = draw_projections(r, n_in, n_out, key)
+        self.register_buffer("vera_A", vera_a, persistent=save)
+        self.register_buffer("vera_B", vera_b, persistent=save)
+
+    def pad_rank(self, rank: int) -> None:
+        """Zeros up to ``rank`` (:mod:`grafting_vera.hotswap`)."""
+        hotswap.pad_shared(self, rank)
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any) -> dict[str, Any]:
+        """A saved VeRA adapter's projections in these buffers' shapes (:mod:`grafting_vera.hotswap`)."""
+        return hotswap.swap_shared(self, tensors, config, draw_projections)
 
 
 class VeraLinear(DeltaAdapter):
@@ -80,6 +96,12 @@ class VeraLinear(DeltaAdapter):
         a, b = self.projections()
         h = F.linear(self.vera_dropout(x.to(self.vera_lambda_d.dtype)), a)
         return self.vera_lambda_b * F.linear(self.vera_lambda_d * h, b)  # the adapter's dtype; rounded once
+
+    def pad_rank(self, rank: int) -> None:
+        hotswap.pad_layer(self, rank)
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        return hotswap.swap_layer(self, tensors, config)
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:

@@ -8,8 +8,17 @@ given rank, an energy threshold (PEFT's float ``rank``) or a given relative erro
 reported: ``relative`` is ``‖ΔW − B·A‖_F / ‖ΔW‖_F`` and ``spectral`` the largest singular value left out,
 which bounds the layer's output error: ``‖(ΔW − B·A)·x‖ ≤ spectral · ‖x‖`` for every input ``x``.
 
+Layers of three kinds export, each in PEFT's LoRA layout (:class:`Layout`): linear layers (``nn.Linear``,
+``Conv1D``), convolutions (``nn.Conv1d/2d/3d``, groups of 1: ``lora_A`` a convolution with the layer's kernel,
+``lora_B`` a 1×1 one, so ``ΔW`` is factored as an (out, in·k) matrix) and embeddings (``lora_embedding_A``
+(r, num), ``lora_embedding_B`` (dim, r), ``ΔW`` the transposed table's change). For an embedding the spectral
+error bounds each looked-up row's error; for a convolution, each output position's error per unit norm of
+its input patch.
+
 ``serving="vllm"``/``"sglang"`` also meets what those servers load: no DoRA, bias or ``modules_to_save``,
-LoRA on the decoder's projection layers only, and (vLLM) one rank for every layer, from
+LoRA on the decoder's linear projection layers only (embeddings and convolutions are refused: vLLM's
+embedding LoRA is tied to its extra-vocabulary machinery and differs across versions and model classes,
+SGLang loads none, and neither loads a LoRA convolution), and (vLLM) one rank for every layer, from
 :data:`VLLM_RANKS`, reached by zero padding. What cannot be met is an :class:`ExportError` naming it.
 """
 
@@ -81,6 +90,48 @@ SERVERS = {
     "vllm": Serving("vLLM", VLLM_RANKS, uniform_rank=True),
     "sglang": Serving("SGLang", None, uniform_rank=True),
 }
+
+
+@attrs.frozen
+class Layout:
+    """How PEFT's LoRA stores one layer kind: the keys of A and B, and their shapes from the (out, in·k) factors."""
+
+    kind: str
+    a_key: str
+    b_key: str
+
+    def tensors(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{A key: A, B key: B}`` for ``a`` (r, in·k) and ``b`` (out, r), shaped as PEFT's layer holds them."""
+        if self.kind == "conv":
+            kernel = kernel_shape(base)
+            ones = (1,) * (len(kernel) - 2)
+            a = a.reshape(a.shape[0], *kernel[1:])  # a convolution with the layer's kernel
+            b = b.reshape(*b.shape, *ones)  # a 1×1 convolution
+        return {self.a_key: a.contiguous(), self.b_key: b.contiguous()}
+
+
+LINEAR = Layout("linear", "lora_A.weight", "lora_B.weight")
+CONV = Layout("conv", "lora_A.weight", "lora_B.weight")
+EMBEDDING = Layout("embedding", "lora_embedding_A", "lora_embedding_B")
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def kernel_shape(base: nn.Module) -> tuple[int, ...]:
+    """The shape of a convolution's kernel (out, in, *kernel)."""
+    weight = base.weight
+    assert isinstance(weight, torch.Tensor)
+    return tuple(weight.shape)
+
+
+def layout_of(base: nn.Module) -> Layout | None:
+    """The LoRA layout of a base layer, ``None`` for one a plain LoRA adapter cannot hold."""
+    if isinstance(base, nn.Linear) or is_hf_conv1d(base):
+        return LINEAR
+    if isinstance(base, nn.Embedding):
+        return EMBEDDING
+    if isinstance(base, CONVS) and base.groups == 1:
+        return CONV
+    return None
 
 
 @attrs.frozen
@@ -164,12 +215,14 @@ def export_lora(
     ranks = _serving_ranks(picked, server, rank if isinstance(rank, int) else None)
     tensors: dict[str, torch.Tensor] = {}
     dtype = _adapter_dtype(tuner, names)
-    for (name, left, right), k, r in zip(found, picked, ranks):
+    for (name, left, right), (_, layer), k, r in zip(found, layers, picked, ranks):
         b = torch.zeros(left.shape[0], r, dtype=torch.float64)
         a = torch.zeros(r, right.shape[1], dtype=torch.float64)
         b[:, :k], a[:k] = left[:, :k], right[:k]
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(dtype).contiguous()
+        layout = layout_of(layer.base_layer)
+        assert layout is not None  # _check_layers refused the others
+        for key, value in layout.tensors(layer.base_layer, a.to(dtype), b.to(dtype)).items():
+            tensors[f"base_model.model.{name}.{key}"] = value
     reports = [attrs.evolve(report, rank=r) for report, r in zip(reports, ranks)]
     config = _lora_config(tuner, configs, [n for n, _ in layers], ranks)
     return LoraExport(config, tensors, reports)
@@ -303,12 +356,21 @@ def _check_options(configs: list[Any], names: list[str], server: Serving | None)
 
 
 def _check_layers(layers: list[tuple[str, AdaptedLayer]], server: Serving | None) -> None:
-    wrong = [
-        n for n, layer in layers if not (isinstance(layer.base_layer, nn.Linear) or is_hf_conv1d(layer.base_layer))
-    ]
+    wrong = [f"{n} ({type(layer.base_layer).__name__})" for n, layer in layers if layout_of(layer.base_layer) is None]
     if wrong:
-        raise ExportError(f"only linear layers export to LoRA here; these are not: {_some(wrong)}")
+        raise ExportError(
+            "only linear layers, embeddings and convolutions of groups=1 export to LoRA (PEFT's LoRA layers);"
+            f" these are not: {_some(wrong)}"
+        )
     if server is not None:
+        kinds = {n: layout_of(layer.base_layer) for n, layer in layers}
+        other = [f"{n} ({layout.kind})" for n, layout in kinds.items() if layout is not None and layout != LINEAR]
+        if other:
+            raise ExportError(
+                f"{server.name} is given LoRA on linear projection layers only, not on {_some(other)}: vLLM's"
+                " embedding LoRA depends on its extra-vocabulary support, which varies by version and model class,"
+                " SGLang loads none, and neither loads a LoRA convolution; export without them or without serving="
+            )
         unserved = [n for n, _ in layers if n.rsplit(".", 1)[-1] not in SERVED_MODULES]
         if unserved:
             raise ExportError(

@@ -10,6 +10,7 @@ they are, so ``torch.compile``'s guards still hold and nothing recompiles.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Any, Literal
@@ -64,14 +65,26 @@ def prepare_model_for_compiled_hotswap(
     if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
         raise ValueError(f"target_rank must be a positive int, got {target_rank!r}")
     tuner = tuner_of(_unwrap(model))
-    # padding keeps every output as it was, so a method that refuses part-way leaves the model's behaviour unchanged
-    layers = [(path, layer) for path, layer in tuner.adapted_layers() if layer.adapters]
-    for path, layer in layers:
-        for adapter in layer.adapters.values():
-            try:
-                adapter.pad_rank(target_rank)
-            except AdapterStateError as error:
-                raise AdapterStateError(f"{path}: {error}") from None
+    owners: list[tuple[str, nn.Module]] = [
+        (f"adapter {name!r}'s shared state", shared) for name, shared in tuner.shared_states.items()
+    ]
+    for path, layer in tuner.adapted_layers():
+        owners += [(logical_path(tuner.model, path), adapter) for adapter in layer.adapters.values()]
+    snapshot = [_attributes(module) for _, owner in owners for module in owner.modules()]
+    for where, owner in owners:
+        try:
+            owner.pad_rank(target_rank)  # type: ignore[operator]
+        except AdapterStateError as error:
+            for module, attributes in snapshot:  # the adapters padded so far, as they were: bit-identical
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+            raise AdapterStateError(f"{where}: {error}") from None
+
+
+def _attributes(module: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """A module's attributes, its parameter, buffer and submodule tables copied (padding replaces their entries)."""
+    tables = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+    return module, {k: (copy.copy(v) if k in tables else v) for k, v in module.__dict__.items()}
 
 
 def hotswap_adapter(
@@ -111,33 +124,72 @@ def hotswap_adapter_from_state_dict(
             " hot-swapping keeps the method"
         )
     remaining = dict(state_dict)
-    plan: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
-    for path, layer in tuner.adapted_layers():
-        if adapter_name not in layer.adapters:
-            continue
-        adapter = layer.adapters[adapter_name]
-        name = logical_path(tuner.model, path)
-        own = adapter.state_dict()
-        found = {k: remaining.pop(f"{PREFIX}{name}.{k}") for k in own if f"{PREFIX}{name}.{k}" in remaining}
+    plan: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    if adapter_name in tuner.shared_states:
+        plan.append(_shared_plan(tuner.shared_states[adapter_name], remaining, config))
+    layers = {
+        logical_path(tuner.model, path): layer.adapters[adapter_name]
+        for path, layer in tuner.adapted_layers()
+        if adapter_name in layer.adapters
+    }
+    by_layer = _keys_by_layer(remaining, layers)
+    for name, adapter in layers.items():
+        found = by_layer.get(name, {})
         if not found:
             raise AdapterLoadError(f"the new adapter has no tensors for {name}: it targets other layers")
         try:
             values = adapter.hotswap_values(found, config, name)
         except AdapterStateError as error:
             raise AdapterStateError(f"{name}: {error}") from None
-        for key, value in values.items():
-            if key not in own or value.shape != own[key].shape:
-                raise AdapterStateError(f"{name}: the hot-swap value for {key} does not fit the loaded adapter")
-            if not torch.isfinite(value).all():
-                raise AdapterLoadError(f"{name}: the new adapter's {key} holds NaN or infinite values")
-        plan.append((adapter, values))
+        targets = adapter.state_dict(keep_vars=True)
+        _check_values(values, targets, name)
+        plan.append((targets, values))
     if remaining:
         extra = sorted(remaining)
         raise AdapterLoadError(
             f"the new adapter has tensors the loaded one lacks (other target layers?): {', '.join(extra[:3])}"
             + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         )
-    for adapter, values in plan:
-        own = adapter.state_dict(keep_vars=True)
+    for targets, values in plan:
         for key, value in values.items():
-            own[key].data.copy_(value.to(own[key].dtype))
+            targets[key].data.copy_(value.to(targets[key].dtype))
+
+
+def _keys_by_layer(remaining: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's layer tensors by adapted layer (the longest layer name that prefixes the key: a nested layer's
+    keys are its own), by local key; those taken are removed from ``remaining``. A method may save keys its
+    loaded adapter has not (LoKr's factors where it holds the product), so every key under the layer is given."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in remaining if k.startswith(PREFIX)]:
+        parts = key[len(PREFIX) :].split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            name = ".".join(parts[:cut])
+            if name in layers:
+                out.setdefault(name, {})[".".join(parts[cut:])] = remaining.pop(key)
+                break
+    return out
+
+
+def _check_values(values: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], where: str) -> None:
+    """Every value names a tensor of the loaded adapter, has its shape and is finite."""
+    for key, value in values.items():
+        if key not in targets or value.shape != targets[key].shape:
+            raise AdapterStateError(f"{where}: the hot-swap value for {key} does not fit the loaded adapter")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{where}: the new adapter's {key} holds NaN or infinite values")
+
+
+def _shared_plan(
+    shared: nn.Module, remaining: dict[str, torch.Tensor], config: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The shared state's tensors (buffers included, persistent or not) and the values the new adapter gives them;
+    the file's shared keys (``base_model.<key>``, not a layer's) are taken out of ``remaining``."""
+    targets = {**dict(shared.named_parameters()), **dict(shared.named_buffers())}
+    shared_keys = [k for k in remaining if k.startswith("base_model.") and not k.startswith(PREFIX)]
+    found = {k.removeprefix("base_model."): remaining.pop(k) for k in shared_keys}
+    try:
+        values = shared.hotswap_values(found, config)  # type: ignore[operator]
+    except AdapterStateError as error:
+        raise AdapterStateError(f"the shared state: {error}") from None
+    _check_values(values, targets, "the shared state")
+    return targets, values

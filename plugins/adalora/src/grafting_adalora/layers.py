@@ -8,6 +8,7 @@ was created with, ``init_r``) is a buffer PEFT does not save.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from grafting import DeltaAdapter, LayerCall
 from grafting.toolkit import add_to_weight, in_out_features
+from grafting_adalora import hotswap
 
 
 class AdaLoraAdapter(DeltaAdapter):
@@ -73,6 +75,14 @@ class AdaLoraAdapter(DeltaAdapter):
             return F.conv2d(h, weight, None, base.stride, base.padding, base.dilation)
         # the scale folded into the r×in factor: no pass over the output for it (PEFT scales the output)
         return F.linear(F.linear(h, self.lora_A * (self.lora_E * self.scale())), self.lora_B)
+
+    def pad_rank(self, rank: int) -> None:
+        """Zeros up to ``rank`` (:mod:`grafting_adalora.hotswap`)."""
+        hotswap.pad(self, rank)
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        """A saved AdaLoRA adapter's values in this one's shapes (:mod:`grafting_adalora.hotswap`)."""
+        return hotswap.swap_values(self, tensors, config)
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:

@@ -7,11 +7,13 @@ matrices as non-persistent buffers (not in its files); grafting needs none.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from grafting import DeltaAdapter, InputAdapter, LayerAdapter, LayerCall, MergeError
-from grafting.toolkit import convolve_as, dense_weight, store_weight
+from grafting.toolkit import convolve_as, dense_weight, fit_state, require_same, store_weight
 from grafting_boft.butterfly import cayley, dense, rotate
 
 
@@ -50,6 +52,18 @@ class BOFTAdapter(LayerAdapter):
     def matrix(self) -> torch.Tensor:
         """The whole (n, n) rotation ``M_{f-1} ··· M_0`` (reference path)."""
         return dense(self.factors())
+
+    # -- hot-swapping: the butterfly's layout is no rank, so nothing pads --
+    def pad_rank(self, rank: int) -> None:
+        """Nothing to grow: BOFT's blocks and butterfly factors are not a rank."""
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        require_same("boft_dropout", float(config.boft_dropout), float(self.dropout))
+        fixed = (
+            "BOFT's layout (boft_block_size/boft_block_num, boft_n_butterfly_factor) is not a rank:"
+            " a hot-swap cannot change it"
+        )
+        return fit_state(self, tensors, fixed=fixed)
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The input's dtype (PEFT casts its rotation to it), or autocast's."""

@@ -8,7 +8,7 @@ for input scaling; on ``nn.Conv2d``/``nn.Conv3d`` ``(1, channels, 1, ...)``.
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,11 +19,14 @@ from grafting.toolkit import (
     Precision,
     compute_dtype,
     dense_weight,
+    fit_state,
     in_out_features,
     is_linear,
     plain_linear_weight,
+    require_same,
     store_weight,
 )
+from grafting_ia3.config import is_feedforward
 from grafting_ia3.fused import IA3InputLinear, IA3OutputLinear, ia3_linear
 
 SUPPORTED_CONVS = (nn.Conv2d, nn.Conv3d)
@@ -86,6 +89,16 @@ class IA3Adapter(LayerAdapter):
 
     def vector(self) -> torch.Tensor:
         return self.ia3_l.reshape(-1)
+
+    # -- hot-swapping: IA3 has no rank; the vector is copied, the side (input or output) must be the same --
+    def pad_rank(self, rank: int) -> None:
+        """Nothing to grow: the vector's length is the layer's."""
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        if config.feedforward_modules is not None:
+            side = "input (feed-forward)" if is_feedforward(module_name, config.feedforward_modules) else "output"
+            require_same("scaled side", side, "input (feed-forward)" if self.scales_input else "output")
+        return fit_state(self, tensors, fixed="IA3's vector spans the layer's features")
 
     # -- forward --------------------------------------------------------------------------
     def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from grafting import WeightAdapter
+from grafting.toolkit import fit_state
 
 
 class LNTuningAdapter(WeightAdapter):
@@ -29,6 +31,13 @@ class LNTuningAdapter(WeightAdapter):
         """(name, the layer's parameter, the copy's), for every floating-point parameter."""
         own = dict(self.ln_tuning_layers.named_parameters())
         return [(name, p, own[name]) for name, p in base_layer.named_parameters() if p.is_floating_point()]
+
+    def pad_rank(self, rank: int) -> None:
+        """Nothing to grow: the copy has its layer's shapes."""
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        """The saved copy's parameters, in place of this copy's (same layer, same shapes)."""
+        return fit_state(self, tensors, fixed="LN tuning copies its layer")
 
     def weight_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         return {name: trained.to(param.dtype) - param for name, param, trained in self._pairs(base_layer)}

@@ -9,7 +9,7 @@ convolution, ``hada_w1_a`` (r, out), ``hada_w1_b`` (r, in) and the cores
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall
 from grafting.toolkit import PRECISIONS, Precision, add_to_weight, compute_dtype, convolve_as, in_out_features
+from grafting_loha import hotswap
 from grafting_loha.hadamard import dense_delta, factored_delta, factored_linear, prefer_factored
 
 Path = Literal["auto", "dense", "factored"]
@@ -154,6 +155,13 @@ class LoHaAdapter(DeltaAdapter):
         if not allowed or self.path == "dense":
             return False
         return self.path == "factored" or prefer_factored(self.n_out, n_flat, self.r, positions)
+
+    # -- hot-swapping (grafting_loha.hotswap) -------------------------------------------
+    def pad_rank(self, rank: int) -> None:
+        hotswap.pad(self, rank)
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        return hotswap.swap_values(self, tensors, config, module_name)
 
     # -- merging ----------------------------------------------------------------------
     @torch.no_grad()

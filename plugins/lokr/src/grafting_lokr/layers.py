@@ -12,13 +12,14 @@ stored as (k, 1).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, LayerCall
 from grafting.toolkit import PRECISIONS, Precision, add_to_weight, compute_dtype, convolve_as
+from grafting_lokr import hotswap
 from grafting_lokr.kron import kron_delta, kron_linear, split_size, tucker_kernel
 
 Init = bool | Literal["lycoris"]
@@ -140,6 +141,13 @@ class LoKrAdapter(DeltaAdapter):
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the products run in: the toolkit's policy (:func:`grafting.toolkit.compute_dtype`)."""
         return compute_dtype(self.precision, next(self.parameters()).dtype, x, where=type(self).__name__)
+
+    # -- hot-swapping (grafting_lokr.hotswap) -------------------------------------------
+    def pad_rank(self, rank: int) -> None:
+        hotswap.pad(self, rank)
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        return hotswap.swap_values(self, tensors, config, module_name)
 
     # -- merging ----------------------------------------------------------------------
     @torch.no_grad()

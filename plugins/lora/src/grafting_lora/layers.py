@@ -325,6 +325,14 @@ class LoraEmbedding(DeltaAdapter):
     def delta_matrix(self) -> torch.Tensor:
         return delta_weight(self.lora_embedding_A, self.lora_embedding_B, self.scaling)
 
+    def pad_rank(self, rank: int) -> None:
+        pad_pair(self, rank)
+
+    def hotswap_values(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
+    ) -> dict[str, torch.Tensor]:
+        return swap_values(self, tensors, config, module_name)
+
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """:func:`~grafting_lora.reference.lora_delta` with ``A`` applied as the base layer looks rows up."""
         base: nn.Embedding = call.base_layer  # type: ignore[assignment]
@@ -398,6 +406,14 @@ class LoraConv(DeltaAdapter):
         a = self.lora_A.weight.flatten(1).unflatten(0, (groups, -1))  # (groups, r/groups, in·k)
         b = self.lora_B.weight.flatten(1).unflatten(0, (groups, -1))  # (groups, out/groups, r/groups)
         return (b @ a).flatten(0, 1) * self.scaling
+
+    def pad_rank(self, rank: int) -> None:
+        pad_pair(self, rank)
+
+    def hotswap_values(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
+    ) -> dict[str, torch.Tensor]:
+        return swap_values(self, tensors, config, module_name)
 
     def check_merge(self, base_layer: nn.Module) -> None:
         if self.lora_B.groups > 1:

@@ -7,13 +7,13 @@ Parameters carry PEFT's on-disk names: ``oft_R.weight`` (linear, convolution) an
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, InputAdapter, LayerCall, MergeError, OutputAdapter
-from grafting.toolkit import convolve_as, dense_weight, store_weight
+from grafting.toolkit import convolve_as, dense_weight, fit_state, require_same, store_weight
 from grafting_oft.rotation import cayley, constrain, dense, rotate, skew
 
 Precision = Literal["adapter", "input"]
@@ -84,6 +84,23 @@ class _Rotating:
         if name == "precision" and value not in PRECISIONS:
             raise ConfigError(f"{type(self).__name__}.precision must be one of {list(PRECISIONS)}, got {value!r}")
         super().__setattr__(name, value)  # type: ignore[misc]
+
+    # -- hot-swapping: the blocks (r, oft_block_size, block_share) are no rank, so nothing pads --
+    def pad_rank(self, rank: int) -> None:
+        """Nothing to grow: OFT's block size is not a rank."""
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        rotation = self.rotation
+        neumann = config.num_cayley_neumann_terms if config.use_cayley_neumann else None
+        for what, new, loaded in (
+            ("coft", bool(config.coft), rotation.coft),
+            ("eps", float(config.eps), rotation.eps),
+            ("Cayley-Neumann terms", neumann, rotation.neumann_terms),
+            ("module_dropout", float(config.module_dropout), rotation.dropout),
+        ):
+            require_same(what, new, loaded)
+        fixed = "OFT's blocks (r, oft_block_size, block_share) are not a rank: a hot-swap cannot change them"
+        return fit_state(self, tensors, fixed=fixed)  # type: ignore[arg-type]
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         own = self.rotation.weight.dtype
