@@ -1,9 +1,10 @@
 """Fast paths of :mod:`grafting_lora.reference`: a frozen linear layer and its LoRA (or DoRA) delta as one node.
 
 ``base(x) + lora_delta(x)`` = ``x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ``, in the layer's half precision:
-the low-rank product is accumulated into the base output by ``addmm_`` in forward
-(:func:`_products`, shared by every forward here), and the input gradient of the adapter
-into the base's input gradient in backward, so no elementwise pass over an activation is
+the base product is accumulated by ``addmm_`` into the low-rank product's output in forward
+(:func:`_products`, shared by every forward here), and the base's input gradient into the
+adapter's input gradient in backward (the skinny product writes the output once, the
+compute-bound one reads it in its epilogue), so no elementwise pass over an activation is
 left and the whole layer is one node for autograd to run; dropout on the adapter's input
 is drawn inside the node and its mask applied to the adapter's input gradient in place.
 Weights of the adapter stay in their own (float32) dtype: they are cast down for the
@@ -30,10 +31,17 @@ def _products(
     b: torch.Tensor,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, low)``: ``y = flat·Wᵀ + bias + scaling·low·bᵀ`` with ``low = h·aᵀ``, accumulated by ``addmm_``."""
+    """``(y, low)``: ``y = scaling·low·bᵀ + bias + flat·Wᵀ`` with ``low = h·aᵀ``.
+
+    The skinny product comes first and writes the output once (the bias added in its epilogue);
+    the base product, the one that is compute-bound, then accumulates into it (``addmm_``, which
+    reads ``y`` in its epilogue), rather than a rank-r ``addmm_`` reading and writing the whole
+    (tokens, out) output a second time after the base product.
+    """
     low = h @ a.t()
-    y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-    y.addmm_(low, b.t(), alpha=scaling)
+    up = b.t() if scaling == 1.0 else (b * scaling).t()  # (r, out): the scaling on the small matrix
+    y = low @ up if bias is None else torch.addmm(bias, low, up)
+    y.addmm_(flat, weight.t())
     return y, low
 
 
@@ -94,8 +102,8 @@ class LoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_low = (g @ b).mul_(ctx.scaling)  # (tokens, r): small
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x and mask is None:
-            grad_x = (g @ weight).addmm_(grad_low, a).view(ctx.x_shape)
+        if need_x and mask is None:  # the skinny product first, the base's accumulated onto it
+            grad_x = (grad_low @ a).addmm_(g, weight).view(ctx.x_shape)
         elif need_x:  # the adapter's input gradient through dropout's mask, the base's accumulated onto it
             dropped = torch.ops.aten.native_dropout_backward(grad_low @ a, mask, 1.0 / ctx.keep)
             grad_x = dropped.addmm_(g, weight).view(ctx.x_shape)
