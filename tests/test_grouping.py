@@ -273,6 +273,25 @@ def test_groups_are_learned_and_forgotten(low_rank: Any) -> None:
     pickle.loads(pickle.dumps(model))  # a model with learned groups pickles (they are forgotten)
 
 
+def test_products_stay_with_their_grad_mode_and_their_layer(low_rank: Any) -> None:
+    """A product the leader made without autograd is not collected under autograd (the follower's factor
+    would get no gradient); a shallow copy of a layer (a DataParallel replica) learns for itself."""
+    model = _model(["q", "k", "v"], torch.float64)
+    block = model.base_model.model.blocks[0]
+    x = torch.randn(2, 12, dtype=torch.float64)
+    block(x)
+    with torch.no_grad():
+        block.q(x)
+    block.k(x).sum().backward()
+    grad = block.k.adapters["a"].toy_a.grad
+    assert grad is not None
+    assert grad.abs().sum() > 0
+    replica = block.q._replicate_for_data_parallel()
+    replica(x)
+    assert replica.group_state is not block.q.group_state
+    assert [f() for f in block.q.group_state.followers] == [block.k, block.v]
+
+
 def test_activation_checkpointing_recomputes_the_same_operations(low_rank: Any) -> None:
     """Non-reentrant checkpointing compares what the recomputation saves with the forward: grouping stays off there."""
     model = grafting.get_peft_model(Net(checkpointed=True), ToyLowRankConfig(target_modules=list(NAMES)))

@@ -34,9 +34,14 @@ CAPACITY = 8
 
 
 class GroupState:
-    """A layer's learned followers (weak references, in the order first seen); forgotten by copies and pickles."""
+    """A layer's learned followers (weak references, in the order first seen); forgotten by copies and pickles.
 
-    def __init__(self) -> None:
+    It names its layer (``owner``): a shallow copy of the layer (``nn.DataParallel``'s replicas share
+    their ``__dict__``) finds another owner and starts its own (:func:`state_of`).
+    """
+
+    def __init__(self, owner: Any = None) -> None:
+        self.owner = None if owner is None else weakref.ref(owner)
         self.followers: list[weakref.ref] = []
         self.last: weakref.ref | None = None  # the entry of this layer's previous call as a leader
 
@@ -59,14 +64,23 @@ class GroupState:
         self.followers = [f for f in self.followers if f() is not layer and f() is not None]
 
 
+def state_of(layer: Any) -> GroupState:
+    """``layer.group_state``, made anew where missing or where it is another layer's (a shallow copy's)."""
+    state = layer.__dict__.get("group_state")
+    if state is None or state.owner is None or state.owner() is not layer:
+        state = layer.__dict__["group_state"] = GroupState(layer)
+    return state
+
+
 class _Entry:
     """One input tensor seen by a leader, and the products it computed for its followers (by layer id)."""
 
-    __slots__ = ("__weakref__", "leader", "products", "tensor", "version")
+    __slots__ = ("__weakref__", "grad", "leader", "products", "tensor", "version")
 
     def __init__(self, tensor: torch.Tensor, version: int, leader: Any) -> None:
         self.tensor = weakref.ref(tensor)
         self.version = version
+        self.grad = torch.is_grad_enabled()  # a product made without autograd is no follower's under autograd
         self.leader = weakref.ref(leader)
         self.products: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -99,6 +113,11 @@ def grouping_enabled() -> bool:
     return _state.enabled
 
 
+def declares_factor(adapter: Any) -> bool:
+    """Whether ``adapter``'s class can take part at all (a delta adapter overriding ``input_factor``)."""
+    return isinstance(adapter, DeltaAdapter) and type(adapter).input_factor is not DeltaAdapter.input_factor
+
+
 def _version(x: torch.Tensor) -> int | None:
     """``x``'s version counter, or ``None`` where it has none (inference tensors) or the call must not group."""
     if not _state.enabled or torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
@@ -113,6 +132,8 @@ def _version(x: torch.Tensor) -> int | None:
 def _lookup(x: torch.Tensor, version: int) -> _Entry | None:
     entry = _state.recent.get(id(x))
     if entry is None or entry.tensor() is not x or entry.version != version:
+        return None
+    if entry.grad != torch.is_grad_enabled():
         return None
     return entry
 
@@ -137,12 +158,12 @@ def shared_products(
     version = _version(x)
     if version is None:
         return {}
-    state: GroupState = layer.group_state
+    state = state_of(layer)
     entry = _lookup(x, version)
     if entry is not None and entry.leader() is not layer:
         leader = entry.leader()
         if leader is not None:
-            leader.group_state.learn(layer)
+            state_of(leader).learn(layer)
         mine = entry.products.pop(id(layer), {})
         names = {name for name, _ in adapters}
         return {name: p for name, p in mine.items() if name in names}
@@ -160,7 +181,7 @@ def shared_products(
         for name, adapter in adapters if member is layer else members(member):
             if isinstance(adapter, DeltaAdapter):
                 factor = adapter.input_factor(x)
-                if factor is not None and factor.shape[-1] == x.shape[-1]:
+                if factor is not None and factor.shape[-1] == x.shape[-1] and factor.device == x.device:
                     wanted.append((member, name, factor))
     if len(wanted) < 2:
         return {}

@@ -14,7 +14,7 @@ from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
 from grafting.model.attribute_view import attribute_view
-from grafting.model.grouping import GroupState, shared_products
+from grafting.model.grouping import GroupState, declares_factor, shared_products
 from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
@@ -68,7 +68,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         #: the layers learned to read this layer's input after it (shared-input grouping)
-        self.group_state = GroupState()
+        self.group_state = GroupState(self)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base layer's.
@@ -135,7 +135,7 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(*args, **kwargs)
         x, where = _primary(args, kwargs)
         products: dict[str, torch.Tensor] = {}
-        if routing is None and isinstance(x, torch.Tensor):
+        if routing is None and isinstance(x, torch.Tensor) and any(declares_factor(a) for a in live):
             products = shared_products(self, x, self.live_adapters(), AdaptedLayer.live_adapters)
         if len(live) == 1 and len(args) == 1 and not kwargs:
             product = next(iter(products.values()), None)  # passed only to an adapter that declared a factor
