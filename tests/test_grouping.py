@@ -25,7 +25,7 @@ from grafting import AdapterConfig, DeltaAdapter, Method, hookimpl
 from grafting.model.layer import AdaptedLayer
 from grafting.model.routing import BASE
 from grafting.model.weights import add_to_weight, in_out_features
-from grafting.testing import assert_close
+from grafting.testing import assert_close, tiny_llama
 from tests.toy_methods import ToyOutputConfig, ToyPlugin
 
 NAMES = ("q", "k", "v", "o", "gate", "up", "down", "side")
@@ -320,3 +320,40 @@ def test_inference_tensors_are_not_grouped(low_rank: Any) -> None:
             model(x.clone())
         counts.append(counter.products)
     assert counts[1] < counts[0]
+
+
+def test_lora_beside_ia3_takes_its_product_in_the_composition() -> None:
+    """A mixed model, LoRA on q/k/v and IA3 on k and v: k and v compose (no one-node layer) and their LoRA
+    adds the grouped product; grouped and ungrouped bfloat16 runs are as close to the float64 run."""
+    base = tiny_llama(hidden=32).to(torch.bfloat16)
+    torch.manual_seed(1)
+    targets = ["q_proj", "k_proj", "v_proj"]
+    model = grafting.get_peft_model(
+        base, grafting.LoraConfig(r=3, target_modules=targets, init_lora_weights=False), "lora", mixed=True
+    )
+    model.add_adapter("ia3", grafting.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
+    model.base_model.set_adapter(["lora", "ia3"])
+    for name, param in model.named_parameters():
+        if "ia3_l" in name:
+            torch.nn.init.normal_(param, 1.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+    def run(net: nn.Module, grouping: bool) -> tuple[torch.Tensor, dict, int]:
+        with grafting.shared_input_grouping(grouping), Count() as counter:
+            logits = net(input_ids=ids).logits
+            (logits * torch.linspace(-1, 1, logits.shape[-1]).to(logits.dtype)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad(set_to_none=True)
+        return logits.detach(), grads, counter.products
+
+    run(model, True)
+    y, grads, grouped = run(model, True)
+    y_ref, grads_ref, plain = run(model, False)
+    y_64, grads_64, _ = run(copy.deepcopy(model).double(), False)
+    assert grouped < plain
+    assert grads.keys() == grads_ref.keys() == grads_64.keys()
+    assert any("ia3_l" in n for n in grads)
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, value, ref in [("logits", y, y_ref), *((n, g, grads_ref[n]) for n, g in grads.items())]:
+        exact = y_64 if name == "logits" else grads_64[name]
+        assert _error(value, exact) <= 2 * _error(ref, exact) + eps, name

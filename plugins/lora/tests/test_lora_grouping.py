@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import grafting
-from grafting.testing import tiny_gpt2, tiny_llama
+from grafting.testing import assert_close, tiny_gpt2, tiny_llama
 from grafting_lora.layers import LoraLinear
 
 MM = ("aten.mm.default", "aten.addmm.default", "aten.addmm_.default", "aten.bmm.default", "aten.baddbmm.default")
@@ -168,3 +168,18 @@ def test_states(state: str) -> None:
         assert grouped == plain
     else:
         assert grouped < plain
+
+
+def test_gradient_checkpointing_recomputes_what_the_forward_saved() -> None:
+    """transformers' (non-reentrant) gradient checkpointing: the recomputation must save what the forward
+    saved, so a group learned in between must not change it; the gradients are those of the plain run."""
+    model = _model(torch.bfloat16)
+    model.base_model.model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(4))
+    for _ in range(2):  # the first step would learn groups between the forward and its recomputation
+        y, grads, _ = _step(model, ids, True)
+    y_ref, grads_ref, _ = _step(model, ids, False)
+    assert_close(y, y_ref)
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], msg=name)
