@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import grafting
 from grafting import AdapterConfig, DeltaAdapter, Method, hookimpl
+from grafting.model.grouping import CAPACITY
 from grafting.model.layer import AdaptedLayer
 from grafting.model.routing import BASE
 from grafting.model.weights import add_to_weight, in_out_features
@@ -268,6 +269,18 @@ def test_groups_are_learned_and_forgotten(low_rank: Any) -> None:
     v(y)
     q(y)  # the leader's next call drops k, whose product was not collected
     assert [f() for f in q.group_state.followers] == [v]
+    others = [AdaptedLayer(nn.Linear(12, 12).double()) for _ in range(CAPACITY)]
+    for other in others:
+        other.add_adapter("a", ToyLowRank(other.base_layer, 2, 0.0, True, 0).double())
+        other.set_active(["a"])
+    q(y)  # the leader's next call drops v, which did not collect its product
+    v(y)  # v is learned again
+    q(y)
+    inputs = [torch.randn(2, 12, dtype=torch.float64) for _ in others]  # alive: each a remembered input
+    for other, z in zip(others, inputs, strict=True):  # that many layers called between q and its follower
+        other(z)
+    v(y)  # too late: q's input was forgotten, and v with it
+    assert [f() for f in q.group_state.followers] == []
     copied = copy.deepcopy(model)
     assert copied.base_model.model.blocks[0].q.group_state.followers == []
     pickle.loads(pickle.dumps(model))  # a model with learned groups pickles (they are forgotten)

@@ -10,7 +10,8 @@ for the input's gradient and one for the stacked factors' gradient.
 Groups are learned, not declared: a layer called with the tensor another layer was called with
 (the same object, not modified in place since) becomes that layer's follower, and from the next
 call on the leader computes the followers' products too. A follower called with another tensor
-computes its own, and a leader drops a follower whose product was not collected. Nothing else
+computes its own, and a leader drops a follower whose product was not collected by the leader's next
+call or before the input left the few remembered (:data:`CAPACITY`). Nothing else
 changes: an adapter that declares no factor for a call (dropout drawn, another dtype, DoRA) and
 every layer under per-sample routing, inside ``torch.compile``, inside a backward pass or under
 saved-tensor hooks (activation checkpointing, whose recomputation must repeat the forward's
@@ -138,12 +139,23 @@ def _lookup(x: torch.Tensor, version: int) -> _Entry | None:
     return entry
 
 
+def _drop_uncollected(entry: _Entry) -> None:
+    """The leader forgets the followers that did not collect their products from ``entry``, which is dropped."""
+    leader = entry.leader()
+    if leader is not None and entry.products:
+        state = state_of(leader)
+        for follower in state.live_followers():
+            if id(follower) in entry.products:
+                state.forget(follower)
+    entry.products.clear()
+
+
 def _remember(x: torch.Tensor, entry: _Entry) -> None:
     recent = _state.recent
     recent.pop(id(x), None)
     recent[id(x)] = entry
-    while len(recent) > CAPACITY:
-        del recent[next(iter(recent))]
+    while len(recent) > CAPACITY:  # the oldest input: its followers, if any are still to come, come too late
+        _drop_uncollected(recent.pop(next(iter(recent))))
 
 
 def shared_products(
@@ -169,10 +181,7 @@ def shared_products(
         return {name: p for name, p in mine.items() if name in names}
     previous = None if state.last is None else state.last()
     if previous is not None:  # followers that did not collect their products since this layer's last call
-        for follower in state.live_followers():
-            if id(follower) in previous.products:
-                state.forget(follower)
-        previous.products.clear()
+        _drop_uncollected(previous)
     entry = _Entry(x, version, layer)
     state.last = weakref.ref(entry)
     _remember(x, entry)
