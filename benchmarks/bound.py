@@ -11,6 +11,9 @@ reported as a ratio to the bound measured in the same run (the compiled bound
 for compiled variants). Inference figures are no-grad forwards against the
 base's forward; the routed figure is four adapters routed per sample against
 one adapter. Peak memory is what a step allocates above what is resident.
+``lora-ungrouped`` (and ``lora-bf16-ungrouped``) is the ``lora`` row with grafting's shared-input
+grouping off (q/k/v's and gate/up's A products one per layer); ``--no-grouping`` turns it off for
+every variant.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
     if method == "lora":
         return lib.LoraConfig(**lora), {}
     if method == "lora-bf16":
+        return lib.LoraConfig(**lora), {"autocast_adapter_dtype": False}
+    if method == "lora-ungrouped":  # grafting only: shared-input grouping off (see ungrouped)
+        return lib.LoraConfig(**lora), {}
+    if method == "lora-bf16-ungrouped":
         return lib.LoraConfig(**lora), {"autocast_adapter_dtype": False}
     if method == "lora-exact":  # grafting only: PEFT's float32 adapter arithmetic
         return lib.LoraConfig(**lora, precision="adapter"), {}
@@ -203,6 +210,22 @@ def infer(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], No
     return step
 
 
+#: grafting-only variants of the LoRA rows: the same config with shared-input grouping off, for the
+#: side-by-side figure of grouped (``lora``) against ungrouped q/k/v and gate/up products
+UNGROUPED = ("lora-ungrouped", "lora-bf16-ungrouped")
+GRAFTING_ONLY = ("lora-exact", "lora-node", *UNGROUPED)
+
+
+def ungrouped(fn: Callable[[], None], libs: dict[str, Any]) -> Callable[[], None]:
+    """``fn`` run with grafting's shared-input grouping switched off."""
+
+    def step() -> None:
+        with libs["grafting"].shared_input_grouping(False):
+            fn()
+
+    return step
+
+
 def wrap(lib_name: str, libs: dict[str, Any], base: nn.Module, method: str, r: int) -> nn.Module:
     cfg, options = config(libs[lib_name], method, r)
     model = libs[lib_name].get_peft_model(copy.deepcopy(base), cfg, **options)
@@ -246,9 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     parser.add_argument("--part", default="eager", choices=["eager", "compile", "big"])
     parser.add_argument(
-        "--methods", default="lora,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha,oft,boft,adalora"
+        "--methods",
+        default="lora,lora-ungrouped,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha,oft,boft,adalora",
     )
     parser.add_argument("--libs", default="grafting,peft")
+    parser.add_argument(
+        "--no-grouping", action="store_true", help="grafting's shared-input grouping off for every variant"
+    )
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -272,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": __import__("transformers").__version__,
         "peft": libs["peft"].__version__,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "grouping": not args.no_grouping,
     }
     print(json.dumps(header), flush=True)
 
@@ -305,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for method in methods:
         for lib in lib_names:
-            if lib == "peft" and method in ("lora-exact", "lora-node"):
+            if lib == "peft" and method in GRAFTING_ONLY:
                 continue
             try:
                 model = wrap(lib, libs, base, method, args.r)
@@ -320,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
                 counters.clear()
             target = torch.compile(model) if compiled else model
             step = train_step(target, ids, params)
+            plain = lib == "grafting" and (method in UNGROUPED or args.no_grouping)
+            if plain:
+                step = ungrouped(step, libs)
             start = time.perf_counter()
             ms = run(step, args.warmup, args.steps)
             more = {"wall_s": round(time.perf_counter() - start, 1)}
@@ -328,9 +359,10 @@ def main(argv: list[str] | None = None) -> None:
             record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
             if f"{method}:{lib}" in args.profile.split(","):
                 profile(step, f"{method} {lib}")
-            if method in ("lora", "lora-bf16"):
+            if method in ("lora", "lora-bf16", *UNGROUPED):
                 model.eval()
-                record(f"{method} inference", lib, run(infer(target, ids), args.warmup, args.steps), base_fwd)
+                forward = ungrouped(infer(target, ids), libs) if plain else infer(target, ids)
+                record(f"{method} inference", lib, run(forward, args.warmup, args.steps), base_fwd)
             if method == "lora" and not compiled:
                 record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
                 if lib == "grafting":  # PEFT refuses adapter_names in training

@@ -69,6 +69,7 @@ from grafting.io.state_dict import (
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
+from grafting.model.grouping import shared_input_grouping
 from grafting.model.layer import AdaptedLayer
 from grafting.model.routing import route_samples
 from grafting.protocol import (
@@ -193,5 +194,6 @@ __all__ = [
     "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
+    "shared_input_grouping",
     "unregister_plugin",
 ]

@@ -61,9 +61,11 @@ subclass; defaults in ``grafting.config.adapter_config``), each called by the co
 in site order), ``check_merge`` (before any weight changes), ``attach``
 (install), ``delta_matrix`` (the effect as one ``ΔW``, read by other methods'
 combination and conversion code), ``fused_call``/``add_delta``/``add_grouped``
-(fast paths of the composition; each must equal it up to rounding), ``pad_rank``/``hotswap_values``
-(hot-swap into a compiled model: every layer method implements both, helpers in :mod:`grafting.toolkit`;
-a :class:`SharedState` with tensors implements them too).
+(fast paths of the composition; each must equal it up to rounding), a delta adapter's
+``input_factor`` (shared-input grouping: its first product computed in one matmul with its
+sibling layers'), ``pad_rank``/``hotswap_values`` (hot-swap into a compiled model: every layer
+method implements both, helpers in :mod:`grafting.toolkit`; a :class:`SharedState` with tensors
+implements them too).
 
 **The meta device.** ``from_pretrained``, ``load_adapter`` and
 ``low_cpu_mem_usage=True`` call the ``create`` hooks under
@@ -354,7 +356,9 @@ class LayerAdapter(nn.Module):
         """
         raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no hotswap_values)")
 
-    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_call(
+        self, base_layer: nn.Module, x: torch.Tensor, product: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """``base_layer(x)`` with this adapter's effect, computed in one step, or ``None`` (the default).
 
         The layer asks only when this adapter is the one adapter acting on it (any site)
@@ -362,7 +366,8 @@ class LayerAdapter(nn.Module):
         (input adapter, base layer, delta, output adapter). An adapter that computes the
         base layer itself (one autograd node for both: LoRA's product accumulated in
         place, IA3's vector folded into the weight) returns the layer's output, equal
-        to the composition's up to rounding.
+        to the composition's up to rounding. ``product`` is given only to a delta adapter
+        that declared an :meth:`DeltaAdapter.input_factor` for this call (see there).
         """
         return None
 
@@ -431,14 +436,38 @@ class DeltaAdapter(LayerAdapter):
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         raise NotImplementedError
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    def add_delta(
+        self, y: torch.Tensor, x: torch.Tensor, call: LayerCall, product: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``y + delta(x, call)``: what the layer calls. ``y`` is the output so far.
 
         Override to form the sum in fewer kernels (one ``addmm`` that accumulates the
         last product into ``y``); the result must equal ``y + self(x, call)`` up to
         rounding. Never write into ``y`` in place: ``call.base_out`` may be ``y``.
+        ``product`` is ``x·Fᵀ`` for the factor ``F`` this adapter declared for the call
+        (:meth:`input_factor`), computed with its siblings'; ``None`` otherwise.
         """
         return y + self(x, call)
+
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The matrix ``F`` (r, in) this adapter applies first to its layer's input in this call, or ``None``.
+
+        **Shared-input grouping** (``grafting.model.grouping``). Sibling layers often read one
+        tensor (q/k/v of attention, gate/up of an MLP). An adapter whose delta starts with a
+        product ``x·Fᵀ`` (LoRA's ``A``; VeRA's ``diag(λ_d)·A`` could) declares ``F`` here; when
+        two or more adapters of sibling layers (or of one layer) declare one for the same input
+        tensor, the core computes ``x·[F_1; F_2; ...]ᵀ`` as one matmul, in ``x``'s dtype (the
+        factors are cast to it), and hands each adapter its columns: ``product`` (shaped as ``x``
+        with ``r`` last, a view) in :meth:`fused_call` or :meth:`add_delta`, whichever the layer
+        calls; the adapter must then use it in place of computing ``x·Fᵀ`` (gradients reach
+        ``F`` through the grouped product). Answer ``None`` whenever the product would differ from
+        ``x·Fᵀ`` in ``x``'s dtype: dropout drawn on the input (each adapter its own mask), a wider
+        compute dtype, an order of operations the adapter keeps on purpose (PEFT's float32 bits).
+        Asked once per call, possibly from a sibling layer's call, while the adapter is active and
+        unmerged and no per-sample routing is in force; must not change state. Default ``None``:
+        the adapter is never grouped.
+        """
+        return None
 
     @classmethod
     def add_grouped(

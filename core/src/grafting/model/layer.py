@@ -14,6 +14,7 @@ from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
 from grafting.model.attribute_view import attribute_view
+from grafting.model.grouping import GroupState, declares_factor, shared_products
 from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
@@ -66,6 +67,8 @@ class AdaptedLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
+        #: the layers learned to read this layer's input after it (shared-input grouping)
+        self.group_state = GroupState(self)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base layer's.
@@ -130,12 +133,20 @@ class AdaptedLayer(nn.Module):
         live = [self._get(n) for n in names if n not in self.merged]
         if not live:
             return self.base_layer(*args, **kwargs)
+        x, where = _primary(args, kwargs)
+        products: dict[str, torch.Tensor] = {}
+        if routing is None and isinstance(x, torch.Tensor) and any(declares_factor(a) for a in live):
+            products = shared_products(self, x, self.live_adapters(), AdaptedLayer.live_adapters)
         if len(live) == 1 and len(args) == 1 and not kwargs:
-            fused = live[0].fused_call(self.base_layer, args[0])
+            product = next(iter(products.values()), None)  # passed only to an adapter that declared a factor
+            if product is None:
+                fused = live[0].fused_call(self.base_layer, args[0])
+            else:
+                fused = live[0].fused_call(self.base_layer, args[0], product)
             if fused is not None:
                 return fused
+        by_adapter = {id(self._get(name)): p for name, p in products.items()}
         live.sort(key=lambda a: a.site)
-        x, where = _primary(args, kwargs)
         base_args, base_kwargs = args, kwargs
         x_in = x
         inputs = [cast(InputAdapter, a) for a in self.adapters.values() if a in live and a.site is Site.INPUT]
@@ -153,11 +164,21 @@ class AdaptedLayer(nn.Module):
             if adapter.site is Site.DELTA:
                 if call is None:
                     call = LayerCall(self.base_layer, args, kwargs, y)
-                y = cast(DeltaAdapter, adapter).add_delta(y, x, call)
+                product = by_adapter.get(id(adapter))
+                if product is None:
+                    y = cast(DeltaAdapter, adapter).add_delta(y, x, call)
+                else:
+                    y = cast(DeltaAdapter, adapter).add_delta(y, x, call, product)
             elif adapter.site is Site.OUTPUT:
                 y = adapter(y)
         y = y.to(dtype)  # a delta may come in its adapter's wider dtype: the sum is rounded once, as in PEFT
         return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def live_adapters(self) -> list[tuple[str, LayerAdapter]]:
+        """``[(name, adapter)]`` acting in an unrouted forward now: active, unmerged, the layer enabled."""
+        if self.disabled:
+            return []
+        return [(n, self._get(n)) for n in self.active if n not in self.merged]
 
     def _call_base(self, weight_adapters: list[LayerAdapter], args: tuple, kwargs: dict) -> Any:
         """The base layer's call, with ``W + Σ ΔW`` in place of the parameters weight adapters change."""

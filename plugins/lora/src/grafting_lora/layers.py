@@ -180,16 +180,36 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         return F.linear(h, dense_weight(base).to(h.dtype))  # with dropout: W·dropout(x), as PEFT computes it
 
     # -- fast paths ------------------------------------------------------------------------------
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        """Fast path of ``y + forward(x)`` in half precision: :func:`~grafting_lora.reference.low_rank_add`."""
+    def input_factor(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``A`` where this call's first product is ``x·Aᵀ`` in ``x``'s half precision (shared-input grouping).
+
+        ``None`` (computed alone) for the reference (``fused = False``, float32/float64, ``precision =
+        "adapter"``), for DoRA and when dropout is drawn on the input (each adapter its own mask).
+        """
+        if not self.fused or self.use_dora or x.dtype not in HALF_PRECISION or self._dtype(x) != x.dtype:
+            return None
+        drop = self.lora_dropout
+        if drop.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 1.0) > 0:
+            return None
+        return self.lora_A.weight
+
+    def add_delta(
+        self, y: torch.Tensor, x: torch.Tensor, call: LayerCall, product: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fast path of ``y + forward(x)`` in half precision: :func:`~grafting_lora.reference.low_rank_add`.
+
+        ``product`` is ``x·Aᵀ``, computed with the sibling layers' (:meth:`input_factor`).
+        """
         dtype = self._dtype(x)
+        b = (self.lora_B.weight * self.scaling).to(dtype)  # the scaling folded into the (out, r) matrix
+        bias = None if self.lora_B.bias is None else (self.lora_B.bias * self.scaling).to(dtype)
+        if product is not None:  # input_factor answered: plain LoRA in x's half precision, no dropout
+            return low_rank_add(y, None, None, b.to(y.dtype), bias, product.to(y.dtype))
         if not self.fused or dtype not in HALF_PRECISION or y.dtype != dtype:
             return y + self(x, call)
         h = self.lora_dropout(x.to(dtype))
         a = self.lora_A.weight.to(dtype)
-        b = (self.lora_B.weight * self.scaling).to(dtype)  # the scaling folded into the (out, r) matrix
         if not self.use_dora:
-            bias = None if self.lora_B.bias is None else (self.lora_B.bias * self.scaling).to(dtype)
             return low_rank_add(y, h, a, b, bias)
         return self._dora_add(y, h, a, b, call)
 
@@ -213,12 +233,15 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
             plain = F.linear(h, dense_weight(base).to(h.dtype))
         return y + low_rank_add(plain, h, a, b) * scale - plain
 
-    def fused_call(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_call(
+        self, base_layer: nn.Module, x: torch.Tensor, product: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Fast path of ``base(x) + forward(x)`` as one autograd node (:mod:`grafting_lora.fused`).
 
         Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks) in half precision, without
         ``lora_bias``, dropout included (DoRA: without dropout); else ``None`` (the layer
-        composes as usual).
+        composes as usual). ``product`` is ``x·Aᵀ`` computed with the sibling layers'
+        (:meth:`input_factor`): the node takes it in place of its first product.
         """
         if not self.fused or self.lora_B.bias is not None or x.dtype not in HALF_PRECISION:
             return None
@@ -235,11 +258,12 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
             return None
         if self.use_dora:
             return self._dora_call(x, weight, base_layer.bias)
+        a, b = self.lora_A.weight, self.lora_B.weight
         if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
-            return lora_linear(x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
-        return LoraLinearFunction.apply(
-            x, weight, base_layer.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout
-        )
+            return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product)
+        if product is not None:
+            return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
+        return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
 
     def _dora_call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """DoRA's layer as one node (:class:`DoraLinearFunction`), with ``‖W‖²`` kept per weight version."""

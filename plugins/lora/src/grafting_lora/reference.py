@@ -19,7 +19,9 @@ float64 compute the reference, in PEFT's order of operations) and each tested ag
 reference for values and gradients (``tests/test_lora_fast_path.py``, ``tests/test_lora_reference.py``):
 
 * :func:`low_rank_add` — ``y + lora_delta`` with the scaling folded into ``B`` and the last
-  product accumulated into ``y`` by one ``addmm`` (``LoraLinear.add_delta``);
+  product accumulated into ``y`` by one ``addmm`` (``LoraLinear.add_delta``), its first product
+  possibly computed with the sibling layers' in one matmul (shared-input grouping,
+  ``LoraLinear.input_factor``);
 * :func:`grouped_low_rank_add` — ``y + lora_delta`` of each sample's own adapter in a routed
   batch, one gathered product for all adapters (``LoraLinear.add_grouped``);
 * :mod:`grafting_lora.fused` — the base layer and its delta as one autograd node (and as plain
@@ -114,14 +116,23 @@ def dora_unmerge(weight: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor)
 
 # -- fast paths --------------------------------------------------------------------------------------
 def low_rank_add(
-    y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+    y: torch.Tensor,
+    h: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fast path of ``y + lora_delta(h)``: ``y + (h·aᵀ)·bᵀ (+ bias)``, the last product one ``addmm`` into ``y``.
 
     ``a`` (r, in) and ``b`` (out, r) already carry the scaling and the compute dtype;
     ``y`` is left untouched (autograd may hold it, and ``LayerCall.base_out`` is it).
+    ``low`` is ``h·aᵀ`` when already computed (shared-input grouping); ``h`` and ``a`` are then not read.
     """
-    low = F.linear(h, a)
+    if low is None:
+        if h is None or a is None:
+            raise ValueError("the low-rank product needs the input and A, or the product itself")
+        low = F.linear(h, a)
     if bias is not None:
         y = y + bias
     flat = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())

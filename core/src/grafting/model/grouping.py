@@ -1,0 +1,205 @@
+"""Shared-input grouping: the input-side products of adapted layers that read one tensor, as one matmul.
+
+Sibling projections often read the same tensor (q/k/v of attention, gate/up of an MLP). A delta
+adapter that applies a matrix ``F`` (r, in) to its layer's input first declares it
+(:meth:`~grafting.protocol.DeltaAdapter.input_factor`: LoRA's ``A``). When several such adapters
+act on one input, the layer called first with it (the *leader*) computes ``x·[F_1; F_2; ...]ᵀ``
+once and hands each adapter its columns (a view, ``product=``); autograd then runs one matmul
+for the input's gradient and one for the stacked factors' gradient.
+
+Groups are learned, not declared: a layer called with the tensor another layer was called with
+(the same object, not modified in place since) becomes that layer's follower, and from the next
+call on the leader computes the followers' products too. A follower called with another tensor
+computes its own, and a leader drops a follower whose product was not collected by the leader's next
+call or before the input left the few remembered (:data:`CAPACITY`). Nothing else
+changes: an adapter that declares no factor for a call (dropout drawn, another dtype, DoRA) and
+every layer under per-sample routing, inside ``torch.compile``, inside a backward pass or under
+saved-tensor hooks (activation checkpointing, whose recomputation must repeat the forward's
+operations) take the per-layer path. :func:`shared_input_grouping` switches it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from grafting.protocol import DeltaAdapter
+
+#: How many recent inputs are remembered (each with its uncollected products) per thread.
+CAPACITY = 8
+
+
+class GroupState:
+    """A layer's learned followers (weak references, in the order first seen); forgotten by copies and pickles.
+
+    It names its layer (``owner``): a shallow copy of the layer (``nn.DataParallel``'s replicas share
+    their ``__dict__``) finds another owner and starts its own (:func:`state_of`).
+    """
+
+    def __init__(self, owner: Any = None) -> None:
+        self.owner = None if owner is None else weakref.ref(owner)
+        self.followers: list[weakref.ref] = []
+        self.last: weakref.ref | None = None  # the entry of this layer's previous call as a leader
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return GroupState, ()
+
+    def __deepcopy__(self, memo: dict) -> GroupState:
+        return GroupState()
+
+    def live_followers(self) -> list[Any]:
+        alive = [f() for f in self.followers]
+        self.followers = [weakref.ref(f) for f in alive if f is not None]
+        return [f for f in alive if f is not None]
+
+    def learn(self, layer: Any) -> None:
+        if all(f() is not layer for f in self.followers):
+            self.followers.append(weakref.ref(layer))
+
+    def forget(self, layer: Any) -> None:
+        self.followers = [f for f in self.followers if f() is not layer and f() is not None]
+
+
+def state_of(layer: Any) -> GroupState:
+    """``layer.group_state``, made anew where missing or where it is another layer's (a shallow copy's)."""
+    state = layer.__dict__.get("group_state")
+    if state is None or state.owner is None or state.owner() is not layer:
+        state = layer.__dict__["group_state"] = GroupState(layer)
+    return state
+
+
+class _Entry:
+    """One input tensor seen by a leader, and the products it computed for its followers (by layer id)."""
+
+    __slots__ = ("__weakref__", "grad", "leader", "products", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: int, leader: Any) -> None:
+        self.tensor = weakref.ref(tensor)
+        self.version = version
+        self.grad = torch.is_grad_enabled()  # a product made without autograd is no follower's under autograd
+        self.leader = weakref.ref(leader)
+        self.products: dict[int, dict[str, torch.Tensor]] = {}
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.enabled = True
+        self.recent: dict[int, _Entry] = {}
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def shared_input_grouping(enabled: bool) -> Iterator[None]:
+    """Within this block (this thread), shared-input grouping is on or off (default: on).
+
+    Off, every adapted layer computes its adapters' products on its own: the reference that the
+    grouped path equals up to rounding, and the baseline of the benchmark.
+    """
+    previous = _state.enabled
+    _state.enabled = enabled
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def grouping_enabled() -> bool:
+    return _state.enabled
+
+
+def declares_factor(adapter: Any) -> bool:
+    """Whether ``adapter``'s class can take part at all (a delta adapter overriding ``input_factor``)."""
+    return isinstance(adapter, DeltaAdapter) and type(adapter).input_factor is not DeltaAdapter.input_factor
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s version counter, or ``None`` where it has none (inference tensors) or the call must not group."""
+    if not _state.enabled or torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+        return None
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None  # activation checkpointing: the recomputation must save what the forward saved
+    if x.is_inference() or x.is_nested or not x.is_floating_point() or x.dim() == 0:
+        return None
+    return x._version
+
+
+def _lookup(x: torch.Tensor, version: int) -> _Entry | None:
+    entry = _state.recent.get(id(x))
+    if entry is None or entry.tensor() is not x or entry.version != version:
+        return None
+    if entry.grad != torch.is_grad_enabled():
+        return None
+    return entry
+
+
+def _drop_uncollected(entry: _Entry) -> None:
+    """The leader forgets the followers that did not collect their products from ``entry``, which is dropped."""
+    leader = entry.leader()
+    if leader is not None and entry.products:
+        state = state_of(leader)
+        for follower in state.live_followers():
+            if id(follower) in entry.products:
+                state.forget(follower)
+    entry.products.clear()
+
+
+def _remember(x: torch.Tensor, entry: _Entry) -> None:
+    recent = _state.recent
+    recent.pop(id(x), None)
+    recent[id(x)] = entry
+    while len(recent) > CAPACITY:  # the oldest input: its followers, if any are still to come, come too late
+        _drop_uncollected(recent.pop(next(iter(recent))))
+
+
+def shared_products(
+    layer: Any, x: torch.Tensor, adapters: Sequence[tuple[str, Any]], members: Any
+) -> dict[str, torch.Tensor]:
+    """The grouped products ``x·Fᵀ`` for ``layer``'s live ``adapters`` (``{adapter name: product}``), or ``{}``.
+
+    ``layer`` is being called with ``x``; ``members(layer)`` gives another layer's live adapters as
+    ``[(name, adapter)]`` (empty when it must not group now). A follower collects what its leader
+    computed for it; a leader computes its own and its followers' products when there are two or more.
+    """
+    version = _version(x)
+    if version is None:
+        return {}
+    state = state_of(layer)
+    entry = _lookup(x, version)
+    if entry is not None and entry.leader() is not layer:
+        leader = entry.leader()
+        if leader is not None:
+            state_of(leader).learn(layer)
+        mine = entry.products.pop(id(layer), {})
+        names = {name for name, _ in adapters}
+        return {name: p for name, p in mine.items() if name in names}
+    previous = None if state.last is None else state.last()
+    if previous is not None:  # followers that did not collect their products since this layer's last call
+        _drop_uncollected(previous)
+    entry = _Entry(x, version, layer)
+    state.last = weakref.ref(entry)
+    _remember(x, entry)
+    wanted: list[tuple[Any, str, torch.Tensor]] = []
+    for member in [layer, *state.live_followers()]:
+        for name, adapter in adapters if member is layer else members(member):
+            if isinstance(adapter, DeltaAdapter):
+                factor = adapter.input_factor(x)
+                if factor is not None and factor.shape[-1] == x.shape[-1] and factor.device == x.device:
+                    wanted.append((member, name, factor))
+    if len(wanted) < 2:
+        return {}
+    stacked = torch.cat([f for _, _, f in wanted]).to(x.dtype)
+    flat = x.reshape(-1, x.shape[-1]) @ stacked.t()
+    start = 0
+    for member, name, factor in wanted:
+        rank = factor.shape[0]
+        view = flat.narrow(1, start, rank).reshape(*x.shape[:-1], rank)
+        start += rank
+        entry.products.setdefault(id(member), {})[name] = view
+    return entry.products.pop(id(layer), {})
