@@ -136,7 +136,8 @@ def dora_norm_squared(
     frozen weight's, computed once), ``W·Aᵀ`` is one skinny product in W's dtype (accumulated
     in float32 by the matrix unit), the rest is (out, r) and (r, r) work: the inner products
     and the ``‖W‖²`` term as one ``baddbmm``. ``cast_a`` is ``A`` already in W's dtype, if the
-    caller has it.
+    caller has it. The error is of the order of W's rounding times ``‖W‖·‖ΔW‖``: relative to
+    ``‖W + ΔW‖²`` it grows where a row of ``ΔW`` nearly cancels the row of ``W``.
     """
     a, b = lora_a.float(), lora_b.float()
     cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
@@ -181,8 +182,13 @@ def dora_linear(
 ) -> torch.Tensor:
     """The forward of :class:`DoraLinearFunction` as plain ops (no autograd node), for inference."""
     z = lora_linear(x, weight, None, lora_a, lora_b, scaling)  # (W + ΔW)·x, no bias
-    scale = scale.to(x.dtype)
-    return z.mul_(scale) if bias is None else torch.addcmul(bias, z, scale)
+    return _scaled(z, scale, bias)
+
+
+def _scaled(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``z ⊙ s + bias`` in ``z``'s dtype, one kernel: ``s`` (float32) applied unrounded, the result rounded once."""
+    out = torch.empty_like(z)
+    return torch.mul(z, scale, out=out) if bias is None else torch.addcmul(bias, z, scale, out=out)
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -195,9 +201,9 @@ class DoraLinearFunction(torch.autograd.Function):
     * with dropout (PEFT's DoRA: the base product of the dropped input):
       ``y = x·Wᵀ + b − h·Wᵀ + s ⊙ z`` with ``z = h·Wᵀ + scaling·(h·Aᵀ)·Bᵀ``.
 
-    Forward: the inverse row norms from ``‖W‖²`` (:func:`dora_inverse_norm`), ``s`` written in the
-    compute dtype by the kernel that forms it, the low-rank product accumulated into ``z`` by
-    ``addmm``, ``s`` and the bias applied by one ``addcmul``. Backward: the magnitude's gradient
+    Forward: the inverse row norms from ``‖W‖²`` (:func:`dora_inverse_norm`), the low-rank
+    product accumulated into ``z`` by ``addmm``, ``s`` (float32, never rounded to the compute
+    dtype: each product with it rounds once) and the bias applied by one ``addcmul``. Backward: the magnitude's gradient
     ``Σ_tokens g ⊙ z / ‖W + ΔW‖``; ``s`` goes onto the (tokens, out) gradient once, or onto the
     rows of ``W`` and ``B`` when the activations are much larger than the weight
     (:data:`WEIGHT_SIDE_ABOVE`, no dropout); the scaling and the cast to the adapter's dtype of
@@ -220,7 +226,7 @@ class DoraLinearFunction(torch.autograd.Function):
         dtype = x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         inv = dora_inverse_norm(weight, weight_sq, lora_a, lora_b, scaling, a if weight.dtype == dtype else None)
-        scale = _mul_as(magnitude.view(-1), inv, dtype)
+        scale = magnitude.view(-1) * inv  # float32 (or float64)
         flat = x.reshape(-1, x.shape[-1])
         if dropout > 0:
             h, mask = torch.native_dropout(flat, dropout, True)
@@ -230,11 +236,11 @@ class DoraLinearFunction(torch.autograd.Function):
             z = torch.addmm(plain, low, b.t(), alpha=scaling)  # W·h + scaling·B·A·h
             y = base.sub_(plain).addcmul_(z, scale)
             keep_x = ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
-            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, inv, magnitude)
+            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, inv)
         else:
             z, low = _products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
-            y = z * scale if bias is None else torch.addcmul(bias, z, scale)
-            ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, inv, None)
+            y = _scaled(z, scale, bias)
+            ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, inv)
         ctx.scaling = scaling
         ctx.keep = 1.0 - dropout
         ctx.x_shape = x.shape
@@ -243,7 +249,7 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, h, mask, weight, a, b, low, z, scale, inv, magnitude = ctx.saved_tensors
+        flat, h, mask, weight, a, b, low, z, scale, inv = ctx.saved_tensors
         need_bias, need_m = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
         g = grad.reshape(-1, grad.shape[-1])
         grad_m = grad_bias = None
@@ -252,7 +258,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if need_bias:
             grad_bias = g.sum(0)
         if mask is not None:
-            grads = _dropout_backward(ctx, g, flat, h, mask, weight, a, b, low, scale, inv, magnitude)
+            grads = _dropout_backward(ctx, g, flat, h, mask, weight, a, b, low, scale)
         elif g.shape[0] > WEIGHT_SIDE_ABOVE * weight.shape[1]:
             grads = _weight_side_backward(ctx, g, flat, weight, a, b, low, scale)
         else:
@@ -278,7 +284,7 @@ def _gradient_side_backward(
 ) -> Grads:
     """``(x, W, A, B)`` gradients of ``y = s ⊙ z``: ``z``'s gradient ``g ⊙ s`` formed once, (tokens, out)."""
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-    gz = g * scale
+    gz = _mul_as(g, scale, g.dtype)
     grad_low = gz @ b  # (tokens, r), without the scaling
     grad_x = (gz @ weight).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
     grad_w = gz.t() @ flat if need_w else None
@@ -300,8 +306,8 @@ def _weight_side_backward(
     """As :func:`_gradient_side_backward`, ``s`` put on the rows of ``W`` and ``B`` (weight-sized, not activation-sized)."""
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
     rows = scale[:, None]
-    grad_low = g @ (b * rows)  # without the scaling
-    grad_x = (g @ (weight * rows)).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
+    grad_low = g @ _mul_as(b, rows, b.dtype)  # without the scaling
+    grad_x = (g @ _mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
     grad_w = (g.t() @ flat).mul_(rows) if need_w else None
     grad_a = _mul_as(grad_low.t() @ flat, ctx.scaling, ctx.dtypes[0]) if need_a else None
     grad_b = _mul_as((g.t() @ low).mul_(rows), ctx.scaling, ctx.dtypes[1]) if need_b else None
@@ -319,21 +325,19 @@ def _dropout_backward(
     b: torch.Tensor,
     low: torch.Tensor,
     scale: torch.Tensor,
-    inv: torch.Tensor,
-    magnitude: torch.Tensor,
 ) -> Grads:
     """``(x, W, A, B)`` gradients of ``y = x·Wᵀ − h·Wᵀ + s ⊙ z``, ``h = d(x)``.
 
-    ``h·Wᵀ``'s gradient is ``g ⊙ (s − 1)``, with ``s − 1`` formed in float32 (``g ⊙ s − g`` would
+    ``h·Wᵀ``'s gradient is ``g ⊙ (s − 1)``, with ``s − 1`` in float32 (``g ⊙ s − g`` would
     cancel: ``s`` is near 1); the dropped input's gradient goes through the mask in place and the
     base's gradient ``g·W`` is accumulated onto it.
     """
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-    gz = g * scale
+    gz = _mul_as(g, scale, g.dtype)
     grad_low = gz @ b  # (tokens, r), without the scaling
     grad_x = grad_w = grad_a = grad_b = None
     if need_x or need_w:
-        gh = g * torch.sub(magnitude.view(-1) * inv, 1.0, out=scale.new_empty(scale.shape))
+        gh = _mul_as(g, scale - 1.0, g.dtype)
     if need_x:
         grad_h = (gh @ weight).addmm_(grad_low, a, alpha=ctx.scaling)
         grad_x = torch.ops.aten.native_dropout_backward(grad_h, mask, 1.0 / ctx.keep).addmm_(g, weight)
