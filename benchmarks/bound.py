@@ -1,6 +1,6 @@
 """Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
 
-Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json]
+Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json] [--ops]
 (also `nox -s bench -- --bound ...`).
 
 The bound is the frozen base model's training forward plus its activation
@@ -10,7 +10,8 @@ each figure is its CUDA-event median over ``--steps`` steps after warm-up,
 reported as a ratio to the bound measured in the same run (the compiled bound
 for compiled variants). Inference figures are no-grad forwards against the
 base's forward; the routed figure is four adapters routed per sample against
-one adapter. Peak memory is what a step allocates above what is resident.
+one adapter. Peak memory is what a step allocates above what is resident. ``--ops`` adds each
+eager step's count of kernel-launching aten ops (the host's work; the same on CPU and GPU).
 """
 
 from __future__ import annotations
