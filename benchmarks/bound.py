@@ -1,6 +1,6 @@
 """Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
 
-Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json]
+Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json] [--ops]
 (also `nox -s bench -- --bound ...`).
 
 The bound is the frozen base model's training forward plus its activation
@@ -10,7 +10,8 @@ each figure is its CUDA-event median over ``--steps`` steps after warm-up,
 reported as a ratio to the bound measured in the same run (the compiled bound
 for compiled variants). Inference figures are no-grad forwards against the
 base's forward; the routed figure is four adapters routed per sample against
-one adapter. Peak memory is what a step allocates above what is resident.
+one adapter. Peak memory is what a step allocates above what is resident. ``--ops`` adds each
+eager step's count of kernel-launching aten ops (the host's work; the same on CPU and GPU).
 ``lora-ungrouped`` (and ``lora-bf16-ungrouped``) is the ``lora`` row with grafting's shared-input
 grouping off (q/k/v's and gate/up's A products one per layer); ``--no-grouping`` turns it off for
 every variant.
@@ -77,8 +78,10 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.LoraConfig(**lora), {}
     if method == "lora-dropout":
         return lib.LoraConfig(**lora, lora_dropout=0.05), {}
-    if method == "dora":
+    if method in ("dora", "dora-wside", "dora-gside"):  # the last two: grafting's backward forms (DORA_SIDES)
         return lib.LoraConfig(**lora, use_dora=True), {}
+    if method == "dora-dropout":
+        return lib.LoraConfig(**lora, use_dora=True, lora_dropout=0.05), {}
     if method == "ia3":
         cfg = lib.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
@@ -114,6 +117,27 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         )
         return cfg, {}
     raise ValueError(method)
+
+
+#: grafting only: DoRA's backward with ``s`` always on the weight rows / always on the gradient
+#: (``grafting_lora.fused.WEIGHT_SIDE_ABOVE``; ``dora`` uses the shape rule)
+DORA_SIDES = {"dora-wside": 0.0, "dora-gside": float("inf")}
+
+
+@contextlib.contextmanager
+def variant_settings(method: str) -> Any:
+    """Module settings a variant runs under, restored after it."""
+    if method not in DORA_SIDES:
+        yield
+        return
+    from grafting_lora import fused
+
+    kept = fused.WEIGHT_SIDE_ABOVE
+    fused.WEIGHT_SIDE_ABOVE = DORA_SIDES[method]
+    try:
+        yield
+    finally:
+        fused.WEIGHT_SIDE_ABOVE = kept
 
 
 def build_base(shape: dict[str, int], device: str, moe: bool = False) -> nn.Module:
@@ -213,7 +237,7 @@ def infer(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], No
 #: grafting-only variants of the LoRA rows: the same config with shared-input grouping off, for the
 #: side-by-side figure of grouped (``lora``) against ungrouped q/k/v and gate/up products
 UNGROUPED = ("lora-ungrouped", "lora-bf16-ungrouped")
-GRAFTING_ONLY = ("lora-exact", "lora-node", *UNGROUPED)
+GRAFTING_ONLY = ("lora-exact", "lora-node", *DORA_SIDES, *UNGROUPED)
 
 
 def ungrouped(fn: Callable[[], None], libs: dict[str, Any]) -> Callable[[], None]:
@@ -255,6 +279,51 @@ def profile(step: Callable[[], None], label: str) -> None:
         print(f"  {sum(times):8.2f} ms {len(times):5d}x  {name}", flush=True)
 
 
+#: aten ops that launch no kernel (views, allocations): left out of :func:`count_ops`
+NO_KERNEL = {
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "as_strided",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "permute",
+    "reshape",
+    "_reshape_alias",
+    "select",
+    "slice",
+    "lift_fresh",
+    "resolve_conj",
+    "resolve_neg",
+}
+
+
+def count_ops(step: Callable[[], None]) -> int:
+    """aten ops of one step that launch a kernel (views and allocations left out): the host's work, on any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.overloadpacket.__name__ not in NO_KERNEL:
+                Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.ops
+
+
 def dynamo_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -270,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", default="eager", choices=["eager", "compile", "big"])
     parser.add_argument(
         "--methods",
-        default="lora,lora-ungrouped,lora-bf16,lora-exact,lora-dropout,dora,ia3,prefix,loha,oft,boft,adalora",
+        default="lora,lora-ungrouped,lora-bf16,lora-exact,lora-dropout,dora,dora-dropout,ia3,prefix,loha,oft,boft,adalora",
     )
     parser.add_argument("--libs", default="grafting,peft")
     parser.add_argument(
@@ -281,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="append each result as one JSON line here")
+    parser.add_argument("--ops", action="store_true", help="count each eager step's kernel-launching aten ops")
     parser.add_argument("--profile", default="", help="variants (method:lib,...) to profile: top kernels, launches")
     args = parser.parse_args(argv)
 
@@ -352,13 +422,18 @@ def main(argv: list[str] | None = None) -> None:
             if plain:
                 step = ungrouped(step, libs)
             start = time.perf_counter()
-            ms = run(step, args.warmup, args.steps)
+            with variant_settings(method):
+                ms = run(step, args.warmup, args.steps)
             more = {"wall_s": round(time.perf_counter() - start, 1)}
             if compiled:
                 more.update(dynamo_counts())
-            record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
-            if f"{method}:{lib}" in args.profile.split(","):
-                profile(step, f"{method} {lib}")
+            elif args.ops:
+                with variant_settings(method):
+                    more["aten_ops"] = count_ops(step)
+            with variant_settings(method):
+                record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
+                if f"{method}:{lib}" in args.profile.split(","):
+                    profile(step, f"{method} {lib}")
             if method in ("lora", "lora-bf16", *UNGROUPED):
                 model.eval()
                 forward = ungrouped(infer(target, ids), libs) if plain else infer(target, ids)

@@ -150,6 +150,43 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
+#: The DoRA node's backward puts the scale ``s`` on the (out, in) weight rather than on the
+#: (tokens, out) gradient when tokens exceed this many times the input width (the weight-sized
+#: pass is then the smaller; the gradient-side form launches two kernels fewer).
+WEIGHT_SIDE_ABOVE = 4.0
+
+
+def _mul_as(x: torch.Tensor, y: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """``x * y`` written in ``dtype``: the product and the cast as one kernel."""
+    out = x.new_empty(x.shape, dtype=dtype)
+    return torch.mul(x, y, out=out)
+
+
+def dora_norm_squared(
+    weight: torch.Tensor,
+    weight_sq: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    cast_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``‖W + scaling·B·A‖²`` per row in float32 (clamped at 0), without forming ``W + ΔW``.
+
+    ``‖W + ΔW‖² = ‖W‖² + s·⟨B, 2·W·Aᵀ + s·B·(A·Aᵀ)⟩`` row by row: ``weight_sq`` is ``‖W‖²`` (the
+    frozen weight's, computed once), ``W·Aᵀ`` is one skinny product in W's dtype (accumulated
+    in float32 by the matrix unit), the rest is (out, r) and (r, r) work: the inner products
+    and the ``‖W‖²`` term as one ``baddbmm``. ``cast_a`` is ``A`` already in W's dtype, if the
+    caller has it. The error is of the order of W's rounding times ``‖W‖·‖ΔW‖``: relative to
+    ``‖W + ΔW‖²`` it grows where a row of ``ΔW`` nearly cancels the row of ``W``.
+    """
+    a, b = lora_a.float(), lora_b.float()
+    cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
+    inner = torch.addmm((weight @ cast_a.t()).float(), b, a @ a.t(), beta=2.0, alpha=scaling)
+    # ‖W‖² + s·⟨B_o, inner_o⟩ for every row o, as a batch of (1, r)·(r, 1) products
+    rows = torch.baddbmm(weight_sq.view(-1, 1, 1), b.unsqueeze(1), inner.unsqueeze(2), alpha=scaling)
+    return rows.view(-1).clamp_min_(0)
+
+
 def dora_row_norm(
     weight: torch.Tensor,
     weight_sq: torch.Tensor,
@@ -158,18 +195,20 @@ def dora_row_norm(
     scaling: float,
     cast_a: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fast path of ``reference.dora_norm``: ``‖W + scaling·B·A‖`` per row in float32, without forming ``W + ΔW``.
+    """Fast path of ``reference.dora_norm``: ``‖W + scaling·B·A‖`` per row in float32 (:func:`dora_norm_squared`)."""
+    return dora_norm_squared(weight, weight_sq, lora_a, lora_b, scaling, cast_a).sqrt_()
 
-    ``‖W + ΔW‖² = ‖W‖² + s·⟨B, 2·W·Aᵀ + s·B·(A·Aᵀ)⟩`` row by row: ``weight_sq`` is ``‖W‖²`` (the
-    frozen weight's, computed once), ``W·Aᵀ`` is one skinny product in W's dtype (accumulated
-    in float32 by the matrix unit), the rest is (out, r) and (r, r) work: a few small kernels.
-    ``cast_a`` is ``A`` already in W's dtype, if the caller has it.
-    """
-    a, b = lora_a.float(), lora_b.float()
-    cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
-    inner = torch.addmm((weight @ cast_a.t()).float(), b, a @ a.t(), beta=2.0, alpha=scaling)
-    rows = torch.bmm(b.unsqueeze(1), inner.unsqueeze(2)).view(-1)  # ⟨B_o, inner_o⟩ for every row o
-    return weight_sq.add(rows, alpha=scaling).clamp_min_(0).sqrt_()
+
+def dora_inverse_norm(
+    weight: torch.Tensor,
+    weight_sq: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    cast_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``1 / ‖W + scaling·B·A‖`` per row in float32: what DoRA's scale and magnitude gradient multiply by."""
+    return dora_norm_squared(weight, weight_sq, lora_a, lora_b, scaling, cast_a).rsqrt_()
 
 
 def dora_linear(
@@ -183,20 +222,32 @@ def dora_linear(
 ) -> torch.Tensor:
     """The forward of :class:`DoraLinearFunction` as plain ops (no autograd node), for inference."""
     z = lora_linear(x, weight, None, lora_a, lora_b, scaling)  # (W + ΔW)·x, no bias
-    scale = scale.to(x.dtype)
-    return z.mul_(scale) if bias is None else torch.addcmul(bias, z, scale)
+    return _scaled(z, scale, bias)
+
+
+def _scaled(z: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``z ⊙ s + bias`` in ``z``'s dtype, one kernel: ``s`` (float32) applied unrounded, the result rounded once."""
+    out = torch.empty_like(z)
+    return torch.mul(z, scale, out=out) if bias is None else torch.addcmul(bias, z, scale, out=out)
 
 
 class DoraLinearFunction(torch.autograd.Function):
-    """Fast path of DoRA's layer ``base(x) + dora_delta``: ``s ⊙ (x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ) + b``, ``s = m / ‖W + ΔW‖``.
+    """Fast path of DoRA's layer ``base(x) + dora_delta``, dropout included, as one autograd node.
 
-    The norm is a constant for autograd, as in the reference.
+    ``s = m / ‖W + ΔW‖`` per output row (the norm a constant for autograd, as in the reference),
+    ``h = d(x)`` dropout with probability ``dropout`` (drawn as ``nn.Dropout`` draws it):
 
-    One node: the row norms from ``‖W‖²`` (:func:`dora_row_norm`), the two products into one
-    output (the low-rank one accumulated by ``addmm_``), the magnitude applied in one pass
-    (with the bias); backward puts ``s`` on the rows of ``W`` and ``B`` (weight-sized, not
-    activation-sized) and needs one pass over the activations, for the magnitude's gradient
-    ``Σ_tokens g ⊙ z / ‖W + ΔW‖``.
+    * without dropout: ``y = s ⊙ z + b`` with ``z = x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ``;
+    * with dropout (PEFT's DoRA: the base product of the dropped input):
+      ``y = x·Wᵀ + b − h·Wᵀ + s ⊙ z`` with ``z = h·Wᵀ + scaling·(h·Aᵀ)·Bᵀ``.
+
+    Forward: the inverse row norms from ``‖W‖²`` (:func:`dora_inverse_norm`), the low-rank
+    product accumulated into ``z`` by ``addmm``, ``s`` (float32, never rounded to the compute
+    dtype: each product with it rounds once) and the bias applied by one ``addcmul``. Backward: the magnitude's gradient
+    ``Σ_tokens g ⊙ z / ‖W + ΔW‖``; ``s`` goes onto the (tokens, out) gradient once, or onto the
+    rows of ``W`` and ``B`` when the activations are much larger than the weight
+    (:data:`WEIGHT_SIDE_ABOVE`, no dropout); the scaling and the cast to the adapter's dtype of
+    each factor's gradient are one kernel.
     """
 
     @staticmethod
@@ -210,39 +261,130 @@ class DoraLinearFunction(torch.autograd.Function):
         magnitude: torch.Tensor,
         weight_sq: torch.Tensor,
         scaling: float,
+        dropout: float = 0.0,
     ) -> torch.Tensor:
         dtype = x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        norm = dora_row_norm(weight, weight_sq, lora_a, lora_b, scaling, a if weight.dtype == dtype else None)
+        inv = dora_inverse_norm(weight, weight_sq, lora_a, lora_b, scaling, a if weight.dtype == dtype else None)
+        scale = magnitude.view(-1) * inv  # float32 (or float64)
         flat = x.reshape(-1, x.shape[-1])
-        z, low = _products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
-        scale = (magnitude / norm).to(dtype)
-        y = z * scale if bias is None else torch.addcmul(bias, z, scale)
-        ctx.save_for_backward(flat, weight, a, b, low, z, scale, norm)
+        if dropout > 0:
+            h, mask = torch.native_dropout(flat, dropout, True)
+            base = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+            plain = h @ weight.t()
+            low = h @ a.t()
+            z = torch.addmm(plain, low, b.t(), alpha=scaling)  # W·h + scaling·B·A·h
+            y = base.sub_(plain).addcmul_(z, scale)
+            keep_x = ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
+            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, inv)
+        else:
+            z, low = _products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
+            y = _scaled(z, scale, bias)
+            ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, inv)
         ctx.scaling = scaling
+        ctx.keep = 1.0 - dropout
         ctx.x_shape = x.shape
         ctx.dtypes = (lora_a.dtype, lora_b.dtype, magnitude.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, weight, a, b, low, z, scale, norm = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        flat, h, mask, weight, a, b, low, z, scale, inv = ctx.saved_tensors
+        need_bias, need_m = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
         g = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        grad_m = grad_bias = None
         if need_m:
-            grad_m = ((g * z).sum(0, dtype=torch.float32) / norm).to(ctx.dtypes[2])
+            grad_m = _mul_as(torch.sum(g * z, 0, dtype=torch.float32), inv, ctx.dtypes[2])
         if need_bias:
             grad_bias = g.sum(0)
-        # z's gradient is g ⊙ s: s goes onto the (out, ·) side of each product instead of onto g
-        rows = scale[:, None]
-        grad_low = g @ (b * rows).mul_(ctx.scaling)
-        if need_x:
-            grad_x = (g @ (weight * rows)).addmm_(grad_low, a).view(ctx.x_shape)
-        if need_w:
-            grad_w = (g.t() @ flat).mul_(rows)
-        if need_a:
-            grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0])
-        if need_b:
-            grad_b = (g.t() @ low).mul_(rows).mul_(ctx.scaling).to(ctx.dtypes[1])
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None
+        if mask is not None:
+            grads = _dropout_backward(ctx, g, flat, h, mask, weight, a, b, low, scale)
+        elif g.shape[0] > WEIGHT_SIDE_ABOVE * weight.shape[1]:
+            grads = _weight_side_backward(ctx, g, flat, weight, a, b, low, scale)
+        else:
+            grads = _gradient_side_backward(ctx, g, flat, weight, a, b, low, scale)
+        grad_x, grad_w, grad_a, grad_b = grads
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None
+
+
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _gradient_side_backward(
+    ctx: Any,
+    g: torch.Tensor,
+    flat: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    low: torch.Tensor,
+    scale: torch.Tensor,
+) -> Grads:
+    """``(x, W, A, B)`` gradients of ``y = s ⊙ z``: ``z``'s gradient ``g ⊙ s`` formed once, (tokens, out)."""
+    need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+    gz = _mul_as(g, scale, g.dtype)
+    grad_low = gz @ b  # (tokens, r), without the scaling
+    grad_x = (gz @ weight).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
+    grad_w = gz.t() @ flat if need_w else None
+    grad_a = _mul_as(grad_low.t() @ flat, ctx.scaling, ctx.dtypes[0]) if need_a else None
+    grad_b = _mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1]) if need_b else None
+    return grad_x, grad_w, grad_a, grad_b
+
+
+def _weight_side_backward(
+    ctx: Any,
+    g: torch.Tensor,
+    flat: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    low: torch.Tensor,
+    scale: torch.Tensor,
+) -> Grads:
+    """As :func:`_gradient_side_backward`, ``s`` put on the rows of ``W`` and ``B`` (weight-sized, not activation-sized)."""
+    need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+    rows = scale[:, None]
+    grad_low = g @ _mul_as(b, rows, b.dtype)  # without the scaling
+    grad_x = (g @ _mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
+    grad_w = (g.t() @ flat).mul_(rows) if need_w else None
+    grad_a = _mul_as(grad_low.t() @ flat, ctx.scaling, ctx.dtypes[0]) if need_a else None
+    grad_b = _mul_as((g.t() @ low).mul_(rows), ctx.scaling, ctx.dtypes[1]) if need_b else None
+    return grad_x, grad_w, grad_a, grad_b
+
+
+def _dropout_backward(
+    ctx: Any,
+    g: torch.Tensor,
+    flat: torch.Tensor | None,
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    low: torch.Tensor,
+    scale: torch.Tensor,
+) -> Grads:
+    """``(x, W, A, B)`` gradients of ``y = x·Wᵀ − h·Wᵀ + s ⊙ z``, ``h = d(x)``.
+
+    ``h·Wᵀ``'s gradient is ``g ⊙ (s − 1)``, with ``s − 1`` in float32 (``g ⊙ s − g`` would
+    cancel: ``s`` is near 1); the dropped input's gradient goes through the mask in place and the
+    base's gradient ``g·W`` is accumulated onto it.
+    """
+    need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+    gz = _mul_as(g, scale, g.dtype)
+    grad_low = gz @ b  # (tokens, r), without the scaling
+    grad_x = grad_w = grad_a = grad_b = None
+    if need_x or need_w:
+        gh = _mul_as(g, scale - 1.0, g.dtype)
+    if need_x:
+        grad_h = (gh @ weight).addmm_(grad_low, a, alpha=ctx.scaling)
+        grad_x = torch.ops.aten.native_dropout_backward(grad_h, mask, 1.0 / ctx.keep).addmm_(g, weight)
+    if need_w:
+        grad_w = (g.t() @ flat).addmm_(gh.t(), h)
+    if need_a:
+        grad_a = _mul_as(grad_low.t() @ h, ctx.scaling, ctx.dtypes[0])
+    if need_b:
+        grad_b = _mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1])
+    return grad_x, grad_w, grad_a, grad_b

@@ -25,7 +25,7 @@ from grafting.toolkit import (
     in_out_features,
     plain_linear_weight,
 )
-from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_row_norm, lora_linear
+from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inverse_norm, dora_linear, lora_linear
 from grafting_lora.hotswap import pad_pair, swap_values
 from grafting_lora.init import Initialization, init_factors
 from grafting_lora.magnitude import DoraMagnitude, wide
@@ -239,15 +239,15 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         """Fast path of ``base(x) + forward(x)`` as one autograd node (:mod:`grafting_lora.fused`).
 
         Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks) in half precision, without
-        ``lora_bias``, dropout included (DoRA: without dropout); else ``None`` (the layer
-        composes as usual). ``product`` is ``x·Aᵀ`` computed with the sibling layers'
-        (:meth:`input_factor`): the node takes it in place of its first product.
+        ``lora_bias``, dropout included; else ``None`` (the layer composes as usual).
+        ``product`` is ``x·Aᵀ`` computed with the sibling layers' (:meth:`input_factor`):
+        the node takes it in place of its first product.
         """
         if not self.fused or self.lora_B.bias is not None or x.dtype not in HALF_PRECISION:
             return None
         drop = self.lora_dropout
         dropout = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
-        if dropout >= 1.0 or (dropout and self.use_dora):  # all dropped, or DoRA's W·h: the composition
+        if dropout >= 1.0:  # all dropped: the composition
             return None
         if torch.compiler.is_compiling() and not self.node_when_compiling:
             return None
@@ -257,7 +257,7 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         if weight.dtype != x.dtype or self._dtype(x) != x.dtype:
             return None
         if self.use_dora:
-            return self._dora_call(x, weight, base_layer.bias)
+            return self._dora_call(x, weight, base_layer.bias, dropout)
         a, b = self.lora_A.weight, self.lora_B.weight
         if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
             return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product)
@@ -265,7 +265,9 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
             return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
         return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
 
-    def _dora_call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _dora_call(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropout: float
+    ) -> torch.Tensor:
         """DoRA's layer as one node (:class:`DoraLinearFunction`), with ``‖W‖²`` kept per weight version."""
         key = (weight.data_ptr(), weight._version, weight.device, weight.shape)
         kept = self.__dict__.get("_weight_sq")
@@ -274,10 +276,10 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
                 kept = (key, torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square())
             self.__dict__["_weight_sq"] = kept
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
-        if not torch.is_grad_enabled():
-            norm = dora_row_norm(weight, kept[1], a, b, self.scaling)
-            return dora_linear(x, weight, bias, a, b, m / norm, self.scaling)
-        return DoraLinearFunction.apply(x, weight, bias, a, b, m, kept[1], self.scaling)
+        if not torch.is_grad_enabled() and not dropout:
+            scale = m * dora_inverse_norm(weight, kept[1], a, b, self.scaling)
+            return dora_linear(x, weight, bias, a, b, scale, self.scaling)
+        return DoraLinearFunction.apply(x, weight, bias, a, b, m, kept[1], self.scaling, dropout)
 
     @classmethod
     def add_grouped(
