@@ -264,11 +264,20 @@ def _linear(x: Any, weight: Any, bias: Any = None) -> Any:
 
 
 def _aligned(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` (…, k, n) laid out as grouped GEMM kernels take it: one of its last two dims contiguous, the
-    other's stride a multiple of 16 bytes (row-major when ``n`` allows it, else column-major, as for rank 4)."""
-    if (matrix.shape[-1] * matrix.element_size()) % 16 == 0:
-        return matrix.contiguous()
-    return matrix.mT.contiguous().mT
+    """``matrix`` (…, k, n) as grouped GEMM kernels take it: one of its last two dims contiguous, the other's
+    stride a multiple of 16 bytes, the data 16-byte aligned. Kept as it is when it already is (the transposed
+    view of a contiguous factor: the same K-major layout as the base weight's), else copied row-major, or
+    column-major where ``n`` is too narrow (rank 4 in bf16)."""
+    align = 16 // matrix.element_size()
+    stride, size = matrix.stride(), matrix.shape
+    if matrix.data_ptr() % 16 == 0:
+        if stride[-1] == 1 and stride[-2] >= max(1, size[-1]) and stride[-2] % align == 0:
+            return matrix
+        if stride[-2] == 1 and stride[-1] >= max(1, size[-2]) and stride[-1] % align == 0:
+            return matrix
+    if size[-1] % align == 0:
+        return matrix.clone(memory_format=torch.contiguous_format)
+    return matrix.mT.clone(memory_format=torch.contiguous_format).mT
 
 
 def _grouped(mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None) -> Any:
