@@ -388,6 +388,21 @@ class WeightAdapter(LayerAdapter):
     def weight_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def call_weights(self, base_layer: nn.Module, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors the layer's call reads in place of the parameters this adapter changes.
+
+        ``current`` holds what earlier weight adapters of the layer put in place (a name missing from it is
+        the base parameter). Default: ``W + ΔW`` from :meth:`weight_deltas`, cast to ``W``'s dtype. A method
+        may return any tensor that stands for ``W + ΔW`` without forming ``ΔW`` (LoRA on expert tensors: a
+        tensor subclass whose products with the layer's input take the low-rank form); it must equal
+        ``W + ΔW`` under every operation the layer applies to it, with gradients to the adapter.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name, delta in self.weight_deltas(base_layer).items():
+            weight = current[name] if name in current else base_layer.get_parameter(name)
+            out[name] = weight + delta.to(weight.dtype)
+        return out
+
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
         for name, delta in self.weight_deltas(base_layer).items():

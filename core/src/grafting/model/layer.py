@@ -186,9 +186,7 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(*args, **kwargs)
         params: dict[str, torch.Tensor] = {}
         for adapter in weight_adapters:
-            for name, delta in cast(WeightAdapter, adapter).weight_deltas(self.base_layer).items():
-                current = params[name] if name in params else self.base_layer.get_parameter(name)
-                params[name] = current + delta.to(current.dtype)
+            params.update(cast(WeightAdapter, adapter).call_weights(self.base_layer, params))
         return torch.func.functional_call(self.base_layer, params, args, kwargs, strict=False)
 
     def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:

@@ -22,6 +22,7 @@ from torch import nn
 from grafting import AdaptedLayer, ConfigError, UnsupportedLayerError, WeightAdapter
 from grafting.toolkit import candidate_modules
 from grafting_lora.init import init_factors
+from grafting_lora.low_rank_weight import LowRankWeight, Term
 from grafting_lora.reference import delta_weight
 
 
@@ -42,6 +43,15 @@ class LoraFactors(nn.Module):
         self.lora_B = nn.Linear(r * experts, n_out, bias=False)
         init_factors(self.lora_A.weight, self.lora_B.weight, init, r)
 
+    def term(self) -> Term:
+        """``ΔW`` as a low-rank term ``s·L·R`` in the parameter's layout (:mod:`grafting_lora.low_rank_weight`)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        a = a.reshape(self.experts, self.r, a.shape[-1])  # (experts, r, in)
+        b = b.reshape(b.shape[0], self.r, self.experts).permute(2, 0, 1)  # (experts, out, r)
+        if self.experts == 1:
+            a, b = a[0], b[0]
+        return Term(a.mT, b.mT, self.scaling) if self.transposed else Term(b, a, self.scaling)
+
     def delta(self) -> torch.Tensor:
         """ΔW in the parameter's shape."""
         a, b = self.lora_A.weight, self.lora_B.weight
@@ -60,7 +70,16 @@ def _nest(levels: list[LoraFactors]) -> None:
 
 
 class LoraParameters(WeightAdapter):
-    """LoRA on the named parameters of one module (``target_parameters``), in the module's parameter order."""
+    """LoRA on the named parameters of one module (``target_parameters``), in the module's parameter order.
+
+    A 3-D (expert) tensor reaches the layer as a :class:`~grafting_lora.low_rank_weight.LowRankWeight`:
+    each routed token meets only its expert's factors and ``ΔW`` is never formed (:meth:`call_weights`).
+    """
+
+    #: ``False`` (on the class or one adapter): the reference, ``W + ΔW`` formed for every call.
+    fused: bool = True
+    #: as :attr:`grafting_lora.layers.LoraLinear.precision`; ``"adapter"`` forms ``W + ΔW`` (PEFT's numerics).
+    precision: str = "input"
 
     def __init__(self, base_layer: nn.Module, names: Sequence[str], r: int, scaling: float, init: bool | str) -> None:
         super().__init__()
@@ -75,6 +94,20 @@ class LoraParameters(WeightAdapter):
 
     def weight_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         return {name: level.delta() for name, level in zip(self.names, self._levels)}
+
+    def call_weights(self, base_layer: nn.Module, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """3-D (expert) tensors as :class:`~grafting_lora.low_rank_weight.LowRankWeight`: the layer's products
+        with them take the low-rank form, so no expert's ``ΔW`` is formed; other parameters as ``W + ΔW``."""
+        if not self.fused or self.precision == "adapter" or torch.compiler.is_compiling():
+            return super().call_weights(base_layer, current)
+        out: dict[str, torch.Tensor] = {}
+        for name, level in zip(self.names, self._levels):
+            weight = current[name] if name in current else base_layer.get_parameter(name)
+            if weight.ndim == 3 and weight.is_floating_point():
+                out[name] = LowRankWeight.of(weight, [level.term()], self.precision)
+            else:
+                out[name] = weight + level.delta().to(weight.dtype)
+        return out
 
 
 class LoraMultiheadAttention(WeightAdapter):

@@ -133,7 +133,10 @@ def grafting_create_layer_adapter(
         names = config.parameter_plan(model).get(module_name)
         if names:
             check_parameter_options(config, module_name)
-            return LoraParameters(base_layer, names, r, scaling, config.init_lora_weights)
+            parameters = LoraParameters(base_layer, names, r, scaling, config.init_lora_weights)
+            if config.precision is not None:
+                parameters.precision = config.precision
+            return parameters
     if isinstance(base_layer, nn.MultiheadAttention):
         check_parameter_options(config, module_name)
         return LoraMultiheadAttention(base_layer, r, scaling, config.init_lora_weights)
