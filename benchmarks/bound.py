@@ -39,6 +39,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "moe-tiny": {"hidden": 64, "intermediate": 32, "layers": 2, "heads": 4, "kv": 2, "batch": 2, "seq": 32},
 }
 EXPERTS, TOP_K = 64, 8
+#: grafting-only LoRA variants: ``LoraLinear.compiled_form`` under torch.compile (eager: the default layer)
+#: -- "node" the autograd Function traced into the graph, "op" the custom op grafting_lora::lora_linear.
+COMPILED_FORMS = {"lora-node": "node", "lora-op": "op"}
 VOCAB = 32000
 
 
@@ -66,7 +69,7 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.LoraConfig(**lora), {"autocast_adapter_dtype": False}
     if method == "lora-exact":  # grafting only: PEFT's float32 adapter arithmetic
         return lib.LoraConfig(**lora, precision="adapter"), {}
-    if method == "lora-node":  # grafting only: the one-node layer kept under torch.compile too (see wrap)
+    if method in COMPILED_FORMS:  # grafting only: LoRA's layer in another form under torch.compile (see wrap)
         return lib.LoraConfig(**lora), {}
     if method == "lora-dropout":
         return lib.LoraConfig(**lora, lora_dropout=0.05), {}
@@ -206,10 +209,10 @@ def infer(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], No
 def wrap(lib_name: str, libs: dict[str, Any], base: nn.Module, method: str, r: int) -> nn.Module:
     cfg, options = config(libs[lib_name], method, r)
     model = libs[lib_name].get_peft_model(copy.deepcopy(base), cfg, **options)
-    if method == "lora-node":  # on this model's layers only, so the variants after it run as configured
+    if method in COMPILED_FORMS:  # on this model's layers only, so the variants after it run as configured
         for module in model.modules():
-            if hasattr(module, "node_when_compiling"):
-                module.node_when_compiling = True
+            if hasattr(module, "compiled_form"):
+                module.compiled_form = COMPILED_FORMS[method]
     return model
 
 
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for method in methods:
         for lib in lib_names:
-            if lib == "peft" and method in ("lora-exact", "lora-node"):
+            if lib == "peft" and (method == "lora-exact" or method in COMPILED_FORMS):
                 continue
             try:
                 model = wrap(lib, libs, base, method, args.r)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
             if f"{method}:{lib}" in args.profile.split(","):
                 profile(step, f"{method} {lib}")
-            if method in ("lora", "lora-bf16"):
+            if method in ("lora", "lora-bf16") or method in COMPILED_FORMS:
                 model.eval()
                 record(f"{method} inference", lib, run(infer(target, ids), args.warmup, args.steps), base_fwd)
             if method == "lora" and not compiled:
