@@ -17,6 +17,7 @@ import pytest
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
 
 import grafting
 from grafting.testing import assert_close, tiny_llama
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.xdist_group("compile")  # dynamo's caches are per proce
 
 HALF = [torch.bfloat16, torch.float16]
 PROJECTIONS = 7  # q, k, v, o, gate, up, down of the one-layer Llama
+#: the compiled steps run in float16: a half precision whose roundings leave a tiny model's gradients comparable
+DTYPE = torch.float16
 
 
 class Capture:
@@ -63,32 +66,54 @@ def compiled_form() -> Iterator[Callable[[str], None]]:
     torch._dynamo.reset()
 
 
-def _model(dtype: torch.dtype = torch.bfloat16, **options: Any) -> grafting.PeftModel:
+def _model(dtype: torch.dtype = DTYPE, **options: Any) -> grafting.PeftModel:
     base = tiny_llama(hidden=16, layers=1).to(dtype)
     config = grafting.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False, **options)
     return grafting.get_peft_model(base, config)
 
 
 def _step(run: Any, model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of ``run`` (``model`` or its compiled form) and the gradients it leaves on ``model``."""
-    loss = run(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    """Logits of ``run`` (``model`` or its compiled form) and the gradients its loss leaves on ``model``."""
+    out = run(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _same_step(compiled: Any, model: Any, eager: Any, ids: torch.Tensor, base_loss: torch.Tensor) -> None:
-    """One step of the compiled model and of its eager copy: the same loss and gradients."""
-    loss, grads = _step(compiled, model, ids)
-    loss_ref, grads_ref = _step(eager, eager, ids)
-    assert_close(loss, loss_ref, changed_from=base_loss)
+def _same_step(compiled: Any, model: Any, eager: Any, ids: torch.Tensor, base: torch.Tensor) -> None:
+    """One step of the compiled model and of its eager copy: the same logits and gradients."""
+    logits, grads = _step(compiled, model, ids)
+    logits_ref, grads_ref = _step(eager, eager, ids)
+    _close(logits, logits_ref)
+    with pytest.raises(AssertionError):  # the adapter moves the logits beyond that tolerance: the base's would fail
+        _close(base, logits_ref)
     assert grads.keys() == grads_ref.keys()
     assert len(grads) == 2 * PROJECTIONS + (PROJECTIONS if eager.peft_config["default"].use_dora else 0)
-    for name, grad in grads.items():  # float32 gradients of bf16 products: compared at the products' precision
-        assert_close(grad.bfloat16(), grads_ref[name].bfloat16(), msg=name)
+    for name, grad in grads.items():
+        _close(grad, grads_ref[name], msg=name)
 
 
-def _sgd(model: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+def _close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Equal up to half-precision roundings, norm-relative (as ``test_lora_fast_path`` compares half-precision paths).
+
+    Each form rounds its products in its own order and the compiled model's other ops are decomposed, so an
+    entry where a sum cancels may differ by a rounding of the largest: the tensor is compared as a whole.
+    """
+    assert actual.shape == expected.shape, msg
+    assert actual.dtype == expected.dtype, msg
+    wide = actual.double(), expected.double()
+    error = ((wide[0] - wide[1]).norm() / wide[1].norm()).item()
+    assert error <= 4 * torch.finfo(DTYPE).eps, f"{msg}: norm-relative error {error:.2e}"
+
+
+def _train(compiled: Any, model: Any, eager: Any, ids: torch.Tensor, base: torch.Tensor, steps: int) -> None:
+    """``steps`` SGD steps of the compiled model, each checked against eager from the same weights."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        _same_step(compiled, model, eager, ids, base)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        eager.load_state_dict(model.state_dict())  # roundings do not add up over the steps
 
 
 # -- the custom op --------------------------------------------------------------------------------
@@ -149,27 +174,20 @@ def test_a_compiled_lora_step_is_one_graph_equal_to_eager(form: str, compiled_fo
     eager = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), model.disable_adapter():
-        base_loss = model(input_ids=ids, labels=ids).loss
+        base = model(input_ids=ids).logits
     model.train()
     eager.train()
-    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
-    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    torch._dynamo.reset()
+    counters.clear()
     backend = Capture()
     compiled = torch.compile(model, backend=backend)
-    opt, opt_ref = _sgd(model), _sgd(eager)
-    for _ in range(3):
-        _same_step(compiled, model, eager, ids, base_loss)
-        opt.step()
-        opt_ref.step()
-        opt.zero_grad(set_to_none=True)
-        opt_ref.zero_grad(set_to_none=True)
+    _train(compiled, model, eager, ids, base, steps=2)
     with torch.no_grad():  # new adapter values in place (what a hotswap does): the same graph computes them
         for m in (model, eager):
             for name, p in m.named_parameters():
                 if "lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) / 4)
-    _same_step(compiled, model, eager, ids, base_loss)
+    _same_step(compiled, model, eager, ids, base)
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert backend.frames == 1, "one graph, compiled once"
     forward, backward = backend.ops("forward"), backend.ops("backward")
     fused = {"op": PROJECTIONS, "ops": 0, "node": 0}[form]
@@ -186,18 +204,12 @@ def test_a_compiled_dora_step_is_one_graph_equal_to_eager(compiled_form: Callabl
     eager = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), model.disable_adapter():
-        base_loss = model(input_ids=ids, labels=ids).loss
+        base = model(input_ids=ids).logits
     model.train()
     eager.train()
     backend = Capture()
     compiled = torch.compile(model, backend=backend)
-    opt, opt_ref = _sgd(model), _sgd(eager)
-    for _ in range(2):
-        _same_step(compiled, model, eager, ids, base_loss)
-        opt.step()
-        opt_ref.step()
-        opt.zero_grad(set_to_none=True)
-        opt_ref.zero_grad(set_to_none=True)
+    _train(compiled, model, eager, ids, base, steps=2)
     assert backend.frames == 1, "one graph, compiled once"
 
 
