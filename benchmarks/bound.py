@@ -1,6 +1,7 @@
 """Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
 
 Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json]
+[--compile-mode max-autotune-no-cudagraphs] (compiled LoRA's forms: --methods lora,lora-node,lora-op)
 (also `nox -s bench -- --bound ...`).
 
 The bound is the frozen base model's training forward plus its activation
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="append each result as one JSON line here")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile's mode for --part compile (bound too)")
     parser.add_argument("--profile", default="", help="variants (method:lib,...) to profile: top kernels, launches")
     args = parser.parse_args(argv)
 
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset,
         "shape": shape,
         "part": args.part,
+        "compile_mode": args.compile_mode,
         "r": args.r,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     bound_model = copy.deepcopy(base)
     _embeds_need_grad(bound_model)
     bound_model.train()
-    target = torch.compile(bound_model) if compiled else bound_model
+    target = torch.compile(bound_model, mode=args.compile_mode) if compiled else bound_model
     bound_step = train_step(target, ids, [])
     bound = run(bound_step, args.warmup, args.steps)
     if "bound" in args.profile.split(","):
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                 from torch._dynamo.utils import counters
 
                 counters.clear()
-            target = torch.compile(model) if compiled else model
+            target = torch.compile(model, mode=args.compile_mode) if compiled else model
             step = train_step(target, ids, params)
             start = time.perf_counter()
             ms = run(step, args.warmup, args.steps)
