@@ -1,6 +1,7 @@
 """Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
 
 Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json] [--ops]
+[--compile-mode max-autotune-no-cudagraphs] (compiled LoRA's forms: --methods lora,lora-node,lora-op)
 (also `nox -s bench -- --bound ...`).
 
 The bound is the frozen base model's training forward plus its activation
@@ -43,6 +44,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "moe-tiny": {"hidden": 64, "intermediate": 32, "layers": 2, "heads": 4, "kv": 2, "batch": 2, "seq": 32},
 }
 EXPERTS, TOP_K = 64, 8
+#: grafting-only LoRA variants: ``LoraLinear.compiled_form`` under torch.compile (eager: the default layer)
+#: -- "node" the autograd Function traced into the graph, "op" the custom op grafting_lora::lora_linear.
+COMPILED_FORMS = {"lora-node": "node", "lora-op": "op"}
 VOCAB = 32000
 
 
@@ -74,7 +78,7 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
         return lib.LoraConfig(**lora), {"autocast_adapter_dtype": False}
     if method == "lora-exact":  # grafting only: PEFT's float32 adapter arithmetic
         return lib.LoraConfig(**lora, precision="adapter"), {}
-    if method == "lora-node":  # grafting only: the one-node layer kept under torch.compile too (see wrap)
+    if method in COMPILED_FORMS:  # grafting only: LoRA's layer in another form under torch.compile (see wrap)
         return lib.LoraConfig(**lora), {}
     if method == "lora-dropout":
         return lib.LoraConfig(**lora, lora_dropout=0.05), {}
@@ -174,9 +178,20 @@ def build_base(shape: dict[str, int], device: str, moe: bool = False) -> nn.Modu
     return model.requires_grad_(False)
 
 
-def _embeds_need_grad(model: nn.Module) -> None:
-    """The bound: activation gradients all the way down, as an adapter on the first layer needs."""
-    model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+def _embeds_need_grad(model: nn.Module, compiled: bool = False) -> None:
+    """The bound: activation gradients all the way down, as an adapter on the first layer needs.
+
+    Compiled, ``requires_grad_`` inside the traced forward breaks the graph (3 graphs on torch 2.13):
+    the embeddings' output gets a trained zero added instead (one pass over the embeddings), one graph.
+    """
+    embeddings = model.get_input_embeddings()
+    if not compiled:
+        embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        return
+    embeddings.bound_zero = nn.Parameter(
+        torch.zeros((), dtype=embeddings.weight.dtype, device=embeddings.weight.device)
+    )
+    embeddings.register_forward_hook(lambda m, a, out: out + m.bound_zero)
 
 
 def timer(device: str) -> Callable[[Callable[[], Any], int, int], float]:
@@ -237,7 +252,7 @@ def infer(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], No
 #: grafting-only variants of the LoRA rows: the same config with shared-input grouping off, for the
 #: side-by-side figure of grouped (``lora``) against ungrouped q/k/v and gate/up products
 UNGROUPED = ("lora-ungrouped", "lora-bf16-ungrouped")
-GRAFTING_ONLY = ("lora-exact", "lora-node", *DORA_SIDES, *UNGROUPED)
+GRAFTING_ONLY = ("lora-exact", *COMPILED_FORMS, *DORA_SIDES, *UNGROUPED)
 
 
 def ungrouped(fn: Callable[[], None], libs: dict[str, Any]) -> Callable[[], None]:
@@ -253,10 +268,10 @@ def ungrouped(fn: Callable[[], None], libs: dict[str, Any]) -> Callable[[], None
 def wrap(lib_name: str, libs: dict[str, Any], base: nn.Module, method: str, r: int) -> nn.Module:
     cfg, options = config(libs[lib_name], method, r)
     model = libs[lib_name].get_peft_model(copy.deepcopy(base), cfg, **options)
-    if method == "lora-node":  # on this model's layers only, so the variants after it run as configured
+    if method in COMPILED_FORMS:  # on this model's layers only, so the variants after it run as configured
         for module in model.modules():
-            if hasattr(module, "node_when_compiling"):
-                module.node_when_compiling = True
+            if hasattr(module, "compiled_form"):
+                module.compiled_form = COMPILED_FORMS[method]
     return model
 
 
@@ -351,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="append each result as one JSON line here")
     parser.add_argument("--ops", action="store_true", help="count each eager step's kernel-launching aten ops")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile's mode for --part compile (bound too)")
     parser.add_argument("--profile", default="", help="variants (method:lib,...) to profile: top kernels, launches")
     args = parser.parse_args(argv)
 
@@ -364,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         "preset": args.preset,
         "shape": shape,
         "part": args.part,
+        "compile_mode": args.compile_mode,
         "r": args.r,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -386,14 +403,15 @@ def main(argv: list[str] | None = None) -> None:
     compiled = args.part == "compile"
 
     bound_model = copy.deepcopy(base)
-    _embeds_need_grad(bound_model)
+    _embeds_need_grad(bound_model, compiled)
     bound_model.train()
-    target = torch.compile(bound_model) if compiled else bound_model
+    target = torch.compile(bound_model, mode=args.compile_mode) if compiled else bound_model
     bound_step = train_step(target, ids, [])
     bound = run(bound_step, args.warmup, args.steps)
+    bound_counts = dynamo_counts() if compiled else {}
     if "bound" in args.profile.split(","):
         profile(bound_step, "bound")
-    record("bound (train)", "base", bound, bound, peak_mib(bound_step, args.device))
+    record("bound (train)", "base", bound, bound, peak_mib(bound_step, args.device), **bound_counts)
     bound_model.eval()
     base_fwd = run(infer(target, ids), args.warmup, args.steps)
     record("base forward", "base", base_fwd, base_fwd)
@@ -403,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for method in methods:
         for lib in lib_names:
-            if lib == "peft" and method in GRAFTING_ONLY:
+            if lib == "peft" and (method in GRAFTING_ONLY or method in COMPILED_FORMS):
                 continue
             try:
                 model = wrap(lib, libs, base, method, args.r)
@@ -416,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
                 from torch._dynamo.utils import counters
 
                 counters.clear()
-            target = torch.compile(model) if compiled else model
+            target = torch.compile(model, mode=args.compile_mode) if compiled else model
             step = train_step(target, ids, params)
             plain = lib == "grafting" and (method in UNGROUPED or args.no_grouping)
             if plain:
@@ -434,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                 record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
                 if f"{method}:{lib}" in args.profile.split(","):
                     profile(step, f"{method} {lib}")
-            if method in ("lora", "lora-bf16", *UNGROUPED):
+            if method in ("lora", "lora-bf16", *UNGROUPED) or method in COMPILED_FORMS:
                 model.eval()
                 forward = ungrouped(infer(target, ids), libs) if plain else infer(target, ids)
                 record(f"{method} inference", lib, run(forward, args.warmup, args.steps), base_fwd)

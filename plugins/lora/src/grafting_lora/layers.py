@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inv
 from grafting_lora.hotswap import pad_pair, swap_values
 from grafting_lora.init import Initialization, init_factors
 from grafting_lora.magnitude import DoraMagnitude, wide
+from grafting_lora.ops import lora_linear_node
 from grafting_lora.reference import (
     delta_weight,
     dora_delta,
@@ -37,6 +38,9 @@ from grafting_lora.reference import (
     low_rank_add,
 )
 from grafting_lora.scaled import embed_scale
+
+#: :attr:`LoraLinear.compiled_form`: plain ops, the autograd Function, or the custom op.
+CompiledForm = Literal["ops", "node", "op"]
 
 
 def _stacked(adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -85,9 +89,11 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
     #: ``False`` (on the class or one adapter) turns every fast path off: the layer computes the
     #: reference ``y + forward(x)`` only (what tests and benchmarks compare the fast paths with).
     fused: bool = True
-    #: Under ``torch.compile`` the plain ops (``add_delta``) are traced and fused by the compiler;
-    #: ``True`` keeps the one-node layer of :meth:`fused_call` there too.
-    node_when_compiling: bool = False
+    #: The layer's form under ``torch.compile``: ``"ops"`` (default), the plain ops of :meth:`add_delta`
+    #: traced and fused by the compiler; ``"node"``, the autograd Function of :meth:`fused_call` traced
+    #: into the graph; ``"op"``, LoRA's layer as the opaque custom op ``grafting_lora::lora_linear``
+    #: (:mod:`grafting_lora.ops`; DoRA composes as with ``"ops"``).
+    compiled_form: CompiledForm = "ops"
     #: What an initialization writes to the base layer when :meth:`attach` installs the adapter
     #: (:class:`~grafting_lora.init.Initialization`, set by ``init.start_from``); ``None``: nothing.
     initialization: Initialization | None = None
@@ -241,7 +247,8 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         Taken for a plain ``nn.Linear``/``Conv1D`` base (no hooks) in half precision, without
         ``lora_bias``, dropout included; else ``None`` (the layer composes as usual).
         ``product`` is ``x·Aᵀ`` computed with the sibling layers' (:meth:`input_factor`):
-        the node takes it in place of its first product.
+        the node takes it in place of its first product. Under ``torch.compile``
+        :attr:`compiled_form` decides.
         """
         if not self.fused or self.lora_B.bias is not None or x.dtype not in HALF_PRECISION:
             return None
@@ -249,7 +256,8 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         dropout = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
         if dropout >= 1.0:  # all dropped: the composition
             return None
-        if torch.compiler.is_compiling() and not self.node_when_compiling:
+        form = self.compiled_form if torch.compiler.is_compiling() else "node"
+        if form == "ops" or (form == "op" and self.use_dora):
             return None
         weight = plain_linear_weight(base_layer)
         if weight is None:
@@ -259,6 +267,8 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         if self.use_dora:
             return self._dora_call(x, weight, base_layer.bias, dropout)
         a, b = self.lora_A.weight, self.lora_B.weight
+        if form == "op":
+            return lora_linear_node(x, weight, base_layer.bias, a, b, self.scaling, dropout)
         if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
             return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product)
         if product is not None:
