@@ -36,35 +36,45 @@ from grafting_lora.reference import (
     low_rank,
     low_rank_add,
 )
+from grafting_lora.routed import MAX_COLUMNS, column_mask, routed_lora_add, side_by_side
 from grafting_lora.scaled import embed_scale
 
 
-def _stacked(adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The adapters' A (n+1, r, in) and scaled B (n+1, out, r) in ``dtype``, zero-padded, slot n all zero.
+def _kept(adapters: Sequence[LoraLinear], kind: str, dtype: torch.dtype, device: torch.device, build: Any) -> Any:
+    """``build()``, kept on the first adapter without autograd (inference, outside ``torch.compile``).
 
-    Without autograd (inference, outside ``torch.compile``) the stacks are kept on the first
-    adapter until a weight changes (its version counter), a scaling, or the group does.
+    Kept until a weight changes (its version counter), a scaling or rank does, or the group does.
     """
-    cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return build()
     key = (
         tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling, a.r) for a in adapters),
         dtype,
         device,
     )
-    if cache:
-        hit = getattr(adapters[0], "_stacked_cache", None)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    rank = max(a.r for a in adapters)
-    n_in, n_out = adapters[0].lora_A.in_features, adapters[0].lora_B.out_features
-    stack_a = torch.zeros(len(adapters) + 1, rank, n_in, dtype=dtype, device=device)
-    stack_b = torch.zeros(len(adapters) + 1, n_out, rank, dtype=dtype, device=device)
-    for k, adapter in enumerate(adapters):
-        stack_a[k, : adapter.r] = adapter.lora_A.weight
-        stack_b[k, :, : adapter.r] = adapter.lora_B.weight * adapter.scaling
-    if cache:
-        adapters[0]._stacked_cache = (key, (stack_a, stack_b))
-    return stack_a, stack_b
+    attribute = f"_{kind}_cache"
+    hit = getattr(adapters[0], attribute, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build()
+    setattr(adapters[0], attribute, (key, value))
+    return value
+
+
+def _stacked(adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The adapters' A (n+1, r, in) and scaled B (n+1, out, r) in ``dtype``, zero-padded, slot n all zero."""
+
+    def build() -> tuple[torch.Tensor, ...]:
+        rank = max(a.r for a in adapters)
+        n_in, n_out = adapters[0].lora_A.in_features, adapters[0].lora_B.out_features
+        stack_a = torch.zeros(len(adapters) + 1, rank, n_in, dtype=dtype, device=device)
+        stack_b = torch.zeros(len(adapters) + 1, n_out, rank, dtype=dtype, device=device)
+        for k, adapter in enumerate(adapters):
+            stack_a[k, : adapter.r] = adapter.lora_A.weight
+            stack_b[k, :, : adapter.r] = adapter.lora_B.weight * adapter.scaling
+        return stack_a, stack_b
+
+    return _kept(adapters, "stacked", dtype, device, build)
 
 
 class LoraLinear(DoraMagnitude, DeltaAdapter):
@@ -270,9 +280,17 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
             return None  # each adapter draws its own dropout mask on its own rows
         if y.dtype not in HALF_PRECISION or any(a._dtype(x) != y.dtype for a in loras):
             return None  # float32/float64 or precision "adapter": PEFT's order of operations, one at a time
-        stack_a, stack_b = _stacked(loras, y.dtype, y.device)
-        slot = torch.where(index < 0, len(loras), index)
-        return grouped_low_rank_add(y, x, slot, stack_a, stack_b)
+        ranks = [a.r for a in loras]
+        if sum(ranks) > MAX_COLUMNS:  # many adapters: each sample's own factors, gathered (padded stacks)
+            stack_a, stack_b = _stacked(loras, y.dtype, y.device)
+            slot = torch.where(index < 0, len(loras), index)
+            return grouped_low_rank_add(y, x, slot, stack_a, stack_b)
+        mask = column_mask(index, ranks, [a.scaling for a in loras], y.dtype)
+        lora_a, lora_b = [a.lora_A.weight for a in loras], [a.lora_B.weight for a in loras]
+        kept = None
+        if not torch.is_grad_enabled():  # inference: the factors side by side, kept until a weight changes
+            kept = _kept(loras, "side_by_side", y.dtype, y.device, lambda: side_by_side(lora_a, lora_b, y.dtype))
+        return routed_lora_add(y, x, mask, lora_a, lora_b, kept)
 
     # -- merging ---------------------------------------------------------------------------------
     @torch.no_grad()
