@@ -13,15 +13,20 @@ bound by that read, not by their arithmetic (:data:`MAX_COLUMNS`), so the extra 
 little. Nothing is gathered, scattered or padded: unequal ranks, samples on no adapter and
 adapters in any order of the batch are all the mask. Gradients: a column's input gradient is
 masked the same way, so each adapter's ``A`` and ``B`` get gradients from its own samples only,
-exactly zero from the others'.
+exactly zero from the others' (while every adapter's product stays finite: an adapter whose product
+overflows on a sample not routed to it would give that sample ``inf · 0``, NaN).
 
 The masks depend only on the routing and the adapters' ranks and scalings: each is built once
 per batch (on the device, from the routing's index) and shared by every layer that asks for it.
 
-:class:`RoutedLoraFunction` is the whole delta as one autograd node (backward: four skinny
-products and the mask, no activation-sized pass besides them); :func:`routed_lora` its forward
-as plain ops, for inference. Both are checked against the reference (each adapter on its own
-rows, ``reference.lora_delta``) for values and gradients in ``tests/test_lora_routed.py``.
+:class:`RoutedLoraFunction` is the whole delta on the base output as one autograd node (backward:
+four skinny products and the mask); :class:`RoutedLoraLinearFunction` has a plain linear base layer
+inside too, as ``fused.LoraLinearFunction`` has for one adapter: the low-rank product accumulated
+into the base output and the adapters' input gradient into the base's in place, so no
+activation-sized pass is left besides the products. :func:`routed_lora` and
+:func:`routed_lora_linear` are their forwards as plain ops, for inference. All are checked against
+the reference (each adapter on its own rows, ``reference.lora_delta``) for values and gradients in
+``tests/test_lora_routed.py``.
 """
 
 from __future__ import annotations
@@ -104,6 +109,42 @@ def routed_lora(y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, a: torch.T
     return torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t()).view(y.shape)
 
 
+def routed_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> torch.Tensor:
+    """``x·Wᵀ + bias + ((x·Aᵀ) ⊙ M)·Bᵀ`` as plain ops (the forward of :class:`RoutedLoraLinearFunction`)."""
+    flat, low = _low(x, a, mask)
+    y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+    return y.addmm_(low, b.t()).view(*x.shape[:-1], y.shape[-1])
+
+
+def _save(ctx: Any, factors: tuple[torch.Tensor, ...], x: torch.Tensor, *saved: torch.Tensor | None) -> None:
+    n = len(factors) // 2
+    ctx.save_for_backward(*saved)
+    ctx.x_shape = x.shape
+    ctx.ranks = [w.shape[0] for w in factors[:n]]
+    ctx.dtypes = ([w.dtype for w in factors[:n]], [w.dtype for w in factors[n:]])
+
+
+def _factor_grads(
+    ctx: Any, need: tuple[bool, ...], g: torch.Tensor, flat: torch.Tensor, grad_low: torch.Tensor, low: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """Each adapter's ``A`` then ``B`` gradient (``need``: whether each is asked), in its weight's dtype."""
+    n = len(ctx.ranks)
+    grads_a: list[torch.Tensor | None] = [None] * n
+    grads_b: list[torch.Tensor | None] = [None] * n
+    if any(need[:n]):
+        grads_a = _split(grad_low.t() @ flat, ctx.ranks, 0, ctx.dtypes[0])
+    if any(need[n:]):
+        grads_b = _split(g.t() @ low, ctx.ranks, 1, ctx.dtypes[1])
+    return [*grads_a, *grads_b]
+
+
 class RoutedLoraFunction(torch.autograd.Function):
     """``y + ((x·Aᵀ) ⊙ M)·Bᵀ`` as one autograd node, ``A``/``B`` the adapters' factors side by side.
 
@@ -116,32 +157,61 @@ class RoutedLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
         n = len(factors) // 2
-        lora_a, lora_b = factors[:n], factors[n:]
-        a, b = side_by_side(lora_a, lora_b, y.dtype)
+        a, b = side_by_side(factors[:n], factors[n:], y.dtype)
         flat, low = _low(x, a, mask)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t())
-        ctx.save_for_backward(flat, a, b, low, mask)
-        ctx.x_shape = x.shape
-        ctx.ranks = [w.shape[0] for w in lora_a]
-        ctx.dtypes = ([w.dtype for w in lora_a], [w.dtype for w in lora_b])
+        _save(ctx, factors, x, flat, a, b, low, mask)
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, a, b, low, mask = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        n = len(ctx.ranks)
         g = grad.reshape(-1, grad.shape[-1])
         grad_low = g @ b  # (tokens, R)
         grad_low.view(mask.shape[0], -1, grad_low.shape[-1]).mul_(mask)
-        grad_x = (grad_low @ a).view(ctx.x_shape) if need[1] else None
-        grads_a: list[torch.Tensor | None] = [None] * n
-        grads_b: list[torch.Tensor | None] = [None] * n
-        if any(need[3 : 3 + n]):
-            grads_a = _split(grad_low.t() @ flat, ctx.ranks, 0, ctx.dtypes[0])
-        if any(need[3 + n :]):
-            grads_b = _split(g.t() @ low, ctx.ranks, 1, ctx.dtypes[1])
-        return (grad, grad_x, None, *grads_a, *grads_b)
+        grad_x = (grad_low @ a).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        return (grad, grad_x, None, *_factor_grads(ctx, ctx.needs_input_grad[3:], g, flat, grad_low, low))
+
+
+class RoutedLoraLinearFunction(torch.autograd.Function):
+    """A frozen linear layer and its routed LoRA adapters, ``x·Wᵀ + bias + ((x·Aᵀ) ⊙ M)·Bᵀ``, as one autograd node.
+
+    As :class:`RoutedLoraFunction` with the base layer inside (inputs ``x``, ``W``, ``bias``, ``mask``,
+    then the factors): the low-rank product is accumulated into the base output in place, and in
+    backward the adapters' input gradient into the base's, by ``addmm_`` — no activation-sized
+    pass besides the products.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor,
+        *factors: torch.Tensor,
+    ) -> torch.Tensor:
+        n = len(factors) // 2
+        a, b = side_by_side(factors[:n], factors[n:], x.dtype)
+        flat, low = _low(x, a, mask)
+        y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
+        y.addmm_(low, b.t())
+        _save(ctx, factors, x, flat, weight, a, b, low, mask)
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight, a, b, low, mask = ctx.saved_tensors
+        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_low = g @ b  # (tokens, R)
+        grad_low.view(mask.shape[0], -1, grad_low.shape[-1]).mul_(mask)
+        grad_x = (g @ weight).addmm_(grad_low, a).view(ctx.x_shape) if need_x else None
+        grad_w = g.t() @ flat if need_w else None
+        grad_bias = g.sum(0) if need_bias and ctx.has_bias else None
+        factor_grads = _factor_grads(ctx, ctx.needs_input_grad[4:], g, flat, grad_low, low)
+        return (grad_x, grad_w, grad_bias, None, *factor_grads)
 
 
 def _split(grad: torch.Tensor, ranks: list[int], dim: int, dtypes: list[torch.dtype]) -> list[torch.Tensor | None]:
@@ -170,3 +240,21 @@ def routed_lora_add(
         return RoutedLoraFunction.apply(y, x, mask, *lora_a, *lora_b)
     a, b = inference_factors if inference_factors is not None else side_by_side(lora_a, lora_b, y.dtype)
     return routed_lora(y, x, mask, a, b)
+
+
+def routed_lora_linear_call(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    inference_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The linear layer ``(weight, bias)`` and its routed adapters in one step: as :func:`routed_lora_add` on
+    the base output, with the base inside (one :class:`RoutedLoraLinearFunction` node with autograd)."""
+    tensors = (x, weight, *lora_a, *lora_b) if bias is None else (x, weight, bias, *lora_a, *lora_b)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return RoutedLoraLinearFunction.apply(x, weight, bias, mask, *lora_a, *lora_b)
+    a, b = inference_factors if inference_factors is not None else side_by_side(lora_a, lora_b, x.dtype)
+    return routed_lora_linear(x, weight, bias, mask, a, b)
