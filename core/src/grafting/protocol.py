@@ -60,7 +60,7 @@ subclass; defaults in ``grafting.config.adapter_config``), each called by the co
 **Layer-adapter methods** beyond ``forward``: ``merge``/``unmerge`` (merge phase,
 in site order), ``check_merge`` (before any weight changes), ``attach``
 (install), ``delta_matrix`` (the effect as one ``ΔW``, read by other methods'
-combination and conversion code), ``fused_call``/``add_delta``/``add_grouped``
+combination and conversion code), ``fused_call``/``add_delta``/``add_grouped``/``grouped_call``
 (fast paths of the composition; each must equal it up to rounding), a delta adapter's
 ``input_factor`` (shared-input grouping: its first product computed in one matmul with its
 sibling layers'), ``pad_rank``/``hotswap_values`` (hot-swap into a compiled model: every layer
@@ -496,6 +496,20 @@ class DeltaAdapter(LayerAdapter):
         (one gathered product, as multi-adapter servers batch them); ``None`` makes the
         layer apply the adapters one at a time on their rows. ``x`` is the whole batch; the
         result must not depend on calling the base layer's submodules.
+        """
+        return None
+
+    @classmethod
+    def grouped_call(
+        cls, adapters: Sequence[DeltaAdapter], base_layer: nn.Module, x: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``base_layer(x)`` plus each routed sample's own delta in one step, or ``None`` (the default).
+
+        :meth:`add_grouped`'s counterpart of :meth:`fused_call`: the layer asks when these
+        adapters are every adapter routed on it and it was called with ``x`` alone (``index``
+        as there); an adapter class that computes the base layer itself (one autograd node
+        for the base and the routed deltas) returns the layer's output, equal to the
+        composition's up to rounding. ``None`` makes the layer call the base, then :meth:`add_grouped`.
         """
         return None
 

@@ -203,11 +203,18 @@ class AdaptedLayer(nn.Module):
             raise AdapterStateError(
                 f"adapter_names has {routing.batch_size} entries but the batch has {x.shape[0]} samples"
             )
+        pending = [n for n in routing.adapter_names if n in self.adapters]
+        groups = self._groups(pending)
+        if len(args) == 1 and not kwargs and len(groups) == 1 and len(groups[0]) == len(pending):
+            adapters = [cast(DeltaAdapter, self._get(n)) for n in groups[0]]
+            index = routing.index(groups[0], x.device)
+            fused = type(adapters[0]).grouped_call(adapters, self.base_layer, x, index)
+            if fused is not None:  # the base layer and every routed delta in one step
+                return fused
         out = self.base_layer(*args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
         result = y
-        pending = [n for n in routing.adapter_names if n in self.adapters]
-        for group in self._groups(pending):
+        for group in groups:
             adapters = [cast(DeltaAdapter, self._get(n)) for n in group]
             index = routing.index(group, y.device)
             value = type(adapters[0]).add_grouped(

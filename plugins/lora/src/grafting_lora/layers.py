@@ -37,38 +37,77 @@ from grafting_lora.reference import (
     low_rank,
     low_rank_add,
 )
+from grafting_lora.routed import (
+    MAX_COLUMNS,
+    column_mask,
+    routed_lora_add,
+    routed_lora_linear_call,
+    side_by_side,
+)
 from grafting_lora.scaled import embed_scale
 
 #: :attr:`LoraLinear.compiled_form`: plain ops, the autograd Function, or the custom op.
 CompiledForm = Literal["ops", "node", "op"]
 
 
-def _stacked(adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The adapters' A (n+1, r, in) and scaled B (n+1, out, r) in ``dtype``, zero-padded, slot n all zero.
+def _kept(adapters: Sequence[LoraLinear], kind: str, dtype: torch.dtype, device: torch.device, build: Any) -> Any:
+    """``build()``, kept on the first adapter without autograd (inference, outside ``torch.compile``).
 
-    Without autograd (inference, outside ``torch.compile``) the stacks are kept on the first
-    adapter until a weight changes (its version counter), a scaling, or the group does.
+    Kept until a weight changes (its version counter), a scaling or rank does, or the group does.
     """
-    cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return build()
     key = (
         tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling, a.r) for a in adapters),
         dtype,
         device,
     )
-    if cache:
-        hit = getattr(adapters[0], "_stacked_cache", None)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    rank = max(a.r for a in adapters)
-    n_in, n_out = adapters[0].lora_A.in_features, adapters[0].lora_B.out_features
-    stack_a = torch.zeros(len(adapters) + 1, rank, n_in, dtype=dtype, device=device)
-    stack_b = torch.zeros(len(adapters) + 1, n_out, rank, dtype=dtype, device=device)
-    for k, adapter in enumerate(adapters):
-        stack_a[k, : adapter.r] = adapter.lora_A.weight
-        stack_b[k, :, : adapter.r] = adapter.lora_B.weight * adapter.scaling
-    if cache:
-        adapters[0]._stacked_cache = (key, (stack_a, stack_b))
-    return stack_a, stack_b
+    attribute = f"_{kind}_cache"
+    hit = getattr(adapters[0], attribute, None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build()
+    setattr(adapters[0], attribute, (key, value))
+    return value
+
+
+def _stacked(adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The adapters' A (n+1, r, in) and scaled B (n+1, out, r) in ``dtype``, zero-padded, slot n all zero."""
+
+    def build() -> tuple[torch.Tensor, ...]:
+        rank = max(a.r for a in adapters)
+        n_in, n_out = adapters[0].lora_A.in_features, adapters[0].lora_B.out_features
+        stack_a = torch.zeros(len(adapters) + 1, rank, n_in, dtype=dtype, device=device)
+        stack_b = torch.zeros(len(adapters) + 1, n_out, rank, dtype=dtype, device=device)
+        for k, adapter in enumerate(adapters):
+            stack_a[k, : adapter.r] = adapter.lora_A.weight
+            stack_b[k, :, : adapter.r] = adapter.lora_B.weight * adapter.scaling
+        return stack_a, stack_b
+
+    return _kept(adapters, "stacked", dtype, device, build)
+
+
+def _routable(adapters: Sequence[DeltaAdapter], x: torch.Tensor, dtype: torch.dtype) -> list[LoraLinear] | None:
+    """The adapters, when every one is a plain LoRA adapter the routed fast paths compute in ``dtype``; else ``None``."""
+    loras = [a for a in adapters if isinstance(a, LoraLinear)]
+    if len(loras) != len(adapters) or any(not a.fused or a.use_dora or a.lora_B.bias is not None for a in loras):
+        return None
+    if any(a.training and not isinstance(a.lora_dropout, nn.Identity) for a in loras):
+        return None  # each adapter draws its own dropout mask on its own rows
+    if dtype not in HALF_PRECISION or any(a._dtype(x) != dtype for a in loras):
+        return None  # float32/float64 or precision "adapter": PEFT's order of operations, one at a time
+    return loras
+
+
+def _side_by_side(
+    adapters: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Without autograd, the factors side by side (:func:`~grafting_lora.routed.side_by_side`), kept until a
+    weight changes; with autograd ``None`` (the node concatenates them)."""
+    if torch.is_grad_enabled():
+        return None
+    lora_a, lora_b = [a.lora_A.weight for a in adapters], [a.lora_B.weight for a in adapters]
+    return _kept(adapters, "side_by_side", dtype, device, lambda: side_by_side(lora_a, lora_b, dtype))
 
 
 class LoraLinear(DoraMagnitude, DeltaAdapter):
@@ -295,20 +334,46 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
     def add_grouped(
         cls, adapters: Sequence[DeltaAdapter], y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, call: LayerCall
     ) -> torch.Tensor | None:
-        """Fast path of routed plain LoRA adapters: :func:`~grafting_lora.reference.grouped_low_rank_add`.
+        """Fast path of routed plain LoRA adapters: :func:`~grafting_lora.routed.routed_lora_add`.
 
-        ``y`` plus, for each sample ``i``, the delta of ``adapters[index[i]]`` (none where ``index[i]`` is -1).
+        ``y`` plus, for each sample ``i``, the delta of ``adapters[index[i]]`` (none where ``index[i]`` is -1):
+        the adapters' ranks side by side (:mod:`grafting_lora.routed`); past
+        :data:`~grafting_lora.routed.MAX_COLUMNS` of them, each sample's own factors gathered
+        (:func:`~grafting_lora.reference.grouped_low_rank_add`).
         """
-        loras = [a for a in adapters if isinstance(a, LoraLinear)]
-        if len(loras) != len(adapters) or any(not a.fused or a.use_dora or a.lora_B.bias is not None for a in loras):
+        loras = _routable(adapters, x, y.dtype)
+        if loras is None:
             return None
-        if any(a.training and not isinstance(a.lora_dropout, nn.Identity) for a in loras):
-            return None  # each adapter draws its own dropout mask on its own rows
-        if y.dtype not in HALF_PRECISION or any(a._dtype(x) != y.dtype for a in loras):
-            return None  # float32/float64 or precision "adapter": PEFT's order of operations, one at a time
-        stack_a, stack_b = _stacked(loras, y.dtype, y.device)
-        slot = torch.where(index < 0, len(loras), index)
-        return grouped_low_rank_add(y, x, slot, stack_a, stack_b)
+        ranks = [a.r for a in loras]
+        if sum(ranks) > MAX_COLUMNS:  # many adapters: each sample's own factors, gathered (padded stacks)
+            stack_a, stack_b = _stacked(loras, y.dtype, y.device)
+            slot = torch.where(index < 0, len(loras), index)
+            return grouped_low_rank_add(y, x, slot, stack_a, stack_b)
+        mask = column_mask(index, ranks, [a.scaling for a in loras], y.dtype)
+        lora_a, lora_b = [a.lora_A.weight for a in loras], [a.lora_B.weight for a in loras]
+        return routed_lora_add(y, x, mask, lora_a, lora_b, _side_by_side(loras, y.dtype, y.device))
+
+    @classmethod
+    def grouped_call(
+        cls, adapters: Sequence[DeltaAdapter], base_layer: nn.Module, x: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Fast path of ``base(x)`` plus routed plain LoRA adapters as one node (:func:`~grafting_lora.routed.routed_lora_linear_call`).
+
+        Taken for a plain ``nn.Linear``/``Conv1D`` base in half precision, up to
+        :data:`~grafting_lora.routed.MAX_COLUMNS` ranks side by side; else ``None`` (:meth:`add_grouped`).
+        """
+        if torch.compiler.is_compiling() and not cls.node_when_compiling:
+            return None
+        weight = plain_linear_weight(base_layer)
+        if weight is None or weight.dtype != x.dtype:
+            return None
+        loras = _routable(adapters, x, x.dtype)
+        if loras is None or sum(a.r for a in loras) > MAX_COLUMNS:
+            return None
+        mask = column_mask(index, [a.r for a in loras], [a.scaling for a in loras], x.dtype)
+        lora_a, lora_b = [a.lora_A.weight for a in loras], [a.lora_B.weight for a in loras]
+        kept = _side_by_side(loras, x.dtype, x.device)
+        return routed_lora_linear_call(x, weight, base_layer.bias, mask, lora_a, lora_b, kept)
 
     # -- merging ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,8 +22,11 @@ reference for values and gradients (``tests/test_lora_fast_path.py``, ``tests/te
   product accumulated into ``y`` by one ``addmm`` (``LoraLinear.add_delta``), its first product
   possibly computed with the sibling layers' in one matmul (shared-input grouping,
   ``LoraLinear.input_factor``);
-* :func:`grouped_low_rank_add` — ``y + lora_delta`` of each sample's own adapter in a routed
-  batch, one gathered product for all adapters (``LoraLinear.add_grouped``);
+* :mod:`grafting_lora.routed` — ``y + lora_delta`` of each sample's own adapter in a routed
+  batch: every adapter's ranks side by side, each sample masked to its own adapter's columns, one
+  autograd node (with the base layer inside where it is a plain linear layer;
+  ``LoraLinear.add_grouped``/``grouped_call``); past ``routed.MAX_COLUMNS`` ranks,
+  :func:`grouped_low_rank_add` — one gathered product of each sample's own (padded) factors;
 * :mod:`grafting_lora.fused` — the base layer and its delta as one autograd node (and as plain
   ops without autograd): :class:`~grafting_lora.fused.LoraLinearFunction` for ``base(x) +
   lora_delta``, :class:`~grafting_lora.fused.DoraLinearFunction` for DoRA's layer, with
