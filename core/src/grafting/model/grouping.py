@@ -158,6 +158,17 @@ def _remember(x: torch.Tensor, entry: _Entry) -> None:
         _drop_uncollected(recent.pop(next(iter(recent))))
 
 
+def _factors(x: torch.Tensor, adapters: Sequence[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, F)]`` of the ``adapters`` that declare a factor for ``x`` (right width, same device)."""
+    found = []
+    for name, adapter in adapters:
+        if isinstance(adapter, DeltaAdapter):
+            factor = adapter.input_factor(x)
+            if factor is not None and factor.shape[-1] == x.shape[-1] and factor.device == x.device:
+                found.append((name, factor))
+    return found
+
+
 def shared_products(
     layer: Any, x: torch.Tensor, adapters: Sequence[tuple[str, Any]], members: Any
 ) -> dict[str, torch.Tensor]:
@@ -167,6 +178,11 @@ def shared_products(
     ``[(name, adapter)]`` (empty when it must not group now). A follower collects what its leader
     computed for it; a leader computes its own and its followers' products when there are two or more.
     """
+    if not _state.enabled:
+        return {}
+    own = _factors(x, adapters)
+    if not own:  # nothing of this layer's can group with this input (DoRA, dropout drawn, ...): no bookkeeping
+        return {}
     version = _version(x)
     if version is None:
         return {}
@@ -185,13 +201,9 @@ def shared_products(
     entry = _Entry(x, version, layer)
     state.last = weakref.ref(entry)
     _remember(x, entry)
-    wanted: list[tuple[Any, str, torch.Tensor]] = []
-    for member in [layer, *state.live_followers()]:
-        for name, adapter in adapters if member is layer else members(member):
-            if isinstance(adapter, DeltaAdapter):
-                factor = adapter.input_factor(x)
-                if factor is not None and factor.shape[-1] == x.shape[-1] and factor.device == x.device:
-                    wanted.append((member, name, factor))
+    wanted = [(layer, name, factor) for name, factor in own]
+    for member in state.live_followers():
+        wanted.extend((member, name, factor) for name, factor in _factors(x, members(member)))
     if len(wanted) < 2:
         return {}
     stacked = torch.cat([f for _, _, f in wanted]).to(x.dtype)

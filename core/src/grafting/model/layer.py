@@ -14,7 +14,7 @@ from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
 from grafting.model.attribute_view import attribute_view
-from grafting.model.grouping import GroupState, declares_factor, shared_products
+from grafting.model.grouping import GroupState, declares_factor, grouping_enabled, shared_products
 from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
@@ -130,13 +130,14 @@ class AdaptedLayer(nn.Module):
                 raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
             single = routing.single
             names = (single,) if single is not None and single in self.adapters else ()
-        live = [self._get(n) for n in names if n not in self.merged]
-        if not live:
+        pairs = [(n, self._get(n)) for n in names if n not in self.merged]
+        if not pairs:
             return self.base_layer(*args, **kwargs)
+        live = [a for _, a in pairs]
         x, where = _primary(args, kwargs)
         products: dict[str, torch.Tensor] = {}
-        if routing is None and isinstance(x, torch.Tensor) and any(declares_factor(a) for a in live):
-            products = shared_products(self, x, self.live_adapters(), AdaptedLayer.live_adapters)
+        if routing is None and grouping_enabled() and isinstance(x, torch.Tensor) and any(map(declares_factor, live)):
+            products = shared_products(self, x, pairs, AdaptedLayer.live_adapters)
         if len(live) == 1 and len(args) == 1 and not kwargs:
             product = next(iter(products.values()), None)  # passed only to an adapter that declared a factor
             if product is None:

@@ -231,12 +231,12 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         ``None`` (computed alone) for the reference (``fused = False``, float32/float64, ``precision =
         "adapter"``), for DoRA and when dropout is drawn on the input (each adapter its own mask).
         """
-        if not self.fused or self.use_dora or x.dtype not in HALF_PRECISION or self._dtype(x) != x.dtype:
+        if self.use_dora or not self.fused or x.dtype not in HALF_PRECISION:
             return None
         drop = self.lora_dropout
         if drop.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 1.0) > 0:
             return None
-        return self.lora_A.weight
+        return self.lora_A.weight if self._dtype(x) == x.dtype else None
 
     def add_delta(
         self, y: torch.Tensor, x: torch.Tensor, call: LayerCall, product: torch.Tensor | None = None
