@@ -16,7 +16,10 @@ make two forwards differ.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from grafting.api.peft_model import PeftModel
 from grafting.errors import AdapterStateError
+from grafting.io.transaction import is_bookkeeping
 from grafting.model.layer import AdaptedLayer, Site
 from grafting.model.routing import BASE
 
@@ -118,6 +122,137 @@ def model_output(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The logits of a forward pass, without gradients."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def untied_tiny_gpt2(seed: int = 0) -> nn.Module:
+    """:func:`tiny_gpt2` with an ``lm_head`` of its own (not tied to ``wte``): a merge there leaves ``wte`` alone."""
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_gpt2().config
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def pixel_inputs(
+    batch: int = 2, channels: int = 3, size: int = 8, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """Seeded ``{"pixel_values": (batch, channels, size, size)}``: keyword inputs for a small convolutional model."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, channels, size, size, generator=gen, dtype=dtype)}
+
+
+def logits_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """A differentiable scalar of a forward pass (the sum of the squared logits), for gradient checks."""
+    return model(**inputs).logits.square().sum()
+
+
+# -- one seeded model per architecture, and the targets suites adapt on it ---------------------------------
+#: The PEFT ``task_type`` of each tiny architecture's model class.
+TASK_TYPES: dict[str, str] = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+#: Per architecture: a few attention projections (``target_modules`` by leaf name).
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v"],
+}
+#: Per architecture: every linear (or GPT-2 ``Conv1D``) layer of the blocks, by leaf name.
+LINEAR_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+}
+#: Per architecture: a ``target_modules`` regex that picks a few layers of some blocks only.
+REGEX_TARGETS: dict[str, str] = {
+    "llama": r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.up_proj)",
+    "gpt2": r".*\.h\.\d+\.mlp\.c_(fc|proj)",
+    "bert": r".*encoder\.layer\.\d+\.(attention\.self\.key|output\.dense)",
+    "t5": r"(encoder|decoder)\.block\.0\..*\.(k|wo)",
+}
+#: The input embedding of each architecture, by leaf name. GPT-2 and T5 tie it to the output head.
+INPUT_EMBEDDINGS: dict[str, str] = {
+    "llama": "embed_tokens",
+    "gpt2": "wte",
+    "bert": "word_embeddings",
+    "t5": "embed_tokens",
+}
+#: Architectures whose input embedding is its own weight (merging into it changes nothing else).
+UNTIED_EMBEDDINGS = ("llama", "bert")
+
+
+@functools.cache
+def _seeded_model(arch: str) -> nn.Module:
+    return tiny_model(arch)
+
+
+def base_model(arch: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A fresh copy of the seeded :func:`tiny_model` of ``arch`` (built once per process), in ``dtype`` if given.
+
+    Float64 copies make the tightest checks of merging and routing: float32's rounding, which
+    random adapters amplify, can neither hide a wrong result nor fake one there.
+    """
+    model = copy.deepcopy(_seeded_model(arch))
+    return model if dtype is None else model.to(dtype)
+
+
+def batch_inputs(arch: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`sample_inputs` of ``batch`` rows of 5 tokens: the batch :func:`logits` runs."""
+    return sample_inputs(arch, batch=batch, length=5, seed=seed)
+
+
+def logits(model: nn.Module, arch: str, batch: int = 3, **kwargs: Any) -> torch.Tensor:
+    """:func:`model_output` of ``model`` on :func:`batch_inputs` (with extra keyword inputs, e.g. ``adapter_names``)."""
+    return model_output(model, {**batch_inputs(arch, batch), **kwargs})
+
+
+def base_logits(arch: str, batch: int = 3, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`logits` of the plain :func:`base_model` of ``arch``: what a disabled or no-op adapter must give."""
+    return logits(_seeded_model(arch) if dtype is None else base_model(arch, dtype), arch, batch)
+
+
+def loss_inputs(arch: str) -> dict[str, torch.Tensor]:
+    """:func:`batch_inputs` with labels (class ids for BERT, the tokens otherwise), for a real loss."""
+    batch = batch_inputs(arch)
+    if arch == "bert":
+        batch["labels"] = torch.tensor([0, 2, 1])
+    elif arch == "t5":
+        batch["labels"] = batch["decoder_input_ids"]
+    else:
+        batch["labels"] = batch["input_ids"]
+    return batch
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module.state_dict()``: compare it after an operation that should restore it."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def saved_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The files of a saved adapter folder (sorted paths relative to it), less the lock grafting keeps there."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names if not is_bookkeeping(n)]
+    return sorted(out)
+
+
+# -- the PEFT oracle ------------------------------------------------------------------------------------------
+def oracle_config(config: Any) -> Any:
+    """The PEFT config with the same ``adapter_config.json`` content as a grafting config (needs ``peft``)."""
+    import peft
+
+    data = config.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_config(data)
+
+
+def oracle_model(arch: str, config: Any, adapter_name: str = "default") -> Any:
+    """PEFT's ``get_peft_model`` of :func:`oracle_config` on a fresh :func:`base_model` of ``arch`` (needs ``peft``)."""
+    import peft
+
+    return peft.get_peft_model(base_model(arch), oracle_config(config), adapter_name=adapter_name)
 
 
 # -- the numerics policy ----------------------------------------------------------------------------
@@ -281,11 +416,17 @@ def _prefixed(where: str) -> Callable[[str], str]:
 
 
 # -- helpers for a plugin's tests ---------------------------------------------------------------------------
-def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The parameters of layer adapters, shared states and model adapters (of one adapter if given), by name."""
+def adapter_parameters(
+    model: nn.Module, adapter_name: str | None = None, *, modules_to_save: bool = False
+) -> dict[str, torch.Tensor]:
+    """The parameters of layer adapters, shared states and model adapters (of one adapter if given), by name.
+
+    With ``modules_to_save``, the adapter's trained copies of whole modules (``modules_to_save``) too.
+    """
+    parts = (".adapters.", "shared_states.", "model_adapters.") + ((".modules_to_save.",) if modules_to_save else ())
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        for part in (".adapters.", "shared_states.", "model_adapters."):
+        for part in parts:
             if part in name:
                 owner = name.split(part, 1)[1].split(".", 1)[0]
                 if adapter_name is None or owner == adapter_name:
@@ -294,11 +435,54 @@ def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dic
 
 
 @torch.no_grad()
-def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None = None, scale: float = 0.3) -> None:
-    """Add seeded noise to every adapter parameter, so that a fresh (identity) adapter does something."""
+def randomize_adapters(
+    model: nn.Module,
+    seed: int = 0,
+    adapter_name: str | None = None,
+    scale: float = 0.3,
+    *,
+    modules_to_save: bool = False,
+) -> None:
+    """Add seeded noise to every adapter parameter, so that a fresh (identity) adapter does something.
+
+    With ``modules_to_save``, to the adapter's trained copies of whole modules too (:func:`adapter_parameters`).
+    """
     gen = torch.Generator().manual_seed(seed)
-    for _, p in sorted(adapter_parameters(model, adapter_name).items()):
+    for _, p in sorted(adapter_parameters(model, adapter_name, modules_to_save=modules_to_save).items()):
         p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+
+
+@torch.no_grad()
+def randomize_named(model: nn.Module, keyword: str, seed: int = 0, scale: float = 0.3) -> None:
+    """Like :func:`randomize_adapters`, for every parameter whose name contains ``keyword`` (e.g. a PEFT model's)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if keyword in name:
+            p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+
+
+def parameters_named(model: nn.Module, *markers: str, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The parameters whose name contains one of ``markers`` (say ``"lokr_"``), of a grafting or PEFT model, by name.
+
+    With ``adapter_name``, only that grafting adapter's (``….adapters.<adapter_name>.…``).
+    """
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if any(marker in name for marker in markers) and (adapter_name is None or f".adapters.{adapter_name}." in name)
+    }
+
+
+def peft_parameter_name(name: str) -> str:
+    """grafting's ``<layer>.adapters.<adapter>.<attribute>[.<rest>]`` as PEFT names that tensor.
+
+    PEFT keeps one dict per attribute, keyed by adapter: ``<layer>.<attribute>.<adapter>[.<rest>]``
+    (``q.adapters.default.lokr_w1`` is ``q.lokr_w1.default``; ``….oft_R.weight`` is ``….oft_R.default.weight``).
+    """
+    path, _, rest = name.partition(".adapters.")
+    adapter, _, local = rest.partition(".")
+    attribute, dot, tail = local.partition(".")
+    return f"{path}.{attribute}.{adapter}{dot}{tail}"
 
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

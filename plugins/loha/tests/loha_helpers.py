@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import model_output, parameters_named, sample_inputs, tiny_model
+from grafting.testing import state_copy as weights_of
+
+__all__ = ["weights_of"]
 
 F64 = torch.float64
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,11 +80,7 @@ def targets(arch: str) -> list[str]:
 
 def hada_params(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every LoHa parameter of a grafting or PEFT model (of one grafting adapter if given), by name."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if "hada_" in name and (adapter is None or f".adapters.{adapter}." in name)
-    }
+    return parameters_named(model, "hada_", adapter_name=adapter)
 
 
 @torch.no_grad()
@@ -90,11 +89,6 @@ def randomize(model: nn.Module, seed: int, adapter: str | None = None, scale: fl
     gen = torch.Generator().manual_seed(seed)
     for _, p in sorted(hada_params(model, adapter).items()):
         p.copy_((torch.randn(p.shape, generator=gen, dtype=F64) * scale).to(p.dtype))
-
-
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of a plain model's tensors."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def deepcopy(module: nn.Module) -> nn.Module:
