@@ -28,6 +28,7 @@ from torch import nn
 
 from grafting.api.peft_model import PeftModel
 from grafting.errors import AdapterStateError
+from grafting.io.state_dict import get_peft_model_state_dict
 from grafting.io.transaction import is_bookkeeping
 from grafting.model.layer import AdaptedLayer, Site
 from grafting.model.routing import BASE
@@ -147,6 +148,49 @@ def logits_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     return model(**inputs).logits.square().sum()
 
 
+# -- float64 models of a plugin's numerical tests ------------------------------------------------------------
+Inputs = Any  # keyword inputs (a dict of tensors), or one tensor for a plain module
+
+
+def float64_model(arch: str, seed: int = 0, conv_net: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A seeded float64 model in eval mode, where rounding cannot hide a wrong formula.
+
+    ``"conv"`` is ``conv_net()`` (a small convolutional model of your own, built after seeding torch),
+    ``"gpt2-untied"`` is :func:`untied_tiny_gpt2`, any other name is :func:`tiny_model`.
+    """
+    if arch == "conv":
+        if conv_net is None:
+            raise ValueError('float64_model("conv") needs conv_net')
+        torch.manual_seed(seed)
+        return conv_net().to(torch.float64).eval()
+    if arch == "gpt2-untied":
+        return untied_tiny_gpt2(seed).to(torch.float64)
+    return tiny_model(arch, seed=seed).to(torch.float64)
+
+
+def float64_inputs(arch: str, seed: int = 0, pixels: tuple[int, ...] = (2, 3, 8, 8)) -> Inputs:
+    """Inputs of :func:`float64_model` ``(arch)``: for ``"conv"`` one seeded float64 tensor of shape ``pixels``,
+    else :func:`sample_inputs` (2 rows of 5 tokens)."""
+    if arch == "conv":
+        return torch.randn(*pixels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
+
+
+def run_output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """:func:`model_output` for keyword inputs; ``model(inputs)`` for a tensor. Without gradients."""
+    if isinstance(inputs, torch.Tensor):
+        with torch.no_grad():
+            return model(inputs)
+    return model_output(model, inputs)
+
+
+def output_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """A differentiable scalar of a forward pass on :func:`run_output`'s inputs: the sum of squared outputs."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs).square().sum()
+    return logits_loss(model, inputs)
+
+
 # -- one seeded model per architecture, and the targets suites adapt on it ---------------------------------
 #: The PEFT ``task_type`` of each tiny architecture's model class.
 TASK_TYPES: dict[str, str] = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
@@ -235,6 +279,32 @@ def saved_files(folder: str | os.PathLike[str]) -> list[str]:
     for root, _, names in os.walk(folder):
         out += [os.path.relpath(os.path.join(root, n), folder) for n in names if not is_bookkeeping(n)]
     return sorted(out)
+
+
+def check_save_load_round_trip(
+    model: nn.Module,
+    rebuild: Callable[[], nn.Module],
+    run: Callable[[nn.Module], torch.Tensor],
+    folder: str | os.PathLike[str],
+    safe_serialization: bool = True,
+) -> None:
+    """``model`` (a PeftModel with its ``"default"`` adapter) saved and loaded back onto ``rebuild()`` is the same.
+
+    The folder holds exactly PEFT's three files; the loaded model computes ``run(model)`` (up to rounding,
+    and far from the bare base's ``run(rebuild())``), holds bit-identical adapter tensors and the same config
+    (``inference_mode`` set), and is in eval mode with nothing trainable. Randomize the adapter first.
+    """
+    out = run(model)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)  # type: ignore[operator]
+    weights = "adapter_model.safetensors" if safe_serialization else "adapter_model.bin"
+    assert saved_files(folder) == sorted(["README.md", "adapter_config.json", weights])
+    loaded = PeftModel.from_pretrained(rebuild(), folder)
+    assert_close(run(loaded), out, changed_from=run(rebuild()), msg="reloaded output")
+    assert_identical(get_peft_model_state_dict(loaded), get_peft_model_state_dict(model), "adapter tensors")
+    config = model.peft_config["default"].to_dict()  # type: ignore[index]
+    assert loaded.peft_config["default"].to_dict() == {**config, "inference_mode": True}
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
 
 
 # -- the PEFT oracle ------------------------------------------------------------------------------------------
@@ -554,3 +624,65 @@ def check_layer_adapter_invariants(
     plain = copy.deepcopy(model).merge_and_unload(adapter_names=[adapter_name])  # type: ignore[operator]
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules()), "merge_and_unload left an adapted layer"
     merged_close(model_output(plain, inputs), out, "merge_and_unload output")
+
+
+def check_module_dropout(adapter: nn.Module, run: Callable[[], torch.Tensor], p: float = 0.5, draws: int = 12) -> None:
+    """``adapter``'s ``module_dropout`` (``p``) skips the whole adapter on the draws PEFT's LyCORIS methods make.
+
+    ``adapter`` is in train mode and ``run()`` returns its contribution to one forward (its delta, say).
+    Each forward draws one ``torch.rand(1)`` and the adapter is skipped (``run()`` is all zeros) when the
+    draw is at most ``p``; some draws must skip it and some not. In eval mode it is never skipped.
+    """
+    torch.manual_seed(5)
+    expected = [float(torch.rand(1)) <= p for _ in range(draws)]
+    torch.manual_seed(5)
+    skipped = [bool(torch.count_nonzero(run()) == 0) for _ in range(draws)]
+    assert skipped == expected, f"skipped on {skipped}, the draws say {expected}"
+    assert any(skipped), "the draws should skip the adapter sometimes"
+    assert not all(skipped), "the draws should not skip the adapter always"
+    adapter.eval()
+    assert all(torch.count_nonzero(run()) > 0 for _ in range(5)), "module dropout acted in eval mode"
+
+
+# -- checks against PEFT (need ``peft``) ---------------------------------------------------------------------
+def check_peft_loads_the_save(
+    model: nn.Module,
+    rebuild: Callable[[], nn.Module],
+    run: Callable[[nn.Module], torch.Tensor],
+    folder: str | os.PathLike[str],
+    other: str = "other",
+    **tolerance: float,
+) -> None:
+    """Saved by grafting, loaded by PEFT: the same outputs, adapter by adapter.
+
+    ``model`` (a PeftModel) holds ``"default"``, active, and a second adapter ``other``; ``rebuild()``
+    makes a fresh base model and ``run(model)`` its output (say, :func:`model_output` on fixed inputs).
+    Both adapters are saved into ``folder``, PEFT loads them onto ``rebuild()`` and must compute what
+    ``model`` computed with each (:func:`assert_close`, with ``tolerance``'s ``rtol``/``atol`` if given).
+    Leaves ``other`` active on ``model``.
+    """
+    import peft
+
+    expected = run(model)
+    model.set_adapter(other)  # type: ignore[operator]
+    expected_other = run(model)
+    model.save_pretrained(folder)  # type: ignore[operator]
+    theirs = peft.PeftModel.from_pretrained(rebuild(), folder)
+    assert_close(run(theirs), expected, changed_from=run(rebuild()), msg="default, loaded by PEFT", **tolerance)
+    theirs.load_adapter(os.path.join(folder, other), adapter_name=other)
+    theirs.set_adapter(other)
+    assert_close(run(theirs), expected_other, changed_from=expected, msg=f"{other}, loaded by PEFT", **tolerance)
+
+
+def assert_same_gradients(
+    ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor], rtol: float = 1e-9, atol: float = 1e-9
+) -> None:
+    """Every parameter in ``ours`` (grafting's, by name) has the gradient of PEFT's parameter of the same tensor.
+
+    ``theirs`` maps PEFT's names (:func:`peft_parameter_name`) to its parameters, after one backward pass
+    of the same loss on both models; the tolerance suits float64 models.
+    """
+    reference = {name: p.grad for name, p in theirs.items()}
+    for name, p in ours.items():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert_close(p.grad, reference[peft_parameter_name(name)], rtol=rtol, atol=atol, msg=name)
