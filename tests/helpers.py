@@ -16,50 +16,29 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grafting
-from grafting.testing import (
-    ARCHITECTURES,
-    TASK_TYPES,
-    UNTIED_EMBEDDINGS,
-    adapter_parameters,
-    base_logits,
-    base_model,
-    logits,
-    loss_inputs,
-    randomize_adapters,
-    randomize_named,
-)
+from grafting.testing import ARCHITECTURES as ARCHITECTURES
 from grafting.testing import ATTENTION_TARGETS as ATTENTION
-from grafting.testing import INPUT_EMBEDDINGS as EMBEDDING
+from grafting.testing import INPUT_EMBEDDINGS as EMBEDDING  # noqa: F401 (for the tests)
 from grafting.testing import LINEAR_TARGETS as LINEAR
 from grafting.testing import REGEX_TARGETS as REGEX
-from grafting.testing import batch_inputs as inputs
-from grafting.testing import oracle_config as peft_config
-from grafting.testing import oracle_model as peft_model
-from grafting.testing import saved_files as files_under
-from grafting.testing import state_copy as state_of
+from grafting.testing import TASK_TYPES as TASK_TYPES
+from grafting.testing import UNTIED_EMBEDDINGS as UNTIED_EMBEDDINGS
+from grafting.testing import adapter_parameters as adapter_parameters
+from grafting.testing import base_logits as base_logits
+from grafting.testing import base_model as base_model
+from grafting.testing import batch_inputs as inputs  # noqa: F401 (for the tests)
+from grafting.testing import logits as logits
+from grafting.testing import loss_inputs as loss_inputs
+from grafting.testing import oracle_config as peft_config  # noqa: F401 (for the tests)
+from grafting.testing import oracle_model as peft_model  # noqa: F401 (for the tests)
+from grafting.testing import randomize_adapters as randomize_adapters
+from grafting.testing import randomize_named as randomize_named
+from grafting.testing import saved_files as files_under  # noqa: F401 (for the tests)
+from grafting.testing import state_copy as state_of  # noqa: F401 (for the tests)
 from tests.toy_methods import ToyDeltaConfig, ToyInputConfig, ToyOutputConfig, ToySharedConfig
 
 ARCHS = ARCHITECTURES
 UNTIED_EMBEDDING = UNTIED_EMBEDDINGS
-__all__ = [
-    "ARCHS",
-    "ATTENTION",
-    "EMBEDDING",
-    "LINEAR",
-    "REGEX",
-    "TASK_TYPES",
-    "UNTIED_EMBEDDING",
-    "base_logits",
-    "base_model",
-    "files_under",
-    "inputs",
-    "logits",
-    "loss_inputs",
-    "peft_config",
-    "peft_model",
-    "randomize_named",
-    "state_of",
-]
 
 
 def toy(arch: str, **kwargs: Any) -> ToyDeltaConfig:
@@ -140,38 +119,6 @@ def peft_lora_keys() -> frozenset[str]:
     import peft
 
     return frozenset(peft.LoraConfig().to_dict())
-
-
-@st.composite
-def lora_configs(draw: Any, arch: str, *, embeddings: bool = True, dora: bool = True, **fixed: Any) -> Any:
-    """Random small LoRA configs for ``arch``: rank, alpha, rsLoRA, DoRA, target set."""
-    choices = ["attention", "linear", "all-linear", "regex"]
-    if embeddings:
-        choices.append("embedding")
-    kind = draw(st.sampled_from(choices))
-    targets: Any = {
-        "attention": ATTENTION[arch],
-        "linear": LINEAR[arch],
-        "all-linear": "all-linear",
-        "regex": REGEX[arch],
-        "embedding": [*ATTENTION[arch], EMBEDDING[arch]],
-    }[kind]
-    use_dora = draw(st.booleans()) if dora and kind != "embedding" else False
-    kwargs = {
-        "r": draw(st.integers(1, 6)),
-        "lora_alpha": draw(st.sampled_from([1, 2, 3.5, 8, 16])),
-        "use_rslora": draw(st.booleans()),
-        "use_dora": use_dora,
-        "target_modules": targets,
-        "lora_dropout": 0.0,
-        "bias": draw(st.sampled_from(["none", "none", "all", "lora_only"])),
-    }
-    if draw(st.booleans()):  # per-module ranks and alphas, keyed by a leaf name or a regex
-        leaves = st.sampled_from([*LINEAR[arch][:3], rf"\w+\.0\.\w+\.{LINEAR[arch][0]}"])
-        kwargs["rank_pattern"] = draw(st.dictionaries(leaves, st.integers(1, 5), max_size=2))
-        kwargs["alpha_pattern"] = draw(st.dictionaries(leaves, st.sampled_from([1, 4, 12.5]), max_size=2))
-    kwargs.update(fixed)
-    return lora(arch, **kwargs)
 
 
 def iter_archs() -> Iterator[str]:

@@ -11,47 +11,27 @@ from hypothesis import strategies as st
 from torch import nn
 
 import grafting
-from grafting.testing import (
-    ARCHITECTURES,
-    TASK_TYPES,
-    UNTIED_EMBEDDINGS,
-    adapter_parameters,
-    base_logits,
-    base_model,
-    logits,
-    loss_inputs,
-    randomize_adapters,
-    randomize_named,
-)
+from grafting.testing import ARCHITECTURES as ARCHITECTURES
 from grafting.testing import ATTENTION_TARGETS as ATTENTION
 from grafting.testing import INPUT_EMBEDDINGS as EMBEDDING
 from grafting.testing import LINEAR_TARGETS as LINEAR
 from grafting.testing import REGEX_TARGETS as REGEX
-from grafting.testing import batch_inputs as inputs
-from grafting.testing import oracle_config as peft_config
-from grafting.testing import oracle_model as peft_model
-from grafting.testing import state_copy as state_of
+from grafting.testing import TASK_TYPES as TASK_TYPES
+from grafting.testing import UNTIED_EMBEDDINGS as UNTIED_EMBEDDINGS
+from grafting.testing import adapter_parameters as adapter_parameters
+from grafting.testing import base_logits as base_logits
+from grafting.testing import base_model as base_model
+from grafting.testing import batch_inputs as inputs  # noqa: F401 (for the tests)
+from grafting.testing import logits as logits
+from grafting.testing import loss_inputs as loss_inputs
+from grafting.testing import oracle_config as peft_config  # noqa: F401 (for the tests)
+from grafting.testing import oracle_model as peft_model  # noqa: F401 (for the tests)
+from grafting.testing import randomize_adapters as randomize_adapters
+from grafting.testing import randomize_named as randomize_named
+from grafting.testing import state_copy as state_of  # noqa: F401 (for the tests)
 
 ARCHS = ARCHITECTURES
 UNTIED_EMBEDDING = UNTIED_EMBEDDINGS
-__all__ = [
-    "ARCHS",
-    "ATTENTION",
-    "EMBEDDING",
-    "LINEAR",
-    "REGEX",
-    "TASK_TYPES",
-    "UNTIED_EMBEDDING",
-    "base_logits",
-    "base_model",
-    "inputs",
-    "logits",
-    "loss_inputs",
-    "peft_config",
-    "peft_model",
-    "randomize_named",
-    "state_of",
-]
 
 
 def lora(arch: str, **kwargs: Any) -> Any:
