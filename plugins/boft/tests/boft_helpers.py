@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from grafting.testing import model_output, parameters_named, sample_inputs, tiny_model
+from grafting.testing import float64_inputs, float64_model, output_loss, parameters_named, run_output
 from grafting.testing import peft_parameter_name as peft_key
 from grafting.testing import state_copy as weights_of
 from grafting.testing import untied_tiny_gpt2 as untied_gpt2
@@ -65,31 +65,20 @@ class ConvNet(nn.Module):
 
 def base(arch: str, seed: int = 0) -> nn.Module:
     """A float64 tiny model: one of grafting.testing's, ``gpt2-untied`` or ``conv``."""
-    if arch == "conv":
-        torch.manual_seed(seed)
-        return ConvNet().to(F64).eval()
-    if arch == "gpt2-untied":
-        return untied_gpt2(seed).to(F64)
-    return tiny_model(arch, seed=seed).to(F64)
+    return float64_model(arch, seed, ConvNet)
 
 
 def inputs(arch: str, seed: int = 0) -> Any:
-    if arch == "conv":
-        return torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
+    return float64_inputs(arch, seed, pixels=(2, 4, 6, 6))
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
-    if arch == "conv":
-        with torch.no_grad():
-            return model(inputs(arch, seed))
-    return model_output(model, inputs(arch, seed))
+    return run_output(model, inputs(arch, seed))
 
 
 def loss(model: nn.Module, arch: str) -> torch.Tensor:
-    if arch == "conv":
-        return model(inputs(arch)).square().sum()
-    return model(**inputs(arch)).logits.square().sum()
+    """A differentiable scalar of the model's output."""
+    return output_loss(model, inputs(arch))
 
 
 def boft_params(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
