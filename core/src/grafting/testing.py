@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import os
 import warnings
@@ -129,7 +130,7 @@ def untied_tiny_gpt2(seed: int = 0) -> nn.Module:
     """:func:`tiny_gpt2` with an ``lm_head`` of its own (not tied to ``wte``): a merge there leaves ``wte`` alone."""
     from transformers import GPT2LMHeadModel
 
-    config = tiny_gpt2().config
+    config: Any = tiny_gpt2().config
     config.tie_word_embeddings = False
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval()
@@ -282,7 +283,7 @@ def saved_files(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def check_save_load_round_trip(
-    model: nn.Module,
+    model: PeftModel,
     rebuild: Callable[[], nn.Module],
     run: Callable[[nn.Module], torch.Tensor],
     folder: str | os.PathLike[str],
@@ -295,16 +296,27 @@ def check_save_load_round_trip(
     (``inference_mode`` set), and is in eval mode with nothing trainable. Randomize the adapter first.
     """
     out = run(model)
-    model.save_pretrained(folder, safe_serialization=safe_serialization)  # type: ignore[operator]
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
     weights = "adapter_model.safetensors" if safe_serialization else "adapter_model.bin"
     assert saved_files(folder) == sorted(["README.md", "adapter_config.json", weights])
     loaded = PeftModel.from_pretrained(rebuild(), folder)
     assert_close(run(loaded), out, changed_from=run(rebuild()), msg="reloaded output")
     assert_identical(get_peft_model_state_dict(loaded), get_peft_model_state_dict(model), "adapter tensors")
-    config = model.peft_config["default"].to_dict()  # type: ignore[index]
+    config = model.peft_config["default"].to_dict()
     assert loaded.peft_config["default"].to_dict() == {**config, "inference_mode": True}
     assert not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def edit_saved_config(folder: str | os.PathLike[str], **changes: Any) -> None:
+    """Rewrite the ``adapter_config.json`` saved in ``folder`` with ``changes``: a file as a user or another
+    tool might leave it, for tests of what loading refuses."""
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data.update(changes)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
 
 
 # -- the PEFT oracle ------------------------------------------------------------------------------------------
@@ -646,7 +658,7 @@ def check_module_dropout(adapter: nn.Module, run: Callable[[], torch.Tensor], p:
 
 # -- checks against PEFT (need ``peft``) ---------------------------------------------------------------------
 def check_peft_loads_the_save(
-    model: nn.Module,
+    model: PeftModel,
     rebuild: Callable[[], nn.Module],
     run: Callable[[nn.Module], torch.Tensor],
     folder: str | os.PathLike[str],
@@ -664,9 +676,9 @@ def check_peft_loads_the_save(
     import peft
 
     expected = run(model)
-    model.set_adapter(other)  # type: ignore[operator]
+    model.set_adapter(other)
     expected_other = run(model)
-    model.save_pretrained(folder)  # type: ignore[operator]
+    model.save_pretrained(folder)
     theirs = peft.PeftModel.from_pretrained(rebuild(), folder)
     assert_close(run(theirs), expected, changed_from=run(rebuild()), msg="default, loaded by PEFT", **tolerance)
     theirs.load_adapter(os.path.join(folder, other), adapter_name=other)
