@@ -21,7 +21,7 @@ from grafting.errors import AdapterLoadError, AdapterNotFoundError
 from grafting.io import files as grafting_io
 from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from grafting.model.layer import AdaptedLayer
-from grafting.testing import assert_close, assert_identical
+from grafting.testing import assert_close, assert_identical, check_save_load_round_trip
 from tests.helpers import (
     ARCHS,
     LINEAR,
@@ -49,10 +49,6 @@ def _tensors(model: Any, name: str = "default") -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
-def _folder(factory: pytest.TempPathFactory) -> Path:
-    return factory.mktemp("adapter")
-
-
 # -- round trips ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @EXAMPLES
@@ -62,18 +58,8 @@ def test_save_load_round_trip_is_bit_identical(
 ) -> None:
     model = adapted(arch, data.draw(toy_configs(arch)))
     randomize(model, 3)
-    out = logits(model, arch)
-    folder = _folder(tmp_path_factory)
-    model.save_pretrained(folder, safe_serialization=safe_serialization)
-    weights = WEIGHTS if safe_serialization else "adapter_model.bin"
-    assert files_under(folder) == sorted(["README.md", CONFIG, weights])
-
-    loaded = grafting.PeftModel.from_pretrained(base_model(arch), folder)
-    assert_close(logits(loaded, arch), out, changed_from=base_logits(arch), msg="reloaded logits")
-    assert_identical(_tensors(loaded), _tensors(model), "adapter tensors")
-    assert loaded.peft_config["default"].to_dict() == {**model.peft_config["default"].to_dict(), "inference_mode": True}
-    assert not loaded.training
-    assert not any(p.requires_grad for p in loaded.parameters())
+    folder = tmp_path_factory.mktemp("adapter")
+    check_save_load_round_trip(model, lambda: base_model(arch), lambda m: logits(m, arch), folder, safe_serialization)
 
 
 def test_saved_config_and_model_card(tmp_path: Path) -> None:
