@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.testing import model_output, parameters_named, sample_inputs, tiny_model
+from grafting.testing import float64_inputs, float64_model, output_loss, parameters_named, run_output
 from grafting.testing import state_copy as weights_of
 
 __all__ = ["weights_of"]
@@ -40,38 +40,22 @@ class ConvNet(nn.Module):
         return self.head(h.mean(-1))
 
 
-def conv_net(seed: int = 0) -> ConvNet:
-    torch.manual_seed(seed)
-    return ConvNet().to(F64).eval()
-
-
-def conv_input(seed: int = 0, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
 def base(arch: str, seed: int = 0) -> nn.Module:
     """A float64 tiny model: ``llama``, ``bert`` or ``conv``."""
-    if arch == "conv":
-        return conv_net(seed)
-    return tiny_model(arch, seed=seed).to(F64)
+    return float64_model(arch, seed, ConvNet)
 
 
 def inputs(arch: str, seed: int = 0) -> Any:
-    return conv_input(seed) if arch == "conv" else sample_inputs(arch, batch=2, length=5, seed=seed)
+    return float64_inputs(arch, seed)
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
-    if arch == "conv":
-        with torch.no_grad():
-            return model(inputs(arch, seed))
-    return model_output(model, inputs(arch, seed))
+    return run_output(model, inputs(arch, seed))
 
 
 def train_output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
     """A differentiable scalar of the model's output."""
-    if arch == "conv":
-        return model(inputs(arch, seed)).square().sum()
-    return model(**inputs(arch, seed)).logits.square().sum()
+    return output_loss(model, inputs(arch, seed))
 
 
 def targets(arch: str) -> list[str]:
