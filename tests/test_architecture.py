@@ -17,8 +17,9 @@ import attrs
 import pytest
 
 CORE = Path(__file__).resolve().parents[1] / "core" / "src"
-#: Third-party packages the core may import inside a function: optional, or slow to import and used by few calls.
-LAZY_PACKAGES = frozenset({"transformers", "huggingface_hub", "trl", "accelerate", "torch.distributed"})
+#: Third-party packages the core may import inside a function: optional, or slow to import and used by few calls
+#: (peft: only grafting.testing's oracle helpers, for the tests that compare with PEFT).
+LAZY_PACKAGES = frozenset({"transformers", "huggingface_hub", "trl", "accelerate", "torch.distributed", "peft"})
 
 
 @attrs.frozen

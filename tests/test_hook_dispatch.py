@@ -16,7 +16,7 @@ from grafting.errors import UnknownMethodError
 from grafting.registry import method as method_module
 from grafting.registry import plugins
 from tests.helpers import base_model
-from tests.toy_methods import ToyDelta
+from tests.toy_methods import ToyDelta, ToyDeltaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,11 +69,12 @@ def two_methods() -> Any:
     grafting.unregister_plugin(plugin)
 
 
+@pytest.mark.usefixtures("toy_methods")
 def test_each_method_hook_sees_only_its_own_configs(two_methods: tuple[_Recorder, _Recorder]) -> None:
     first, second = two_methods
     model = grafting.get_peft_model(base_model("llama"), first.config_class(target_modules=["q_proj"]), mixed=True)
     model.add_adapter("other", second.config_class(target_modules=["v_proj"]))
-    model.add_adapter("lora", grafting.LoraConfig(target_modules=["k_proj"]))  # another plugin's method
+    model.add_adapter("toy", ToyDeltaConfig(target_modules=["k_proj"]))  # another plugin's method
     assert first.seen
     assert set(first.seen) == {first.config_class.__name__}
     assert second.seen

@@ -1,4 +1,7 @@
-"""Saving and loading: bit-identical round trips, adapter names and folders, atomic writes, load errors."""
+"""Saving and loading: bit-identical round trips, adapter names and folders, atomic writes, load errors.
+
+On the toy methods (tests/toy_methods.py); LoRA's own round trips are plugins/lora/tests/test_lora_io.py.
+"""
 
 from __future__ import annotations
 
@@ -18,20 +21,23 @@ from grafting.errors import AdapterLoadError, AdapterNotFoundError
 from grafting.io import files as grafting_io
 from grafting.io.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from grafting.model.layer import AdaptedLayer
-from grafting.testing import assert_close, assert_identical
+from grafting.testing import assert_close, assert_identical, check_save_load_round_trip
 from tests.helpers import (
     ARCHS,
-    adapted,
+    LINEAR,
     base_logits,
     base_model,
     files_under,
     logits,
-    lora,
-    lora_configs,
     randomize,
     read_json,
     state_of,
+    toy,
+    toy_configs,
 )
+from tests.helpers import toy_adapted as adapted
+
+pytestmark = pytest.mark.usefixtures("toy_methods")
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -43,10 +49,6 @@ def _tensors(model: Any, name: str = "default") -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
-def _folder(factory: pytest.TempPathFactory) -> Path:
-    return factory.mktemp("adapter")
-
-
 # -- round trips ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @EXAMPLES
@@ -54,42 +56,18 @@ def _folder(factory: pytest.TempPathFactory) -> Path:
 def test_save_load_round_trip_is_bit_identical(
     arch: str, data: st.DataObject, safe_serialization: bool, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    model = adapted(arch, data.draw(lora_configs(arch)))
+    model = adapted(arch, data.draw(toy_configs(arch)))
     randomize(model, 3)
-    out = logits(model, arch)
-    folder = _folder(tmp_path_factory)
-    model.save_pretrained(folder, safe_serialization=safe_serialization)
-    weights = WEIGHTS if safe_serialization else "adapter_model.bin"
-    assert files_under(folder) == sorted(["README.md", CONFIG, weights])
-
-    loaded = grafting.PeftModel.from_pretrained(base_model(arch), folder)
-    assert_close(logits(loaded, arch), out, changed_from=base_logits(arch), msg="reloaded logits")
-    assert_identical(_tensors(loaded), _tensors(model), "adapter tensors")
-    assert loaded.peft_config["default"].to_dict() == {**model.peft_config["default"].to_dict(), "inference_mode": True}
-    assert not loaded.training
-    assert not any(p.requires_grad for p in loaded.parameters())
-
-
-def test_the_order_of_overlapping_patterns_survives_saving(tmp_path: Path) -> None:
-    """The first rank_pattern/alpha_pattern key that matches wins, so saving must keep their order."""
-    patterns = {"q_proj": 2, r"model\.layers\.0\.self_attn\.q_proj": 5}
-    config = lora("llama", rank_pattern=patterns, alpha_pattern={"q_proj": 3, r".*\.0\..*q_proj": 7})
-    model = adapted("llama", config)
-    ranks = {p: layer.adapters["default"].r for p, layer in model.base_model.adapted_layers()}
-    assert ranks["model.layers.0.self_attn.q_proj"] == 2
-    model.save_pretrained(tmp_path)
-    assert list(read_json(tmp_path / CONFIG)["rank_pattern"]) == list(patterns)
-    loaded = grafting.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    assert loaded.peft_config["default"].rank_pattern == patterns
-    assert list(loaded.peft_config["default"].rank_pattern) == list(patterns)
-    assert_close(logits(loaded, "llama"), logits(model, "llama"), changed_from=base_logits("llama"), msg="reloaded")
+    folder = tmp_path_factory.mktemp("adapter")
+    check_save_load_round_trip(model, lambda: base_model(arch), lambda m: logits(m, arch), folder, safe_serialization)
 
 
 def test_saved_config_and_model_card(tmp_path: Path) -> None:
-    model = adapted("bert", lora("bert", r=3))
+    model = adapted("bert", toy("bert", scale=0.3))
     model.save_pretrained(tmp_path)
     config = read_json(tmp_path / CONFIG)
-    assert config["peft_type"] == "LORA"
+    assert config["peft_type"] == "TOY_DELTA"
+    assert config["scale"] == 0.3
     assert config["inference_mode"] is True
     assert config["task_type"] == "SEQ_CLS"
     assert config["modules_to_save"] == ["classifier", "score"]
@@ -98,7 +76,7 @@ def test_saved_config_and_model_card(tmp_path: Path) -> None:
     assert "library_name: peft" in card
     keys = load_file(tmp_path / WEIGHTS)
     assert "base_model.model.classifier.weight" in keys
-    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.toy_d" in keys
     assert not [k for k in keys if ".default." in k or ".adapters." in k or "modules_to_save" in k]
 
 
@@ -107,15 +85,15 @@ def test_is_trainable(tmp_path: Path) -> None:
     loaded = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path, is_trainable=True)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert trainable
-    assert all(".lora_" in n for n in trainable)
+    assert all(".toy_d" in n or ".modules_to_save." in n for n in trainable)
     assert loaded.peft_config["default"].inference_mode is False
 
 
 # -- adapter names and folders -------------------------------------------------------------------------------
 def _three_adapters(arch: str) -> Any:
-    model = adapted(arch, lora(arch, r=2))
-    model.add_adapter("other", lora(arch, r=3, target_modules="all-linear"))
-    model.add_adapter("third", lora(arch, r=1, use_dora=True))
+    model = adapted(arch, toy(arch, scale=0.1))
+    model.add_adapter("other", toy(arch, scale=0.2, target_modules="all-linear"))
+    model.add_adapter("third", toy(arch, scale=0.05, target_modules=LINEAR[arch][1:3]))
     randomize(model, 5)
     return model
 
@@ -199,7 +177,7 @@ def test_a_crash_while_saving_leaves_the_previous_files_intact(tmp_path: Path, m
 
 
 def test_a_crash_while_writing_the_config_leaves_it_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = adapted("gpt2", lora("gpt2", r=2))
+    model = adapted("gpt2", toy("gpt2", scale=0.2))
     model.save_pretrained(tmp_path)
     before = _bytes(tmp_path)
 
@@ -212,9 +190,9 @@ def test_a_crash_while_writing_the_config_leaves_it_intact(tmp_path: Path, monke
 
     monkeypatch.setattr(builtins, "open", crashing_open)
     with pytest.raises(OSError, match="disk went away"):
-        adapted("gpt2", lora("gpt2", r=4)).save_pretrained(tmp_path)
+        adapted("gpt2", toy("gpt2", scale=0.4)).save_pretrained(tmp_path)
     assert sorted(_bytes(tmp_path)) == sorted(before)  # no temporary file left behind
-    assert read_json(tmp_path / CONFIG)["r"] == 2
+    assert read_json(tmp_path / CONFIG)["scale"] == 0.2
 
 
 # -- load errors -------------------------------------------------------------------------------------------------
@@ -228,7 +206,7 @@ def test_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
     before = state_of(model)
     with pytest.raises(AdapterLoadError, match=r"adapter_config\.json is missing"):
         grafting.PeftModel.from_pretrained(model, tmp_path)
-    (tmp_path / CONFIG).write_text(lora("llama").to_json_string())
+    (tmp_path / CONFIG).write_text(toy("llama").to_json_string())
     with pytest.raises(AdapterLoadError, match="holds no adapter weights"):
         grafting.PeftModel.from_pretrained(model, tmp_path)
     (tmp_path / WEIGHTS).write_bytes(b"definitely not safetensors")
@@ -239,30 +217,34 @@ def test_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
     _assert_untouched(model, before)
 
 
-def test_a_shape_mismatch_names_the_key(tmp_path: Path) -> None:
-    adapted("llama", lora("llama", r=4)).save_pretrained(tmp_path)
-    model = base_model("llama")
-    before = state_of(model)
-    with pytest.raises(AdapterLoadError, match=r"lora_A\.weight has shape \(4, 16\) in the file but \(2, 16\)"):
-        grafting.PeftModel.from_pretrained(model, tmp_path, config=lora("llama", r=2))
-    _assert_untouched(model, before)
-
-
 def _rewrite(folder: Path, change: Any) -> None:
     tensors = load_file(folder / WEIGHTS)
     change(tensors)
     save_file(tensors, folder / WEIGHTS)
 
 
+V_PROJ_0 = "base_model.model.model.layers.0.self_attn.v_proj.toy_d"  # (8, 16): v_proj has one key-value head
+
+
+def test_a_shape_mismatch_names_the_key(tmp_path: Path) -> None:
+    adapted("llama").save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.__setitem__(V_PROJ_0, torch.zeros(4, 16)))
+    model = base_model("llama")
+    before = state_of(model)
+    with pytest.raises(AdapterLoadError, match=r"v_proj\.toy_d has shape \(4, 16\) in the file but \(8, 16\)"):
+        grafting.PeftModel.from_pretrained(model, tmp_path)
+    _assert_untouched(model, before)
+
+
 def test_unexpected_keys_fail_a_strict_load(tmp_path: Path) -> None:
     source = adapted("gpt2")
     randomize(source, 1)
     source.save_pretrained(tmp_path)
-    extra = "base_model.model.transformer.h.0.attn.c_proj.lora_A.weight"
+    extra = "base_model.model.transformer.h.0.attn.c_proj.toy_d"
     _rewrite(tmp_path, lambda t: t.__setitem__(extra, torch.zeros(8, 16)))
     model = base_model("gpt2")
     before = state_of(model)
-    with pytest.raises(AdapterLoadError, match=r"fit no adapter tensor.*c_proj\.lora_A\.weight"):
+    with pytest.raises(AdapterLoadError, match=r"fit no adapter tensor.*c_proj\.toy_d"):
         grafting.PeftModel.from_pretrained(model, tmp_path)
     _assert_untouched(model, before)
     relaxed = grafting.PeftModel.from_pretrained(base_model("gpt2"), tmp_path, strict=False)
@@ -273,7 +255,7 @@ def test_unexpected_keys_fail_a_strict_load(tmp_path: Path) -> None:
 
 def test_missing_keys_fail_the_load(tmp_path: Path) -> None:
     adapted("gpt2").save_pretrained(tmp_path)
-    missing = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    missing = "base_model.model.transformer.h.1.attn.c_attn.toy_d"
     _rewrite(tmp_path, lambda t: t.pop(missing))
     for strict in (True, False):
         model = base_model("gpt2")
@@ -284,8 +266,8 @@ def test_missing_keys_fail_the_load(tmp_path: Path) -> None:
 
 
 def test_a_failing_load_adapter_leaves_the_model_unchanged(tmp_path: Path) -> None:
-    adapted("llama", lora("llama", r=4)).save_pretrained(tmp_path)
-    (tmp_path / CONFIG).write_text(lora("llama", r=2).to_json_string())  # the file's tensors have r=4
+    adapted("llama").save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.__setitem__(V_PROJ_0, torch.zeros(4, 16)))  # a tensor of another shape
     model = adapted("llama")
     randomize(model, 1)
     out = logits(model, "llama")
@@ -302,8 +284,8 @@ def test_set_state_dict_checks_every_shape_before_writing() -> None:
     randomize(model, 1)
     before = _tensors(model)
     bad = {k: torch.ones_like(v) for k, v in before.items()}
-    bad["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = torch.ones(3, 3)
-    with pytest.raises(AdapterLoadError, match=r"layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
+    bad["base_model.model.model.layers.1.self_attn.v_proj.toy_d"] = torch.ones(3, 3)
+    with pytest.raises(AdapterLoadError, match=r"layers\.1\.self_attn\.v_proj\.toy_d"):
         set_peft_model_state_dict(model, bad)
     assert_identical(_tensors(model), before, "adapter after a refused load")
 
@@ -311,17 +293,17 @@ def test_set_state_dict_checks_every_shape_before_writing() -> None:
 # -- low_cpu_mem_usage -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_low_cpu_mem_usage_keeps_adapters_on_meta_until_loaded(arch: str) -> None:
-    source = adapted(arch, lora(arch, target_modules="all-linear", use_dora=True))
+    source = adapted(arch, toy(arch, target_modules="all-linear"))
     randomize(source, 4)
     model = grafting.get_peft_model(base_model(arch), source.peft_config["default"], low_cpu_mem_usage=True)
     params = dict(model.named_parameters())
-    lora_params = {n: p for n, p in params.items() if ".lora_" in n}
-    assert lora_params
-    assert all(p.is_meta for p in lora_params.values())
-    assert not any(p.is_meta for n, p in params.items() if n not in lora_params)
+    toy_params = {n: p for n, p in params.items() if ".toy_" in n}
+    assert toy_params
+    assert all(p.is_meta for p in toy_params.values())
+    assert not any(p.is_meta for n, p in params.items() if n not in toy_params)
     result = set_peft_model_state_dict(model, _tensors(source))
     assert result.missing_keys == []
     assert result.unexpected_keys == []
     assert not any(p.is_meta for p in model.parameters())
-    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".toy_" in n)
     assert_close(logits(model, arch), logits(source, arch), changed_from=base_logits(arch), msg="materialized adapter")

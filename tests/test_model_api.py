@@ -1,8 +1,11 @@
-"""The wrappers' API: dtypes, parameter counts, inject_adapter_in_model, task classes, mixed stacks."""
+"""The wrappers' API: dtypes, parameter counts, inject_adapter_in_model, task classes, mixed stacks.
+
+On the toy methods (tests/toy_methods.py); LoRA's bfloat16 logits against PEFT's are
+plugins/lora/tests/test_lora_model_api.py.
+"""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,66 +16,30 @@ from torch import nn
 import grafting
 from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close, assert_identical
-from tests.helpers import (
-    ARCHS,
-    EMBEDDING,
-    LINEAR,
-    adapted,
-    adapter_params,
-    base_logits,
-    base_model,
-    logits,
-    lora,
-    randomize,
-    state_of,
-)
+from tests.helpers import ARCHS, LINEAR, adapter_params, base_logits, base_model, logits, randomize, state_of, toy
+from tests.helpers import toy_adapted as adapted
 from tests.toy_methods import ToyDeltaConfig, ToyInputConfig, ToyOutputConfig, ToyPlugin
+
+pytestmark = pytest.mark.usefixtures("toy_methods")
 
 
 # -- dtypes -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_adapter_dtype_on_a_half_precision_base(arch: str, dtype: torch.dtype) -> None:
-    config = lora(arch, target_modules=[*LINEAR[arch][:2], EMBEDDING[arch]])
+    config = toy(arch, target_modules=LINEAR[arch][:2])
     model = grafting.get_peft_model(base_model(arch).to(dtype), config)
-    lora_params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    assert {p.dtype for p in lora_params.values()} == {torch.float32}
-    assert {p.dtype for n, p in model.named_parameters() if n not in lora_params} == {dtype}  # heads copied as is
+    toy_params = {n: p for n, p in model.named_parameters() if ".toy_" in n}
+    assert {p.dtype for p in toy_params.values()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if n not in toy_params} == {dtype}  # heads copied as is
     randomize(model, 1)
     assert logits(model, arch).dtype == dtype
     plain = grafting.get_peft_model(base_model(arch).to(dtype), config, autocast_adapter_dtype=False)
-    assert {p.dtype for n, p in plain.named_parameters() if ".lora_" in n} == {dtype}
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_a_bfloat16_base_gives_peft_logits(arch: str, use_dora: bool, tmp_path: Path) -> None:
-    """float32 adapters on a bfloat16 base with ``precision="adapter"``: the delta is computed and added in
-    float32 and rounded once, as PEFT does (PEFT reads the file, ignoring the option it lacks)."""
-    import peft
-
-    config = lora(arch, target_modules=[*LINEAR[arch][:2], EMBEDDING[arch]] if not use_dora else "all-linear")
-    options = {**_fields(config, use_dora), "precision": "adapter"}
-    model = grafting.get_peft_model(base_model(arch).to(torch.bfloat16), lora(arch, **options))
-    randomize(model, 2)
-    model.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(base_model(arch).to(torch.bfloat16), str(tmp_path))
-    base = logits(base_model(arch).to(torch.bfloat16), arch)
-    assert_close(logits(model, arch), logits(theirs, arch), changed_from=base, msg="bfloat16 logits")
-    loaded = grafting.PeftModel.from_pretrained(base_model(arch).to(torch.bfloat16), tmp_path)
-    assert loaded.peft_config["default"].precision == "adapter"
-    assert {p.dtype for n, p in loaded.named_parameters() if ".lora_" in n} == {torch.float32}
-    assert_close(logits(loaded, arch), logits(model, arch), changed_from=base, msg="reloaded bfloat16 logits")
-
-
-def _fields(config: Any, use_dora: bool) -> dict[str, Any]:
-    return {"target_modules": config.target_modules, "use_dora": use_dora}
+    assert {p.dtype for n, p in plain.named_parameters() if ".toy_" in n} == {dtype}
 
 
 def test_a_float64_base_gets_float64_adapters() -> None:
-    model = grafting.get_peft_model(base_model("llama").double(), lora("llama"))
+    model = grafting.get_peft_model(base_model("llama").double(), toy("llama"))
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert logits(model, "llama").dtype == torch.float64
 
@@ -80,19 +47,19 @@ def test_a_float64_base_gets_float64_adapters() -> None:
 # -- parameter counts ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_get_nb_trainable_parameters(arch: str) -> None:
-    model = adapted(arch, lora(arch, target_modules="all-linear", r=3))
+    model = adapted(arch, toy(arch, target_modules="all-linear", scale=0.3))
     trainable, total = model.get_nb_trainable_parameters()
     owned = adapter_params(model)
     assert trainable == sum(p.numel() for p in owned.values())
     assert total == sum(p.numel() for p in base_model(arch).parameters()) + trainable
-    model.add_adapter("second", lora(arch, r=2))  # inactive: counted in all, not in trainable
+    model.add_adapter("second", toy(arch, scale=0.2))  # inactive: counted in all, not in trainable
     trainable_after, total_after = model.get_nb_trainable_parameters()
     assert trainable_after == trainable
     assert total_after == total + sum(p.numel() for p in adapter_params(model, "second").values())
 
 
 def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:
-    model = adapted("llama", lora("llama", r=2))
+    model = adapted("llama", toy("llama", scale=0.2))
     trainable, total = model.get_nb_trainable_parameters()
     model.print_trainable_parameters()
     assert capsys.readouterr().out == (
@@ -104,14 +71,14 @@ def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inject_adapter_in_model(arch: str) -> None:
     model = base_model(arch)
-    config = lora(arch, target_modules="all-linear", task_type=None)
+    config = toy(arch, target_modules="all-linear", task_type=None)
     returned = grafting.inject_adapter_in_model(config, model)
     assert returned is model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLayer)}
     assert layers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable
-    assert all(".adapters.default.lora_" in n for n in trainable)
+    assert all(".adapters.default.toy_" in n for n in trainable)
     # the same adapters through get_peft_model give the same output
     wrapped = adapted(arch, config)
     for path, layer in wrapped.base_model.adapted_layers():
@@ -134,7 +101,7 @@ def test_inject_adapter_in_model(arch: str) -> None:
 )
 def test_task_class_follows_task_type(task_type: str | None, klass: type, tmp_path: Path) -> None:
     base = _model_for(task_type)
-    config = grafting.LoraConfig(task_type=task_type, target_modules=["query", "value"])
+    config = ToyDeltaConfig(task_type=task_type, target_modules=["query", "value"])
     model = grafting.get_peft_model(base, config)
     assert type(model) is klass
     model.save_pretrained(tmp_path)
@@ -168,7 +135,7 @@ def test_a_class_asked_for_is_kept(tmp_path: Path) -> None:
 
 def test_the_wrapper_forwards_attributes_to_the_model() -> None:
     base = base_model("llama")
-    model = grafting.get_peft_model(base, lora("llama"))
+    model = grafting.get_peft_model(base, toy("llama"))
     assert model.get_base_model() is base
     assert model.config is base.config
     assert model.active_peft_config is model.peft_config["default"]
@@ -178,10 +145,11 @@ def test_the_wrapper_forwards_attributes_to_the_model() -> None:
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _mixed(toy_methods: ToyPlugin, use_dora: bool = False) -> Any:
-    model = grafting.get_peft_model(
-        base_model("llama", torch.float64), lora("llama", target_modules=TARGETS, use_dora=use_dora), mixed=True
-    )
+def _mixed(toy_methods: ToyPlugin, reads_base_weight: bool = False) -> Any:
+    """A float64 mixed stack: "default" (a delta that may read the layer's own weight, as DoRA does), another
+    delta, an output and an input adapter on the same layers."""
+    default = ToyDeltaConfig(target_modules=TARGETS, scale=0.1, reads_base_weight=reads_base_weight)
+    model = grafting.get_peft_model(base_model("llama", torch.float64), default, mixed=True)
     model.add_adapter("delta", ToyDeltaConfig(target_modules=TARGETS, scale=0.05))
     model.add_adapter("out", ToyOutputConfig(target_modules=TARGETS))
     model.add_adapter("in", ToyInputConfig(target_modules=TARGETS))
@@ -214,8 +182,8 @@ def test_a_mixed_stack_merges_to_its_forward(toy_methods: ToyPlugin) -> None:
     assert_close(logits(plain, "llama"), out, changed_from=base, msg="merged and unloaded")
 
 
-def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyPlugin) -> None:
-    model = _mixed(toy_methods, use_dora=True)
+def test_an_adapter_reading_the_weight_does_not_merge_beside_an_input_adapter(toy_methods: ToyPlugin) -> None:
+    model = _mixed(toy_methods, reads_base_weight=True)
     out = logits(model, "llama")
     before = state_of(model)
     with pytest.raises(grafting.MergeError, match="own weight"):
@@ -225,7 +193,7 @@ def test_a_dora_adapter_does_not_merge_beside_an_input_adapter(toy_methods: ToyP
     out = logits(model, "llama")
     model.merge_adapter()
     base = base_logits("llama", dtype=torch.float64)
-    assert_close(logits(model, "llama"), out, changed_from=base, msg="DoRA, delta and output merged")
+    assert_close(logits(model, "llama"), out, changed_from=base, msg="weight reader, delta and output merged")
 
 
 def test_a_mixed_model_saves_and_loads_back(toy_methods: ToyPlugin, tmp_path: Path) -> None:

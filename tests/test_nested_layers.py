@@ -1,7 +1,7 @@
 """Adapted layers inside adapted layers: matching, names on disk, forward, routing, unload.
 
 A toy method adapts a whole MLP block (its delta calls the block's own
-``up_proj`` and ``down_proj``); LoRA adapts ``up_proj`` inside it. The core
+``up_proj`` and ``down_proj``); TOY_DELTA (tests/toy_methods.py) adapts ``up_proj`` inside it. The core
 must treat the inner layer as in a plain model whatever the order of adding.
 """
 
@@ -22,6 +22,9 @@ from grafting.model.layer import AdaptedLayer
 from grafting.model.matching import candidate_modules, logical_path, physical_path
 from grafting.testing import assert_close
 from tests.helpers import base_logits, base_model, inputs, logits, randomize
+from tests.toy_methods import ToyDeltaConfig
+
+pytestmark = pytest.mark.usefixtures("toy_methods")
 
 
 @attrs.define(kw_only=True)
@@ -61,22 +64,24 @@ def toy_block() -> Iterator[None]:
     grafting.unregister_plugin(plugin)
 
 
-LORA = {"r": 2, "target_modules": ["up_proj"], "init_lora_weights": False}
+INNER = {"target_modules": ["up_proj"], "scale": 0.3}
 
 
 def nested(order: str) -> Any:
-    """Llama with the toy block on layer 1's mlp and LoRA on every up_proj, added in ``order``."""
+    """Llama with the toy block on layer 1's mlp and TOY_DELTA on every up_proj, added in ``order``."""
     block = ToyBlockConfig(target_modules=["layers.1.mlp"])
-    lora = grafting.LoraConfig(**LORA)
-    first, second = (("block", block), ("lora", lora)) if order == "block-first" else (("lora", lora), ("block", block))
+    inner = ToyDeltaConfig(**INNER)
+    first, second = (
+        (("block", block), ("inner", inner)) if order == "block-first" else (("inner", inner), ("block", block))
+    )
     model = get_peft_model(base_model("llama"), first[1], adapter_name=first[0], mixed=True)
     model.add_adapter(second[0], second[1])
-    model.set_adapter(["block", "lora"])
-    randomize(model, seed=1, adapter_name="lora")
+    model.set_adapter(["block", "inner"])
+    randomize(model, seed=1, adapter_name="inner")
     return model
 
 
-ORDERS = ["block-first", "lora-first"]
+ORDERS = ["block-first", "inner-first"]
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -97,7 +102,7 @@ def test_inner_names_are_the_plain_models_and_convert_both_ways(order: str) -> N
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_forward_composes_through_the_inner_adapter_and_keys_are_those_of_lora_alone(order: str) -> None:
+def test_forward_composes_through_the_inner_adapter_and_keys_are_those_of_the_inner_alone(order: str) -> None:
     model = nested(order)
     mlp = model.base_model.model.model.layers[1].mlp
     assert isinstance(mlp, AdaptedLayer)
@@ -106,8 +111,8 @@ def test_forward_composes_through_the_inner_adapter_and_keys_are_those_of_lora_a
     with torch.no_grad():
         expected = mlp.base_layer(x) + 0.5 * mlp.base_layer.down_proj(mlp.base_layer.up_proj(x))
         assert_close(mlp(x), expected, changed_from=mlp.base_layer(x), msg="block output")
-    alone = get_peft_model(base_model("llama"), grafting.LoraConfig(**LORA))
-    assert sorted(get_peft_model_state_dict(model, adapter_name="lora")) == sorted(get_peft_model_state_dict(alone))
+    alone = get_peft_model(base_model("llama"), ToyDeltaConfig(**INNER))
+    assert sorted(get_peft_model_state_dict(model, adapter_name="inner")) == sorted(get_peft_model_state_dict(alone))
     assert sorted(get_peft_model_state_dict(model, adapter_name="block")) == [
         "base_model.model.model.layers.1.mlp.toy_block_s"
     ]
@@ -131,14 +136,14 @@ def test_delete_the_outer_adapter_keeps_the_inner_one() -> None:
     mlp = model.base_model.model.model.layers[1].mlp
     assert not isinstance(mlp, AdaptedLayer)
     assert isinstance(mlp.up_proj, AdaptedLayer)
-    assert sorted(get_peft_model_state_dict(model, adapter_name="lora")) == sorted(
-        get_peft_model_state_dict(get_peft_model(base_model("llama"), grafting.LoraConfig(**LORA)))
+    assert sorted(get_peft_model_state_dict(model, adapter_name="inner")) == sorted(
+        get_peft_model_state_dict(get_peft_model(base_model("llama"), ToyDeltaConfig(**INNER)))
     )
 
 
 def test_routed_samples_see_only_their_adapter_in_nested_layers() -> None:
     model = nested("block-first")
-    names = ["block", "lora", "__base__"]
+    names = ["block", "inner", "__base__"]
     batch = inputs("llama", batch=3)
     with torch.no_grad():
         routed = model(**batch, adapter_names=names).logits
@@ -151,4 +156,4 @@ def test_routed_samples_see_only_their_adapter_in_nested_layers() -> None:
                 model.set_adapter(name)
                 alone = model(**one).logits
             assert_close(routed[i : i + 1], alone, msg=f"sample routed to {name}")
-    model.set_adapter(["block", "lora"])
+    model.set_adapter(["block", "inner"])

@@ -17,6 +17,7 @@ from grafting.testing import (
     tiny_model,
     tolerance,
 )
+from tests.toy_methods import ToyDeltaConfig
 
 
 def _rounded_differently(x: torch.Tensor) -> torch.Tensor:
@@ -106,17 +107,18 @@ def test_close_compares_nested_outputs() -> None:
         assert_close({**second, "loss": second.loss + 1e-3}, first)
 
 
+@pytest.mark.usefixtures("toy_methods")
 def test_close_with_changed_from_fails_when_the_adapter_has_no_effect() -> None:
     base = tiny_model("llama")
     inputs = sample_inputs("llama")
     expected_base = model_output(base, inputs)
-    model = grafting.get_peft_model(tiny_model("llama"), grafting.LoraConfig(target_modules=["q_proj", "v_proj"]))
-    # a fresh LoRA (B = 0) is a no-op: its output equals the base, so it proves nothing
+    model = grafting.get_peft_model(tiny_model("llama"), ToyDeltaConfig(target_modules=["q_proj", "v_proj"], scale=0.0))
+    # an adapter of zeros (D = 0) is a no-op: its output equals the base, so it proves nothing
     with pytest.raises(AssertionError, match="no-op"):
         assert_close(model_output(model, inputs), model_output(model, inputs), changed_from=expected_base)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "toy_d" in name:
                 p.normal_(0, 0.5)
     adapted = model_output(model, inputs)
     assert_close(_rounded_differently(adapted), adapted, changed_from=expected_base)

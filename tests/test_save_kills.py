@@ -1,7 +1,7 @@
 """Saves killed at random moments: the folder loads as exactly the old or exactly the new save.
 
-A forked child saves generation after generation of a three-adapter mixed model (LoRA with another
-``r`` and ``lora_alpha`` each time, a second LoRA, IA3) into one folder, or merges with
+A forked child saves generation after generation of a three-adapter mixed model of toy methods
+(tests/toy_methods.py: TOY_DELTA with another ``scale`` each time, a second TOY_DELTA, TOY_OUTPUT) into one folder, or merges with
 ``grafting merge --out``; the test kills it with SIGKILL at a random moment of a save and checks
 that every adapter in the folder is bit for bit the one of the last finished generation or of the
 one being saved, all of the same generation, with nothing left over once the next save has run. ``GRAFTING_KILLS`` raises the
@@ -29,8 +29,12 @@ import grafting
 from grafting.io.state_dict import get_peft_model_state_dict
 from grafting.io.transaction import JOURNAL_NAME, STAGING_PREFIX, reading
 from tests.helpers import base_model
+from tests.toy_methods import ToyDeltaConfig, ToyOutputConfig
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")  # every CI runner has it
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),  # every CI runner has it
+    pytest.mark.usefixtures("toy_methods"),  # registered before the fork: the child inherits them
+]
 
 KILLS = int(os.environ.get("GRAFTING_KILLS", "24"))
 MERGE_KILLS = max(1, KILLS // 4)
@@ -38,18 +42,12 @@ NAMES = ("default", "second", "third")
 
 
 def generation(g: int) -> Any:
-    """The mixed model of generation ``g``: the default LoRA's rank and alpha change with ``g``."""
+    """The mixed model of generation ``g``: the default adapter's config (its scale) changes with ``g``."""
     model = grafting.get_peft_model(
-        base_model("llama"),
-        grafting.LoraConfig(
-            r=1 + g % 3, lora_alpha=2 + g, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-        ),
-        mixed=True,
+        base_model("llama"), ToyDeltaConfig(scale=0.1 * (1 + g % 3), target_modules=["q_proj", "v_proj"]), mixed=True
     )
-    model.add_adapter("second", grafting.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
-    model.add_adapter(
-        "third", grafting.IA3Config(target_modules=["o_proj", "down_proj"], feedforward_modules=["down_proj"])
-    )
+    model.add_adapter("second", ToyDeltaConfig(target_modules=["k_proj"]))
+    model.add_adapter("third", ToyOutputConfig(target_modules=["o_proj", "down_proj"]))
     gen = torch.Generator().manual_seed(g)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -185,12 +183,10 @@ def test_merges_killed_at_random_moments_leave_the_old_or_the_new_model(tmp_path
     adapters = {}
     for g in range(4):
         adapters[g] = tmp_path / f"adapter{g}"
-        model = grafting.get_peft_model(
-            base_model("llama"), grafting.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
-        )
+        model = grafting.get_peft_model(base_model("llama"), ToyDeltaConfig(target_modules=["q_proj"]))
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "lora_" in name:
+                if "toy_" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(g)))
         model.save_pretrained(adapters[g])
     wants = {}

@@ -24,12 +24,12 @@ from grafting.testing import assert_close, assert_identical
 from tests.helpers import (
     ATTENTION,
     LINEAR,
-    adapted,
     base_logits,
     base_model,
     logits,
     loss_inputs,
 )
+from tests.helpers import toy_adapted as adapted
 from tests.toy_methods import ToyBank, ToyDeltaConfig, ToyPlugin, ToySharedConfig, ToySharedDelta
 
 

@@ -9,21 +9,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import TrainingArguments
 
 import grafting
 from grafting.integrations.transformers import Trainer
 from grafting.testing import assert_close, assert_identical
-from tests.helpers import base_model
+from tests.helpers import base_model, randomize
+from tests.toy_methods import ToyDeltaConfig
 from tests.training.common import lm_dataset, trainer_args
+
+pytestmark = pytest.mark.usefixtures("toy_methods")  # the adapters here are TOY_DELTA (tests/toy_methods.py)
 
 
 def two_adapters(seed: int) -> Any:
-    """LoRA "default" (active, trained) and a second LoRA "other" (inactive, so untrained), seeded."""
-    torch.manual_seed(seed)
-    model = grafting.get_peft_model(base_model("llama"), grafting.LoraConfig(r=2, target_modules=["q_proj"]))
-    model.add_adapter("other", grafting.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    """TOY_DELTA "default" (active, trained) and a second one, "other" (inactive, so untrained), seeded."""
+    model = grafting.get_peft_model(base_model("llama"), ToyDeltaConfig(target_modules=["q_proj"]))
+    model.add_adapter("other", ToyDeltaConfig(target_modules=["v_proj"]))
+    randomize(model, seed)
     return model
 
 

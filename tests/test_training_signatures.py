@@ -16,7 +16,10 @@ import torch
 
 import grafting
 from grafting.testing import assert_close
-from tests.helpers import ARCHS, adapted, base_model, inputs, logits, lora, randomize
+from tests.helpers import ARCHS, base_model, inputs, logits, randomize, toy
+from tests.helpers import toy_adapted as adapted
+
+pytestmark = pytest.mark.usefixtures("toy_methods")  # the adapters here are TOY_DELTA (tests/toy_methods.py)
 
 TASK_CLASSES = [
     "PeftModel",
@@ -74,7 +77,7 @@ def test_plain_transformers_trainer_keeps_columns_and_evaluates(tmp_path: Path) 
     ids = torch.randint(4, 64, (8, 6), generator=torch.Generator().manual_seed(0))
     rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
     data = Dataset.from_dict({**rows, "text": ["unused"] * 8})  # a column the model does not take: dropped
-    model = grafting.get_peft_model(base_model("llama"), lora("llama", init_lora_weights=True))
+    model = grafting.get_peft_model(base_model("llama"), toy("llama"))
     args = TrainingArguments(
         str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True
     )

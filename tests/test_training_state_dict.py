@@ -2,28 +2,25 @@
 
 This is how a sharded model is saved (gather a full state dict on one rank, then save from it), so the
 semantics are PEFT's: the dict is the whole model's, keyed as ``model.state_dict()``; the result is what
-PEFT returns for the same adapter and the same dict.
+PEFT returns for the same adapter and the same dict (plugins/lora/tests/test_lora_state_dict.py compares random
+LoRA adapters with PEFT's; here the toy methods of tests/toy_methods.py).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import grafting
 from grafting.io.state_dict import get_peft_model_state_dict
 from grafting.testing import assert_identical
-from tests.helpers import ARCHS, adapted, base_model, files_under, lora_configs, randomize
+from tests.helpers import base_model, files_under, randomize, toy
+from tests.helpers import toy_adapted as adapted
 
-WRAPPER_INTERNALS = re.compile(r"\.(modules_to_save|original_module)\.")
-EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+pytestmark = pytest.mark.usefixtures("toy_methods")
 
 
 def shifted(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,35 +28,9 @@ def shifted(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v * 2 + 1 if v.is_floating_point() else v for k, v in state.items()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@EXAMPLES
-@given(data=st.data())
-def test_given_state_dict_gives_what_peft_gives(arch: str, data: st.DataObject, tmp_path_factory: Any) -> None:
-    import peft
-
-    config = data.draw(lora_configs(arch))
-    model = adapted(arch, config)
-    randomize(model, 3)
-    folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(folder)
-    theirs = peft.PeftModel.from_pretrained(base_model(arch), str(folder))
-
-    # (save_embedding_layers: PEFT's "auto" adds the embeddings when targeted; that choice is not what is tested here)
-    ours = get_peft_model_state_dict(model, state_dict=shifted(model.state_dict()), save_embedding_layers=False)
-    expected = peft.get_peft_model_state_dict(
-        theirs, state_dict=shifted(theirs.state_dict()), save_embedding_layers=False
-    )
-    # With bias="all" PEFT also returns a head wrapper's internals (`.modules_to_save.bias`, a copy of the saved
-    # head's bias, and `.original_module.bias`, the frozen one); grafting writes the head's tensors once.
-    expected = {k: v.contiguous() for k, v in expected.items() if not WRAPPER_INTERNALS.search(k)}
-    assert_identical(ours, expected, msg="adapter from the given state dict")
-    own = get_peft_model_state_dict(model, save_embedding_layers=False)
-    assert any(not torch.equal(own[k], ours[k]) for k in own)  # taken from the dict, not from the model
-
-
 def test_save_pretrained_writes_the_given_tensors(tmp_path: Path) -> None:
     model = adapted("llama", None, modules_to_save=["lm_head"])
-    model.add_adapter("second", grafting.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+    model.add_adapter("second", toy("llama", scale=0.2, target_modules=["k_proj"]))
     randomize(model, 5)
     given_state = shifted(model.state_dict())
     model.save_pretrained(tmp_path / "given", state_dict=given_state)
@@ -74,8 +45,8 @@ def test_save_pretrained_writes_the_given_tensors(tmp_path: Path) -> None:
 
 def test_a_state_dict_without_the_adapter_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     model = adapted("llama")
-    partial = {k: v for k, v in model.state_dict().items() if "lora_B" not in k}
-    with pytest.raises(grafting.StateDictKeyError, match=r"lora_B\.weight") as info:
+    partial = {k: v for k, v in model.state_dict().items() if "toy_d" not in k}
+    with pytest.raises(grafting.StateDictKeyError, match=r"toy_d") as info:
         model.save_pretrained(tmp_path / "out", state_dict=partial)
     assert isinstance(info.value, KeyError)  # what PEFT's users catch for a missing key
     assert not (tmp_path / "out").exists()

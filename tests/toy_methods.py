@@ -25,6 +25,7 @@ from grafting.model.weights import add_to_weight, in_out_features, is_hf_conv1d,
 class ToyDeltaConfig(AdapterConfig):
     peft_type: ClassVar[str] = "TOY_DELTA"
     scale: float = 0.1
+    reads_base_weight: bool = False  # declare, as DoRA does, that merging reads the layer's own weight
 
 
 @attrs.define(kw_only=True)
@@ -54,10 +55,11 @@ def _random(*shape: int, seed: int, scale: float, around: float = 0.0) -> nn.Par
 class ToyDelta(DeltaAdapter):
     """``delta = D x`` with a dense random ``D``."""
 
-    def __init__(self, base_layer: nn.Module, scale: float, seed: int) -> None:
+    def __init__(self, base_layer: nn.Module, scale: float, seed: int, reads_base_weight: bool = False) -> None:
         super().__init__()
         n_in, n_out = in_out_features(base_layer)
         self.toy_d = _random(n_out, n_in, seed=seed, scale=scale)
+        self.reads_base_weight = reads_base_weight
 
     def forward(self, x: torch.Tensor, call: grafting.LayerCall) -> torch.Tensor:
         return F.linear(x.to(self.toy_d.dtype), self.toy_d).to(call.base_out.dtype)
@@ -193,7 +195,7 @@ class ToyPlugin:
             assert isinstance(shared, ToyBank)
             return ToySharedDelta(base_layer, shared, seed)
         if isinstance(config, ToyDeltaConfig):
-            return ToyDelta(base_layer, config.scale, seed)
+            return ToyDelta(base_layer, config.scale, seed, config.reads_base_weight)
         if isinstance(config, ToyOutputConfig):
             return ToyOutput(base_layer, seed)
         if isinstance(config, ToyInputConfig):

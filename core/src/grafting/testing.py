@@ -16,7 +16,11 @@ make two forwards differ.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import math
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +29,8 @@ from torch import nn
 
 from grafting.api.peft_model import PeftModel
 from grafting.errors import AdapterStateError
+from grafting.io.state_dict import get_peft_model_state_dict
+from grafting.io.transaction import is_bookkeeping
 from grafting.model.layer import AdaptedLayer, Site
 from grafting.model.routing import BASE
 
@@ -118,6 +124,217 @@ def model_output(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The logits of a forward pass, without gradients."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def untied_tiny_gpt2(seed: int = 0) -> nn.Module:
+    """:func:`tiny_gpt2` with an ``lm_head`` of its own (not tied to ``wte``): a merge there leaves ``wte`` alone."""
+    from transformers import GPT2LMHeadModel
+
+    config: Any = tiny_gpt2().config
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def pixel_inputs(
+    batch: int = 2, channels: int = 3, size: int = 8, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """Seeded ``{"pixel_values": (batch, channels, size, size)}``: keyword inputs for a small convolutional model."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, channels, size, size, generator=gen, dtype=dtype)}
+
+
+def logits_loss(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """A differentiable scalar of a forward pass (the sum of the squared logits), for gradient checks."""
+    return model(**inputs).logits.square().sum()
+
+
+# -- float64 models of a plugin's numerical tests ------------------------------------------------------------
+Inputs = Any  # keyword inputs (a dict of tensors), or one tensor for a plain module
+
+
+def float64_model(arch: str, seed: int = 0, conv_net: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """A seeded float64 model in eval mode, where rounding cannot hide a wrong formula.
+
+    ``"conv"`` is ``conv_net()`` (a small convolutional model of your own, built after seeding torch),
+    ``"gpt2-untied"`` is :func:`untied_tiny_gpt2`, any other name is :func:`tiny_model`.
+    """
+    if arch == "conv":
+        if conv_net is None:
+            raise ValueError('float64_model("conv") needs conv_net')
+        torch.manual_seed(seed)
+        return conv_net().to(torch.float64).eval()
+    if arch == "gpt2-untied":
+        return untied_tiny_gpt2(seed).to(torch.float64)
+    return tiny_model(arch, seed=seed).to(torch.float64)
+
+
+def float64_inputs(arch: str, seed: int = 0, pixels: tuple[int, ...] = (2, 3, 8, 8)) -> Inputs:
+    """Inputs of :func:`float64_model` ``(arch)``: for ``"conv"`` one seeded float64 tensor of shape ``pixels``,
+    else :func:`sample_inputs` (2 rows of 5 tokens)."""
+    if arch == "conv":
+        return torch.randn(*pixels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
+
+
+def run_output(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """:func:`model_output` for keyword inputs; ``model(inputs)`` for a tensor. Without gradients."""
+    if isinstance(inputs, torch.Tensor):
+        with torch.no_grad():
+            return model(inputs)
+    return model_output(model, inputs)
+
+
+def output_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """A differentiable scalar of a forward pass on :func:`run_output`'s inputs: the sum of squared outputs."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs).square().sum()
+    return logits_loss(model, inputs)
+
+
+# -- one seeded model per architecture, and the targets suites adapt on it ---------------------------------
+#: The PEFT ``task_type`` of each tiny architecture's model class.
+TASK_TYPES: dict[str, str] = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+#: Per architecture: a few attention projections (``target_modules`` by leaf name).
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "t5": ["q", "v"],
+}
+#: Per architecture: every linear (or GPT-2 ``Conv1D``) layer of the blocks, by leaf name.
+LINEAR_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+}
+#: Per architecture: a ``target_modules`` regex that picks a few layers of some blocks only.
+REGEX_TARGETS: dict[str, str] = {
+    "llama": r".*\.layers\.1\.(self_attn\.(k|o)_proj|mlp\.up_proj)",
+    "gpt2": r".*\.h\.\d+\.mlp\.c_(fc|proj)",
+    "bert": r".*encoder\.layer\.\d+\.(attention\.self\.key|output\.dense)",
+    "t5": r"(encoder|decoder)\.block\.0\..*\.(k|wo)",
+}
+#: The input embedding of each architecture, by leaf name. GPT-2 and T5 tie it to the output head.
+INPUT_EMBEDDINGS: dict[str, str] = {
+    "llama": "embed_tokens",
+    "gpt2": "wte",
+    "bert": "word_embeddings",
+    "t5": "embed_tokens",
+}
+#: Architectures whose input embedding is its own weight (merging into it changes nothing else).
+UNTIED_EMBEDDINGS = ("llama", "bert")
+
+
+@functools.cache
+def _seeded_model(arch: str) -> nn.Module:
+    return tiny_model(arch)
+
+
+def base_model(arch: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A fresh copy of the seeded :func:`tiny_model` of ``arch`` (built once per process), in ``dtype`` if given.
+
+    Float64 copies make the tightest checks of merging and routing: float32's rounding, which
+    random adapters amplify, can neither hide a wrong result nor fake one there.
+    """
+    model = copy.deepcopy(_seeded_model(arch))
+    return model if dtype is None else model.to(dtype)
+
+
+def batch_inputs(arch: str, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`sample_inputs` of ``batch`` rows of 5 tokens: the batch :func:`logits` runs."""
+    return sample_inputs(arch, batch=batch, length=5, seed=seed)
+
+
+def logits(model: nn.Module, arch: str, batch: int = 3, **kwargs: Any) -> torch.Tensor:
+    """:func:`model_output` of ``model`` on :func:`batch_inputs` (with extra keyword inputs, e.g. ``adapter_names``)."""
+    return model_output(model, {**batch_inputs(arch, batch), **kwargs})
+
+
+def base_logits(arch: str, batch: int = 3, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`logits` of the plain :func:`base_model` of ``arch``: what a disabled or no-op adapter must give."""
+    return logits(_seeded_model(arch) if dtype is None else base_model(arch, dtype), arch, batch)
+
+
+def loss_inputs(arch: str) -> dict[str, torch.Tensor]:
+    """:func:`batch_inputs` with labels (class ids for BERT, the tokens otherwise), for a real loss."""
+    batch = batch_inputs(arch)
+    if arch == "bert":
+        batch["labels"] = torch.tensor([0, 2, 1])
+    elif arch == "t5":
+        batch["labels"] = batch["decoder_input_ids"]
+    else:
+        batch["labels"] = batch["input_ids"]
+    return batch
+
+
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module.state_dict()``: compare it after an operation that should restore it."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def saved_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The files of a saved adapter folder (sorted paths relative to it), less the lock grafting keeps there."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(root, n), folder) for n in names if not is_bookkeeping(n)]
+    return sorted(out)
+
+
+def check_save_load_round_trip(
+    model: PeftModel,
+    rebuild: Callable[[], nn.Module],
+    run: Callable[[nn.Module], torch.Tensor],
+    folder: str | os.PathLike[str],
+    safe_serialization: bool = True,
+) -> None:
+    """``model`` (a PeftModel with its ``"default"`` adapter) saved and loaded back onto ``rebuild()`` is the same.
+
+    The folder holds exactly PEFT's three files; the loaded model computes ``run(model)`` (up to rounding,
+    and far from the bare base's ``run(rebuild())``), holds bit-identical adapter tensors and the same config
+    (``inference_mode`` set), and is in eval mode with nothing trainable. Randomize the adapter first.
+    """
+    out = run(model)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    weights = "adapter_model.safetensors" if safe_serialization else "adapter_model.bin"
+    assert saved_files(folder) == sorted(["README.md", "adapter_config.json", weights])
+    loaded = PeftModel.from_pretrained(rebuild(), folder)
+    assert_close(run(loaded), out, changed_from=run(rebuild()), msg="reloaded output")
+    assert_identical(get_peft_model_state_dict(loaded), get_peft_model_state_dict(model), "adapter tensors")
+    config = model.peft_config["default"].to_dict()
+    assert loaded.peft_config["default"].to_dict() == {**config, "inference_mode": True}
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def edit_saved_config(folder: str | os.PathLike[str], **changes: Any) -> None:
+    """Rewrite the ``adapter_config.json`` saved in ``folder`` with ``changes``: a file as a user or another
+    tool might leave it, for tests of what loading refuses."""
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data.update(changes)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+
+
+# -- the PEFT oracle ------------------------------------------------------------------------------------------
+def oracle_config(config: Any) -> Any:
+    """The PEFT config with the same ``adapter_config.json`` content as a grafting config (needs ``peft``)."""
+    import peft
+
+    data = config.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_config(data)
+
+
+def oracle_model(arch: str, config: Any, adapter_name: str = "default") -> Any:
+    """PEFT's ``get_peft_model`` of :func:`oracle_config` on a fresh :func:`base_model` of ``arch`` (needs ``peft``)."""
+    import peft
+
+    return peft.get_peft_model(base_model(arch), oracle_config(config), adapter_name=adapter_name)
 
 
 # -- the numerics policy ----------------------------------------------------------------------------
@@ -281,11 +498,17 @@ def _prefixed(where: str) -> Callable[[str], str]:
 
 
 # -- helpers for a plugin's tests ---------------------------------------------------------------------------
-def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The parameters of layer adapters, shared states and model adapters (of one adapter if given), by name."""
+def adapter_parameters(
+    model: nn.Module, adapter_name: str | None = None, *, modules_to_save: bool = False
+) -> dict[str, torch.Tensor]:
+    """The parameters of layer adapters, shared states and model adapters (of one adapter if given), by name.
+
+    With ``modules_to_save``, the adapter's trained copies of whole modules (``modules_to_save``) too.
+    """
+    parts = (".adapters.", "shared_states.", "model_adapters.") + ((".modules_to_save.",) if modules_to_save else ())
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        for part in (".adapters.", "shared_states.", "model_adapters."):
+        for part in parts:
             if part in name:
                 owner = name.split(part, 1)[1].split(".", 1)[0]
                 if adapter_name is None or owner == adapter_name:
@@ -294,11 +517,54 @@ def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dic
 
 
 @torch.no_grad()
-def randomize_adapters(model: nn.Module, seed: int = 0, adapter_name: str | None = None, scale: float = 0.3) -> None:
-    """Add seeded noise to every adapter parameter, so that a fresh (identity) adapter does something."""
+def randomize_adapters(
+    model: nn.Module,
+    seed: int = 0,
+    adapter_name: str | None = None,
+    scale: float = 0.3,
+    *,
+    modules_to_save: bool = False,
+) -> None:
+    """Add seeded noise to every adapter parameter, so that a fresh (identity) adapter does something.
+
+    With ``modules_to_save``, to the adapter's trained copies of whole modules too (:func:`adapter_parameters`).
+    """
     gen = torch.Generator().manual_seed(seed)
-    for _, p in sorted(adapter_parameters(model, adapter_name).items()):
+    for _, p in sorted(adapter_parameters(model, adapter_name, modules_to_save=modules_to_save).items()):
         p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+
+
+@torch.no_grad()
+def randomize_named(model: nn.Module, keyword: str, seed: int = 0, scale: float = 0.3) -> None:
+    """Like :func:`randomize_adapters`, for every parameter whose name contains ``keyword`` (e.g. a PEFT model's)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if keyword in name:
+            p.add_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+
+
+def parameters_named(model: nn.Module, *markers: str, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The parameters whose name contains one of ``markers`` (say ``"lokr_"``), of a grafting or PEFT model, by name.
+
+    With ``adapter_name``, only that grafting adapter's (``….adapters.<adapter_name>.…``).
+    """
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if any(marker in name for marker in markers) and (adapter_name is None or f".adapters.{adapter_name}." in name)
+    }
+
+
+def peft_parameter_name(name: str) -> str:
+    """grafting's ``<layer>.adapters.<adapter>.<attribute>[.<rest>]`` as PEFT names that tensor.
+
+    PEFT keeps one dict per attribute, keyed by adapter: ``<layer>.<attribute>.<adapter>[.<rest>]``
+    (``q.adapters.default.lokr_w1`` is ``q.lokr_w1.default``; ``….oft_R.weight`` is ``….oft_R.default.weight``).
+    """
+    path, _, rest = name.partition(".adapters.")
+    adapter, _, local = rest.partition(".")
+    attribute, dot, tail = local.partition(".")
+    return f"{path}.{attribute}.{adapter}{dot}{tail}"
 
 
 def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -370,3 +636,65 @@ def check_layer_adapter_invariants(
     plain = copy.deepcopy(model).merge_and_unload(adapter_names=[adapter_name])  # type: ignore[operator]
     assert not any(isinstance(m, AdaptedLayer) for m in plain.modules()), "merge_and_unload left an adapted layer"
     merged_close(model_output(plain, inputs), out, "merge_and_unload output")
+
+
+def check_module_dropout(adapter: nn.Module, run: Callable[[], torch.Tensor], p: float = 0.5, draws: int = 12) -> None:
+    """``adapter``'s ``module_dropout`` (``p``) skips the whole adapter on the draws PEFT's LyCORIS methods make.
+
+    ``adapter`` is in train mode and ``run()`` returns its contribution to one forward (its delta, say).
+    Each forward draws one ``torch.rand(1)`` and the adapter is skipped (``run()`` is all zeros) when the
+    draw is at most ``p``; some draws must skip it and some not. In eval mode it is never skipped.
+    """
+    torch.manual_seed(5)
+    expected = [float(torch.rand(1)) <= p for _ in range(draws)]
+    torch.manual_seed(5)
+    skipped = [bool(torch.count_nonzero(run()) == 0) for _ in range(draws)]
+    assert skipped == expected, f"skipped on {skipped}, the draws say {expected}"
+    assert any(skipped), "the draws should skip the adapter sometimes"
+    assert not all(skipped), "the draws should not skip the adapter always"
+    adapter.eval()
+    assert all(torch.count_nonzero(run()) > 0 for _ in range(5)), "module dropout acted in eval mode"
+
+
+# -- checks against PEFT (need ``peft``) ---------------------------------------------------------------------
+def check_peft_loads_the_save(
+    model: PeftModel,
+    rebuild: Callable[[], nn.Module],
+    run: Callable[[nn.Module], torch.Tensor],
+    folder: str | os.PathLike[str],
+    other: str = "other",
+    **tolerance: float,
+) -> None:
+    """Saved by grafting, loaded by PEFT: the same outputs, adapter by adapter.
+
+    ``model`` (a PeftModel) holds ``"default"``, active, and a second adapter ``other``; ``rebuild()``
+    makes a fresh base model and ``run(model)`` its output (say, :func:`model_output` on fixed inputs).
+    Both adapters are saved into ``folder``, PEFT loads them onto ``rebuild()`` and must compute what
+    ``model`` computed with each (:func:`assert_close`, with ``tolerance``'s ``rtol``/``atol`` if given).
+    Leaves ``other`` active on ``model``.
+    """
+    import peft
+
+    expected = run(model)
+    model.set_adapter(other)
+    expected_other = run(model)
+    model.save_pretrained(folder)
+    theirs = peft.PeftModel.from_pretrained(rebuild(), folder)
+    assert_close(run(theirs), expected, changed_from=run(rebuild()), msg="default, loaded by PEFT", **tolerance)
+    theirs.load_adapter(os.path.join(folder, other), adapter_name=other)
+    theirs.set_adapter(other)
+    assert_close(run(theirs), expected_other, changed_from=expected, msg=f"{other}, loaded by PEFT", **tolerance)
+
+
+def assert_same_gradients(
+    ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor], rtol: float = 1e-9, atol: float = 1e-9
+) -> None:
+    """Every parameter in ``ours`` (grafting's, by name) has the gradient of PEFT's parameter of the same tensor.
+
+    ``theirs`` maps PEFT's names (:func:`peft_parameter_name`) to its parameters, after one backward pass
+    of the same loss on both models; the tolerance suits float64 models.
+    """
+    reference = {name: p.grad for name, p in theirs.items()}
+    for name, p in ours.items():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert_close(p.grad, reference[peft_parameter_name(name)], rtol=rtol, atol=atol, msg=name)

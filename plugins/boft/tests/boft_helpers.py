@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import float64_inputs, float64_model, output_loss, parameters_named, run_output
+from grafting.testing import peft_parameter_name as peft_key
+from grafting.testing import state_copy as weights_of
+from grafting.testing import untied_tiny_gpt2 as untied_gpt2
+
+__all__ = ["peft_key", "untied_gpt2", "weights_of"]
 
 F64 = torch.float64
 #: per architecture: the layers BOFT adapts there (GPT-2: lm_head, its one nn.Linear; PEFT refuses Conv1D)
@@ -58,52 +63,27 @@ class ConvNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def untied_gpt2(seed: int = 0) -> nn.Module:
-    """Tiny GPT-2 whose lm_head has its own weight: a merge there leaves wte alone."""
-    from transformers import GPT2LMHeadModel
-
-    config = tiny_model("gpt2").config
-    config.tie_word_embeddings = False
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
-
-
 def base(arch: str, seed: int = 0) -> nn.Module:
     """A float64 tiny model: one of grafting.testing's, ``gpt2-untied`` or ``conv``."""
-    if arch == "conv":
-        torch.manual_seed(seed)
-        return ConvNet().to(F64).eval()
-    if arch == "gpt2-untied":
-        return untied_gpt2(seed).to(F64)
-    return tiny_model(arch, seed=seed).to(F64)
+    return float64_model(arch, seed, ConvNet)
 
 
 def inputs(arch: str, seed: int = 0) -> Any:
-    if arch == "conv":
-        return torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
+    return float64_inputs(arch, seed, pixels=(2, 4, 6, 6))
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
-    if arch == "conv":
-        with torch.no_grad():
-            return model(inputs(arch, seed))
-    return model_output(model, inputs(arch, seed))
+    return run_output(model, inputs(arch, seed))
 
 
 def loss(model: nn.Module, arch: str) -> torch.Tensor:
-    if arch == "conv":
-        return model(inputs(arch)).square().sum()
-    return model(**inputs(arch)).logits.square().sum()
+    """A differentiable scalar of the model's output."""
+    return output_loss(model, inputs(arch))
 
 
 def boft_params(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every BOFT parameter of a grafting or PEFT model (of one grafting adapter if given), by name."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if ("boft_R" in name or "boft_s" in name) and (adapter is None or f".adapters.{adapter}." in name)
-    }
+    return parameters_named(model, "boft_R", "boft_s", adapter_name=adapter)
 
 
 @torch.no_grad()
@@ -113,14 +93,3 @@ def randomize(model: nn.Module, seed: int, adapter: str | None = None) -> None:
     for name, p in sorted(boft_params(model, adapter).items()):
         noise = torch.randn(p.shape, generator=gen, dtype=F64) * 0.3
         p.copy_((noise + (1.0 if "boft_s" in name else 0.0)).to(p.dtype))
-
-
-def peft_key(name: str) -> str:
-    """grafting's ``<path>.adapters.<adapter>.boft_R`` as PEFT names it: ``<path>.boft_R.<adapter>``."""
-    path, _, rest = name.partition(".adapters.")
-    adapter, _, local = rest.partition(".")
-    return f"{path}.{local}.{adapter}"
-
-
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

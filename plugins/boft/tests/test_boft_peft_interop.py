@@ -11,7 +11,7 @@ import torch
 from boft_helpers import TARGETS, base, boft_params, loss, output, peft_key, randomize, use_peft_butterflies, weights_of
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import assert_close
+from grafting.testing import assert_close, assert_same_gradients, check_peft_loads_the_save
 from grafting_boft import BOFTConfig
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64 against float64: far below any wrong rotation
@@ -67,15 +67,7 @@ def test_grafting_saves_peft_loads(arch: str, tmp_path) -> None:
     ours = get_peft_model(base(arch), BOFTConfig(**_options(arch, 1)))
     ours.add_adapter("other", BOFTConfig(**_options(arch, 0)))
     randomize(ours, 2)
-    expected = output(ours, arch)
-    ours.set_adapter("other")
-    expected_other = output(ours, arch)
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(base(arch), tmp_path)
-    assert_close(output(theirs, arch), expected, changed_from=output(base(arch), arch), **TOL, msg="default")
-    theirs.load_adapter(tmp_path / "other", adapter_name="other")
-    theirs.set_adapter("other")
-    assert_close(output(theirs, arch), expected_other, changed_from=expected, **TOL, msg="other")
+    check_peft_loads_the_save(ours, lambda: base(arch), lambda model: output(model, arch), tmp_path, **TOL)
 
 
 @pytest.mark.parametrize(("arch", "variant"), [("llama", 1), ("t5", 2), ("conv", 0)])
@@ -85,10 +77,7 @@ def test_training_gradients_equal_peft(arch: str, variant: int, tmp_path) -> Non
     ours = PeftModel.from_pretrained(base(arch), tmp_path, is_trainable=True).eval()
     loss(theirs, arch).backward()
     loss(ours, arch).backward()
-    reference = {n: p.grad for n, p in boft_params(theirs).items()}
-    for name, p in boft_params(ours).items():
-        assert p.grad is not None, name
-        assert_close(p.grad, reference[peft_key(name)], rtol=1e-9, atol=1e-9, msg=name)
+    assert_same_gradients(boft_params(ours), boft_params(theirs))
 
 
 def test_block_dropout_draws_as_peft_does(tmp_path) -> None:

@@ -8,7 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import logits_loss, model_output, parameters_named, pixel_inputs, sample_inputs, tiny_model
+from grafting.testing import peft_parameter_name as peft_key
+from grafting.testing import state_copy as weights_of
+
+__all__ = ["peft_key", "weights_of"]
 
 F64 = torch.float64
 #: What each architecture tunes: PEFT's defaults where it has them (None), else the norms by name.
@@ -60,10 +64,7 @@ def base(arch: str, seed: int = 0) -> nn.Module:
 
 
 def inputs(arch: str, seed: int = 0, batch: int = 2) -> dict[str, Any]:
-    if arch == "conv":
-        gen = torch.Generator().manual_seed(seed)
-        return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=gen, dtype=F64)}
-    return sample_inputs(arch, batch=batch, length=5, seed=seed)
+    return pixel_inputs(batch, seed=seed) if arch == "conv" else sample_inputs(arch, batch=batch, length=5, seed=seed)
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
@@ -71,16 +72,12 @@ def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
 
 
 def train_output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
-    return model(**inputs(arch, seed)).logits.square().sum()
+    return logits_loss(model, inputs(arch, seed))
 
 
 def copies(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every parameter of an LN-tuning copy in a grafting or PEFT model (of one grafting adapter if given)."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if ".ln_tuning_layers." in name and (adapter is None or f".adapters.{adapter}." in name)
-    }
+    return parameters_named(model, ".ln_tuning_layers.", adapter_name=adapter)
 
 
 @torch.no_grad()
@@ -89,15 +86,3 @@ def randomize(model: nn.Module, seed: int, adapter: str | None = None, scale: fl
     gen = torch.Generator().manual_seed(seed)
     for _, p in sorted(copies(model, adapter).items()):
         p.add_((torch.randn(p.shape, generator=gen, dtype=F64) * scale).to(p.dtype))
-
-
-def peft_key(name: str) -> str:
-    """grafting's ``<layer>.adapters.<adapter>.ln_tuning_layers.<p>`` as PEFT names it:
-    ``<layer>.ln_tuning_layers.<adapter>.<p>``."""
-    path, _, rest = name.partition(".adapters.")
-    adapter, _, local = rest.partition(".")
-    return f"{path}.ln_tuning_layers.{adapter}.{local.removeprefix('ln_tuning_layers.')}"
-
-
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import float64_inputs, float64_model, output_loss, parameters_named, run_output
+from grafting.testing import state_copy as weights_of
+
+__all__ = ["weights_of"]
 
 F64 = torch.float64
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,38 +40,22 @@ class ConvNet(nn.Module):
         return self.head(h.mean(-1))
 
 
-def conv_net(seed: int = 0) -> ConvNet:
-    torch.manual_seed(seed)
-    return ConvNet().to(F64).eval()
-
-
-def conv_input(seed: int = 0, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
 def base(arch: str, seed: int = 0) -> nn.Module:
     """A float64 tiny model: ``llama``, ``bert`` or ``conv``."""
-    if arch == "conv":
-        return conv_net(seed)
-    return tiny_model(arch, seed=seed).to(F64)
+    return float64_model(arch, seed, ConvNet)
 
 
 def inputs(arch: str, seed: int = 0) -> Any:
-    return conv_input(seed) if arch == "conv" else sample_inputs(arch, batch=2, length=5, seed=seed)
+    return float64_inputs(arch, seed)
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
-    if arch == "conv":
-        with torch.no_grad():
-            return model(inputs(arch, seed))
-    return model_output(model, inputs(arch, seed))
+    return run_output(model, inputs(arch, seed))
 
 
 def train_output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
     """A differentiable scalar of the model's output."""
-    if arch == "conv":
-        return model(inputs(arch, seed)).square().sum()
-    return model(**inputs(arch, seed)).logits.square().sum()
+    return output_loss(model, inputs(arch, seed))
 
 
 def targets(arch: str) -> list[str]:
@@ -77,11 +64,7 @@ def targets(arch: str) -> list[str]:
 
 def hada_params(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every LoHa parameter of a grafting or PEFT model (of one grafting adapter if given), by name."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if "hada_" in name and (adapter is None or f".adapters.{adapter}." in name)
-    }
+    return parameters_named(model, "hada_", adapter_name=adapter)
 
 
 @torch.no_grad()
@@ -90,11 +73,6 @@ def randomize(model: nn.Module, seed: int, adapter: str | None = None, scale: fl
     gen = torch.Generator().manual_seed(seed)
     for _, p in sorted(hada_params(model, adapter).items()):
         p.copy_((torch.randn(p.shape, generator=gen, dtype=F64) * scale).to(p.dtype))
-
-
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of a plain model's tensors."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def deepcopy(module: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 from loha_helpers import base, hada_params, output, randomize, targets, train_output, weights_of
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import assert_close
+from grafting.testing import assert_close, assert_same_gradients, check_peft_loads_the_save
 from grafting_loha import LoHaAdapter, LoHaConfig
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64 against float64: far below any wrong delta
@@ -66,16 +66,7 @@ def test_grafting_saves_peft_loads(arch: str, effective: bool, tmp_path) -> None
     ours = get_peft_model(base(arch), LoHaConfig(**_options(arch, effective)))
     ours.add_adapter("other", LoHaConfig(r=2, target_modules=targets(arch)[1:], init_weights=False))
     randomize(ours, 2)
-    expected = output(ours, arch)
-    ours.set_adapter("other")
-    expected_other = output(ours, arch)
-    ours.save_pretrained(tmp_path)
-
-    theirs = peft.PeftModel.from_pretrained(base(arch), tmp_path)
-    assert_close(output(theirs, arch), expected, changed_from=output(base(arch), arch), **TOL, msg="default")
-    theirs.load_adapter(tmp_path / "other", adapter_name="other")
-    theirs.set_adapter("other")
-    assert_close(output(theirs, arch), expected_other, changed_from=expected, **TOL, msg="other")
+    check_peft_loads_the_save(ours, lambda: base(arch), lambda model: output(model, arch), tmp_path, **TOL)
 
 
 def _cp_weight_by_autograd(t1, w1a, w1b, t2, w2a, w2b, scale):  # type: ignore[no-untyped-def]
@@ -100,10 +91,7 @@ def test_training_gradients_equal_peft(arch: str, effective: bool, path: str, tm
     ours.eval()
     train_output(theirs, arch).backward()
     train_output(ours, arch).backward()
-    reference = {n: p.grad for n, p in hada_params(theirs).items()}
-    for name, p in hada_params(ours).items():
-        assert p.grad is not None, name
-        assert_close(p.grad, reference[_peft_key(name)], rtol=1e-9, atol=1e-9, msg=name)
+    assert_same_gradients(hada_params(ours), hada_params(theirs))
 
 
 def test_rank_and_module_dropout_draw_as_peft_does(tmp_path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from lokr_helpers import TARGETS, TOL, base, lokr_params, output, peft_key, randomize, train_output, weights_of
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import assert_close
+from grafting.testing import assert_close, assert_same_gradients, check_peft_loads_the_save
 from grafting_lokr import LoKrConfig, LoKrLinear
 
 CONV2D = ["conv_a", "conv_b", "grouped", "conv_c"]
@@ -64,16 +64,7 @@ def test_grafting_saves_peft_loads(arch: str, extra: dict[str, Any], tmp_path) -
     ours = get_peft_model(base(arch), LoKrConfig(**_options(arch, extra)))
     ours.add_adapter("other", LoKrConfig(r=2, alpha=3, target_modules=TARGETS[arch][-1:], init_weights=False))
     randomize(ours, 2)
-    expected = output(ours, arch)
-    ours.set_adapter("other")
-    expected_other = output(ours, arch)
-    ours.save_pretrained(tmp_path)
-
-    theirs = peft.PeftModel.from_pretrained(base(arch), tmp_path)
-    assert_close(output(theirs, arch), expected, changed_from=output(base(arch), arch), **TOL, msg="default")
-    theirs.load_adapter(tmp_path / "other", adapter_name="other")
-    theirs.set_adapter("other")
-    assert_close(output(theirs, arch), expected_other, changed_from=expected, **TOL, msg="other")
+    check_peft_loads_the_save(ours, lambda: base(arch), lambda model: output(model, arch), tmp_path, **TOL)
 
 
 @pytest.mark.parametrize(("arch", "extra"), [c for c in CASES if c[0] in ("llama", "conv")])
@@ -89,10 +80,7 @@ def test_training_gradients_equal_peft(arch: str, extra: dict[str, Any], factore
     ours.eval()
     train_output(theirs, arch).backward()
     train_output(ours, arch).backward()
-    reference = {n: p.grad for n, p in lokr_params(theirs).items()}
-    for name, p in lokr_params(ours).items():
-        assert p.grad is not None, name
-        assert_close(p.grad, reference[peft_key(name)], rtol=1e-9, atol=1e-9, msg=name)
+    assert_same_gradients(lokr_params(ours), lokr_params(theirs))
 
 
 @pytest.mark.parametrize("rank_dropout_scale", [False, True])

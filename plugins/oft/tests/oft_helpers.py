@@ -7,7 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from grafting.testing import model_output, sample_inputs, tiny_model
+from grafting.testing import float64_inputs, float64_model, output_loss, parameters_named, run_output
+from grafting.testing import peft_parameter_name as peft_key
+from grafting.testing import state_copy as weights_of
+from grafting.testing import untied_tiny_gpt2 as untied_gpt2
+
+__all__ = ["peft_key", "untied_gpt2", "weights_of"]
 
 F64 = torch.float64
 #: per architecture: the layers OFT adapts there (GPT-2's linear layers are Conv1D, which PEFT's OFT refuses)
@@ -37,53 +42,27 @@ class ConvNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def untied_gpt2(seed: int = 0) -> nn.Module:
-    """Tiny GPT-2 whose lm_head has its own weight: a merge there leaves wte alone."""
-    from transformers import GPT2LMHeadModel
-
-    config = tiny_model("gpt2").config
-    config.tie_word_embeddings = False
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
-
-
 def base(arch: str, seed: int = 0) -> nn.Module:
     """A float64 tiny model: one of grafting.testing's, ``gpt2-untied`` or ``conv``."""
-    if arch == "conv":
-        torch.manual_seed(seed)
-        return ConvNet().to(F64).eval()
-    if arch == "gpt2-untied":
-        return untied_gpt2(seed).to(F64)
-    return tiny_model(arch, seed=seed).to(F64)
+    return float64_model(arch, seed, ConvNet)
 
 
 def inputs(arch: str, seed: int = 0) -> Any:
-    if arch == "conv":
-        return torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    return sample_inputs(arch.removesuffix("-untied"), batch=2, length=5, seed=seed)
+    return float64_inputs(arch, seed, pixels=(2, 4, 6, 6))
 
 
 def output(model: nn.Module, arch: str, seed: int = 0) -> torch.Tensor:
-    if arch == "conv":
-        with torch.no_grad():
-            return model(inputs(arch, seed))
-    return model_output(model, inputs(arch, seed))
+    return run_output(model, inputs(arch, seed))
 
 
 def loss(model: nn.Module, arch: str) -> torch.Tensor:
     """A differentiable scalar of the model's output."""
-    if arch == "conv":
-        return model(inputs(arch)).square().sum()
-    return model(**inputs(arch)).logits.square().sum()
+    return output_loss(model, inputs(arch))
 
 
 def oft_params(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """Every OFT weight of a grafting or PEFT model (of one grafting adapter if given), by name."""
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if ("oft_R" in name or "oft_embedding_R" in name) and (adapter is None or f".adapters.{adapter}." in name)
-    }
+    return parameters_named(model, "oft_R", "oft_embedding_R", adapter_name=adapter)
 
 
 @torch.no_grad()
@@ -92,15 +71,3 @@ def randomize(model: nn.Module, seed: int, adapter: str | None = None, scale: fl
     gen = torch.Generator().manual_seed(seed)
     for _, p in sorted(oft_params(model, adapter).items()):
         p.copy_((torch.randn(p.shape, generator=gen, dtype=F64) * scale).to(p.dtype))
-
-
-def peft_key(name: str) -> str:
-    """grafting's ``<path>.adapters.<adapter>.oft_R.weight`` as PEFT names it: ``<path>.oft_R.<adapter>.weight``."""
-    path, _, rest = name.partition(".adapters.")
-    adapter, _, local = rest.partition(".")
-    module, _, leaf = local.rpartition(".")
-    return f"{path}.{module}.{adapter}.{leaf}"
-
-
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

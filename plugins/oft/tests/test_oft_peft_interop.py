@@ -11,7 +11,7 @@ import torch
 from oft_helpers import ARCHS, TARGETS, base, loss, oft_params, output, peft_key, randomize, weights_of
 
 from grafting import PeftModel, get_peft_model
-from grafting.testing import assert_close
+from grafting.testing import assert_close, assert_same_gradients, check_peft_loads_the_save
 from grafting_oft import OFTConfig
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}  # float64 against float64: far below any wrong rotation
@@ -65,17 +65,8 @@ def test_grafting_saves_peft_loads(arch: str, tmp_path) -> None:
     names = PEFT_FORWARD_TARGETS[arch]
     ours = get_peft_model(base(arch), OFTConfig(**_options(arch, 0, PEFT_FORWARD_TARGETS)))
     ours.add_adapter("other", OFTConfig(r=2, oft_block_size=0, target_modules=names[:1], coft=True, eps=0.5))
-    randomize(ours, 2)
-    expected = output(ours, arch)
-    ours.set_adapter("other")
-    expected_other = output(ours, arch)  # COFT has projected the weights in place: the saved ones
-    ours.save_pretrained(tmp_path)
-
-    theirs = peft.PeftModel.from_pretrained(base(arch), tmp_path)
-    assert_close(output(theirs, arch), expected, changed_from=output(base(arch), arch), **TOL, msg="default")
-    theirs.load_adapter(tmp_path / "other", adapter_name="other")
-    theirs.set_adapter("other")
-    assert_close(output(theirs, arch), expected_other, changed_from=expected, **TOL, msg="other")
+    randomize(ours, 2)  # the check runs "other" before saving: COFT projects its weights in place, the saved ones
+    check_peft_loads_the_save(ours, lambda: base(arch), lambda model: output(model, arch), tmp_path, **TOL)
 
 
 @pytest.mark.parametrize(("arch", "variant"), [("llama", 0), ("t5", 1), ("conv", 0)])
@@ -85,10 +76,7 @@ def test_training_gradients_equal_peft(arch: str, variant: int, tmp_path) -> Non
     ours = PeftModel.from_pretrained(base(arch), tmp_path, is_trainable=True).eval()
     loss(theirs, arch).backward()
     loss(ours, arch).backward()
-    reference = {n: p.grad for n, p in oft_params(theirs).items()}
-    for name, p in oft_params(ours).items():
-        assert p.grad is not None, name
-        assert_close(p.grad, reference[peft_key(name)], rtol=1e-9, atol=1e-9, msg=name)
+    assert_same_gradients(oft_params(ours), oft_params(theirs))
 
 
 def test_coft_projects_the_weights_as_peft_does(tmp_path) -> None:
