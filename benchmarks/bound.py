@@ -482,7 +482,24 @@ def _routed(
     model.eval()
     four = run(infer(model, ids, adapter_names=names), args.warmup, args.steps)
     print(f"  4 adapters per sample: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x", flush=True)
+    if lib == "grafting":
+        with _gathered():
+            gathered = run(infer(model, ids, adapter_names=names), args.warmup, args.steps)
+        print(f"  (each sample's own factors gathered, the previous path: {gathered / one:.2f}x)", flush=True)
     return four, one
+
+
+@contextlib.contextmanager
+def _gathered() -> Any:
+    """grafting's routed LoRA layers on the gathered path (each sample's own padded factors), for comparison."""
+    import grafting_lora.layers as layers
+
+    kept = layers.MAX_COLUMNS
+    layers.MAX_COLUMNS = 0
+    try:
+        yield
+    finally:
+        layers.MAX_COLUMNS = kept
 
 
 def _routed_training(
@@ -508,6 +525,9 @@ def _routed_training(
 
     four = run(step, args.warmup, args.steps)
     print(f"  4 adapters routed in training: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x")
+    with _gathered():
+        gathered = run(step, args.warmup, args.steps)
+    print(f"  (each sample's own factors gathered, the previous path: {gathered / one:.2f}x)", flush=True)
     return four, one
 
 
