@@ -139,10 +139,12 @@ def _traced_step(layer: AdaptedLayer, tokens: int, n_in: int) -> tuple[_Ops, _Op
     return forward, backward
 
 
-@pytest.mark.parametrize(("dropout", "budget"), [(0.0, 25), (0.1, 33)])
+@pytest.mark.parametrize(("dropout", "budget"), [(0.0, 28), (0.1, 35)])
 def test_a_dora_layer_launches_few_ops_and_no_weight_sized_pass(dropout: float, budget: int) -> None:
     """Forward and backward of one DoRA layer (bf16, r 4): at most ``budget`` kernel-launching ops (LoRA's
-    is 14), none with an (out, in)-sized result when the activations are the smaller side."""
+    is 14; the scale is cast to the compute dtype before each activation-sized product, since a product
+    of two dtypes takes the GPU's slow converting kernel), none with an (out, in)-sized result when the
+    activations are the smaller side."""
     n_in, n_out, tokens = 48, 40, 6
     layer = _layer(n_in, n_out, 4, torch.bfloat16, False, dropout, 0)
     forward, backward = _traced_step(layer, tokens, n_in)
