@@ -145,7 +145,7 @@ def test_padding_keeps_the_outputs(saved: list[Path]) -> None:
 def test_signatures_are_peft_s() -> None:
     from peft.utils import hotswap as theirs
 
-    from tests.test_peft_api import assert_peft_signature
+    from tests.interop.test_peft_api import assert_peft_signature
 
     assert_peft_signature(theirs.hotswap_adapter, hotswap_adapter, "hotswap_adapter")
     assert_peft_signature(

@@ -2,7 +2,7 @@
 
 ``base(x) + lora_delta(x)`` = ``x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ``, in the layer's half precision:
 the base product is accumulated by ``addmm_`` into the low-rank product's output in forward
-(:func:`_products`, shared by every forward here), and the base's input gradient into the
+(:func:`lora_products`, shared by every forward here), and the base's input gradient into the
 adapter's input gradient in backward (the skinny product writes the output once, the
 compute-bound one reads it in its epilogue), so no elementwise pass over an activation is
 left and the whole layer is one node for autograd to run; dropout on the adapter's input
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 
-def _products(
+def lora_products(
     flat: torch.Tensor,
     h: torch.Tensor | None,
     weight: torch.Tensor,
@@ -64,9 +64,11 @@ def lora_linear(
     """
     flat = x.reshape(-1, x.shape[-1])
     if low is not None:
-        y, _ = _products(flat, None, weight, bias, None, lora_b.to(x.dtype), scaling, low.reshape(-1, low.shape[-1]))
+        y, _ = lora_products(
+            flat, None, weight, bias, None, lora_b.to(x.dtype), scaling, low.reshape(-1, low.shape[-1])
+        )
     else:
-        y, _ = _products(flat, flat, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
+        y, _ = lora_products(flat, flat, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -104,13 +106,13 @@ class LoraLinearFunction(torch.autograd.Function):
         if low is not None:  # x·Aᵀ computed with the siblings' products: A is not read here
             if dropout > 0:
                 raise ValueError("a precomputed low-rank product cannot be combined with dropout")
-            y, low = _products(flat, None, weight, bias, None, b, scaling, low.reshape(-1, low.shape[-1]))
+            y, low = lora_products(flat, None, weight, bias, None, b, scaling, low.reshape(-1, low.shape[-1]))
             ctx.save_for_backward(flat if ctx.needs_input_grad[1] else None, None, weight, None, b, low, None)
             ctx.low_shape = (*x.shape[:-1], low.shape[-1])
         else:
             a = lora_a.to(dtype)
             h, mask = torch.native_dropout(flat, dropout, True) if dropout > 0 else (flat, None)
-            y, low = _products(flat, h, weight, bias, a, b, scaling)
+            y, low = lora_products(flat, h, weight, bias, a, b, scaling)
             keep_x = mask is None or ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
             ctx.save_for_backward(flat if keep_x else None, h, weight, a, b, low, mask)
         ctx.scaling = scaling
@@ -279,7 +281,7 @@ class DoraLinearFunction(torch.autograd.Function):
             keep_x = ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
             ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, inv)
         else:
-            z, low = _products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
+            z, low = lora_products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
             y = _scaled(z, scale, bias)
             ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, inv)
         ctx.scaling = scaling

@@ -362,7 +362,7 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         Taken for a plain ``nn.Linear``/``Conv1D`` base in half precision, up to
         :data:`~grafting_lora.routed.MAX_COLUMNS` ranks side by side; else ``None`` (:meth:`add_grouped`).
         """
-        if torch.compiler.is_compiling() and not cls.node_when_compiling:
+        if torch.compiler.is_compiling() and cls.compiled_form != "node":  # the routed node is traced only as "node"
             return None
         weight = plain_linear_weight(base_layer)
         if weight is None or weight.dtype != x.dtype:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grafting_lora.fused import lora_products
+
 _NOTHING = (0,)  # the shape of an output that is not needed (a custom op returns tensors, never None)
 
 
@@ -36,9 +38,7 @@ def lora_linear_op(
         h, mask = torch.native_dropout(flat, dropout, True)
     else:
         h, mask = flat, flat.new_empty(_NOTHING, dtype=torch.bool)
-    low = h @ lora_a.to(x.dtype).t()
-    y = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
-    y.addmm_(low, lora_b.to(x.dtype).t(), alpha=scaling)  # accumulated in place: no activation-sized temporary
+    y, low = lora_products(flat, h, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
     kept = h if dropout > 0 else x.new_empty(_NOTHING)
     return y.view(*x.shape[:-1], y.shape[-1]), low, kept, mask
 
@@ -81,8 +81,8 @@ def lora_linear_backward_op(
     flat = x.reshape(-1, x.shape[-1])
     grad_low = (g @ b).mul_(scaling)  # (tokens, r): small
     grad_x, grad_w, grad_a, grad_b = (g.new_empty(_NOTHING) for _ in range(4))  # outputs never alias each other
-    if need_x and dropout <= 0:
-        grad_x = (g @ weight).addmm_(grad_low, a)
+    if need_x and dropout <= 0:  # the skinny product first, the base's accumulated onto it
+        grad_x = (grad_low @ a).addmm_(g, weight)
     elif need_x:  # the adapter's input gradient through the mask, the base's accumulated onto it
         dropped = torch.ops.aten.native_dropout_backward(grad_low @ a, mask, 1.0 / (1.0 - dropout))
         grad_x = dropped.addmm_(g, weight)
