@@ -189,18 +189,6 @@ def dora_norm_squared(
     return rows.view(-1).clamp_min_(0)
 
 
-def dora_row_norm(
-    weight: torch.Tensor,
-    weight_sq: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    cast_a: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Fast path of ``reference.dora_norm``: ``‖W + scaling·B·A‖`` per row in float32 (:func:`dora_norm_squared`)."""
-    return dora_norm_squared(weight, weight_sq, lora_a, lora_b, scaling, cast_a).sqrt_()
-
-
 def dora_inverse_norm(
     weight: torch.Tensor,
     weight_sq: torch.Tensor,

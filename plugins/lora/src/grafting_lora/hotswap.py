@@ -55,3 +55,15 @@ def swap_values(
     b_prefix = "lora_embedding_B" if embedding else "lora_B."  # B's weight and its bias carry the scaling
     scaled = {key: value.double() * ratio if key.startswith(b_prefix) else value for key, value in tensors.items()}
     return fit_state(adapter, scaled, EMBEDDING_RANK_DIMS if embedding else FACTOR_RANK_DIMS)
+
+
+class PairHotSwap:
+    """The protocol's hot-swap methods for LoRA's linear, embedding and convolution adapters (one A, one B)."""
+
+    def pad_rank(self, rank: int) -> None:
+        pad_pair(self, rank)
+
+    def hotswap_values(
+        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
+    ) -> dict[str, torch.Tensor]:
+        return swap_values(self, tensors, config, module_name)

@@ -26,7 +26,7 @@ from grafting.toolkit import (
     plain_linear_weight,
 )
 from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inverse_norm, dora_linear, lora_linear
-from grafting_lora.hotswap import pad_pair, swap_values
+from grafting_lora.hotswap import PairHotSwap
 from grafting_lora.init import Initialization, init_factors
 from grafting_lora.magnitude import DoraMagnitude, wide
 from grafting_lora.ops import lora_linear_node
@@ -110,7 +110,7 @@ def _side_by_side(
     return _kept(adapters, "side_by_side", dtype, device, lambda: side_by_side(lora_a, lora_b, dtype))
 
 
-class LoraLinear(DoraMagnitude, DeltaAdapter):
+class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
     """``delta = B(A(dropout(x))) · scaling`` for ``nn.Linear`` and ``Conv1D``; DoRA optional.
 
     :meth:`forward` is the reference (:mod:`grafting_lora.reference`, PEFT's order of
@@ -187,14 +187,6 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
     def delta_matrix(self) -> torch.Tensor:
         """``B·A·scaling`` as an (out, in) matrix."""
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
-
-    def pad_rank(self, rank: int) -> None:
-        pad_pair(self, rank)
-
-    def hotswap_values(
-        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
-    ) -> dict[str, torch.Tensor]:
-        return swap_values(self, tensors, config, module_name)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
         return compute_dtype(self.precision, self.lora_A.weight.dtype, x, where="LoRA")
@@ -404,7 +396,7 @@ class LoraLinear(DoraMagnitude, DeltaAdapter):
         base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scaling)
 
 
-class LoraEmbedding(DeltaAdapter):
+class LoraEmbedding(PairHotSwap, DeltaAdapter):
     """``delta = embed(x, Aᵀ) · Bᵀ · scaling`` for ``nn.Embedding`` (saved as lora_embedding_A/B)."""
 
     lora_convertible = True
@@ -426,14 +418,6 @@ class LoraEmbedding(DeltaAdapter):
     def delta_matrix(self) -> torch.Tensor:
         return delta_weight(self.lora_embedding_A, self.lora_embedding_B, self.scaling)
 
-    def pad_rank(self, rank: int) -> None:
-        pad_pair(self, rank)
-
-    def hotswap_values(
-        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
-    ) -> dict[str, torch.Tensor]:
-        return swap_values(self, tensors, config, module_name)
-
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """:func:`~grafting_lora.reference.lora_delta` with ``A`` applied as the base layer looks rows up."""
         base: nn.Embedding = call.base_layer  # type: ignore[assignment]
@@ -452,7 +436,7 @@ class LoraEmbedding(DeltaAdapter):
         add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
-class LoraConv(DeltaAdapter):
+class LoraConv(PairHotSwap, DeltaAdapter):
     """``delta = B(A(dropout(x))) · scaling`` for ``nn.Conv1d/2d/3d``: A a conv, B a 1×1 conv.
 
     ``A`` convolves with the base layer's kernel, stride, padding and dilation; on a grouped
@@ -507,14 +491,6 @@ class LoraConv(DeltaAdapter):
         a = self.lora_A.weight.flatten(1).unflatten(0, (groups, -1))  # (groups, r/groups, in·k)
         b = self.lora_B.weight.flatten(1).unflatten(0, (groups, -1))  # (groups, out/groups, r/groups)
         return (b @ a).flatten(0, 1) * self.scaling
-
-    def pad_rank(self, rank: int) -> None:
-        pad_pair(self, rank)
-
-    def hotswap_values(
-        self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
-    ) -> dict[str, torch.Tensor]:
-        return swap_values(self, tensors, config, module_name)
 
     def check_merge(self, base_layer: nn.Module) -> None:
         if self.lora_B.groups > 1:

@@ -30,7 +30,7 @@ reference for values and gradients (``tests/test_lora_fast_path.py``, ``tests/te
 * :mod:`grafting_lora.fused` — the base layer and its delta as one autograd node (and as plain
   ops without autograd): :class:`~grafting_lora.fused.LoraLinearFunction` for ``base(x) +
   lora_delta``, :class:`~grafting_lora.fused.DoraLinearFunction` for DoRA's layer, with
-  :func:`~grafting_lora.fused.dora_row_norm` the fast path of :func:`dora_norm`
+  :func:`~grafting_lora.fused.dora_norm_squared` the fast path of :func:`dora_norm` (squared)
   (``LoraLinear.fused_call``).
 
 ``LoraLinear.fused = False`` (on the class, or on one adapter) turns every fast path off: the
