@@ -21,8 +21,6 @@ import statistics
 
 import torch
 
-from grafting_lora.skinny_kernels import output_grad_products, output_grad_products_reference
-
 TOKENS, R = 8192, 16
 SHAPES = {"q/o (2048->2048)": (2048, 2048), "k/v (2048->256)": (2048, 256), "gate/up (2048->5632)": (2048, 5632)}
 SHAPES["down (5632->2048)"] = (5632, 2048)
@@ -46,18 +44,6 @@ def timed(fns: dict[str, object], rounds: int = 7, reps: int = 20) -> dict[str, 
             torch.cuda.synchronize()
             times[name].append(1000 * begin.elapsed_time(end) / reps)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def check_pair(k: int, n: int) -> str:
-    """The Triton pass against float64 products: relative errors of both results."""
-    g = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, R, device="cuda", dtype=torch.bfloat16)
-    low = torch.randn(TOKENS, R, device="cuda", dtype=torch.bfloat16)
-    grad_low, grad_b = output_grad_products(g, b, low, 2.0, torch.float32)
-    want_low, want_b = 2.0 * g.double() @ b.double(), 2.0 * g.double().t() @ low.double()
-    err_low = ((grad_low.double() - want_low).norm() / want_low.norm()).item()
-    err_b = ((grad_b.double() - want_b).norm() / want_b.norm()).item()
-    return f"pair check: rel err grad_low {err_low:.1e} ({grad_low.dtype}), grad_B {err_b:.1e} ({grad_b.dtype})"
 
 
 def layer_probe(k: int, n: int) -> dict[str, float]:
@@ -88,12 +74,6 @@ def layer_probe(k: int, n: int) -> dict[str, float]:
         "bwd gradB mm+cast": lambda i: (gs[i % SETS].t() @ lows[i % SETS]).float(),
         "cast A and B": lambda i: (a32.to(bf), b32.to(bf)),
     }
-    fns["bwd pair: g@B, g^T@low, casts"] = lambda i: output_grad_products_reference(
-        gs[i % SETS], b, lows[i % SETS], 2.0, torch.float32
-    )
-    fns["bwd pair: one Triton pass"] = lambda i: output_grad_products(
-        gs[i % SETS], b, lows[i % SETS], 2.0, torch.float32
-    )
     if has_out_dtype:
         fns["bwd gradA mm out_dtype"] = lambda i: torch.mm(glows[i % SETS].t(), xs[i % SETS], out_dtype=torch.float32)
         fns["bwd gradB mm out_dtype"] = lambda i: torch.mm(gs[i % SETS].t(), lows[i % SETS], out_dtype=torch.float32)
@@ -116,38 +96,10 @@ def adamw_probe() -> dict[str, float]:
     return out
 
 
-def pair_configs() -> None:
-    """The Triton pass's block sizes on the largest output gradient (gate/up) and on q's."""
-    from grafting_lora import skinny_kernels
-
-    default = dict(skinny_kernels.LAUNCH)
-    for n in (2048, 5632):
-        gs = [torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16) for _ in range(SETS)]
-        b = torch.randn(n, R, device="cuda", dtype=torch.bfloat16)
-        low = torch.randn(TOKENS, R, device="cuda", dtype=torch.bfloat16)
-        fns = {}
-        for bm in (32, 64, 128):
-            for bn in (64, 128):
-                for warps in (4, 8):
-                    launch = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 3}
-
-                    def fn(
-                        i: int, launch: dict = launch, gs: list = gs, b: torch.Tensor = b, low: torch.Tensor = low
-                    ) -> None:
-                        skinny_kernels.LAUNCH.update(launch)
-                        output_grad_products(gs[i % SETS], b, low, 2.0, torch.float32)
-
-                    fns[f"pair out {n} bm {bm} bn {bn} warps {warps}"] = fn
-        for name, us in timed(fns, rounds=5, reps=10).items():
-            print(f"  {name:40} {us:9.1f} us", flush=True)
-    skinny_kernels.LAUNCH.update(default)
-
-
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    pair_configs()
     for label, (k, n) in SHAPES.items():
-        print(f"--- {label}: tokens {TOKENS}, r {R}; {check_pair(k, n)}", flush=True)
+        print(f"--- {label}: tokens {TOKENS}, r {R}", flush=True)
         for name, us in layer_probe(k, n).items():
             print(f"  {name:32} {us:9.1f} us", flush=True)
     for name, us in adamw_probe().items():
