@@ -1,6 +1,7 @@
 """Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
 
 Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json] [--ops]
+[--rounds 3] [--profile bound,lora:grafting] [--saved]
 [--compile-mode max-autotune-no-cudagraphs] (compiled LoRA's forms: --methods lora,lora-node,lora-op)
 (also `nox -s bench -- --bound ...`).
 
@@ -8,14 +9,22 @@ The bound is the frozen base model's training forward plus its activation
 gradients (no adapter, no optimizer): what any adapter's step must at least do.
 A step of a variant is forward, backward and AdamW over the adapter weights;
 each figure is its CUDA-event median over ``--steps`` steps after warm-up,
-reported as a ratio to the bound measured in the same run (the compiled bound
-for compiled variants). Inference figures are no-grad forwards against the
-base's forward; the routed figure is four adapters routed per sample against
-one adapter. Peak memory is what a step allocates above what is resident. ``--ops`` adds each
+reported as a ratio to the bound measured in the same round (the compiled bound
+for compiled variants). A run is ``--rounds`` alternating rounds: the bound, then
+every variant (rebuilt each round, the order rotated a place each round so that
+none is always measured first); each figure is reported as its median over rounds,
+its fastest round (the lowest ratio) and the spread of its ratios. Inference
+figures are no-grad forwards against the base's forward; the routed figure is
+four adapters routed per sample against one adapter of the same round. Peak memory is what a step allocates above what is resident. ``--ops`` adds each
 eager step's count of kernel-launching aten ops (the host's work; the same on CPU and GPU).
 ``lora-ungrouped`` (and ``lora-bf16-ungrouped``) is the ``lora`` row with grafting's shared-input
 grouping off (q/k/v's and gate/up's A products one per layer); ``--no-grouping`` turns it off for
-every variant.
+every variant. ``--profile`` (``bound``, ``method:lib``; once, in the first round) prints a step's top
+kernels, its launches and ms per category (GEMM, casts/copies, dropout, optimizer, ...; see
+``kernel_categories.py``) beside the bound's, and its host wall against its kernel time; on the CPU the
+"kernels" are the aten ops. ``--saved`` adds the bytes autograd saves for backward in one step (each
+storage once; ``saved_activation_mib`` leaves out the parameters and the input): the bound's and each
+variant's, what the peak-memory row is mostly made of.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import functools
 import gc
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -355,12 +365,16 @@ def profile_step(step: Callable[[], None], device: str) -> StepProfile:
     if not cuda:
         kernels = [(_cpu_name(e), e.cpu_time_total / 1000) for e in events if _cpu_work(e)]
         return StepProfile(kernels, wall, float("nan"))
-    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return device_profile(events, wall)
+
+
+def device_profile(events: Any, wall_ms: float) -> StepProfile:
+    """The CUDA kernels (and copies) among a profiler's events, their device ms and span."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     span = 0.0
-    if device_events:
-        first = min(e.time_range.start for e in device_events)
-        span = (max(e.time_range.end for e in device_events) - first) / 1000
-    return StepProfile([(e.name, e.device_time / 1000) for e in device_events], wall, span)
+    if kernels:
+        span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1000
+    return StepProfile([(e.name, e.device_time / 1000) for e in kernels], wall_ms, span)
 
 
 def profile(
@@ -380,7 +394,8 @@ def profile(
         print(
             f"  host wall of the profiled step {found.wall_ms:.1f} ms (under the profiler), kernels' span "
             f"{found.span_ms:.1f} ms{timed}: kernels busy {found.kernel_ms / reference:.0%} of the "
-            f"{'timed step' if timed_ms is not None else 'wall'} (the rest the device waits for the host)",
+            f"{'timed step' if timed_ms is not None else 'wall'}, the device idle "
+            f"{reference - found.kernel_ms:.1f} ms waiting for the host (host-bound where that is large)",
             flush=True,
         )
     else:
@@ -504,7 +519,8 @@ class Series:
     def row(self) -> dict[str, Any]:
         """The JSON row: the median over rounds of the ms and of the ratio, the fastest round's, every round's."""
         ratios = [ms / against for ms, against in zip(self.rounds_ms, self.against_ms)]
-        fastest = min(range(len(ratios)), key=ratios.__getitem__)  # the round it stood lowest against its bound
+        # the round it stood lowest against its bound (of equal ratios, as the bound's own: the fastest)
+        fastest = min(range(len(ratios)), key=lambda i: (round(ratios[i], 9), self.rounds_ms[i]))
         median_ms = statistics.median(self.rounds_ms)
         median_ratio = statistics.median(ratios)
         peaks = [p for p in self.peaks if not math.isnan(p)]
@@ -621,7 +637,7 @@ class Bench:
         series.add(ms, against, peak, more)
         print(
             f"[round {self.round + 1}] {figure:28} {lib:9} {ms:9.2f} ms  {ms / against:5.2f}x  "
-            f"peak {peak:8.0f} MiB {more or ''}",
+            f"peak {peak:8.0f} MiB {_shown(more)}",
             flush=True,
         )
 
@@ -632,20 +648,22 @@ class Bench:
     def measure(self) -> list[dict[str, Any]]:
         """Every round, then the rows: medians over rounds, in the first round's order."""
         print(json.dumps(self.header), flush=True)
-        bound_model = copy.deepcopy(self.base)
-        _embeds_need_grad(bound_model, self.compiled)
-        for turn in range(self.args.rounds):
-            self.round = turn
-            self.measure_bound(bound_model)
-            for method, lib in rotated(self.variants(), self.round):
-                if (method, lib) not in self.skipped:
-                    self.measure_variant(method, lib)
-        del bound_model
+        try:
+            for turn in range(self.args.rounds):
+                self.round = turn
+                self.measure_bound()
+                for method, lib in rotated(self.variants(), self.round):
+                    if (method, lib) not in self.skipped:
+                        self.measure_variant(method, lib)
+        except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGTERM: report the rounds measured so far
+            print(f"interrupted in round {self.round + 1}: the figures below are over the rounds measured", flush=True)
         return [series.row() for series in self.series.values()]
 
-    def measure_bound(self, bound_model: nn.Module) -> None:
-        """This round's bound (frozen base forward and backward) and base forward."""
+    def measure_bound(self) -> None:
+        """This round's bound (frozen base forward and backward) and base forward, on a copy freed after."""
         args, run = self.args, self.run
+        bound_model = copy.deepcopy(self.base)
+        _embeds_need_grad(bound_model, self.compiled)
         if self.compiled:
             from torch._dynamo.utils import counters
 
@@ -666,7 +684,7 @@ class Bench:
         bound_model.eval()
         self.base_fwd = run(infer(target, self.ids), args.warmup, args.steps)
         self.record("base forward", "base", self.base_fwd, self.base_fwd)
-        del target, bound_step
+        del bound_model, target, bound_step
         self.release()
 
     def measure_variant(self, method: str, lib: str) -> None:
@@ -726,12 +744,15 @@ class Bench:
     def report(self, rows: list[dict[str, Any]]) -> None:
         """Each figure's median over rounds, fastest round and spread; the markdown summary; the JSON lines."""
         print(f"=== {self.args.rounds} rounds: median over rounds (ratios to the same round's bound)", flush=True)
+        bound_saved = next((row.get("saved_activation_mib") for row in rows if row["figure"] == "bound (train)"), None)
         for row in rows:
             low, high = min(row["rounds_ratio"]), max(row["rounds_ratio"])
+            saved = row.get("saved_activation_mib")
+            beside = f"  saved {saved:.1f} MiB (bound +{saved - bound_saved:.1f})" if saved and bound_saved else ""
             print(
                 f"{row['figure']:28} {row['lib']:9} {row['median_ms']:9.2f} ms  {row['ratio']:5.2f}x  "
                 f"fastest round {row['fastest_ratio']:5.2f}x ({row['fastest_ms']:.2f} ms)  rounds {low:.2f}-{high:.2f}x "
-                f"spread {row['spread']:5.1%}",
+                f"spread {row['spread']:5.1%}{beside}",
                 flush=True,
             )
         print("\n".join(["", *summary_table(rows), ""]), flush=True)
@@ -742,9 +763,25 @@ class Bench:
             print(f"rows appended to {self.args.json}", file=sys.stderr)
 
 
+def _shown(more: dict[str, Any]) -> str:
+    """A round's extra figures as printed: floats to two places."""
+    if not more:
+        return ""
+    return str({key: round(value, 2) if isinstance(value, float) else value for key, value in more.items()})
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     bench = Bench(parse(argv))
-    bench.report(bench.measure())
+    kept = signal.signal(signal.SIGTERM, _interrupt)  # a time limit's SIGTERM still gets the rounds measured
+    try:
+        rows = bench.measure()
+    finally:
+        signal.signal(signal.SIGTERM, kept)
+    bench.report(rows)
 
 
 def _routed(

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,33 @@ def test_rotated_starts_each_round_elsewhere() -> None:
     assert bound.rotated([], 3) == []
 
 
+def test_rounds_rotate_the_variants_and_an_interrupt_keeps_what_was_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = object.__new__(bound.Bench)  # the round loop alone: figures faked, no model built
+    bench.args = bound.parse(["--rounds", "3", "--methods", "a,b,c", "--libs", "grafting"])
+    bench.series, bench.skipped, bench.header, bench.round = {}, set(), {}, 0
+    order = []
+
+    def fake_bound(self: bound.Bench) -> None:
+        self.bound = 100.0 + 10 * self.round  # the bound drifts from round to round
+        self.record("bound (train)", "base", self.bound, self.bound)
+
+    def fake_variant(self: bound.Bench, method: str, lib: str) -> None:
+        if (self.round, method) == (2, "b"):
+            raise KeyboardInterrupt
+        order.append((self.round, method))
+        self.record(f"{method} step", lib, 1.25 * self.bound, self.bound)
+
+    monkeypatch.setattr(bound.Bench, "measure_bound", fake_bound)
+    monkeypatch.setattr(bound.Bench, "measure_variant", fake_variant)
+    rows = {row["figure"]: row for row in bench.measure()}
+    assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a")]
+    assert rows["a step"]["rounds_ms"] == [125.0, 137.5, 150.0]
+    assert rows["b step"]["rounds_ms"] == [125.0, 137.5]  # round 3 was interrupted before b
+    for figure in ("a step", "b step", "c step"):  # each round's figure against that round's bound
+        assert rows[figure]["rounds_ratio"] == [1.25] * len(rows[figure]["rounds_ms"])
+        assert rows[figure]["spread"] == 0.0
+
+
 def test_summary_table() -> None:
     series = bound.Series("dora step", "peft")
     series.add(200.0, 100.0, 1536.0, {})
@@ -145,6 +173,24 @@ def test_cpu_profile_sorts_a_step() -> None:
     assert found.wall_ms >= found.kernel_ms > 0
 
 
+def test_device_profile_keeps_the_device_events() -> None:
+    def event(name: str, device: torch.autograd.DeviceType, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end), device_time=end - start
+        )
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        event("aten::mm", cpu, 0.0, 9000.0),  # the host's op: not a kernel
+        event(next(iter(NAMES)), cuda, 1000.0, 3000.0),
+        event("Memcpy DtoD (Device -> Device)", cuda, 4000.0, 4500.0),
+    ]
+    found = bound.device_profile(events, wall_ms=9.0)
+    assert found.kernels == [(next(iter(NAMES)), 2.0), ("Memcpy DtoD (Device -> Device)", 0.5)]
+    assert found.kernel_ms == 2.5
+    assert found.span_ms == 3.5  # first start to last end, the gap between them included
+
+
 @pytest.mark.slow
 def test_rounds_on_the_tiny_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rows.json"
@@ -168,3 +214,4 @@ def test_rounds_on_the_tiny_preset(tmp_path: Path, capsys: pytest.CaptureFixture
     firsts = [line.split("]")[1].split()[:2] for line in printed.splitlines() if "step " in line and "[round" in line]
     assert firsts[0] != firsts[2]  # the second round measured the other variant first
     assert "| lora-bf16 step | grafting |" in printed
+    assert "(bound +" in printed  # the saved bytes beside the bound's
