@@ -654,7 +654,7 @@ class Bench:
                 self.measure_bound()
                 for method, lib in rotated(self.variants(), self.round):
                     if (method, lib) not in self.skipped:
-                        self.measure_variant(method, lib)
+                        self.measure_guarded(method, lib)
         except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGTERM: report the rounds measured so far
             print(f"interrupted in round {self.round + 1}: the figures below are over the rounds measured", flush=True)
         return [series.row() for series in self.series.values()]
@@ -686,6 +686,15 @@ class Bench:
         self.record("base forward", "base", self.base_fwd, self.base_fwd)
         del bound_model, target, bound_step
         self.release()
+
+    def measure_guarded(self, method: str, lib: str) -> None:
+        """One variant's round; out of memory, it is left out of the rounds after and the run goes on."""
+        try:
+            self.measure_variant(method, lib)
+        except torch.OutOfMemoryError as exc:
+            print(f"{method} {lib}: out of memory in round {self.round + 1}, left out from here ({exc})", flush=True)
+            self.skipped.add((method, lib))
+        self.release()  # after the handler: the failed round's frames (its model) are gone
 
     def measure_variant(self, method: str, lib: str) -> None:
         """This round's figures of one variant: its training step, and inference/routed rows where it has them."""

@@ -103,10 +103,10 @@ def test_rotated_starts_each_round_elsewhere() -> None:
     assert bound.rotated([], 3) == []
 
 
-def test_rounds_rotate_the_variants_and_an_interrupt_keeps_what_was_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rounds_rotate_the_variants_and_survive_running_out(monkeypatch: pytest.MonkeyPatch) -> None:
     bench = object.__new__(bound.Bench)  # the round loop alone: figures faked, no model built
-    bench.args = bound.parse(["--rounds", "3", "--methods", "a,b,c", "--libs", "grafting"])
-    bench.series, bench.skipped, bench.header, bench.round = {}, set(), {}, 0
+    bench.args = bound.parse(["--rounds", "3", "--methods", "a,b,c", "--libs", "grafting", "--device", "cpu"])
+    bench.series, bench.skipped, bench.header, bench.round, bench.compiled = {}, set(), {}, 0, False
     order = []
 
     def fake_bound(self: bound.Bench) -> None:
@@ -114,20 +114,26 @@ def test_rounds_rotate_the_variants_and_an_interrupt_keeps_what_was_measured(mon
         self.record("bound (train)", "base", self.bound, self.bound)
 
     def fake_variant(self: bound.Bench, method: str, lib: str) -> None:
+        if (self.round, method) == (1, "c"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
         if (self.round, method) == (2, "b"):
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # what a time limit's SIGTERM becomes
         order.append((self.round, method))
         self.record(f"{method} step", lib, 1.25 * self.bound, self.bound)
 
     monkeypatch.setattr(bound.Bench, "measure_bound", fake_bound)
     monkeypatch.setattr(bound.Bench, "measure_variant", fake_variant)
     rows = {row["figure"]: row for row in bench.measure()}
-    assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a")]
+    # each round starts a place further on; c, out of memory in round 2, is left out of round 3
+    assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "a"), (2, "a")]
     assert rows["a step"]["rounds_ms"] == [125.0, 137.5, 150.0]
     assert rows["b step"]["rounds_ms"] == [125.0, 137.5]  # round 3 was interrupted before b
+    assert rows["c step"]["rounds_ms"] == [125.0]
     for figure in ("a step", "b step", "c step"):  # each round's figure against that round's bound
         assert rows[figure]["rounds_ratio"] == [1.25] * len(rows[figure]["rounds_ms"])
         assert rows[figure]["spread"] == 0.0
+    assert rows["bound (train)"]["rounds_ms"] == [100.0, 110.0, 120.0]
+    assert rows["bound (train)"]["fastest_ms"] == 100.0
 
 
 def test_summary_table() -> None:
