@@ -1,6 +1,7 @@
 """Every layer method against the hardware bound, grafting beside PEFT, eager and compiled, in one run.
 
 Usage: python benchmarks/bound.py [--preset 1b|8b|tiny] [--part eager|compile] [--json out.json] [--ops]
+[--rounds 3] [--profile bound,lora:grafting] [--saved]
 [--compile-mode max-autotune-no-cudagraphs] (compiled LoRA's forms: --methods lora,lora-node,lora-op)
 (also `nox -s bench -- --bound ...`).
 
@@ -8,14 +9,22 @@ The bound is the frozen base model's training forward plus its activation
 gradients (no adapter, no optimizer): what any adapter's step must at least do.
 A step of a variant is forward, backward and AdamW over the adapter weights;
 each figure is its CUDA-event median over ``--steps`` steps after warm-up,
-reported as a ratio to the bound measured in the same run (the compiled bound
-for compiled variants). Inference figures are no-grad forwards against the
-base's forward; the routed figure is four adapters routed per sample against
-one adapter. Peak memory is what a step allocates above what is resident. ``--ops`` adds each
+reported as a ratio to the bound measured in the same round (the compiled bound
+for compiled variants). A run is ``--rounds`` alternating rounds: the bound, then
+every variant (rebuilt each round, the order rotated a place each round so that
+none is always measured first); each figure is reported as its median over rounds,
+its fastest round (the lowest ratio) and the spread of its ratios. Inference
+figures are no-grad forwards against the base's forward; the routed figure is
+four adapters routed per sample against one adapter of the same round. Peak memory is what a step allocates above what is resident. ``--ops`` adds each
 eager step's count of kernel-launching aten ops (the host's work; the same on CPU and GPU).
 ``lora-ungrouped`` (and ``lora-bf16-ungrouped``) is the ``lora`` row with grafting's shared-input
 grouping off (q/k/v's and gate/up's A products one per layer); ``--no-grouping`` turns it off for
-every variant.
+every variant. ``--profile`` (``bound``, ``method:lib``; once, in the first round) prints a step's top
+kernels, its launches and ms per category (GEMM, casts/copies, dropout, optimizer, ...; see
+``kernel_categories.py``) beside the bound's, and its host wall against its kernel time; on the CPU the
+"kernels" are the aten ops. ``--saved`` adds the bytes autograd saves for backward in one step (each
+storage once; ``saved_activation_mib`` leaves out the parameters and the input): the bound's and each
+variant's, what the peak-memory row is mostly made of.
 """
 
 from __future__ import annotations
@@ -23,14 +32,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
+import functools
 import gc
 import json
+import math
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import kernel_categories
 import torch
 from torch import nn
 
@@ -275,23 +289,159 @@ def wrap(lib_name: str, libs: dict[str, Any], base: nn.Module, method: str, r: i
     return model
 
 
-def profile(step: Callable[[], None], label: str) -> None:
-    """Print one step's top kernels by device time and its number of kernel launches."""
+def _cpu_op(event: Any) -> str:
+    return event.name.removeprefix("aten::")
+
+
+@functools.cache
+def _decomposes(op: str) -> bool:
+    """Whether aten ``op`` is only a composition of other ops (CompositeImplicitAutograd in every overload)."""
+    try:
+        overloads = getattr(torch.ops.aten, op).overloads()
+    except (AttributeError, RuntimeError):
+        return False
+    implicit = []
+    for overload in overloads:
+        with contextlib.suppress(RuntimeError):  # an overload the dispatcher does not know (TorchScript's)
+            name = f"aten::{op}" if overload == "default" else f"aten::{op}.{overload}"
+            implicit.append(torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd"))
+    return bool(implicit) and all(implicit)
+
+
+def _dispatched(event: Any) -> bool:
+    """An aten op that reaches a kernel of its own (what :func:`count_ops` counts), not a composition."""
+    return event.name.startswith("aten::") and not _decomposes(_cpu_op(event))
+
+
+def _cpu_work(event: Any) -> bool:
+    """A dispatched aten op called by none (its calls -- a copy inside addmm -- are part of its kernel), not a view."""
+    if not _dispatched(event) or _cpu_op(event) in NO_KERNEL | {"detach_"}:
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if _dispatched(parent):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def _cpu_name(event: Any) -> str:
+    """The op's name, ``Optimizer.step/`` in front when the optimizer called it."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step"):
+            return f"Optimizer.step/{event.name}"
+        parent = parent.cpu_parent
+    return event.name
+
+
+@dataclasses.dataclass
+class StepProfile:
+    """One profiled step: its kernels (name, ms), the host's wall time and the kernels' span (first start to last end)."""
+
+    kernels: list[tuple[str, float]]
+    wall_ms: float
+    span_ms: float
+
+    @property
+    def kernel_ms(self) -> float:
+        return sum(ms for _, ms in self.kernels)
+
+
+def profile_step(step: Callable[[], None], device: str) -> StepProfile:
+    """Profile one step: its CUDA kernels, or on the CPU its outermost dispatched aten ops (their time)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.device_time for e in kernels) / 1000
-    print(f"--- profile {label}: {len(kernels)} kernels, {total:.1f} ms of kernel time", flush=True)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = 1000 * (time.perf_counter() - start)
+    events = prof.events()
+    if not cuda:
+        kernels = [(_cpu_name(e), e.cpu_time_total / 1000) for e in events if _cpu_work(e)]
+        return StepProfile(kernels, wall, float("nan"))
+    return device_profile(events, wall)
+
+
+def device_profile(events: Any, wall_ms: float) -> StepProfile:
+    """The CUDA kernels (and copies) among a profiler's events, their device ms and span."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    span = 0.0
+    if kernels:
+        span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1000
+    return StepProfile([(e.name, e.device_time / 1000) for e in kernels], wall_ms, span)
+
+
+def profile(
+    step: Callable[[], None],
+    label: str,
+    device: str = "cuda",
+    against: StepProfile | None = None,
+    timed_ms: float | None = None,
+) -> StepProfile:
+    """Print one step's top kernels, its launches per category (beside ``against``'s, the bound's) and host time."""
+    found = profile_step(step, device)
+    unit = "kernels" if device.startswith("cuda") else "aten ops (CPU)"
+    print(f"--- profile {label}: {len(found.kernels)} {unit}, {found.kernel_ms:.1f} ms of kernel time", flush=True)
+    timed = f"; the timed median step {timed_ms:.1f} ms" if timed_ms is not None else ""
+    if device.startswith("cuda"):
+        reference = timed_ms if timed_ms is not None else found.wall_ms
+        print(
+            f"  host wall of the profiled step {found.wall_ms:.1f} ms (under the profiler), kernels' span "
+            f"{found.span_ms:.1f} ms{timed}: kernels busy {found.kernel_ms / reference:.0%} of the "
+            f"{'timed step' if timed_ms is not None else 'wall'}, the device idle "
+            f"{reference - found.kernel_ms:.1f} ms waiting for the host (host-bound where that is large)",
+            flush=True,
+        )
+    else:
+        print(
+            f"  host wall of the profiled step {found.wall_ms:.1f} ms{timed}: the ops' own work "
+            f"{found.kernel_ms / found.wall_ms:.0%} of the wall (the rest Python, dispatch, autograd)",
+            flush=True,
+        )
     by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name[:90], []).append(e.device_time / 1000)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:14]
-    for name, times in top:
+    for name, ms in found.kernels:
+        by_name.setdefault(name[:90], []).append(ms)
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:14]:
         print(f"  {sum(times):8.2f} ms {len(times):5d}x  {name}", flush=True)
+    mine = kernel_categories.tally(found.kernels)
+    if against is None:
+        print(f"  {'category':17} {'n':>8} {'ms':>8}", flush=True)
+        for category, (n, ms) in mine.items():
+            if n:
+                print(f"  {category:17} {n:8d} {ms:8.2f}", flush=True)
+    else:
+        print("\n".join(kernel_categories.side_by_side(kernel_categories.tally(against.kernels), mine)), flush=True)
+    return found
+
+
+def saved_for_backward(step: Callable[[], None], resident: list[torch.Tensor]) -> dict[str, float]:
+    """What autograd saves for backward in one step, each storage once: all of it, and what is not resident.
+
+    ``resident`` (the model's parameters and buffers, the input) is memory the step does not add;
+    the rest is activations held from the forward to the backward -- most of the peak-memory row.
+    """
+    own = {t.untyped_storage().data_ptr() for t in resident}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    added = [n for ptr, n in storages.items() if ptr not in own]
+    return {
+        "saved_mib": sum(storages.values()) / 2**20,
+        "saved_activation_mib": sum(added) / 2**20,
+        "saved_storages": len(storages),
+    }
 
 
 #: aten ops that launch no kernel (views, allocations): left out of :func:`count_ops`
@@ -348,7 +498,72 @@ def dynamo_counts() -> dict[str, int]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclasses.dataclass
+class Series:
+    """One figure over the rounds: its ms and, round by round, the ms it is a ratio to (measured in that round)."""
+
+    figure: str
+    lib: str
+    rounds_ms: list[float] = dataclasses.field(default_factory=list)
+    against_ms: list[float] = dataclasses.field(default_factory=list)
+    peaks: list[float] = dataclasses.field(default_factory=list)
+    more: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def add(self, ms: float, against: float, peak: float, more: dict[str, Any]) -> None:
+        self.rounds_ms.append(ms)
+        self.against_ms.append(against)
+        self.peaks.append(peak)
+        for key, value in more.items():  # the first round's counts (ops, saved bytes) stand for every round
+            self.more.setdefault(key, value)
+
+    def row(self) -> dict[str, Any]:
+        """The JSON row: the median over rounds of the ms and of the ratio, the fastest round's, every round's."""
+        ratios = [ms / against for ms, against in zip(self.rounds_ms, self.against_ms)]
+        # the round it stood lowest against its bound (of equal ratios, as the bound's own: the fastest)
+        fastest = min(range(len(ratios)), key=lambda i: (round(ratios[i], 9), self.rounds_ms[i]))
+        median_ms = statistics.median(self.rounds_ms)
+        median_ratio = statistics.median(ratios)
+        peaks = [p for p in self.peaks if not math.isnan(p)]
+        return {
+            "figure": self.figure,
+            "lib": self.lib,
+            "ms": median_ms,
+            "median_ms": median_ms,
+            "fastest_ms": self.rounds_ms[fastest],
+            "rounds_ms": [round(ms, 3) for ms in self.rounds_ms],
+            "ratio": median_ratio,
+            "fastest_ratio": ratios[fastest],
+            "rounds_ratio": [round(r, 4) for r in ratios],
+            "spread": (max(ratios) - min(ratios)) / median_ratio,
+            "peak_mib": max(peaks) if peaks else float("nan"),
+            **self.more,
+        }
+
+
+def rotated(items: list[Any], turn: int) -> list[Any]:
+    """``items`` started at index ``turn`` (mod its length): each round measures another variant first."""
+    if not items:
+        return []
+    turn %= len(items)
+    return items[turn:] + items[:turn]
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows as a markdown table: figure, lib, median ratio, fastest round's ratio, median ms, peak MiB."""
+    lines = [
+        "| figure | lib | median ratio | fastest round | ms (median) | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        peak = "–" if math.isnan(row["peak_mib"]) else f"{row['peak_mib']:.0f}"
+        lines.append(
+            f"| {row['figure']} | {row['lib']} | {row['ratio']:.2f}× | {row['fastest_ratio']:.2f}× "
+            f"| {row['median_ms']:.2f} | {peak} |"
+        )
+    return lines
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="1b", choices=sorted(PRESETS))
     parser.add_argument("--part", default="eager", choices=["eager", "compile", "big"])
@@ -361,113 +576,221 @@ def main(argv: list[str] | None = None) -> None:
         "--no-grouping", action="store_true", help="grafting's shared-input grouping off for every variant"
     )
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds: the bound, then every variant")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="append each result as one JSON line here")
     parser.add_argument("--ops", action="store_true", help="count each eager step's kernel-launching aten ops")
     parser.add_argument("--compile-mode", default=None, help="torch.compile's mode for --part compile (bound too)")
-    parser.add_argument("--profile", default="", help="variants (method:lib,...) to profile: top kernels, launches")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="variants (method:lib,... or bound) to profile once: top kernels, launches and ms per category beside"
+        " the bound's, host time",
+    )
+    parser.add_argument(
+        "--saved",
+        action="store_true",
+        help="bytes autograd saves for backward in one step (the bound's, each variant's)",
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
-    shape = PRESETS[args.preset]
-    libs = libraries()
-    run = timer(args.device)
-    base = build_base(shape, args.device, moe=args.preset.startswith("moe"))
-    ids = torch.randint(0, VOCAB, (shape["batch"], shape["seq"]), device=args.device)
-    rows: list[dict[str, Any]] = []
-    header = {
-        "preset": args.preset,
-        "shape": shape,
-        "part": args.part,
-        "compile_mode": args.compile_mode,
-        "r": args.r,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "peft": libs["peft"].__version__,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "grouping": not args.no_grouping,
-    }
-    print(json.dumps(header), flush=True)
 
-    def record(figure: str, lib: str, ms: float, against: float, peak: float = float("nan"), **more: Any) -> None:
-        row = {"figure": figure, "lib": lib, "ms": ms, "ratio": ms / against, "peak_mib": peak, **more}
-        rows.append(row)
-        print(f"{figure:28} {lib:9} {ms:9.2f} ms  {row['ratio']:5.2f}x  peak {peak:8.0f} MiB {more or ''}", flush=True)
-        if args.json:
-            with open(args.json, "a") as fh:
-                fh.write(json.dumps({**header, **row}) + "\n")
+class Bench:
+    """The run: every round measures the bound, then each (method, lib) variant, rotated a place each round."""
 
-    methods = args.methods.split(",")
-    lib_names = args.libs.split(",")
-    compiled = args.part == "compile"
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.shape = PRESETS[args.preset]
+        self.libs = libraries()
+        self.run = timer(args.device)
+        self.base = build_base(self.shape, args.device, moe=args.preset.startswith("moe"))
+        self.ids = torch.randint(0, VOCAB, (self.shape["batch"], self.shape["seq"]), device=args.device)
+        self.compiled = args.part == "compile"
+        self.profiled = [name for name in args.profile.split(",") if name]
+        self.series: dict[tuple[str, str], Series] = {}
+        self.skipped: set[tuple[str, str]] = set()
+        self.bound_profile: StepProfile | None = None
+        self.round = 0
+        self.header = {
+            "preset": args.preset,
+            "shape": self.shape,
+            "part": args.part,
+            "compile_mode": args.compile_mode,
+            "r": args.r,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "peft": self.libs["peft"].__version__,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "grouping": not args.no_grouping,
+        }
 
-    bound_model = copy.deepcopy(base)
-    _embeds_need_grad(bound_model, compiled)
-    bound_model.train()
-    target = torch.compile(bound_model, mode=args.compile_mode) if compiled else bound_model
-    bound_step = train_step(target, ids, [])
-    bound = run(bound_step, args.warmup, args.steps)
-    bound_counts = dynamo_counts() if compiled else {}
-    if "bound" in args.profile.split(","):
-        profile(bound_step, "bound")
-    record("bound (train)", "base", bound, bound, peak_mib(bound_step, args.device), **bound_counts)
-    bound_model.eval()
-    base_fwd = run(infer(target, ids), args.warmup, args.steps)
-    record("base forward", "base", base_fwd, base_fwd)
-    del bound_model, target, bound_step
-    if compiled:
-        torch._dynamo.reset()
+    def record(self, figure: str, lib: str, ms: float, against: float, peak: float = float("nan"), **more: Any) -> None:
+        """One round's figure: printed as measured, kept for the medians."""
+        series = self.series.setdefault((figure, lib), Series(figure, lib))
+        series.add(ms, against, peak, more)
+        print(
+            f"[round {self.round + 1}] {figure:28} {lib:9} {ms:9.2f} ms  {ms / against:5.2f}x  "
+            f"peak {peak:8.0f} MiB {_shown(more)}",
+            flush=True,
+        )
 
-    for method in methods:
-        for lib in lib_names:
-            if lib == "peft" and (method in GRAFTING_ONLY or method in COMPILED_FORMS):
-                continue
-            try:
-                model = wrap(lib, libs, base, method, args.r)
-            except Exception as exc:  # a method or option one library lacks
-                print(f"{method} {lib}: skipped ({type(exc).__name__}: {exc})", flush=True)
-                continue
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            if compiled:
-                from torch._dynamo.utils import counters
+    def variants(self) -> list[tuple[str, str]]:
+        names = [(m, lib) for m in self.args.methods.split(",") for lib in self.args.libs.split(",")]
+        return [(m, lib) for m, lib in names if not (lib == "peft" and m in GRAFTING_ONLY)]
 
-                counters.clear()
-            target = torch.compile(model, mode=args.compile_mode) if compiled else model
-            step = train_step(target, ids, params)
-            plain = lib == "grafting" and (method in UNGROUPED or args.no_grouping)
-            if plain:
-                step = ungrouped(step, libs)
-            start = time.perf_counter()
-            with variant_settings(method):
-                ms = run(step, args.warmup, args.steps)
-            more = {"wall_s": round(time.perf_counter() - start, 1)}
-            if compiled:
+    def measure(self) -> list[dict[str, Any]]:
+        """Every round, then the rows: medians over rounds, in the first round's order."""
+        print(json.dumps(self.header), flush=True)
+        try:
+            for turn in range(self.args.rounds):
+                self.round = turn
+                self.measure_bound()
+                for method, lib in rotated(self.variants(), self.round):
+                    if (method, lib) not in self.skipped:
+                        self.measure_guarded(method, lib)
+        except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGTERM: report the rounds measured so far
+            print(f"interrupted in round {self.round + 1}: the figures below are over the rounds measured", flush=True)
+        return [series.row() for series in self.series.values()]
+
+    def measure_bound(self) -> None:
+        """This round's bound (frozen base forward and backward) and base forward, on a copy freed after."""
+        args, run = self.args, self.run
+        bound_model = copy.deepcopy(self.base)
+        _embeds_need_grad(bound_model, self.compiled)
+        if self.compiled:
+            from torch._dynamo.utils import counters
+
+            counters.clear()
+        bound_model.train()
+        target = torch.compile(bound_model, mode=args.compile_mode) if self.compiled else bound_model
+        bound_step = train_step(target, self.ids, [])
+        self.bound = run(bound_step, args.warmup, args.steps)
+        more = dynamo_counts() if self.compiled else {}
+        if self.round == 0 and args.saved:
+            more.update(saved_for_backward(bound_step, [*bound_model.parameters(), *bound_model.buffers(), self.ids]))
+        if self.round == 0 and self.profiled:  # the bound's profile, beside which each variant's is printed
+            if "bound" in self.profiled:
+                self.bound_profile = profile(bound_step, "bound", args.device, timed_ms=self.bound)
+            else:
+                self.bound_profile = profile_step(bound_step, args.device)
+        self.record("bound (train)", "base", self.bound, self.bound, peak_mib(bound_step, args.device), **more)
+        bound_model.eval()
+        self.base_fwd = run(infer(target, self.ids), args.warmup, args.steps)
+        self.record("base forward", "base", self.base_fwd, self.base_fwd)
+        del bound_model, target, bound_step
+        self.release()
+
+    def measure_guarded(self, method: str, lib: str) -> None:
+        """One variant's round; out of memory, it is left out of the rounds after and the run goes on."""
+        try:
+            self.measure_variant(method, lib)
+        except torch.OutOfMemoryError as exc:
+            print(f"{method} {lib}: out of memory in round {self.round + 1}, left out from here ({exc})", flush=True)
+            self.skipped.add((method, lib))
+        self.release()  # after the handler: the failed round's frames (its model) are gone
+
+    def measure_variant(self, method: str, lib: str) -> None:
+        """This round's figures of one variant: its training step, and inference/routed rows where it has them."""
+        args, libs, run, ids = self.args, self.libs, self.run, self.ids
+        try:
+            model = wrap(lib, libs, self.base, method, args.r)
+        except Exception as exc:  # a method or option one library lacks
+            print(f"{method} {lib}: skipped ({type(exc).__name__}: {exc})", flush=True)
+            self.skipped.add((method, lib))
+            return
+        first = self.round == 0
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.compiled:
+            from torch._dynamo.utils import counters
+
+            counters.clear()
+        target = torch.compile(model, mode=args.compile_mode) if self.compiled else model
+        step = train_step(target, ids, params)
+        plain = lib == "grafting" and (method in UNGROUPED or args.no_grouping)
+        if plain:
+            step = ungrouped(step, libs)
+        start = time.perf_counter()
+        with variant_settings(method):
+            ms = run(step, args.warmup, args.steps)
+        more: dict[str, Any] = {"wall_s": round(time.perf_counter() - start, 1)}
+        with variant_settings(method):
+            if self.compiled:
                 more.update(dynamo_counts())
-            elif args.ops:
-                with variant_settings(method):
-                    more["aten_ops"] = count_ops(step)
-            with variant_settings(method):
-                record(f"{method} step", lib, ms, bound, peak_mib(step, args.device), **more)
-                if f"{method}:{lib}" in args.profile.split(","):
-                    profile(step, f"{method} {lib}")
-            if method in ("lora", "lora-bf16", *UNGROUPED) or method in COMPILED_FORMS:
-                model.eval()
-                forward = ungrouped(infer(target, ids), libs) if plain else infer(target, ids)
-                record(f"{method} inference", lib, run(forward, args.warmup, args.steps), base_fwd)
-            if method == "lora" and not compiled:
-                record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
-                if lib == "grafting":  # PEFT refuses adapter_names in training
-                    record("lora routed train, 1 adapter", lib, *_routed_training(libs, base, ids, args, run))
-            del model, target, step, params
-            gc.collect()
-            if compiled:
-                torch._dynamo.reset()
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    if args.json:
-        print(f"rows appended to {args.json}", file=sys.stderr)
+            elif args.ops and first:
+                more["aten_ops"] = count_ops(step)
+            if args.saved and first:
+                more.update(saved_for_backward(step, [*model.parameters(), *model.buffers(), ids]))
+            self.record(f"{method} step", lib, ms, self.bound, peak_mib(step, args.device), **more)
+            if first and f"{method}:{lib}" in self.profiled:
+                profile(step, f"{method} {lib}", args.device, against=self.bound_profile, timed_ms=ms)
+        if method in ("lora", "lora-bf16", *UNGROUPED) or method in COMPILED_FORMS:
+            model.eval()
+            forward = ungrouped(infer(target, ids), libs) if plain else infer(target, ids)
+            self.record(f"{method} inference", lib, run(forward, args.warmup, args.steps), self.base_fwd)
+        if method == "lora" and not self.compiled:
+            self.record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
+            if lib == "grafting":  # PEFT refuses adapter_names in training
+                self.record("lora routed train, 1 adapter", lib, *_routed_training(libs, self.base, ids, args, run))
+        del model, target, step, params
+        self.release()
+
+    def release(self) -> None:
+        """Free what the last model held (its compiled graphs too) before the next is built."""
+        gc.collect()
+        if self.compiled:
+            torch._dynamo.reset()
+        if self.args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def report(self, rows: list[dict[str, Any]]) -> None:
+        """Each figure's median over rounds, fastest round and spread; the markdown summary; the JSON lines."""
+        print(f"=== {self.args.rounds} rounds: median over rounds (ratios to the same round's bound)", flush=True)
+        bound_saved = next((row.get("saved_activation_mib") for row in rows if row["figure"] == "bound (train)"), None)
+        for row in rows:
+            low, high = min(row["rounds_ratio"]), max(row["rounds_ratio"])
+            saved = row.get("saved_activation_mib")
+            beside = f"  saved {saved:.1f} MiB (bound +{saved - bound_saved:.1f})" if saved and bound_saved else ""
+            print(
+                f"{row['figure']:28} {row['lib']:9} {row['median_ms']:9.2f} ms  {row['ratio']:5.2f}x  "
+                f"fastest round {row['fastest_ratio']:5.2f}x ({row['fastest_ms']:.2f} ms)  rounds {low:.2f}-{high:.2f}x "
+                f"spread {row['spread']:5.1%}{beside}",
+                flush=True,
+            )
+        print("\n".join(["", *summary_table(rows), ""]), flush=True)
+        if self.args.json:
+            with open(self.args.json, "a") as fh:
+                for row in rows:
+                    fh.write(json.dumps({**self.header, **row}) + "\n")
+            print(f"rows appended to {self.args.json}", file=sys.stderr)
+
+
+def _shown(more: dict[str, Any]) -> str:
+    """A round's extra figures as printed: floats to two places."""
+    if not more:
+        return ""
+    return str({key: round(value, 2) if isinstance(value, float) else value for key, value in more.items()})
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench = Bench(parse(argv))
+    kept = signal.signal(signal.SIGTERM, _interrupt)  # a time limit's SIGTERM still gets the rounds measured
+    try:
+        rows = bench.measure()
+    finally:
+        signal.signal(signal.SIGTERM, kept)
+    bench.report(rows)
 
 
 def _routed(
