@@ -150,9 +150,9 @@ def hotswap_adapter_from_state_dict(
             f"the new adapter has tensors the loaded one lacks (other target layers?): {', '.join(extra[:3])}"
             + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         )
-    for targets, values in plan:
+    for targets, values in plan:  # not through .data: the version counters move (caches of the values see it)
         for key, value in values.items():
-            targets[key].data.copy_(value.to(targets[key].dtype))
+            targets[key].copy_(value.to(targets[key].dtype))
 
 
 def _keys_by_layer(remaining: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:

@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from grafting_lora.factor_casts import FactorCasts
+from grafting_lora.scaled_products import scaled_product
+
 
 def lora_products(
     flat: torch.Tensor,
@@ -34,17 +37,17 @@ def lora_products(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, low)``: ``y = scaling·low·bᵀ + bias + flat·Wᵀ`` with ``low = h·aᵀ`` (unless given: a grouped product).
 
-    The skinny product comes first and writes the output once (the bias added in its epilogue);
-    the base product, the one that is compute-bound, then accumulates into it (``addmm_``, which
-    reads ``y`` in its epilogue), rather than a rank-r ``addmm_`` reading and writing the whole
-    (tokens, out) output a second time after the base product.
+    The skinny product comes first and writes the output once (the scaling as its ``alpha``, the
+    bias added in its epilogue); the base product, the one that is compute-bound, then accumulates
+    into it (``addmm_``, which reads ``y`` in its epilogue), rather than a rank-r ``addmm_`` reading
+    and writing the whole (tokens, out) output a second time after the base product.
     """
     if low is None:
         if h is None or a is None:
             raise ValueError("the low-rank product needs the input and A, or the product itself")
         low = h @ a.t()
-    up = b.t() if scaling == 1.0 else (b * scaling).t()  # (r, out): the scaling on the small matrix
-    y = low @ up if bias is None else torch.addmm(bias, low, up)
+    up = b.t()  # (r, out)
+    y = scaled_product(low, up, low.dtype, scaling) if bias is None else torch.addmm(bias, low, up, alpha=scaling)
     y.addmm_(flat, weight.t())
     return y, low
 
@@ -57,18 +60,20 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     low: torch.Tensor | None = None,
+    casts: FactorCasts | None = None,
 ) -> torch.Tensor:
     """The forward of :class:`LoraLinearFunction` as plain ops (no autograd node), for inference.
 
     ``low`` is ``x·Aᵀ`` when the caller has it (shared-input grouping); ``lora_a`` is then not read.
+    ``casts`` keeps the factors cast to ``x``'s dtype between calls (the adapter's :class:`FactorCasts`).
     """
+    b = lora_b.to(x.dtype) if casts is None else casts.cast("B", lora_b, x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     if low is not None:
-        y, _ = lora_products(
-            flat, None, weight, bias, None, lora_b.to(x.dtype), scaling, low.reshape(-1, low.shape[-1])
-        )
+        y, _ = lora_products(flat, None, weight, bias, None, b, scaling, low.reshape(-1, low.shape[-1]))
     else:
-        y, _ = lora_products(flat, flat, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), scaling)
+        a = lora_a.to(x.dtype) if casts is None else casts.cast("A", lora_a, x.dtype)
+        y, _ = lora_products(flat, flat, weight, bias, a, b, scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -81,6 +86,12 @@ class LoraLinearFunction(torch.autograd.Function):
     (one ``native_dropout`` over ``x``, so a seed gives the reference path's mask). Backward
     keeps the dropped input (A's gradient) and the mask: the adapter's input gradient is
     masked in place and the base's is accumulated onto it by one ``addmm_``.
+
+    The scaling is each product's ``alpha`` (:func:`~grafting_lora.scaled_products.scaled_product`):
+    forward's ``low·Bᵀ``, backward's ``g·B`` (so ``A``'s and the input's gradients carry it) and
+    ``gᵀ·low``; the factors are cast to the input's dtype once each, and their gradients are
+    written in the factors' dtype by the product itself where the device can (CUDA), else by
+    one cast (or scale-and-cast) kernel.
 
     ``low`` (..., r), when given, is ``x·Aᵀ`` already computed (shared-input grouping: one matmul
     for the sibling layers' ``A``); the node then takes it as an input, returns its gradient and
@@ -127,13 +138,16 @@ class LoraLinearFunction(torch.autograd.Function):
         flat, h, weight, a, b, low, mask = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
-        grad_low = (g @ b).mul_(ctx.scaling)  # (tokens, r): small
+        grad_low = scaled_product(g, b, g.dtype, ctx.scaling)  # (tokens, r): small, the scaling included
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if need_w:
+            grad_w = g.t() @ flat
+        if need_bias and ctx.has_bias:
+            grad_bias = g.sum(0)
+        if need_b:
+            grad_b = scaled_product(g.t(), low, ctx.dtypes[1], ctx.scaling)
         if ctx.grouped:  # the adapter's input gradient flows through the grouped product
             grad_x = (g @ weight).view(ctx.x_shape) if need_x else None
-            grad_w = g.t() @ flat if need_w else None
-            grad_bias = g.sum(0) if need_bias and ctx.has_bias else None
-            grad_b = (g.t() @ low).mul_(ctx.scaling).to(ctx.dtypes[1]) if need_b else None
             grad_low_in = grad_low.view(ctx.low_shape) if ctx.needs_input_grad[7] else None
             return grad_x, grad_w, grad_bias, None, grad_b, None, None, grad_low_in
         if need_x and mask is None:  # the skinny product first, the base's accumulated onto it
@@ -141,14 +155,8 @@ class LoraLinearFunction(torch.autograd.Function):
         elif need_x:  # the adapter's input gradient through dropout's mask, the base's accumulated onto it
             dropped = torch.ops.aten.native_dropout_backward(grad_low @ a, mask, 1.0 / ctx.keep)
             grad_x = dropped.addmm_(g, weight).view(ctx.x_shape)
-        if need_w:
-            grad_w = g.t() @ flat
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
         if need_a:
-            grad_a = (grad_low.t() @ h).to(ctx.dtypes[0])
-        if need_b:
-            grad_b = (g.t() @ low).mul_(ctx.scaling).to(ctx.dtypes[1])
+            grad_a = scaled_product(grad_low.t(), h, ctx.dtypes[0])
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 

@@ -25,6 +25,7 @@ from grafting.toolkit import (
     in_out_features,
     plain_linear_weight,
 )
+from grafting_lora.factor_casts import factor_casts
 from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inverse_norm, dora_linear, lora_linear
 from grafting_lora.hotswap import PairHotSwap
 from grafting_lora.init import Initialization, init_factors
@@ -301,7 +302,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         if form == "op":
             return lora_linear_node(x, weight, base_layer.bias, a, b, self.scaling, dropout)
         if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
-            return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product)
+            return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product, factor_casts(self))
         if product is not None:
             return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
         return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from grafting_lora.fused import lora_products
+from grafting_lora.scaled_products import scaled_product
 
 _NOTHING = (0,)  # the shape of an output that is not needed (a custom op returns tensors, never None)
 
@@ -79,7 +80,7 @@ def lora_linear_backward_op(
     a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     g = grad.reshape(-1, grad.shape[-1])
     flat = x.reshape(-1, x.shape[-1])
-    grad_low = (g @ b).mul_(scaling)  # (tokens, r): small
+    grad_low = scaled_product(g, b, g.dtype, scaling)  # (tokens, r): small, the scaling as the product's alpha
     grad_x, grad_w, grad_a, grad_b = (g.new_empty(_NOTHING) for _ in range(4))  # outputs never alias each other
     if need_x and dropout <= 0:  # the skinny product first, the base's accumulated onto it
         grad_x = (grad_low @ a).addmm_(g, weight)
@@ -89,9 +90,9 @@ def lora_linear_backward_op(
     if need_w:
         grad_w = g.t() @ flat
     if need_a:
-        grad_a = (grad_low.t() @ (h if dropout > 0 else flat)).to(lora_a.dtype)
+        grad_a = scaled_product(grad_low.t(), h if dropout > 0 else flat, lora_a.dtype)
     if need_b:
-        grad_b = (g.t() @ low).mul_(scaling).to(lora_b.dtype)
+        grad_b = scaled_product(g.t(), low, lora_b.dtype, scaling)
     return grad_x, grad_w, grad_a, grad_b
 
 

@@ -1,0 +1,70 @@
+"""Matrix products with their scale and their output dtype inside the GEMM: one kernel where the device allows.
+
+``α·x·y`` written in some dtype takes a product and an elementwise pass (scale, cast) in the obvious form;
+the GEMM's epilogue can do both. :func:`scaled_product` asks for that: ``alpha`` through ``addmm``'s
+``alpha`` (with ``beta = 0``, the input ignored), a float32 result of half-precision factors through
+``out_dtype`` where the device has the kernel (CUDA's cuBLAS; :func:`writes_float32` checks once per
+device type and never raises), else the product and one kernel that scales and casts together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Device types whose half-precision products write float32 (``out_dtype``), found by :func:`writes_float32`.
+_WIDE: dict[str, bool] = {}
+
+
+def writes_float32(device: torch.device) -> bool:
+    """Whether half-precision products on ``device`` write float32 with a scale (``mm``/``addmm`` ``out_dtype``).
+
+    Probed once per device type (a tiny product whose float32 value bf16 cannot hold, with ``alpha`` and
+    a NaN input that ``beta = 0`` must ignore); any failure answers ``False``. Without probing: ``False``
+    while compiling or capturing a CUDA graph (asked again later), and on CPU and meta (no such kernel).
+    """
+    known = _WIDE.get(device.type)
+    if known is not None:
+        return known
+    if device.type in ("cpu", "meta") or torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    _WIDE[device.type] = _probe(device)
+    return _WIDE[device.type]
+
+
+def _probe(device: torch.device) -> bool:
+    """A float32 product of bf16 factors (3 + 2/256: between two bf16 values), plain and halved."""
+    try:
+        x = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16, device=device)
+        y = torch.tensor([[3.0], [1.0 / 256]], dtype=torch.bfloat16, device=device)
+        plain = torch.mm(x, y, out_dtype=torch.float32)
+        ignored = torch.full((1, 1), float("nan"), dtype=torch.bfloat16, device=device)
+        halved = torch.addmm(ignored, x, y, beta=0, alpha=0.5, out_dtype=torch.float32)
+        values = (plain.dtype, halved.dtype, plain.item(), halved.item())
+    except Exception:  # no kernel, no keyword (older torch), a driver error: the portable form
+        return False
+    return values == (torch.float32, torch.float32, 3.0078125, 1.50390625)
+
+
+def _ignored(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """An input for ``addmm`` with ``beta = 0`` (never read): one element broadcast to the product's shape."""
+    return x.new_empty(()).expand(x.shape[0], y.shape[1])
+
+
+def scaled_product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha·x·y`` (2-D ``x``, ``y`` of one dtype) written in ``dtype``: one GEMM where it can be.
+
+    In ``x``'s dtype, or float32 from half precision where :func:`writes_float32`: one kernel.
+    Otherwise the product rounds to ``x``'s dtype and one kernel scales and casts it.
+    """
+    if dtype == x.dtype:
+        return x @ y if alpha == 1.0 else torch.addmm(_ignored(x, y), x, y, beta=0, alpha=alpha)
+    if dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and writes_float32(x.device):
+        if alpha == 1.0:
+            return torch.mm(x, y, out_dtype=dtype)
+        return torch.addmm(_ignored(x, y), x, y, beta=0, alpha=alpha, out_dtype=dtype)
+    product = x @ y
+    if alpha == 1.0:
+        return product.to(dtype)
+    return torch.mul(product, alpha, out=product.new_empty(product.shape, dtype=dtype))
