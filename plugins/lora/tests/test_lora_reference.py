@@ -17,7 +17,8 @@ from torch import nn
 
 from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close
-from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_norm_squared, lora_linear
+from grafting_lora.dora_node import DoraLinearFunction, dora_linear, dora_norm_squared
+from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.layers import LoraLinear
 from grafting_lora.reference import (
     delta_weight,

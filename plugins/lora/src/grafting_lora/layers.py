@@ -25,7 +25,8 @@ from grafting.toolkit import (
     in_out_features,
     plain_linear_weight,
 )
-from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inverse_norm, dora_linear, lora_linear
+from grafting_lora.dora_node import DoraLinearFunction, dora_inverse_norm, dora_linear
+from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.hotswap import PairHotSwap
 from grafting_lora.init import Initialization, init_factors
 from grafting_lora.magnitude import DoraMagnitude, wide
