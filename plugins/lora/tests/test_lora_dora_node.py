@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import peft
 import pytest
 import torch
+from dora_helpers import dora_kernels_on
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -82,16 +83,27 @@ def _backward_side(side: str) -> Iterator[None]:
     dtype=st.sampled_from(HALF),
     bias=st.booleans(),
     dropout=st.sampled_from([0.0, 0.3]),
+    kernels=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_the_dora_node_agrees_with_the_reference(
-    side: str, tokens: int, n_in: int, n_out: int, r: int, dtype: torch.dtype, bias: bool, dropout: float, seed: int
+    side: str,
+    tokens: int,
+    n_in: int,
+    n_out: int,
+    r: int,
+    dtype: torch.dtype,
+    bias: bool,
+    dropout: float,
+    kernels: bool,
+    seed: int,
 ) -> None:
-    """Values and gradients (input, A, B, magnitude) of the node equal the reference's, both backward forms."""
+    """Values and gradients (input, A, B, magnitude) of the node equal the reference's, both backward forms,
+    with DoRA's Triton kernels (interpreted) or their torch ops."""
     layer = _layer(n_in, n_out, r, dtype, bias, dropout, seed)
     x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     y_ref, g_ref = _step(layer, x, fused_path=False)
-    with _backward_side(side):
+    with _backward_side(side), dora_kernels_on(kernels):
         y, g = _step(layer, x, fused_path=True)
     # norm-relative; on a tensor of a few elements that is the largest element's error: each path rounds a
     # gradient three times in `dtype`

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from grafting_lora.dora_kernels import norm_squared, row_scales, scaled_gradient
 from grafting_lora.fused import _mul_as, lora_linear, lora_products
 
 #: The DoRA node's backward puts the scale ``s`` on the (out, in) weight rather than on the
@@ -40,24 +41,28 @@ def dora_norm_squared(
     caller has it. The error is of the order of W's rounding times ``‖W‖·‖ΔW‖``: relative to
     ``‖W + ΔW‖²`` it grows where a row of ``ΔW`` nearly cancels the row of ``W``.
     """
-    a, b = lora_a.float(), lora_b.float()
+    a = lora_a.float()
     cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
-    inner = torch.addmm((weight @ cast_a.t()).float(), b, a @ a.t(), beta=2.0, alpha=scaling)
-    # ‖W‖² + s·⟨B_o, inner_o⟩ for every row o, as a batch of (1, r)·(r, 1) products
-    rows = torch.baddbmm(weight_sq.view(-1, 1, 1), b.unsqueeze(1), inner.unsqueeze(2), alpha=scaling)
-    return rows.view(-1).clamp_min_(0)
+    return norm_squared(weight @ cast_a.t(), a @ a.t(), lora_b.float(), weight_sq, scaling)
 
 
-def dora_inverse_norm(
+def dora_scales(
     weight: torch.Tensor,
     weight_sq: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
     scaling: float,
+    dtype: torch.dtype,
     cast_a: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``1 / ‖W + scaling·B·A‖`` per row in float32: what DoRA's scale and magnitude gradient multiply by."""
-    return dora_norm_squared(weight, weight_sq, lora_a, lora_b, scaling, cast_a).rsqrt_()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(1 / ‖W + scaling·B·A‖, s, s in dtype)`` per row, ``s = m / ‖W + ΔW‖`` (float32; float64 for such ``m``).
+
+    The norms as :func:`dora_norm_squared`'s; ``W·Aᵀ`` and ``A·Aᵀ`` are two products, the rest one
+    kernel (:func:`~grafting_lora.dora_kernels.row_scales`).
+    """
+    cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
+    return row_scales(weight @ cast_a.t(), lora_a, lora_b, weight_sq, magnitude, scaling, dtype)
 
 
 def dora_linear(
@@ -91,13 +96,21 @@ class DoraLinearFunction(torch.autograd.Function):
     * with dropout (PEFT's DoRA: the base product of the dropped input):
       ``y = x·Wᵀ + b − h·Wᵀ + s ⊙ z`` with ``z = h·Wᵀ + scaling·(h·Aᵀ)·Bᵀ``.
 
-    Forward: the inverse row norms from ``‖W‖²`` (:func:`dora_inverse_norm`), the low-rank
-    product accumulated into ``z`` by ``addmm``, ``s`` (float32, never rounded to the compute
-    dtype: each product with it rounds once) and the bias applied by one ``addcmul``. Backward: the magnitude's gradient
-    ``Σ_tokens g ⊙ z / ‖W + ΔW‖``; ``s`` goes onto the (tokens, out) gradient once, or onto the
-    rows of ``W`` and ``B`` when the activations are much larger than the weight
+    Forward: the inverse row norms and ``s`` from ``‖W‖²`` (:func:`dora_scales`: two skinny
+    products and one kernel), the low-rank product accumulated into ``z`` by ``addmm``, ``s``
+    (rounded to the compute dtype: a product of two dtypes takes the GPU's slow converting
+    kernel) and the bias applied by one ``addcmul``. Backward: one pass over ``g`` and ``z``
+    (:func:`~grafting_lora.dora_kernels.scaled_gradient`) gives the magnitude's gradient
+    ``Σ_tokens g ⊙ z / ‖W + ΔW‖`` and ``z``'s gradient ``g ⊙ s``, or ``s`` goes onto the rows of
+    ``W`` and ``B`` instead when the activations are much larger than the weight
     (:data:`WEIGHT_SIDE_ABOVE`, no dropout); the scaling and the cast to the adapter's dtype of
     each factor's gradient are one kernel.
+
+    ``z`` is kept for backward rather than recovered from ``y`` as ``(y − b) / s``: that would
+    save no pass (backward reads ``y`` instead of ``z``), its error is ``u·|y|/s`` (``u`` the
+    dtype's unit roundoff), unbounded relative to ``z`` where the bias dominates ``s ⊙ z``, it
+    is undefined where ``m`` (so ``s``) is 0 (a row whose magnitude a step drove to zero would
+    get no gradient back), and with dropout ``y`` mixes in ``x·Wᵀ − h·Wᵀ``.
     """
 
     @staticmethod
@@ -115,8 +128,8 @@ class DoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        inv = dora_inverse_norm(weight, weight_sq, lora_a, lora_b, scaling, a if weight.dtype == dtype else None)
-        scale = magnitude.view(-1) * inv  # float32 (or float64)
+        cast_a = a if weight.dtype == dtype else None
+        inv, scale, half = dora_scales(weight, weight_sq, lora_a, lora_b, magnitude, scaling, dtype, cast_a)
         flat = x.reshape(-1, x.shape[-1])
         if dropout > 0:
             h, mask = torch.native_dropout(flat, dropout, True)
@@ -124,13 +137,13 @@ class DoraLinearFunction(torch.autograd.Function):
             plain = h @ weight.t()
             low = h @ a.t()
             z = torch.addmm(plain, low, b.t(), alpha=scaling)  # W·h + scaling·B·A·h
-            y = base.sub_(plain).addcmul_(z, scale.to(z.dtype))
+            y = base.sub_(plain).addcmul_(z, half)
             keep_x = ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
-            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, inv)
+            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, half, inv)
         else:
             z, low = lora_products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
-            y = _scaled(z, scale, bias)
-            ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, inv)
+            y = _scaled(z, half, bias)
+            ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, half, inv)
         ctx.scaling = scaling
         ctx.keep = 1.0 - dropout
         ctx.x_shape = x.shape
@@ -139,20 +152,31 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, h, mask, weight, a, b, low, z, scale, inv = ctx.saved_tensors
-        need_bias, need_m = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+        flat, h, mask, weight, a, b, low, z, scale, half, inv = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         g = grad.reshape(-1, grad.shape[-1])
-        grad_m = grad_bias = None
-        if need_m:
-            grad_m = _mul_as(torch.sum(g * z, 0, dtype=torch.float32), inv, ctx.dtypes[2])
-        if need_bias:
-            grad_bias = g.sum(0)
+        weight_side = mask is None and g.shape[0] > WEIGHT_SIDE_ABOVE * weight.shape[1]
+        # g ⊙ s (z's gradient) unless s goes on the weight rows; g ⊙ (s − 1) for dropout's h·Wᵀ; the
+        # magnitude's gradient: one pass over g and z
+        gz, gh, grad_m = scaled_gradient(
+            g,
+            z,
+            scale,
+            half,
+            inv,
+            write_gz=not weight_side and (need_x or need_w or need_a or need_b),
+            write_gh=mask is not None and (need_x or need_w),
+            reduce=need_m,
+        )
+        if grad_m is not None:
+            grad_m = grad_m.to(ctx.dtypes[2])
+        grad_bias = g.sum(0) if need_bias else None
         if mask is not None:
-            grads = _dropout_backward(ctx, g, flat, h, mask, weight, a, b, low, scale)
-        elif g.shape[0] > WEIGHT_SIDE_ABOVE * weight.shape[1]:
+            grads = _dropout_backward(ctx, g, gz, gh, flat, h, mask, weight, a, b, low)
+        elif weight_side:
             grads = _weight_side_backward(ctx, g, flat, weight, a, b, low, scale)
         else:
-            grads = _gradient_side_backward(ctx, g, flat, weight, a, b, low, scale)
+            grads = _gradient_side_backward(ctx, gz, flat, weight, a, b, low)
         grad_x, grad_w, grad_a, grad_b = grads
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
@@ -164,17 +188,17 @@ Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tor
 
 def _gradient_side_backward(
     ctx: Any,
-    g: torch.Tensor,
+    gz: torch.Tensor | None,
     flat: torch.Tensor,
     weight: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
     low: torch.Tensor,
-    scale: torch.Tensor,
 ) -> Grads:
-    """``(x, W, A, B)`` gradients of ``y = s ⊙ z``: ``z``'s gradient ``g ⊙ s`` formed once, (tokens, out)."""
+    """``(x, W, A, B)`` gradients of ``y = s ⊙ z`` from ``z``'s gradient ``gz = g ⊙ s`` (tokens, out)."""
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-    gz = g * scale.to(g.dtype)
+    if gz is None:  # no gradient asked for but the magnitude's
+        return None, None, None, None
     grad_low = gz @ b  # (tokens, r), without the scaling
     grad_x = (gz @ weight).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
     grad_w = gz.t() @ flat if need_w else None
@@ -207,6 +231,8 @@ def _weight_side_backward(
 def _dropout_backward(
     ctx: Any,
     g: torch.Tensor,
+    gz: torch.Tensor | None,
+    gh: torch.Tensor | None,
     flat: torch.Tensor | None,
     h: torch.Tensor,
     mask: torch.Tensor,
@@ -214,20 +240,18 @@ def _dropout_backward(
     a: torch.Tensor,
     b: torch.Tensor,
     low: torch.Tensor,
-    scale: torch.Tensor,
 ) -> Grads:
-    """``(x, W, A, B)`` gradients of ``y = x·Wᵀ − h·Wᵀ + s ⊙ z``, ``h = d(x)``.
+    """``(x, W, A, B)`` gradients of ``y = x·Wᵀ − h·Wᵀ + s ⊙ z``, ``h = d(x)``, from ``gz = g ⊙ s``.
 
-    ``h·Wᵀ``'s gradient is ``g ⊙ (s − 1)``, with ``s − 1`` in float32 (``g ⊙ s − g`` would
-    cancel: ``s`` is near 1); the dropped input's gradient goes through the mask in place and the
+    ``h·Wᵀ``'s gradient is ``gh = g ⊙ (s − 1)`` (:func:`~grafting_lora.dora_kernels.scaled_gradient`:
+    ``s − 1`` in float32); the dropped input's gradient goes through the mask in place and the
     base's gradient ``g·W`` is accumulated onto it.
     """
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-    gz = g * scale.to(g.dtype)
+    if gz is None or (gh is None and (need_x or need_w)):  # no gradient asked for but the magnitude's
+        return None, None, None, None
     grad_low = gz @ b  # (tokens, r), without the scaling
     grad_x = grad_w = grad_a = grad_b = None
-    if need_x or need_w:
-        gh = g * (scale - 1.0).to(g.dtype)
     if need_x:
         grad_h = (gh @ weight).addmm_(grad_low, a, alpha=ctx.scaling)
         grad_x = torch.ops.aten.native_dropout_backward(grad_h, mask, 1.0 / ctx.keep).addmm_(g, weight)
