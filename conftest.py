@@ -7,6 +7,10 @@ more examples, to find new failures (a test's own ``max_examples`` still caps it
 
 import os
 
+# Triton's interpreter is chosen when triton is first imported (its language's own functions are built then):
+# set before any test imports it, so tests can run grafting's Triton kernels on CPU tensors (grafting_lora.dora_kernels)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -138,7 +138,7 @@ def config(lib: Any, method: str, r: int) -> tuple[Any, dict[str, Any]]:
 
 
 #: grafting only: DoRA's backward with ``s`` always on the weight rows / always on the gradient
-#: (``grafting_lora.fused.WEIGHT_SIDE_ABOVE``; ``dora`` uses the shape rule)
+#: (``grafting_lora.dora_node.WEIGHT_SIDE_ABOVE``; ``dora`` uses the shape rule)
 DORA_SIDES = {"dora-wside": 0.0, "dora-gside": float("inf")}
 
 
@@ -148,14 +148,14 @@ def variant_settings(method: str) -> Any:
     if method not in DORA_SIDES:
         yield
         return
-    from grafting_lora import fused
+    from grafting_lora import dora_node
 
-    kept = fused.WEIGHT_SIDE_ABOVE
-    fused.WEIGHT_SIDE_ABOVE = DORA_SIDES[method]
+    kept = dora_node.WEIGHT_SIDE_ABOVE
+    dora_node.WEIGHT_SIDE_ABOVE = DORA_SIDES[method]
     try:
         yield
     finally:
-        fused.WEIGHT_SIDE_ABOVE = kept
+        dora_node.WEIGHT_SIDE_ABOVE = kept
 
 
 def build_base(shape: dict[str, int], device: str, moe: bool = False) -> nn.Module:

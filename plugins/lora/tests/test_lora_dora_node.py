@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import peft
 import pytest
 import torch
+from dora_helpers import dora_kernels_on
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -18,11 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import grafting
 from grafting.model.layer import AdaptedLayer
 from grafting.testing import tiny_llama
-from grafting_lora import fused
+from grafting_lora import dora_node
 from grafting_lora.layers import LoraLinear
 
 HALF = [torch.bfloat16, torch.float16]
-SIDES = {"gradient": math.inf, "weight": 0.0, "by shape": fused.WEIGHT_SIDE_ABOVE}
+SIDES = {"gradient": math.inf, "weight": 0.0, "by shape": dora_node.WEIGHT_SIDE_ABOVE}
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -35,7 +36,7 @@ def _layer(n_in: int, n_out: int, r: int, dtype: torch.dtype, bias: bool, dropou
     layer = AdaptedLayer(base)
     adapter = LoraLinear(base, r, 2.0, dropout=dropout, init=False, use_dora=True)
     with torch.no_grad():
-        # ‖ΔW‖ at most a quarter of ‖W‖ row by row: the norms from ‖W‖² (fused.dora_norm_squared) lose to
+        # ‖ΔW‖ at most a quarter of ‖W‖ row by row: the norms from ‖W‖² (dora_node.dora_norm_squared) lose to
         # cancellation where ‖W + ΔW‖ ≪ ‖W‖, as any expansion of ‖W + ΔW‖² around ‖W‖² does
         ratio = (adapter.delta_matrix().norm(dim=1) / base.weight.float().norm(dim=1)).max()
         adapter.lora_B.weight.mul_(min(1.0, 0.25 / ratio.item()))
@@ -62,13 +63,13 @@ def _step(layer: AdaptedLayer, x: torch.Tensor, fused_path: bool, seed: int = 5)
 
 @contextlib.contextmanager
 def _backward_side(side: str) -> Iterator[None]:
-    """The node's backward form forced (``fused.WEIGHT_SIDE_ABOVE``), restored after."""
-    kept = fused.WEIGHT_SIDE_ABOVE
-    fused.WEIGHT_SIDE_ABOVE = SIDES[side]
+    """The node's backward form forced (``dora_node.WEIGHT_SIDE_ABOVE``), restored after."""
+    kept = dora_node.WEIGHT_SIDE_ABOVE
+    dora_node.WEIGHT_SIDE_ABOVE = SIDES[side]
     try:
         yield
     finally:
-        fused.WEIGHT_SIDE_ABOVE = kept
+        dora_node.WEIGHT_SIDE_ABOVE = kept
 
 
 @given(
@@ -82,16 +83,27 @@ def _backward_side(side: str) -> Iterator[None]:
     dtype=st.sampled_from(HALF),
     bias=st.booleans(),
     dropout=st.sampled_from([0.0, 0.3]),
+    kernels=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_the_dora_node_agrees_with_the_reference(
-    side: str, tokens: int, n_in: int, n_out: int, r: int, dtype: torch.dtype, bias: bool, dropout: float, seed: int
+    side: str,
+    tokens: int,
+    n_in: int,
+    n_out: int,
+    r: int,
+    dtype: torch.dtype,
+    bias: bool,
+    dropout: float,
+    kernels: bool,
+    seed: int,
 ) -> None:
-    """Values and gradients (input, A, B, magnitude) of the node equal the reference's, both backward forms."""
+    """Values and gradients (input, A, B, magnitude) of the node equal the reference's, both backward forms,
+    with DoRA's Triton kernels (interpreted) or their torch ops."""
     layer = _layer(n_in, n_out, r, dtype, bias, dropout, seed)
     x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     y_ref, g_ref = _step(layer, x, fused_path=False)
-    with _backward_side(side):
+    with _backward_side(side), dora_kernels_on(kernels):
         y, g = _step(layer, x, fused_path=True)
     # norm-relative; on a tensor of a few elements that is the largest element's error: each path rounds a
     # gradient three times in `dtype`
@@ -156,7 +168,7 @@ def test_a_dora_layer_launches_few_ops_and_no_weight_sized_pass(dropout: float, 
 def test_the_backward_puts_the_scale_on_the_weight_when_activations_are_larger() -> None:
     """Many tokens, a narrow layer: the (out, in) rows carry ``s`` in backward instead of the (tokens, out) gradient."""
     n_in, n_out = 8, 12
-    tokens = int(fused.WEIGHT_SIDE_ABOVE * n_in) + 1
+    tokens = int(dora_node.WEIGHT_SIDE_ABOVE * n_in) + 1
     layer = _layer(n_in, n_out, 2, torch.bfloat16, False, 0.0, 0)
     _, backward = _traced_step(layer, tokens, n_in)
     products = [size for name, size in backward.sizes if name == "mul"]

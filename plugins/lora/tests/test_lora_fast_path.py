@@ -125,7 +125,7 @@ def test_dropout_runs_inside_the_one_node_layer(dtype: torch.dtype, p: float, no
 @pytest.mark.parametrize("dtype", HALF)
 def test_dora_runs_as_one_node_with_norms_from_a_skinny_product(dtype: torch.dtype) -> None:
     """DoRA takes its one-node layer; the row norms match ‖W + ΔW‖ in float32 and follow a changed weight."""
-    from grafting_lora.fused import dora_norm_squared
+    from grafting_lora.dora_node import dora_norm_squared
 
     layer = _layer("linear", dtype, use_dora=True)
     adapter = layer.adapters["a"]

@@ -13,11 +13,13 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from dora_helpers import dora_kernels_on
 from torch import nn
 
 from grafting.model.layer import AdaptedLayer
 from grafting.testing import assert_close
-from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_linear, dora_norm_squared, lora_linear
+from grafting_lora.dora_node import DoraLinearFunction, dora_linear, dora_norm_squared
+from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.layers import LoraLinear
 from grafting_lora.reference import (
     delta_weight,
@@ -130,14 +132,18 @@ def test_the_inference_lora_ops_are_base_plus_lora_delta(dtype: torch.dtype) -> 
     _compare(fast, _lora_layer, dtype, ())
 
 
+@pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_one_node_dora_layer_is_base_plus_dora_delta(dtype: torch.dtype) -> None:
+def test_the_one_node_dora_layer_is_base_plus_dora_delta(dtype: torch.dtype, kernels: bool) -> None:
+    """With DoRA's Triton kernels (interpreted) or their torch ops."""
+
     def fast(t: Tensors) -> torch.Tensor:
         w = t["w"]
         squares = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
         return DoraLinearFunction.apply(t["x"], w, t["bias"], t["a"], t["b"], t["m"], squares, SCALING)
 
-    _compare(fast, _dora_layer, dtype, ("x", "a", "b", "m", "bias"))
+    with dora_kernels_on(kernels):
+        _compare(fast, _dora_layer, dtype, ("x", "a", "b", "m", "bias"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

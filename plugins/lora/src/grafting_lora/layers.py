@@ -25,8 +25,9 @@ from grafting.toolkit import (
     in_out_features,
     plain_linear_weight,
 )
+from grafting_lora.dora_node import DoraLinearFunction, dora_linear, dora_scales
 from grafting_lora.factor_casts import factor_casts
-from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inverse_norm, dora_linear, lora_linear
+from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.hotswap import PairHotSwap
 from grafting_lora.init import Initialization, init_factors
 from grafting_lora.magnitude import DoraMagnitude, wide
@@ -319,7 +320,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
             self.__dict__["_weight_sq"] = kept
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
         if not torch.is_grad_enabled() and not dropout:
-            scale = m * dora_inverse_norm(weight, kept[1], a, b, self.scaling)
+            _, _, scale = dora_scales(weight, kept[1], a, b, m, self.scaling, x.dtype)
             return dora_linear(x, weight, bias, a, b, scale, self.scaling)
         return DoraLinearFunction.apply(x, weight, bias, a, b, m, kept[1], self.scaling, dropout)
 

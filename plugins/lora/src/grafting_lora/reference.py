@@ -27,10 +27,10 @@ reference for values and gradients (``tests/test_lora_fast_path.py``, ``tests/te
   autograd node (with the base layer inside where it is a plain linear layer;
   ``LoraLinear.add_grouped``/``grouped_call``); past ``routed.MAX_COLUMNS`` ranks,
   :func:`grouped_low_rank_add` — one gathered product of each sample's own (padded) factors;
-* :mod:`grafting_lora.fused` — the base layer and its delta as one autograd node (and as plain
-  ops without autograd): :class:`~grafting_lora.fused.LoraLinearFunction` for ``base(x) +
-  lora_delta``, :class:`~grafting_lora.fused.DoraLinearFunction` for DoRA's layer, with
-  :func:`~grafting_lora.fused.dora_norm_squared` the fast path of :func:`dora_norm` (squared)
+* :mod:`grafting_lora.fused` and :mod:`grafting_lora.dora_node` — the base layer and its delta as
+  one autograd node (and as plain ops without autograd): :class:`~grafting_lora.fused.LoraLinearFunction`
+  for ``base(x) + lora_delta``, :class:`~grafting_lora.dora_node.DoraLinearFunction` for DoRA's layer, with
+  :func:`~grafting_lora.dora_node.dora_norm_squared` the fast path of :func:`dora_norm` (squared)
   (``LoraLinear.fused_call``).
 
 ``LoraLinear.fused = False`` (on the class, or on one adapter) turns every fast path off: the

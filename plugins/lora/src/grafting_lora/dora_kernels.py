@@ -1,0 +1,278 @@
+"""DoRA's small per-layer math and its one activation-sized backward pass as single kernels.
+
+Two functions, each with a Triton kernel (CUDA tensors, or any tensors under
+``TRITON_INTERPRET=1``) and the same arithmetic as torch ops (CPU, or without Triton):
+
+* :func:`row_scales`: from ``P = W·Aᵀ`` (out, r), ``A·Aᵀ`` (r, r), ``B``, ``‖W‖²`` and ``m``,
+  the inverse row norms ``1 / ‖W + scaling·B·A‖`` and the scale ``s = m / ‖W + ΔW‖`` (float32,
+  and rounded to the compute dtype for the activation-sized product): one kernel where the
+  torch ops are seven (cast, ``addmm``, ``baddbmm``, clamp, ``rsqrt``, product, cast).
+* :func:`scaled_gradient`: the backward's ``g ⊙ s`` (and, with dropout, ``g ⊙ (s − 1)``) and the
+  magnitude's gradient ``inv ⊙ Σ_tokens g ⊙ z``, reading ``g`` and ``z`` once: each program sums a
+  chunk of tokens in float32, the chunks' partial sums are added by one ``sum`` (two stages, so
+  the result does not depend on the order programs finish in, as atomics would).
+
+:data:`USE_TRITON` turns the kernels off (the torch ops then run everywhere); :data:`INTERPRETED`
+runs them on CPU tensors in Triton's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton is optional; the torch ops run without it
+    triton = None
+    tl = None
+
+#: False: the torch ops on every device (for comparison, or to rule the kernels out).
+USE_TRITON = True
+#: True: the kernels on CPU tensors too, in Triton's interpreter (for tests; ``TRITON_INTERPRET=1`` must be
+#: set before ``triton`` is first imported, as the repository's conftest.py does).
+INTERPRETED = False
+
+#: Programs the backward pass aims for: token chunks enough to fill an H100's 132 SMs a few times over.
+TARGET_PROGRAMS = 1024
+BLOCK_TOKENS = 32
+BLOCK_COLUMNS = 128
+BLOCK_ROWS = 64
+
+
+def triton_runs(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on ``tensors``: Triton present, CUDA tensors or :data:`INTERPRETED`,
+    and eager mode (under ``torch.compile`` the torch ops, which the compiler fuses itself)."""
+    if triton is None or not USE_TRITON or torch.compiler.is_compiling():
+        return False
+    return INTERPRETED or all(t.is_cuda for t in tensors)
+
+
+def _row_scales_source(  # type: ignore[no-untyped-def]
+    prod_ptr,
+    b_ptr,
+    gram_ptr,
+    sq_ptr,
+    m_ptr,
+    inv_ptr,
+    scale_ptr,
+    half_ptr,
+    rows,
+    rank,
+    stride_prod,
+    stride_b,
+    scaling,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_RANK: tl.constexpr,
+):
+    """``inv = rsqrt(max(‖W‖² + scaling·⟨B, 2P + scaling·B·G⟩, 0))``, ``s = m·inv`` for a block of rows."""
+    o = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    k = tl.arange(0, BLOCK_RANK)
+    row_ok = o < rows
+    ok = row_ok[:, None] & (k[None, :] < rank)
+    p = tl.load(prod_ptr + o[:, None] * stride_prod + k[None, :], mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + o[:, None] * stride_b + k[None, :], mask=ok, other=0.0).to(tl.float32)
+    bg = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
+    for j in range(rank):  # B·G, column j of B times row j of G (r is small)
+        bj = tl.load(b_ptr + o * stride_b + j, mask=row_ok, other=0.0).to(tl.float32)
+        gj = tl.load(gram_ptr + j * rank + k, mask=k < rank, other=0.0).to(tl.float32)
+        bg += bj[:, None] * gj[None, :]
+    inner = 2.0 * p + scaling * bg
+    sq = tl.load(sq_ptr + o, mask=row_ok, other=1.0).to(tl.float32) + scaling * tl.sum(b * inner, axis=1)
+    inv = 1.0 / tl.sqrt_rn(tl.maximum(sq, 0.0))
+    scale = tl.load(m_ptr + o, mask=row_ok, other=0.0).to(tl.float32) * inv
+    tl.store(inv_ptr + o, inv, mask=row_ok)
+    tl.store(scale_ptr + o, scale, mask=row_ok)
+    tl.store(half_ptr + o, scale.to(half_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=row_ok)
+
+
+def _scaled_gradient_source(  # type: ignore[no-untyped-def]
+    g_ptr,
+    z_ptr,
+    scale_ptr,
+    inv_ptr,
+    gz_ptr,
+    gh_ptr,
+    part_ptr,
+    tokens,
+    cols,
+    stride_gt,
+    stride_gc,
+    stride_zt,
+    chunk,
+    WRITE_GZ: tl.constexpr,
+    WRITE_GH: tl.constexpr,
+    REDUCE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One chunk of tokens × a block of columns: ``g·s``, ``g·(s − 1)`` written, ``inv·Σ g·z`` partial."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < cols
+    dtype = g_ptr.dtype.element_ty
+    s = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    s_half = s.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)  # the scale rounded as the torch ops round it
+    s_less = (s - 1.0).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    start = tl.program_id(0) * chunk
+    for t0 in range(0, chunk, BLOCK_T):
+        t = start + t0 + tl.arange(0, BLOCK_T)
+        ok = (t[:, None] < tokens) & c_ok[None, :]
+        g = tl.load(g_ptr + t[:, None] * stride_gt + c[None, :] * stride_gc, mask=ok, other=0.0).to(tl.float32)
+        if WRITE_GZ:
+            tl.store(
+                gz_ptr + t[:, None] * cols + c[None, :], (g * s_half).to(dtype, fp_downcast_rounding="rtne"), mask=ok
+            )
+        if WRITE_GH:
+            tl.store(
+                gh_ptr + t[:, None] * cols + c[None, :], (g * s_less).to(dtype, fp_downcast_rounding="rtne"), mask=ok
+            )
+        if REDUCE:
+            z = tl.load(z_ptr + t[:, None] * stride_zt + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            acc += g * z
+    if REDUCE:
+        inv = tl.load(inv_ptr + c, mask=c_ok, other=0.0)
+        tl.store(part_ptr + tl.program_id(0) * cols + c, tl.sum(acc, axis=0) * inv, mask=c_ok)
+
+
+@functools.cache
+def _jitted(source: Callable[..., Any], interpreted: bool) -> Any:
+    """``source`` as a Triton kernel, built once per mode (``triton.jit`` reads ``TRITON_INTERPRET`` when it runs)."""
+    return triton.jit(source)
+
+
+def _kernel(source: Callable[..., Any]) -> Any:
+    return _jitted(source, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def row_scales(
+    prod: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    weight_sq: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inv, s, s_half)``: ``1 / ‖W + scaling·B·A‖``, ``m·inv`` (float32) and ``s`` rounded to ``dtype``.
+
+    ``prod`` is ``W·Aᵀ`` (out, r) in W's dtype; ``‖W + ΔW‖² = ‖W‖² + scaling·⟨B, 2·W·Aᵀ +
+    scaling·B·(A·Aᵀ)⟩`` row by row, clamped at 0 (see :func:`~grafting_lora.dora_node.dora_norm_squared`).
+    """
+    a, b = lora_a.float(), lora_b.float()
+    gram = a @ a.t()
+    m = magnitude.reshape(-1)
+    wide = (a.dtype, b.dtype, m.dtype, weight_sq.dtype) == (torch.float32,) * 4
+    if wide and triton_runs(prod, b, m):
+        rows, rank = b.shape
+        inv = torch.empty(rows, dtype=torch.float32, device=prod.device)
+        scale = torch.empty_like(inv)
+        half = torch.empty(rows, dtype=dtype, device=prod.device)
+        prod, b = prod.contiguous(), b.contiguous()
+        grid = (triton.cdiv(rows, BLOCK_ROWS),)
+        _kernel(_row_scales_source)[grid](
+            prod,
+            b,
+            gram.contiguous(),
+            weight_sq.contiguous(),
+            m.contiguous(),
+            inv,
+            scale,
+            half,
+            rows,
+            rank,
+            prod.stride(0),
+            b.stride(0),
+            float(scaling),
+            BLOCK_ROWS=BLOCK_ROWS,
+            BLOCK_RANK=max(16, triton.next_power_of_2(rank)),
+        )
+        return inv, scale, half
+    inv = norm_squared(prod, gram, b, weight_sq, scaling).rsqrt_()
+    scale = m * inv
+    return inv, scale, scale.to(dtype)
+
+
+def norm_squared(
+    prod: torch.Tensor, gram: torch.Tensor, b: torch.Tensor, weight_sq: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``max(‖W‖² + scaling·⟨B, 2P + scaling·B·G⟩, 0)`` row by row as torch ops (float32 ``B`` and ``G``)."""
+    inner = torch.addmm(prod.float(), b, gram, beta=2.0, alpha=scaling)
+    # ‖W‖² + s·⟨B_o, inner_o⟩ for every row o, as a batch of (1, r)·(r, 1) products
+    rows = torch.baddbmm(weight_sq.view(-1, 1, 1), b.unsqueeze(1), inner.unsqueeze(2), alpha=scaling)
+    return rows.view(-1).clamp_min_(0)
+
+
+def scaled_gradient(
+    g: torch.Tensor,
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    scale_half: torch.Tensor,
+    inv: torch.Tensor,
+    write_gz: bool,
+    write_gh: bool,
+    reduce: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(g ⊙ s, g ⊙ (s − 1), inv ⊙ Σ_tokens g ⊙ z)``, each only if asked for, ``g`` and ``z`` (tokens, out).
+
+    ``s`` is rounded to ``g``'s dtype before each product (``scale_half``), as one product in
+    that dtype rounds it; ``s − 1`` in float32 first (``g ⊙ s − g`` would cancel: ``s`` is near
+    1). The sum is float32 (the kernel's products too; the torch ops round each ``g ⊙ z`` to
+    ``g``'s dtype first).
+    """
+    if not (write_gz or write_gh or reduce):
+        return None, None, None
+    if triton_runs(g, z, scale) and scale.dtype == inv.dtype == torch.float32 and z.stride(1) == 1:
+        return _scaled_gradient_kernel(g, z, scale, inv, write_gz, write_gh, reduce)
+    gz = g * scale_half if write_gz else None
+    gh = g * (scale - 1.0).to(g.dtype) if write_gh else None
+    grad = torch.sum(g * z, 0, dtype=torch.float32).mul_(inv) if reduce else None
+    return gz, gh, grad
+
+
+def _scaled_gradient_kernel(
+    g: torch.Tensor,
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    inv: torch.Tensor,
+    write_gz: bool,
+    write_gh: bool,
+    reduce: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`scaled_gradient` as one Triton kernel and, when there are several token chunks, one ``sum``."""
+    tokens, cols = g.shape
+    col_blocks = triton.cdiv(cols, BLOCK_COLUMNS)
+    chunks = max(1, min(triton.cdiv(tokens, BLOCK_TOKENS), TARGET_PROGRAMS // col_blocks))
+    chunk = triton.cdiv(triton.cdiv(tokens, chunks), BLOCK_TOKENS) * BLOCK_TOKENS
+    chunks = triton.cdiv(tokens, chunk)
+    gz = torch.empty((tokens, cols), dtype=g.dtype, device=g.device) if write_gz else None
+    gh = torch.empty((tokens, cols), dtype=g.dtype, device=g.device) if write_gh else None
+    part = torch.empty((chunks, cols), dtype=torch.float32, device=g.device) if reduce else None
+    dummy = g  # an unused pointer argument: never read or written (its branch is compiled out)
+    _kernel(_scaled_gradient_source)[(chunks, col_blocks)](
+        g,
+        z,
+        scale.contiguous(),
+        inv.contiguous(),
+        dummy if gz is None else gz,
+        dummy if gh is None else gh,
+        dummy if part is None else part,
+        tokens,
+        cols,
+        g.stride(0),
+        g.stride(1),
+        z.stride(0),
+        chunk,
+        WRITE_GZ=write_gz,
+        WRITE_GH=write_gh,
+        REDUCE=reduce,
+        BLOCK_T=BLOCK_TOKENS,
+        BLOCK_C=BLOCK_COLUMNS,
+    )
+    grad = None if part is None else (part.view(-1) if chunks == 1 else part.sum(0))
+    return gz, gh, grad

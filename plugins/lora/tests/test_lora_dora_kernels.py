@@ -1,0 +1,135 @@
+"""DoRA's kernels (grafting_lora.dora_kernels) in Triton's interpreter on the CPU, against the torch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dora_helpers import dora_kernels_on
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grafting.testing import assert_close
+from grafting_lora import dora_kernels
+from grafting_lora.dora_kernels import row_scales, scaled_gradient, triton_runs
+
+HALF = [torch.bfloat16, torch.float16]
+DTYPES = [*HALF, torch.float32]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_the_kernels_run_on_cpu_tensors_only_interpreted() -> None:
+    """On CPU tensors the kernels run only in the interpreter; switched off, nowhere."""
+    t = torch.zeros(3)
+    with dora_kernels_on(True):
+        assert triton_runs(t)
+        dora_kernels.INTERPRETED = False
+        assert not triton_runs(t)  # a CPU tensor outside the interpreter: the torch ops
+    with dora_kernels_on(False):
+        assert not triton_runs(t)
+
+
+@given(
+    rows=st.integers(1, 150),  # across BLOCK_ROWS (64)
+    n_in=st.integers(1, 40),
+    rank=st.integers(1, 20),  # across the kernel's smallest rank block (16)
+    dtype=st.sampled_from(DTYPES),
+    scaling=st.sampled_from([0.5, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_row_scale_kernel_is_the_torch_ops(
+    rows: int, n_in: int, rank: int, dtype: torch.dtype, scaling: float, seed: int
+) -> None:
+    """``1/‖W + ΔW‖``, ``m/‖W + ΔW‖`` and the latter in ``dtype``: one kernel equals the seven torch ops."""
+    g = _gen(seed)
+    w = torch.randn(rows, n_in, generator=g).to(dtype)
+    a = torch.rand(rank, n_in, generator=g) + 0.2  # ΔW = scaling·B·A of one sign, its rows away from 0
+    b = torch.rand(rows, rank, generator=g) + 0.2
+    m = torch.rand(rows, generator=g) + 0.5
+    sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    prod = w @ a.to(dtype).t()
+    with dora_kernels_on(False):
+        inv, scale, half = row_scales(prod, a, b, sq, m, scaling, dtype)
+    with dora_kernels_on(True):
+        k_inv, k_scale, k_half = row_scales(prod, a, b, sq, m, scaling, dtype)
+    no_adapter = sq.rsqrt()
+    assert_close((k_inv, k_scale), (inv, scale), changed_from=(no_adapter, m * no_adapter))
+    assert_close(k_half, half)  # the interpreter rounds to bfloat16 half-up, the GPU and torch to nearest even
+
+
+@given(
+    tokens=st.integers(1, 100),
+    cols=st.integers(1, 300),  # across BLOCK_COLUMNS (128)
+    dtype=st.sampled_from(DTYPES),
+    outputs=st.tuples(st.booleans(), st.booleans(), st.booleans()).filter(any),
+    layout=st.sampled_from(["contiguous", "transposed", "expanded"]),
+    programs=st.sampled_from([1, 5, 1024]),  # one chunk of tokens, several, as many as there are blocks
+    seed=st.integers(0, 2**16),
+)
+def test_the_backward_pass_kernel_is_the_torch_ops(
+    tokens: int,
+    cols: int,
+    dtype: torch.dtype,
+    outputs: tuple[bool, bool, bool],
+    layout: str,
+    programs: int,
+    seed: int,
+) -> None:
+    """``g⊙s``, ``g⊙(s − 1)`` and ``inv⊙Σ g⊙z`` from one pass equal the torch ops (any strides of ``g``)."""
+    gen = _gen(seed)
+    if layout == "contiguous":
+        g = torch.randn(tokens, cols, generator=gen).to(dtype)
+    elif layout == "transposed":
+        g = torch.randn(cols, tokens, generator=gen).to(dtype).t()
+    else:  # the gradient of a sum: one row, stride 0
+        g = torch.randn(1, cols, generator=gen).to(dtype).expand(tokens, cols)
+    z = torch.randn(tokens, cols, generator=gen).to(dtype)
+    scale = torch.rand(cols, generator=gen) + 0.5
+    inv = torch.rand(cols, generator=gen) + 0.5
+    with dora_kernels_on(False):
+        gz, gh, grad = scaled_gradient(g, z, scale, scale.to(dtype), inv, *outputs)
+    kept = dora_kernels.TARGET_PROGRAMS
+    dora_kernels.TARGET_PROGRAMS = programs
+    try:
+        with dora_kernels_on(True):
+            k_gz, k_gh, k_grad = scaled_gradient(g, z, scale, scale.to(dtype), inv, *outputs)
+    finally:
+        dora_kernels.TARGET_PROGRAMS = kept
+    assert (k_gz is None, k_gh is None, k_grad is None) == tuple(not o for o in outputs)
+    if gz is not None:
+        assert_close(k_gz, gz, changed_from=g)
+    if gh is not None:
+        assert_close(k_gh, gh, changed_from=g)
+    if grad is not None:  # the kernel's float32 sum of exact products against the sum in float64
+        exact = (g.double() * z.double()).sum(0) * inv.double()
+        terms = (g.double() * z.double()).abs().sum(0) * inv.double()
+        assert_close(k_grad, exact.float(), rtol=1e-5, atol=1e-5 * terms.max().item())
+        assert_close(grad, exact.float(), rtol=0, atol=2 * torch.finfo(dtype).eps * terms.max().item())
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the aten ops run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_the_kernels_replace_the_small_norm_ops_and_the_elementwise_passes(kernels: bool) -> None:
+    """With the kernels no clamp, rsqrt, ``baddbmm``, elementwise product or token ``sum`` is left to aten."""
+    g = _gen(0)
+    prod, a, b = torch.randn(40, 4).bfloat16(), torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g)
+    grad, z, sq, m = torch.randn(30, 40).bfloat16(), torch.randn(30, 40).bfloat16(), torch.rand(40) + 9, torch.rand(40)
+    with dora_kernels_on(kernels), _Ops() as ops:
+        inv, scale, half = row_scales(prod, a, b, sq, m, 2.0, torch.bfloat16)
+        scaled_gradient(grad, z, scale, half, inv, True, True, True)
+    replaced = {"addmm", "baddbmm", "clamp_min_", "rsqrt_", "mul", "mul_", "sub", "sum", "_to_copy"}
+    assert bool(replaced & set(ops.names)) != kernels, ops.names
