@@ -25,6 +25,7 @@ from grafting.toolkit import (
     in_out_features,
     plain_linear_weight,
 )
+from grafting_lora import dropout_kernels
 from grafting_lora.fused import DoraLinearFunction, LoraLinearFunction, dora_inverse_norm, dora_linear, lora_linear
 from grafting_lora.hotswap import PairHotSwap
 from grafting_lora.init import Initialization, init_factors
@@ -304,6 +305,8 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
             return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product)
         if product is not None:
             return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
+        if dropout and dropout_kernels.serves(x):  # Triton: the mask drawn in registers, never stored
+            return dropout_kernels.LoraDropoutFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
         return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
 
     def _dora_call(
