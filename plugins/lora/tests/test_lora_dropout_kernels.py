@@ -191,13 +191,13 @@ def test_the_layer_keeps_the_torch_node_on_the_cpu() -> None:
     """On the CPU (no interpreter routing) the layer's dropout stays in the torch node."""
     layer = _layer(torch.float16, 0.3)
     x = torch.randn(6, 24, dtype=torch.float16)
-    assert not dropout_kernels.serves(x)
+    assert not dropout_kernels.serves(x, layer.adapters["a"].lora_A.weight)
     assert type(layer(x).grad_fn).__name__ == "LoraLinearFunctionBackward"
 
 
 def test_the_layer_takes_the_kernels_where_they_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where :func:`serves` (CUDA), the layer's node is the Triton one; its output is the formula's."""
-    monkeypatch.setattr(dropout_kernels, "serves", lambda x: True)
+    monkeypatch.setattr(dropout_kernels, "serves", lambda x, a: True)
     layer = _layer(torch.float16, 0.3)
     x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.float16)
     torch.manual_seed(4)

@@ -7,17 +7,27 @@ them), the third counter word set to :data:`STREAM` so the stream differs from t
 (which puts its thread index there). The mask depends only on ``(seed, offset, p, M, K)``, not
 on the tile sizes of the kernel that regenerates it. An element is kept when its uniform is ``≥ p``.
 
-Decorated at import: with ``TRITON_INTERPRET=1`` set before this module is first imported,
-they run on the CPU through Triton's interpreter (the tests do this).
+Decorated at import: with ``TRITON_INTERPRET=1`` set before this module is first imported
+(and while they run) they run on the CPU through Triton's interpreter (the tests do this), each
+with its first tile configuration; on a GPU the two product kernels are autotuned per shape.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton import knobs
 
 #: The third Philox counter word of every draw here ("LoRA").
 STREAM = 0x4C6F5241
+#: Row shares of the backward kernel are multiples of this (every tile height tried divides it).
+ROW_QUANTUM = 64
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(rows, columns, warps, stages) tiles to try; the interpreter takes the first alone."""
+    chosen = shapes[:1] if knobs.runtime.interpret else shapes
+    return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in chosen]
 
 
 @triton.jit
@@ -43,6 +53,9 @@ def keep_mask_kernel(out_ptr, M, K, seed, offset, p, BM: tl.constexpr, BK: tl.co
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8), mask=inside)
 
 
+@triton.autotune(
+    _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4)]), key=["M", "K", "R"]
+)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def dropped_down_kernel(
     x_ptr,
@@ -82,6 +95,10 @@ def dropped_down_kernel(
     tl.store(out, acc.to(low_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
+@triton.autotune(
+    _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2)]),
+    key=["M", "K", "R", "WANT_X", "WANT_A"],
+)
 @triton.jit(do_not_specialize=["seed", "offset"])
 def dropped_up_kernel(
     x_ptr,
@@ -105,7 +122,7 @@ def dropped_up_kernel(
     BK: tl.constexpr,
     RP: tl.constexpr,
 ):
-    """Backward of :func:`dropped_down_kernel` over a K tile and a share of the rows.
+    """Backward of :func:`dropped_down_kernel` over a K tile and a share of the rows (a multiple of BM).
 
     ``grad_x = keep ⊙ (grad_low·A)·scale`` (M, K) in x's dtype, written once (WANT_X);
     ``grad_a[split] = grad_lowᵀ·d(x)`` (R, K) float32 over this share's rows (WANT_A),

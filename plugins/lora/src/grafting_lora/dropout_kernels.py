@@ -10,8 +10,8 @@ for backward and masks the adapter's input gradient in a further pass. Here
   in registers from a Philox ``(seed, offset)``; nothing of size (tokens, in) is written;
 * backward: one kernel regenerates the same mask, writes the adapter's input gradient
   ``keep ⊙ (grad_low·A)/(1-p)`` once (the base's ``addmm_`` then accumulates onto it) and
-  reduces ``A``'s gradient ``grad_lowᵀ·d(x)`` from ``x`` (saved anyway for ``W``... or not:
-  it is the node's input, kept by reference).
+  reduces ``A``'s gradient ``grad_lowᵀ·d(x)`` from ``x`` (the node's input, kept by reference,
+  as the torch node keeps it for ``W``'s gradient).
 
 ``(seed, offset)`` come from the device's default generator (its seed, and its Philox offset
 advanced past the counters used), so ``torch.manual_seed`` makes a run reproducible and every
@@ -32,10 +32,12 @@ import torch
 
 from grafting_lora.fused import lora_products
 
-#: Rows × columns of an input tile (columns a multiple of 4: one Philox block per 4 elements).
+#: Rows × columns of :func:`keep_mask`'s tiles (the mask does not depend on them).
 BLOCK_ROWS, BLOCK_COLS = 64, 64
-#: The backward kernel's grid aims at this many programs (K tiles × row splits) to fill a GPU.
+#: The backward kernel's grid aims at this many programs (64-column tiles × row shares) to fill a GPU.
 BACKWARD_PROGRAMS = 512
+#: Above this rank the (rank, tile) accumulators no longer fit in registers: the torch node serves.
+MAX_RANK = 128
 _SEED_BITS = (1 << 63) - 1
 
 
@@ -45,10 +47,14 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def serves(x: torch.Tensor) -> bool:
-    """Whether :class:`LoraDropoutFunction` takes ``x``: on CUDA with Triton, not compiling or capturing a graph."""
+def serves(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
+    """Whether :class:`LoraDropoutFunction` takes ``x``: on CUDA with Triton, not compiling or capturing a graph.
+
+    ``lora_a`` (r, in): ranks up to :data:`MAX_RANK`.
+    """
     return (
         x.is_cuda
+        and lora_a.shape[0] <= MAX_RANK
         and has_triton()
         and not torch.compiler.is_compiling()
         and not torch.cuda.is_current_stream_capturing()
@@ -98,11 +104,9 @@ def dropped_down(flat: torch.Tensor, a: torch.Tensor, p: float, seed: int, offse
     m, k = flat.shape
     r = a.shape[0]
     low = flat.new_empty(m, r)
-    grid = (-(-m // BLOCK_ROWS),)
-    _kernels().dropped_down_kernel[grid](
-        flat, a, low, m, k, r, flat.stride(0), a.stride(0), seed, offset, p, 1.0 / (1.0 - p),
-        BM=BLOCK_ROWS, BK=BLOCK_COLS, RP=_padded_rank(r),
-    )  # fmt: skip
+    _kernels().dropped_down_kernel[lambda meta: (-(-m // meta["BM"]),)](
+        flat, a, low, m, k, r, flat.stride(0), a.stride(0), seed, offset, p, 1.0 / (1.0 - p), RP=_padded_rank(r)
+    )
     return low
 
 
@@ -119,21 +123,21 @@ def dropped_up(
     """Backward of :func:`dropped_down`: ``(keep ⊙ (grad_low·A)/(1-p), grad_lowᵀ·d(flat))``.
 
     The first (tokens, in) in ``flat``'s dtype, the second (r, in) in ``a``'s dtype (reduced in
-    float32); either ``None`` when not wanted.
+    float32 over :data:`BACKWARD_PROGRAMS`-ish row shares, then summed); either ``None`` when not wanted.
     """
+    kernels = _kernels()
     m, k = flat.shape
     r = a.shape[0]
-    tiles, row_blocks = -(-k // BLOCK_COLS), -(-m // BLOCK_ROWS)
-    splits = max(1, min(row_blocks, -(-BACKWARD_PROGRAMS // tiles))) if want_a else row_blocks
-    rows_per_split = -(-row_blocks // splits) * BLOCK_ROWS
+    quantum = kernels.ROW_QUANTUM
+    blocks = -(-m // quantum)
+    splits = max(1, min(blocks, -(-BACKWARD_PROGRAMS // -(-k // 64)))) if want_a else blocks
+    rows_per_split = -(-blocks // splits) * quantum
     splits = -(-m // rows_per_split)
     grad_x = flat.new_empty(m, k) if want_x else None
     partial = torch.empty(splits, r, k, dtype=torch.float32, device=flat.device) if want_a else None
-    grad_low = grad_low.contiguous()
-    _kernels().dropped_up_kernel[(tiles, splits)](
-        flat, grad_low, a, grad_x, partial, m, k, r, flat.stride(0), a.stride(0), rows_per_split,
-        seed, offset, p, 1.0 / (1.0 - p),
-        WANT_X=want_x, WANT_A=want_a, BM=BLOCK_ROWS, BK=BLOCK_COLS, RP=_padded_rank(r),
+    kernels.dropped_up_kernel[lambda meta: (-(-k // meta["BK"]), splits)](
+        flat, grad_low.contiguous(), a, grad_x, partial, m, k, r, flat.stride(0), a.stride(0), rows_per_split,
+        seed, offset, p, 1.0 / (1.0 - p), WANT_X=want_x, WANT_A=want_a, RP=_padded_rank(r),
     )  # fmt: skip
     if partial is None:
         return grad_x, None

@@ -305,7 +305,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
             return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product)
         if product is not None:
             return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
-        if dropout and dropout_kernels.serves(x):  # Triton: the mask drawn in registers, never stored
+        if dropout and dropout_kernels.serves(x, a):  # Triton: the mask drawn in registers, never stored
             return dropout_kernels.LoraDropoutFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
         return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
 
