@@ -19,7 +19,7 @@ import triton.language as tl
 from triton import knobs
 
 #: The third Philox counter word of every draw here ("LoRA").
-STREAM = 0x4C6F5241
+STREAM = tl.constexpr(0x4C6F5241)
 #: Row shares of the backward kernel are multiples of this (every tile height tried divides it).
 ROW_QUANTUM = 64
 

@@ -33,7 +33,7 @@ import torch
 from grafting_lora.fused import lora_products
 
 #: Rows × columns of :func:`keep_mask`'s tiles (the mask does not depend on them).
-BLOCK_ROWS, BLOCK_COLS = 64, 64
+BLOCK_ROWS, BLOCK_COLS = 128, 128
 #: The backward kernel's grid aims at this many programs (64-column tiles × row shares) to fill a GPU.
 BACKWARD_PROGRAMS = 512
 #: Above this rank the (rank, tile) accumulators no longer fit in registers: the torch node serves.
