@@ -151,13 +151,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def _mul_as(x: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x * factor`` written in ``dtype``: the product and the cast as one kernel."""
+    return torch.mul(x, factor, out=x.new_empty(x.shape, dtype=dtype))
+
+
 class LoraDropoutFunction(torch.autograd.Function):
     """``x·Wᵀ + b + scaling·(d(x)·Aᵀ)·Bᵀ`` as one node, ``d`` dropout of probability ``p`` (0 < p < 1).
 
     ``x`` (..., in) in half precision, ``W`` (out, in) in x's dtype, ``A`` (r, in), ``B`` (out, r)
-    in any float dtype (cast to x's for the products; their gradients come back in theirs).
-    Saves ``x``, ``W``, ``A``, ``B`` cast, ``low`` (tokens, r) and the seed: no (tokens, in) tensor
-    of its own.
+    in any float dtype (A cast to x's inside the kernels, ``scaling·B`` formed in x's dtype by one
+    kernel; their gradients come back in their dtypes). Saves ``x``, ``W``, ``A``, ``scaling·B``,
+    ``low`` (tokens, r) and the seed: no (tokens, in) tensor of its own. Per call 4 kernels forward
+    (2 of them the products every LoRA layer has) and 6 backward, ``W``'s own gradient aside.
     """
 
     @staticmethod
@@ -174,10 +180,10 @@ class LoraDropoutFunction(torch.autograd.Function):
         flat = _rows(x)
         a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
         seed, offset = draw_seed(x.device, flat.shape[0] * quads(flat.shape[1]))
-        b = lora_b.to(x.dtype)
+        up = _mul_as(lora_b, scaling, x.dtype)  # (out, r): the scaling on the small matrix
         low = dropped_down(flat, a, p, seed, offset)
-        y, low = lora_products(flat, None, weight, bias, None, b, scaling, low)
-        ctx.save_for_backward(flat, weight, a, b, low)
+        y, low = lora_products(flat, None, weight, bias, None, up, 1.0, low)
+        ctx.save_for_backward(flat, weight, a, up, low)
         ctx.draw = (p, seed, offset)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
@@ -187,12 +193,12 @@ class LoraDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, weight, a, b, low = ctx.saved_tensors
+        flat, weight, a, up, low = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x or need_a:
-            grad_low = (g @ b).mul_(ctx.scaling)  # (tokens, r): small
+            grad_low = g @ up  # (tokens, r): small, the scaling included
             adapter_x, grad_a = dropped_up(flat, grad_low, a, *ctx.draw, want_x=need_x, want_a=need_a)
             if adapter_x is not None:  # the base's input gradient accumulated onto the adapter's
                 grad_x = adapter_x.addmm_(g, weight).view(ctx.x_shape)
@@ -201,5 +207,5 @@ class LoraDropoutFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_b:
-            grad_b = (g.t() @ low).mul_(ctx.scaling).to(ctx.b_dtype)
+            grad_b = _mul_as(g.t() @ low, ctx.scaling, ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
