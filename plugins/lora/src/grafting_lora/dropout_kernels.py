@@ -50,10 +50,11 @@ def has_triton() -> bool:
 def serves(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
     """Whether :class:`LoraDropoutFunction` takes ``x``: on CUDA with Triton, not compiling or capturing a graph.
 
-    ``lora_a`` (r, in): ranks up to :data:`MAX_RANK`.
+    ``lora_a`` (r, in): ranks up to :data:`MAX_RANK`; an empty input stays with the torch node.
     """
     return (
         x.is_cuda
+        and x.numel() > 0
         and lora_a.shape[0] <= MAX_RANK
         and has_triton()
         and not torch.compiler.is_compiling()
