@@ -54,7 +54,8 @@ def keep_mask_kernel(out_ptr, M, K, seed, offset, p, BM: tl.constexpr, BK: tl.co
 
 
 @triton.autotune(
-    _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4)]), key=["M", "K", "R"]
+    _configs([(64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4)]),
+    key=["M", "K", "R"],
 )
 @triton.jit(do_not_specialize=["seed", "offset"])
 def dropped_down_kernel(
