@@ -25,6 +25,7 @@ from grafting.toolkit import (
     in_out_features,
     plain_linear_weight,
 )
+from grafting_lora import dropout_kernels
 from grafting_lora.dora_node import DoraLinearFunction, dora_linear, dora_scales
 from grafting_lora.factor_casts import factor_casts
 from grafting_lora.fused import LoraLinearFunction, lora_linear
@@ -306,6 +307,8 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
             return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product, factor_casts(self))
         if product is not None:
             return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
+        if dropout and dropout_kernels.serves(x, a):  # Triton: the mask drawn in registers, never stored
+            return dropout_kernels.LoraDropoutFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
         return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
 
     def _dora_call(
