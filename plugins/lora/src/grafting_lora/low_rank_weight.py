@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from grafting.toolkit import compute_dtype
+from grafting_lora.grouped_low_rank import grouped_low_rank
 
 #: One step applied to a term's factors after their cast: ``("index", idx)`` or ``("transpose", None)``.
 Step = tuple[str, Any]
@@ -62,23 +63,25 @@ class Term:
         """``(L, R·s)`` in ``dtype``, with this term's views applied."""
         if dtype not in self.cache:
             self.cache[dtype] = (self.left.to(dtype), (self.right * self.scaling).to(dtype))
-        left, right = self.cache[dtype]
-        for kind, arg in self.steps:
-            if kind == "index":
-                left, right = left[arg], right[arg]
-            else:
-                left, right = right.mT, left.mT
-        return left, right
+        return _viewed(*self.cache[dtype], self.steps)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` as the adapter holds them (no cast, no scaling), with this term's views applied."""
+        return _viewed(self.left, self.right, self.steps)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """``s·L·R`` formed in the factors' dtype, then cast to ``dtype``."""
-        left, right = self.left, self.right
-        for kind, arg in self.steps:
-            if kind == "index":
-                left, right = left[arg], right[arg]
-            else:
-                left, right = right.mT, left.mT
+        left, right = self.views()
         return (torch.matmul(left, right) * self.scaling).to(dtype)
+
+
+def _viewed(left: torch.Tensor, right: torch.Tensor, steps: tuple[Step, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    for kind, arg in steps:
+        if kind == "index":
+            left, right = left[arg], right[arg]
+        else:
+            left, right = right.mT, left.mT
+    return left, right
 
 
 def _transposes_last_two(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], ndim: int) -> bool:
@@ -263,32 +266,17 @@ def _linear(x: Any, weight: Any, bias: Any = None) -> Any:
     return base
 
 
-def _aligned(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix`` (…, k, n) as grouped GEMM kernels take it: one of its last two dims contiguous, the other's
-    stride a multiple of 16 bytes, the data 16-byte aligned. Kept as it is when it already is (the transposed
-    view of a contiguous factor: the same K-major layout as the base weight's), else copied row-major, or
-    column-major where ``n`` is too narrow (rank 4 in bf16)."""
-    align = 16 // matrix.element_size()
-    stride, size = matrix.stride(), matrix.shape
-    if matrix.data_ptr() % 16 == 0:
-        if stride[-1] == 1 and stride[-2] >= max(1, size[-1]) and stride[-2] % align == 0:
-            return matrix
-        if stride[-2] == 1 and stride[-1] >= max(1, size[-2]) and stride[-1] % align == 0:
-            return matrix
-    if size[-1] % align == 0:
-        return matrix.clone(memory_format=torch.contiguous_format)
-    return matrix.mT.clone(memory_format=torch.contiguous_format).mT
-
-
 def _grouped(mat_a: Any, mat_b: Any, offs: Any = None, bias: Any = None, out_dtype: Any = None) -> Any:
-    """``torch._grouped_mm(x, W + ΔW, offs)`` as the base product plus ``(x·L)·R·s`` over the same groups."""
+    """``torch._grouped_mm(x, W + ΔW, offs)`` as the base product plus ``(x·L)·R·s`` over the same groups, each
+    term one node (:mod:`grafting_lora.grouped_low_rank`), added into the base product in place."""
     if not isinstance(mat_b, LowRankWeight) or isinstance(mat_a, LowRankWeight) or mat_b._weight.ndim != 3:
+        return NotImplemented
+    if mat_a.ndim != 2 or offs is None:
         return NotImplemented
     base = torch._grouped_mm(mat_a, mat_b._weight, offs=offs, bias=bias, out_dtype=out_dtype)
     dtype = compute_dtype(mat_b._precision, mat_b._terms[0].left.dtype, mat_a, where="LoRA")
     x = mat_a.to(dtype)
     for term in mat_b._terms:
-        left, right = term.factors(dtype)
-        h = torch._grouped_mm(x, _aligned(left), offs=offs)
-        base = base + torch._grouped_mm(h, _aligned(right), offs=offs).to(base.dtype)
+        left, right = term.views()
+        base = base.add_(grouped_low_rank(x, left, right, offs, term.scaling).to(base.dtype))
     return base
