@@ -119,7 +119,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
     :meth:`forward` is the reference (:mod:`grafting_lora.reference`, PEFT's order of
     operations). With a bf16/fp16 base and float32 adapter weights the products run in the
     base's dtype (:attr:`precision`) through the fast paths: the scaling folded into ``B`` and
-    the last product accumulated into the base output by one ``addmm`` (:meth:`add_delta`),
+    the last product added to the base output (:meth:`add_delta`),
     one gathered product for routed batches (:meth:`add_grouped`), or the base layer and the
     delta as one autograd node (:meth:`fused_call`). In float32 and float64, and with
     ``precision = "adapter"``, the reference runs (PEFT's bits).

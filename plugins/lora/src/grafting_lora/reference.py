@@ -19,7 +19,7 @@ float64 compute the reference, in PEFT's order of operations) and each tested ag
 reference for values and gradients (``tests/test_lora_fast_path.py``, ``tests/test_lora_reference.py``):
 
 * :func:`low_rank_add` — ``y + lora_delta`` with the scaling folded into ``B`` and the last
-  product accumulated into ``y`` by one ``addmm`` (``LoraLinear.add_delta``), its first product
+  product added to ``y`` (``LoraLinear.add_delta``), its first product
   possibly computed with the sibling layers' in one matmul (shared-input grouping,
   ``LoraLinear.input_factor``);
 * :mod:`grafting_lora.routed` — ``y + lora_delta`` of each sample's own adapter in a routed
@@ -126,11 +126,19 @@ def low_rank_add(
     bias: torch.Tensor | None = None,
     low: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fast path of ``y + lora_delta(h)``: ``y + (h·aᵀ)·bᵀ (+ bias)``, the last product one ``addmm`` into ``y``.
+    """Fast path of ``y + lora_delta(h)``: ``y + (h·aᵀ)·bᵀ (+ bias)``, the last product added to ``y``.
 
     ``a`` (r, in) and ``b`` (out, r) already carry the scaling and the compute dtype;
     ``y`` is left untouched (autograd may hold it, and ``LayerCall.base_out`` is it).
     ``low`` is ``h·aᵀ`` when already computed (shared-input grouping); ``h`` and ``a`` are then not read.
+
+    The product and the add are two ops, not one ``addmm``: an out-of-place ``addmm`` with a matrix
+    bias copies ``y`` into its output before the GEMM accumulates onto it (in eager the same passes
+    over the (tokens, out) output as the add). Under ``torch.compile`` Inductor then adds the
+    product inside the kernel that reads the sum (RoPE, the residual add, SiLU·up) and makes the
+    ``addmm`` itself only where the sum must be written out; an ``addmm`` written here would stay
+    one (Inductor keeps half-precision ``addmm``), with its copy. The delta is rounded to ``y``'s
+    dtype before the add, as the reference rounds it.
     """
     if low is None:
         if h is None or a is None:
@@ -138,8 +146,7 @@ def low_rank_add(
         low = F.linear(h, a)
     if bias is not None:
         y = y + bias
-    flat = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())
-    return flat.view(y.shape)
+    return y + low @ b.t()
 
 
 def grouped_low_rank_add(
