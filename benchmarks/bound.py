@@ -752,7 +752,9 @@ class Bench:
 
     def report(self, rows: list[dict[str, Any]]) -> None:
         """Each figure's median over rounds, fastest round and spread; the markdown summary; the JSON lines."""
-        print(f"=== {self.args.rounds} rounds: median over rounds (ratios to the same round's bound)", flush=True)
+        measured = max((len(row["rounds_ms"]) for row in rows), default=0)
+        rounds = f"{measured}" if measured == self.args.rounds else f"{measured} of {self.args.rounds}"
+        print(f"=== {rounds} rounds: median over rounds (ratios to the same round's bound)", flush=True)
         bound_saved = next((row.get("saved_activation_mib") for row in rows if row["figure"] == "bound (train)"), None)
         for row in rows:
             low, high = min(row["rounds_ratio"]), max(row["rounds_ratio"])
