@@ -53,13 +53,20 @@ class GroupState:
         return GroupState()
 
     def live_followers(self) -> list[Any]:
-        alive = [f() for f in self.followers]
-        self.followers = [weakref.ref(f) for f in alive if f is not None]
-        return [f for f in alive if f is not None]
+        """The followers still alive (the dead ones are dropped)."""
+        alive = []
+        for ref in self.followers:
+            follower = ref()
+            if follower is not None:
+                alive.append(follower)
+        if len(alive) != len(self.followers):
+            self.followers = [weakref.ref(f) for f in alive]
+        return alive
 
     def learn(self, layer: Any) -> None:
-        if all(f() is not layer for f in self.followers):
-            self.followers.append(weakref.ref(layer))
+        ref = weakref.ref(layer)  # the one plain reference to ``layer``; equal to another only while both live
+        if ref not in self.followers:
+            self.followers.append(ref)
 
     def forget(self, layer: Any) -> None:
         self.followers = [f for f in self.followers if f() is not layer and f() is not None]
@@ -119,24 +126,17 @@ def declares_factor(adapter: Any) -> bool:
     return isinstance(adapter, DeltaAdapter) and type(adapter).input_factor is not DeltaAdapter.input_factor
 
 
-def _version(x: torch.Tensor) -> int | None:
-    """``x``'s version counter, or ``None`` where it has none (inference tensors) or the call must not group."""
-    if not _state.enabled or torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
-        return None
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-        return None  # activation checkpointing: the recomputation must save what the forward saved
-    if x.is_inference() or x.is_nested or not x.is_floating_point() or x.dim() == 0:
-        return None
-    return x._version
+def _may_group() -> bool:
+    """Whether an eager call may group now: not in a backward pass, no saved-tensor hooks."""
+    if torch._C._current_graph_task_id() != -1:
+        return False
+    # activation checkpointing: the recomputation must save what the forward saved
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
-def _lookup(x: torch.Tensor, version: int) -> _Entry | None:
-    entry = _state.recent.get(id(x))
-    if entry is None or entry.tensor() is not x or entry.version != version:
-        return None
-    if entry.grad != torch.is_grad_enabled():
-        return None
-    return entry
+def _groupable(x: torch.Tensor) -> bool:
+    """Whether ``x`` can lead a group: a floating tensor with a version counter (no inference tensor)."""
+    return not (x.is_inference() or x.is_nested or not x.is_floating_point() or x.dim() == 0)
 
 
 def _drop_uncollected(entry: _Entry) -> None:
@@ -178,40 +178,72 @@ def shared_products(
     ``[(name, adapter)]`` (empty when it must not group now). A follower collects what its leader
     computed for it; a leader computes its own and its followers' products when there are two or more.
     """
-    if not _state.enabled:
+    if not _state.enabled or torch.compiler.is_compiling():  # a traced tensor has no identity to look up
         return {}
-    own = _factors(x, adapters)
-    if not own:  # nothing of this layer's can group with this input (DoRA, dropout drawn, ...): no bookkeeping
-        return {}
-    version = _version(x)
-    if version is None:
-        return {}
-    state = state_of(layer)
-    entry = _lookup(x, version)
+    entry = _state.recent.get(id(x))
+    if entry is not None and (
+        entry.tensor() is not x or entry.version != x._version or entry.grad != torch.is_grad_enabled()
+    ):
+        entry = None  # another tensor at the same address, or this one changed in place since
     if entry is not None and entry.leader() is not layer:
+        return _collect(layer, x, entry, adapters)
+    own = _factors(x, adapters)
+    if not own or not _may_group() or not _groupable(x):
+        return {}  # nothing of this layer's can group with this input (DoRA, dropout drawn, ...): no bookkeeping
+    return _lead(layer, x, own, members)
+
+
+def _collect(
+    layer: Any, x: torch.Tensor, entry: _Entry, adapters: Sequence[tuple[str, Any]]
+) -> dict[str, torch.Tensor]:
+    """A follower's call: what the leader of ``entry`` computed for ``layer``'s ``adapters`` (``{}`` if nothing)."""
+    mine = entry.products.get(id(layer))
+    if mine is None:  # a layer the leader does not know yet: it learns it, from its next call on
+        if not _factors(x, adapters) or not _may_group():
+            return {}
+        state_of(layer)  # a shallow copy (a DataParallel replica) gets its own state before it joins
         leader = entry.leader()
         if leader is not None:
             state_of(leader).learn(layer)
-        mine = entry.products.pop(id(layer), {})
-        names = {name for name, _ in adapters}
-        return {name: p for name, p in mine.items() if name in names}
+        return {}
+    if not _may_group():  # inside a backward pass or under saved-tensor hooks: computed alone, as it was saved
+        return {}
+    del entry.products[id(layer)]
+    found = {}
+    for name, _ in adapters:
+        if name in mine:
+            found[name] = mine[name]
+    return found
+
+
+def _lead(layer: Any, x: torch.Tensor, own: list[tuple[str, torch.Tensor]], members: Any) -> dict[str, torch.Tensor]:
+    """A leader's call: ``x``'s products for ``layer`` and its live followers, as one matmul when two or more."""
+    state = state_of(layer)
     previous = None if state.last is None else state.last()
     if previous is not None:  # followers that did not collect their products since this layer's last call
         _drop_uncollected(previous)
-    entry = _Entry(x, version, layer)
+    entry = _Entry(x, x._version, layer)
     state.last = weakref.ref(entry)
     _remember(x, entry)
+    followers = state.live_followers()
+    if not followers and len(own) < 2:
+        return {}
     wanted = [(layer, name, factor) for name, factor in own]
-    for member in state.live_followers():
+    for member in followers:
         wanted.extend((member, name, factor) for name, factor in _factors(x, members(member)))
     if len(wanted) < 2:
         return {}
     stacked = torch.cat([f for _, _, f in wanted]).to(x.dtype)
     flat = x.reshape(-1, x.shape[-1]) @ stacked.t()
     start = 0
+    products = entry.products
     for member, name, factor in wanted:
         rank = factor.shape[0]
         view = flat.narrow(1, start, rank).reshape(*x.shape[:-1], rank)
         start += rank
-        entry.products.setdefault(id(member), {})[name] = view
-    return entry.products.pop(id(layer), {})
+        key = id(member)
+        if key in products:
+            products[key][name] = view
+        else:
+            products[key] = {name: view}
+    return products.pop(id(layer), {})

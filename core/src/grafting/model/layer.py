@@ -14,7 +14,7 @@ from torch import nn
 
 from grafting.errors import AdapterNotFoundError, AdapterStateError, MergeError
 from grafting.model.attribute_view import attribute_view
-from grafting.model.grouping import GroupState, declares_factor, grouping_enabled, shared_products
+from grafting.model.grouping import GroupState, declares_factor, shared_products
 from grafting.model.routing import current_routing, route_all
 from grafting.protocol import (
     DeltaAdapter,
@@ -36,6 +36,10 @@ __all__ = [
     "Site",
     "WeightAdapter",
 ]
+
+
+#: The attributes whose assignment changes which adapters act (:meth:`AdaptedLayer._relive`).
+_LIVE_FIELDS = frozenset({"active", "merged"})
 
 
 def _primary(args: tuple, kwargs: dict) -> tuple[Any, str | int]:
@@ -65,10 +69,38 @@ class AdaptedLayer(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
+        #: merge order; assign a new list to change it (the live adapters follow assignments)
         self.merged: list[str] = []
         self.disabled = False
         #: the layers learned to read this layer's input after it (shared-input grouping)
         self.group_state = GroupState(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _LIVE_FIELDS:
+            self._relive()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._relive()
+
+    def _relive(self) -> None:
+        """Recompute what every forward would otherwise derive from ``active``, ``merged`` and the adapters.
+
+        ``_live``: the names acting in an unrouted forward (active, unmerged, held), in ``active``'s
+        order; ``_groupable``: whether one of them declares an input factor (shared-input grouping).
+        Names, not adapters: a ``DataParallel`` replica shares this ``__dict__`` but holds its own
+        adapters. Called on every assignment of ``active`` or ``merged`` and on
+        :meth:`add_adapter`/:meth:`remove_adapter`, the only ways these change.
+        """
+        held = self.__dict__
+        adapters = self._modules.get("adapters")
+        if adapters is None or "merged" not in held or "active" not in held:
+            return  # still in __init__
+        modules = adapters._modules
+        live = tuple(n for n in held["active"] if n in modules and n not in held["merged"])
+        held["_live"] = live
+        held["_groupable"] = any(declares_factor(modules[n]) for n in live)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks (``weight``, ``in_features``, ...) are the base layer's.
@@ -93,12 +125,13 @@ class AdaptedLayer(nn.Module):
         if name in self.adapters:
             raise AdapterStateError(f"layer already holds an adapter named {name!r}")
         self.adapters[name] = adapter
+        self._relive()
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
         del self.adapters[name]
-        self.active = tuple(n for n in self.active if n != name)
+        self.active = tuple(n for n in self.active if n != name)  # assigning it recomputes the live adapters
 
     def set_active(self, names: list[str] | tuple[str, ...]) -> None:
         self.active = tuple(n for n in names if n in self.adapters)
@@ -119,34 +152,47 @@ class AdaptedLayer(nn.Module):
 
     # -- forward ------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # the module dicts, read directly (nn.Module.__getattr__ is a Python call, twice through this class's)
+        base: nn.Module = self._modules["base_layer"]  # type: ignore[assignment]
         if self.disabled:
-            return self.base_layer(*args, **kwargs)
+            return base(*args, **kwargs)
         routing = current_routing()
-        if routing is not None and routing.single is None:
+        if routing is None:
+            return self._compose(self._live, self._groupable, args, kwargs)
+        if routing.single is None:
             return self._routed_forward(routing, args, kwargs)
-        names = self.active
-        if routing is not None:  # inside an adapter's computation on its own rows: that adapter alone
-            if self.merged:
-                raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
-            single = routing.single
-            names = (single,) if single is not None and single in self.adapters else ()
-        pairs = [(n, self._get(n)) for n in names if n not in self.merged]
-        if not pairs:
-            return self.base_layer(*args, **kwargs)
-        live = [a for _, a in pairs]
-        x, where = _primary(args, kwargs)
+        # inside an adapter's computation on its own rows: that adapter alone
+        if self.merged:
+            raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
+        single = routing.single
+        return self._compose((single,) if single in self._held() else (), False, args, kwargs)
+
+    def _compose(self, names: tuple[str, ...], group: bool, args: tuple, kwargs: dict) -> Any:
+        """The base layer's call with the unmerged adapters ``names`` (``group``: shared-input grouping may apply)."""
+        base: nn.Module = self._modules["base_layer"]  # type: ignore[assignment]
+        if not names:
+            return base(*args, **kwargs)
+        held = self._held()
+        pairs = [(name, held[name]) for name in names]
+        x = args[0] if args else _primary(args, kwargs)[0]
         products: dict[str, torch.Tensor] = {}
-        if routing is None and grouping_enabled() and isinstance(x, torch.Tensor) and any(map(declares_factor, live)):
+        if group and isinstance(x, torch.Tensor):
             products = shared_products(self, x, pairs, AdaptedLayer.live_adapters)
-        if len(live) == 1 and len(args) == 1 and not kwargs:
-            product = next(iter(products.values()), None)  # passed only to an adapter that declared a factor
-            if product is None:
-                fused = live[0].fused_call(self.base_layer, args[0])
-            else:
-                fused = live[0].fused_call(self.base_layer, args[0], product)
+        if len(pairs) == 1 and len(args) == 1 and not kwargs:
+            name, adapter = pairs[0]  # a product is passed only to an adapter that declared a factor
+            fused = adapter.fused_call(base, x, products[name]) if products else adapter.fused_call(base, x)
             if fused is not None:
                 return fused
-        by_adapter = {id(self._get(name)): p for name, p in products.items()}
+        return self._composition(pairs, products, args, kwargs)
+
+    def _composition(
+        self, pairs: list[tuple[str, LayerAdapter]], products: dict[str, torch.Tensor], args: tuple, kwargs: dict
+    ) -> Any:
+        """Input adapters, the base layer with the weight adapters, deltas, output adapters: the general path."""
+        base = self.base_layer
+        x, where = _primary(args, kwargs)
+        live = [a for _, a in pairs]
+        by_adapter = {id(adapter): products[name] for name, adapter in pairs if name in products}
         live.sort(key=lambda a: a.site)
         base_args, base_kwargs = args, kwargs
         x_in = x
@@ -158,13 +204,13 @@ class AdaptedLayer(nn.Module):
         out = self._call_base([a for a in live if a.site is Site.WEIGHT], base_args, base_kwargs)
         y = out[0] if isinstance(out, tuple) else out
         for step in inputs:
-            y = step.after_base(y, self.base_layer)
+            y = step.after_base(y, base)
         dtype = y.dtype
         call: LayerCall | None = None
         for adapter in live:
             if adapter.site is Site.DELTA:
                 if call is None:
-                    call = LayerCall(self.base_layer, args, kwargs, y)
+                    call = LayerCall(base, args, kwargs, y)
                 product = by_adapter.get(id(adapter))
                 if product is None:
                     y = cast(DeltaAdapter, adapter).add_delta(y, x, call)
@@ -179,7 +225,12 @@ class AdaptedLayer(nn.Module):
         """``[(name, adapter)]`` acting in an unrouted forward now: active, unmerged, the layer enabled."""
         if self.disabled:
             return []
-        return [(n, self._get(n)) for n in self.active if n not in self.merged]
+        held = self._held()
+        return [(n, held[n]) for n in self._live]
+
+    def _held(self) -> dict[str, LayerAdapter]:
+        """The adapters by name: ``self.adapters``' own dict."""
+        return self._modules["adapters"]._modules  # type: ignore[union-attr,return-value]
 
     def _call_base(self, weight_adapters: list[LayerAdapter], args: tuple, kwargs: dict) -> Any:
         """The base layer's call, with ``W + Σ ΔW`` in place of the parameters weight adapters change."""

@@ -53,6 +53,15 @@ from grafting_lora.scaled import embed_scale
 CompiledForm = Literal["ops", "node", "op"]
 
 
+def _param(module: nn.Module, name: str) -> Any:
+    """``module.<name>`` for a parameter (or ``None`` registered in its place), in one dict lookup where it can.
+
+    A ``DataParallel`` replica holds its parameters as plain attributes: those are read as usual.
+    """
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def _kept(adapters: Sequence[LoraLinear], kind: str, dtype: torch.dtype, device: torch.device, build: Any) -> Any:
     """``build()``, kept on the first adapter without autograd (inference, outside ``torch.compile``).
 
@@ -192,7 +201,9 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
-        return compute_dtype(self.precision, self.lora_A.weight.dtype, x, where="LoRA")
+        # the hot-path methods read submodules from the module dict and parameters with _param: what
+        # nn.Module.__getattr__ returns, without its chain of lookups
+        return compute_dtype(self.precision, _param(self._modules["lora_A"], "weight").dtype, x, where="LoRA")
 
     # -- the reference ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
@@ -228,10 +239,11 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         """
         if self.use_dora or not self.fused or x.dtype not in HALF_PRECISION:
             return None
-        drop = self.lora_dropout
+        modules = self._modules
+        drop = modules["lora_dropout"]
         if drop.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 1.0) > 0:
             return None
-        return self.lora_A.weight if self._dtype(x) == x.dtype else None
+        return _param(modules["lora_A"], "weight") if self._dtype(x) == x.dtype else None
 
     def add_delta(
         self, y: torch.Tensor, x: torch.Tensor, call: LayerCall, product: torch.Tensor | None = None
@@ -241,14 +253,17 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         ``product`` is ``x·Aᵀ``, computed with the sibling layers' (:meth:`input_factor`).
         """
         dtype = self._dtype(x)
-        b = (self.lora_B.weight * self.scaling).to(dtype)  # the scaling folded into the (out, r) matrix
-        bias = None if self.lora_B.bias is None else (self.lora_B.bias * self.scaling).to(dtype)
+        modules = self._modules
+        lora_b = modules["lora_B"]
+        b = (_param(lora_b, "weight") * self.scaling).to(dtype)  # the scaling folded into the (out, r) matrix
+        b_bias = _param(lora_b, "bias")
+        bias = None if b_bias is None else (b_bias * self.scaling).to(dtype)
         if product is not None:  # input_factor answered: plain LoRA in x's half precision, no dropout
             return low_rank_add(y, None, None, b.to(y.dtype), bias, product.to(y.dtype))
         if not self.fused or dtype not in HALF_PRECISION or y.dtype != dtype:
             return y + self(x, call)
-        h = self.lora_dropout(x.to(dtype))
-        a = self.lora_A.weight.to(dtype)
+        h = modules["lora_dropout"](x.to(dtype))
+        a = _param(modules["lora_A"], "weight").to(dtype)
         if not self.use_dora:
             return low_rank_add(y, h, a, b, bias)
         return self._dora_add(y, h, a, b, call)
@@ -284,32 +299,41 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         the node takes it in place of its first product. Under ``torch.compile``
         :attr:`compiled_form` decides.
         """
-        if not self.fused or self.lora_B.bias is not None or x.dtype not in HALF_PRECISION:
+        if not self.fused or x.dtype not in HALF_PRECISION:
             return None
-        drop = self.lora_dropout
+        modules = self._modules
+        lora_b = modules["lora_B"]
+        if _param(lora_b, "bias") is not None:
+            return None
+        drop = modules["lora_dropout"]
         dropout = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
         if dropout >= 1.0:  # all dropped: the composition
             return None
         form = self.compiled_form if torch.compiler.is_compiling() else "node"
         if form == "ops" or (form == "op" and self.use_dora):
             return None
-        weight = plain_linear_weight(base_layer)
-        if weight is None:
-            return None
-        if weight.dtype != x.dtype or self._dtype(x) != x.dtype:
+        if type(base_layer) is nn.Linear and not (base_layer._forward_hooks or base_layer._forward_pre_hooks):
+            weight, bias = _param(base_layer, "weight"), _param(base_layer, "bias")  # plain_linear_weight's
+        else:
+            weight = plain_linear_weight(base_layer)
+            if weight is None:
+                return None
+            bias = base_layer.bias
+        # a product was given only where input_factor answered, which it does only in x's dtype
+        if weight.dtype != x.dtype or (product is None and self._dtype(x) != x.dtype):
             return None
         if self.use_dora:
-            return self._dora_call(x, weight, base_layer.bias, dropout)
-        a, b = self.lora_A.weight, self.lora_B.weight
+            return self._dora_call(x, weight, bias, dropout)
+        a, b = _param(modules["lora_A"], "weight"), _param(lora_b, "weight")
         if form == "op":
-            return lora_linear_node(x, weight, base_layer.bias, a, b, self.scaling, dropout)
+            return lora_linear_node(x, weight, bias, a, b, self.scaling, dropout)
         if not torch.is_grad_enabled() and not dropout:  # inference: the same kernels without a node's overhead
-            return lora_linear(x, weight, base_layer.bias, a, b, self.scaling, product, factor_casts(self))
+            return lora_linear(x, weight, bias, a, b, self.scaling, product, factor_casts(self))
         if product is not None:
-            return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, 0.0, product)
+            return LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling, 0.0, product)
         if dropout and dropout_kernels.serves(x, a):  # Triton: the mask drawn in registers, never stored
-            return dropout_kernels.LoraDropoutFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
-        return LoraLinearFunction.apply(x, weight, base_layer.bias, a, b, self.scaling, dropout)
+            return dropout_kernels.LoraDropoutFunction.apply(x, weight, bias, a, b, self.scaling, dropout)
+        return LoraLinearFunction.apply(x, weight, bias, a, b, self.scaling, dropout)
 
     def _dora_call(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropout: float
