@@ -1,6 +1,12 @@
-"""DoRA's kernels (grafting_lora.dora_kernels) in Triton's interpreter on the CPU, against the torch ops they replace."""
+"""DoRA's kernels (grafting_lora.dora_kernels) in Triton's interpreter on the CPU, against the torch ops they replace,
+and compiled for an H100."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +140,16 @@ def test_the_kernels_replace_the_small_norm_ops_and_the_elementwise_passes(kerne
         scaled_gradient(grad, z, scale, half, inv, True, True, True)
     replaced = {"addmm", "baddbmm", "clamp_min_", "rsqrt_", "mul", "mul_", "sub", "sum", "_to_copy"}
     assert bool(replaced & set(ops.names)) != kernels, ops.names
+
+
+def test_the_kernels_compile_for_hopper() -> None:
+    """Every dtype and output combination the node launches compiles to an H100 binary (sm_90), as a first
+    launch there compiles it: Triton's compiler and ptxas need no GPU (in a process without the interpreter,
+    which changes how Triton's language builds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import dora_helpers; print(dora_helpers.compile_for_hopper())"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["15"], run.stdout  # 3 row-scale kernels, 12 backward-pass kernels
