@@ -21,3 +21,34 @@ def dora_kernels_on(on: bool) -> Iterator[None]:
         yield
     finally:
         dora_kernels.USE_TRITON, dora_kernels.INTERPRETED = kept
+
+
+def compile_for_hopper() -> int:
+    """Compile each of the kernels the node launches (every dtype, every output combination) for an H100
+    (sm_90) with Triton's compiler and ptxas, no GPU needed; how many compiled. Run without ``TRITON_INTERPRET``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    hopper = GPUTarget("cuda", 90, 32)
+    compiled = 0
+    for t in ("bf16", "fp16", "fp32"):
+        ptrs = {"prod_ptr": t, "b_ptr": "fp32", "gram_ptr": "fp32", "sq_ptr": "fp32", "m_ptr": "fp32"}
+        ptrs |= {"inv_ptr": "fp32", "scale_ptr": "fp32", "half_ptr": t, "up_ptr": t}
+        signature = {name: f"*{kind}" for name, kind in ptrs.items()}
+        signature |= {"rows": "i32", "rank": "i32", "stride_prod": "i32", "stride_b": "i32", "scaling": "fp32"}
+        constants = {"BLOCK_ROWS": dora_kernels.BLOCK_ROWS, "BLOCK_RANK": 16}
+        signature |= {name: "constexpr" for name in constants}
+        source = ASTSource(JITFunction(dora_kernels._row_scales_source), signature, constants)
+        compiled += bool(triton.compile(source, target=hopper).asm["cubin"])
+        for outputs in ((True, False, True), (False, False, True), (True, True, True), (True, True, False)):
+            ptrs = {"g_ptr": t, "z_ptr": t, "scale_ptr": "fp32", "inv_ptr": "fp32", "gz_ptr": t, "gh_ptr": t}
+            signature = {name: f"*{kind}" for name, kind in ptrs.items()} | {"part_ptr": "*fp32"}
+            signature |= {n: "i32" for n in ("tokens", "cols", "stride_gt", "stride_gc", "stride_zt", "chunk")}
+            constants = dict(zip(("WRITE_GZ", "WRITE_GH", "REDUCE"), outputs, strict=True))
+            constants |= {"BLOCK_T": dora_kernels.BLOCK_TOKENS, "BLOCK_C": dora_kernels.BLOCK_COLUMNS}
+            signature |= {name: "constexpr" for name in constants}
+            source = ASTSource(JITFunction(dora_kernels._scaled_gradient_source), signature, constants)
+            compiled += bool(triton.compile(source, target=hopper).asm["cubin"])
+    return compiled

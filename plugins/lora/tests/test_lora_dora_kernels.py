@@ -1,6 +1,12 @@
-"""DoRA's kernels (grafting_lora.dora_kernels) in Triton's interpreter on the CPU, against the torch ops they replace."""
+"""DoRA's kernels (grafting_lora.dora_kernels) in Triton's interpreter on the CPU, against the torch ops they replace,
+and compiled for an H100."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +49,7 @@ def test_the_kernels_run_on_cpu_tensors_only_interpreted() -> None:
 def test_the_row_scale_kernel_is_the_torch_ops(
     rows: int, n_in: int, rank: int, dtype: torch.dtype, scaling: float, seed: int
 ) -> None:
-    """``1/‖W + ΔW‖``, ``m/‖W + ΔW‖`` and the latter in ``dtype``: one kernel equals the seven torch ops."""
+    """``1/‖W + ΔW‖``, ``m/‖W + ΔW‖``, the latter and ``scaling·B`` in ``dtype``: one kernel equals the torch ops."""
     g = _gen(seed)
     w = torch.randn(rows, n_in, generator=g).to(dtype)
     a = torch.rand(rank, n_in, generator=g) + 0.2  # ΔW = scaling·B·A of one sign, its rows away from 0
@@ -52,12 +58,13 @@ def test_the_row_scale_kernel_is_the_torch_ops(
     sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
     prod = w @ a.to(dtype).t()
     with dora_kernels_on(False):
-        inv, scale, half = row_scales(prod, a, b, sq, m, scaling, dtype)
+        inv, scale, half, up = row_scales(prod, a, b, sq, m, scaling, dtype)
     with dora_kernels_on(True):
-        k_inv, k_scale, k_half = row_scales(prod, a, b, sq, m, scaling, dtype)
+        k_inv, k_scale, k_half, k_up = row_scales(prod, a, b, sq, m, scaling, dtype)
     no_adapter = sq.rsqrt()
     assert_close((k_inv, k_scale), (inv, scale), changed_from=(no_adapter, m * no_adapter))
-    assert_close(k_half, half)  # the interpreter rounds to bfloat16 half-up, the GPU and torch to nearest even
+    # the interpreter rounds to bfloat16 half-up, the GPU and torch to nearest even
+    assert_close((k_half, k_up), (half, up), changed_from=(scale.to(dtype), b.to(dtype)))
 
 
 @given(
@@ -87,7 +94,7 @@ def test_the_backward_pass_kernel_is_the_torch_ops(
     else:  # the gradient of a sum: one row, stride 0
         g = torch.randn(1, cols, generator=gen).to(dtype).expand(tokens, cols)
     z = torch.randn(tokens, cols, generator=gen).to(dtype)
-    scale = torch.rand(cols, generator=gen) + 0.5
+    scale = torch.rand(cols, generator=gen) + 2.5  # g⊙s and g⊙(s − 1) both far from g
     inv = torch.rand(cols, generator=gen) + 0.5
     with dora_kernels_on(False):
         gz, gh, grad = scaled_gradient(g, z, scale, scale.to(dtype), inv, *outputs)
@@ -129,7 +136,20 @@ def test_the_kernels_replace_the_small_norm_ops_and_the_elementwise_passes(kerne
     prod, a, b = torch.randn(40, 4).bfloat16(), torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g)
     grad, z, sq, m = torch.randn(30, 40).bfloat16(), torch.randn(30, 40).bfloat16(), torch.rand(40) + 9, torch.rand(40)
     with dora_kernels_on(kernels), _Ops() as ops:
-        inv, scale, half = row_scales(prod, a, b, sq, m, 2.0, torch.bfloat16)
+        inv, scale, half, _ = row_scales(prod, a, b, sq, m, 2.0, torch.bfloat16)
         scaled_gradient(grad, z, scale, half, inv, True, True, True)
     replaced = {"addmm", "baddbmm", "clamp_min_", "rsqrt_", "mul", "mul_", "sub", "sum", "_to_copy"}
     assert bool(replaced & set(ops.names)) != kernels, ops.names
+
+
+def test_the_kernels_compile_for_hopper() -> None:
+    """Every dtype and output combination the node launches compiles to an H100 binary (sm_90), as a first
+    launch there compiles it: Triton's compiler and ptxas need no GPU (in a process without the interpreter,
+    which changes how Triton's language builds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import dora_helpers; print(dora_helpers.compile_for_hopper())"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["15"], run.stdout  # 3 row-scale kernels, 12 backward-pass kernels

@@ -4,9 +4,10 @@ Two functions, each with a Triton kernel (CUDA tensors, or any tensors under
 ``TRITON_INTERPRET=1``) and the same arithmetic as torch ops (CPU, or without Triton):
 
 * :func:`row_scales`: from ``P = W·Aᵀ`` (out, r), ``A·Aᵀ`` (r, r), ``B``, ``‖W‖²`` and ``m``,
-  the inverse row norms ``1 / ‖W + scaling·B·A‖`` and the scale ``s = m / ‖W + ΔW‖`` (float32,
-  and rounded to the compute dtype for the activation-sized product): one kernel where the
-  torch ops are seven (cast, ``addmm``, ``baddbmm``, clamp, ``rsqrt``, product, cast).
+  the inverse row norms ``1 / ‖W + scaling·B·A‖``, the scale ``s = m / ‖W + ΔW‖`` (float32,
+  and rounded to the compute dtype for the activation-sized product) and ``scaling·B`` in the
+  compute dtype (the low-rank product's factor): one kernel where the torch ops are eight (cast,
+  ``addmm``, ``baddbmm``, clamp, ``rsqrt``, product, cast, scaled cast of ``B``).
 * :func:`scaled_gradient`: the backward's ``g ⊙ s`` (and, with dropout, ``g ⊙ (s − 1)``) and the
   magnitude's gradient ``inv ⊙ Σ_tokens g ⊙ z``, reading ``g`` and ``z`` once: each program sums a
   chunk of tokens in float32, the chunks' partial sums are added by one ``sum`` (two stages, so
@@ -62,6 +63,7 @@ def _row_scales_source(  # type: ignore[no-untyped-def]
     inv_ptr,
     scale_ptr,
     half_ptr,
+    up_ptr,
     rows,
     rank,
     stride_prod,
@@ -70,7 +72,7 @@ def _row_scales_source(  # type: ignore[no-untyped-def]
     BLOCK_ROWS: tl.constexpr,
     BLOCK_RANK: tl.constexpr,
 ):
-    """``inv = rsqrt(max(‖W‖² + scaling·⟨B, 2P + scaling·B·G⟩, 0))``, ``s = m·inv`` for a block of rows."""
+    """``inv = rsqrt(max(‖W‖² + scaling·⟨B, 2P + scaling·B·G⟩, 0))``, ``s = m·inv``, ``scaling·B`` for a block of rows."""
     o = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     k = tl.arange(0, BLOCK_RANK)
     row_ok = o < rows
@@ -89,6 +91,8 @@ def _row_scales_source(  # type: ignore[no-untyped-def]
     tl.store(inv_ptr + o, inv, mask=row_ok)
     tl.store(scale_ptr + o, scale, mask=row_ok)
     tl.store(half_ptr + o, scale.to(half_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=row_ok)
+    up = (scaling * b).to(up_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(up_ptr + o[:, None] * rank + k[None, :], up, mask=ok)
 
 
 def _scaled_gradient_source(  # type: ignore[no-untyped-def]
@@ -158,8 +162,8 @@ def row_scales(
     magnitude: torch.Tensor,
     scaling: float,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(inv, s, s_half)``: ``1 / ‖W + scaling·B·A‖``, ``m·inv`` (float32) and ``s`` rounded to ``dtype``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inv, s, s_half, up)``: ``1 / ‖W + scaling·B·A‖``, ``m·inv`` (float32), ``s`` and ``scaling·B`` in ``dtype``.
 
     ``prod`` is ``W·Aᵀ`` (out, r) in W's dtype; ``‖W + ΔW‖² = ‖W‖² + scaling·⟨B, 2·W·Aᵀ +
     scaling·B·(A·Aᵀ)⟩`` row by row, clamped at 0 (see :func:`~grafting_lora.dora_node.dora_norm_squared`).
@@ -173,6 +177,7 @@ def row_scales(
         inv = torch.empty(rows, dtype=torch.float32, device=prod.device)
         scale = torch.empty_like(inv)
         half = torch.empty(rows, dtype=dtype, device=prod.device)
+        up = torch.empty((rows, rank), dtype=dtype, device=prod.device)
         prod, b = prod.contiguous(), b.contiguous()
         grid = (triton.cdiv(rows, BLOCK_ROWS),)
         _kernel(_row_scales_source)[grid](
@@ -184,6 +189,7 @@ def row_scales(
             inv,
             scale,
             half,
+            up,
             rows,
             rank,
             prod.stride(0),
@@ -192,10 +198,11 @@ def row_scales(
             BLOCK_ROWS=BLOCK_ROWS,
             BLOCK_RANK=max(16, triton.next_power_of_2(rank)),
         )
-        return inv, scale, half
+        return inv, scale, half, up
     inv = norm_squared(prod, gram, b, weight_sq, scaling).rsqrt_()
     scale = m * inv
-    return inv, scale, scale.to(dtype)
+    up = torch.mul(b, scaling, out=b.new_empty(b.shape, dtype=dtype))  # the product and the cast: one kernel
+    return inv, scale, scale.to(dtype), up
 
 
 def norm_squared(

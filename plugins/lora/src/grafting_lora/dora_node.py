@@ -55,8 +55,8 @@ def dora_scales(
     scaling: float,
     dtype: torch.dtype,
     cast_a: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(1 / ‖W + scaling·B·A‖, s, s in dtype)`` per row, ``s = m / ‖W + ΔW‖`` (float32; float64 for such ``m``).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(1 / ‖W + scaling·B·A‖, s, s in dtype, scaling·B in dtype)``, ``s = m / ‖W + ΔW‖`` per row (float32).
 
     The norms as :func:`dora_norm_squared`'s; ``W·Aᵀ`` and ``A·Aᵀ`` are two products, the rest one
     kernel (:func:`~grafting_lora.dora_kernels.row_scales`).
@@ -127,23 +127,24 @@ class DoraLinearFunction(torch.autograd.Function):
         dropout: float = 0.0,
     ) -> torch.Tensor:
         dtype = x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a = lora_a.to(dtype)
         cast_a = a if weight.dtype == dtype else None
-        inv, scale, half = dora_scales(weight, weight_sq, lora_a, lora_b, magnitude, scaling, dtype, cast_a)
+        # up = scaling·B in the compute dtype: the low-rank product's factor, and backward's
+        inv, scale, half, up = dora_scales(weight, weight_sq, lora_a, lora_b, magnitude, scaling, dtype, cast_a)
         flat = x.reshape(-1, x.shape[-1])
         if dropout > 0:
             h, mask = torch.native_dropout(flat, dropout, True)
             base = flat @ weight.t() if bias is None else torch.addmm(bias, flat, weight.t())
             plain = h @ weight.t()
             low = h @ a.t()
-            z = torch.addmm(plain, low, b.t(), alpha=scaling)  # W·h + scaling·B·A·h
+            z = torch.addmm(plain, low, up.t())  # W·h + scaling·B·A·h
             y = base.sub_(plain).addcmul_(z, half)
             keep_x = ctx.needs_input_grad[1]  # the undropped input only for W's own gradient
-            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, b, low, z, scale, half, inv)
+            ctx.save_for_backward(flat if keep_x else None, h, mask, weight, a, up, low, z, scale, half, inv)
         else:
-            z, low = lora_products(flat, flat, weight, None, a, b, scaling)  # (W + ΔW)·x, no bias
+            z, low = lora_products(flat, flat, weight, None, a, up, 1.0)  # (W + ΔW)·x, no bias
             y = _scaled(z, half, bias)
-            ctx.save_for_backward(flat, None, None, weight, a, b, low, z, scale, half, inv)
+            ctx.save_for_backward(flat, None, None, weight, a, up, low, z, scale, half, inv)
         ctx.scaling = scaling
         ctx.keep = 1.0 - dropout
         ctx.x_shape = x.shape
@@ -152,7 +153,7 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        flat, h, mask, weight, a, b, low, z, scale, half, inv = ctx.saved_tensors
+        flat, h, mask, weight, a, up, low, z, scale, half, inv = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         g = grad.reshape(-1, grad.shape[-1])
         weight_side = mask is None and g.shape[0] > WEIGHT_SIDE_ABOVE * weight.shape[1]
@@ -172,11 +173,11 @@ class DoraLinearFunction(torch.autograd.Function):
             grad_m = grad_m.to(ctx.dtypes[2])
         grad_bias = g.sum(0) if need_bias else None
         if mask is not None:
-            grads = _dropout_backward(ctx, g, gz, gh, flat, h, mask, weight, a, b, low)
+            grads = _dropout_backward(ctx, g, gz, gh, flat, h, mask, weight, a, up, low)
         elif weight_side:
-            grads = _weight_side_backward(ctx, g, flat, weight, a, b, low, scale)
+            grads = _weight_side_backward(ctx, g, flat, weight, a, up, low, scale)
         else:
-            grads = _gradient_side_backward(ctx, gz, flat, weight, a, b, low)
+            grads = _gradient_side_backward(ctx, gz, flat, weight, a, up, low)
         grad_x, grad_w, grad_a, grad_b = grads
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
@@ -192,17 +193,18 @@ def _gradient_side_backward(
     flat: torch.Tensor,
     weight: torch.Tensor,
     a: torch.Tensor,
-    b: torch.Tensor,
+    up: torch.Tensor,
     low: torch.Tensor,
 ) -> Grads:
-    """``(x, W, A, B)`` gradients of ``y = s ⊙ z`` from ``z``'s gradient ``gz = g ⊙ s`` (tokens, out)."""
+    """``(x, W, A, B)`` gradients of ``y = s ⊙ z`` from ``z``'s gradient ``gz = g ⊙ s`` (tokens, out);
+    ``up`` is ``scaling·B``."""
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
     if gz is None:  # no gradient asked for but the magnitude's
         return None, None, None, None
-    grad_low = gz @ b  # (tokens, r), without the scaling
-    grad_x = (gz @ weight).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
+    grad_low = gz @ up  # (tokens, r), the scaling included
+    grad_x = (gz @ weight).addmm_(grad_low, a) if need_x else None
     grad_w = gz.t() @ flat if need_w else None
-    grad_a = _mul_as(grad_low.t() @ flat, ctx.scaling, ctx.dtypes[0]) if need_a else None
+    grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0]) if need_a else None
     grad_b = _mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1]) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
@@ -213,17 +215,17 @@ def _weight_side_backward(
     flat: torch.Tensor,
     weight: torch.Tensor,
     a: torch.Tensor,
-    b: torch.Tensor,
+    up: torch.Tensor,
     low: torch.Tensor,
     scale: torch.Tensor,
 ) -> Grads:
     """As :func:`_gradient_side_backward`, ``s`` put on the rows of ``W`` and ``B`` (weight-sized, not activation-sized)."""
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
     rows = scale[:, None]
-    grad_low = g @ _mul_as(b, rows, b.dtype)  # without the scaling
-    grad_x = (g @ _mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a, alpha=ctx.scaling) if need_x else None
+    grad_low = g @ _mul_as(up, rows, up.dtype)  # the scaling included
+    grad_x = (g @ _mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a) if need_x else None
     grad_w = (g.t() @ flat).mul_(rows) if need_w else None
-    grad_a = _mul_as(grad_low.t() @ flat, ctx.scaling, ctx.dtypes[0]) if need_a else None
+    grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0]) if need_a else None
     grad_b = _mul_as((g.t() @ low).mul_(rows), ctx.scaling, ctx.dtypes[1]) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
@@ -238,10 +240,11 @@ def _dropout_backward(
     mask: torch.Tensor,
     weight: torch.Tensor,
     a: torch.Tensor,
-    b: torch.Tensor,
+    up: torch.Tensor,
     low: torch.Tensor,
 ) -> Grads:
-    """``(x, W, A, B)`` gradients of ``y = x·Wᵀ − h·Wᵀ + s ⊙ z``, ``h = d(x)``, from ``gz = g ⊙ s``.
+    """``(x, W, A, B)`` gradients of ``y = x·Wᵀ − h·Wᵀ + s ⊙ z``, ``h = d(x)``, from ``gz = g ⊙ s``
+    (``up`` is ``scaling·B``).
 
     ``h·Wᵀ``'s gradient is ``gh = g ⊙ (s − 1)`` (:func:`~grafting_lora.dora_kernels.scaled_gradient`:
     ``s − 1`` in float32); the dropped input's gradient goes through the mask in place and the
@@ -250,15 +253,15 @@ def _dropout_backward(
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
     if gz is None or (gh is None and (need_x or need_w)):  # no gradient asked for but the magnitude's
         return None, None, None, None
-    grad_low = gz @ b  # (tokens, r), without the scaling
+    grad_low = gz @ up  # (tokens, r), the scaling included
     grad_x = grad_w = grad_a = grad_b = None
     if need_x:
-        grad_h = (gh @ weight).addmm_(grad_low, a, alpha=ctx.scaling)
+        grad_h = (gh @ weight).addmm_(grad_low, a)
         grad_x = torch.ops.aten.native_dropout_backward(grad_h, mask, 1.0 / ctx.keep).addmm_(g, weight)
     if need_w:
         grad_w = (g.t() @ flat).addmm_(gh.t(), h)
     if need_a:
-        grad_a = _mul_as(grad_low.t() @ h, ctx.scaling, ctx.dtypes[0])
+        grad_a = (grad_low.t() @ h).to(ctx.dtypes[0])
     if need_b:
         grad_b = _mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1])
     return grad_x, grad_w, grad_a, grad_b
