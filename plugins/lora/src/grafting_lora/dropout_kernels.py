@@ -69,11 +69,6 @@ def _kernels() -> ModuleType:
     return _dropout_triton
 
 
-def draws_per_row(width: int) -> int:
-    """Philox counters one row of ``width`` elements uses (eight 16-bit draws each)."""
-    return -(-width // 8)
-
-
 def keep_rule(p: float) -> tuple[int, float]:
     """``(threshold, scale)``: an element is kept when its 16-bit draw is ``≥ threshold`` (``p`` rounded to
     a multiple of 2⁻¹⁶, below 1) and then scaled by ``1 / (1 - threshold·2⁻¹⁶)``, so ``E[d(x)] = x`` exactly.
@@ -82,17 +77,18 @@ def keep_rule(p: float) -> tuple[int, float]:
     return threshold, 65536 / (65536 - threshold)
 
 
-def draw_seed(device: torch.device, counters: int) -> tuple[int, int]:
-    """``(seed, offset)`` for ``counters`` Philox counters, from ``device``'s default generator.
+def draw_seed(device: torch.device) -> tuple[int, int]:
+    """``(seed, offset)`` for one call's mask, from ``device``'s default generator.
 
-    On CUDA: the generator's seed and Philox offset, the offset then advanced past them (no
-    kernel, no synchronisation). Elsewhere (the interpreter): a seed drawn from torch's generator.
+    On CUDA: the generator's seed and Philox offset, the offset then advanced by one step (4):
+    a call's mask is a function of (row, column) in the stream the offset names (no kernel, no
+    synchronisation). Elsewhere (the interpreter): a seed drawn from torch's generator.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[index]
         offset = gen.get_offset()
-        gen.set_offset(offset + -(-counters // 4) * 4)  # the generator's offsets step by 4
+        gen.set_offset(offset + 4)  # the generator's offsets step by 4
         return gen.initial_seed() & _SEED_BITS, offset
     return int(torch.randint(0, 1 << 62, (1,)).item()), 0
 
@@ -190,7 +186,7 @@ class LoraDropoutFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = _rows(x)
         a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
-        seed, offset = draw_seed(x.device, flat.shape[0] * draws_per_row(flat.shape[1]))
+        seed, offset = draw_seed(x.device)
         up = _mul_as(lora_b, scaling, x.dtype)  # (out, r): the scaling on the small matrix
         low = dropped_down(flat, a, p, seed, offset)
         y, low = lora_products(flat, None, weight, bias, None, up, 1.0, low)
