@@ -1,11 +1,12 @@
 """Triton kernels of :mod:`grafting_lora.dropout_kernels` (imported only where they run: this imports Triton).
 
 The keep-mask is never stored: every kernel regenerates it from ``(seed, offset)`` with Philox.
-Element ``(i, j)`` of an ``(M, K)`` input takes output ``j % 4`` of the Philox block at counter
-``offset + i·⌈K/4⌉ + j // 4`` (four uniforms per Philox evaluation, as cuRAND's dropout draws
-them), the third counter word set to :data:`STREAM` so the stream differs from torch's own
-(which puts its thread index there). The mask depends only on ``(seed, offset, p, M, K)``, not
-on the tile sizes of the kernel that regenerates it. An element is kept when its uniform is ``≥ p``.
+Each Philox evaluation (four 32-bit words) gives eight 16-bit draws: element ``(i, j)`` takes half
+``j % 2`` of word ``(j // 2) % 4`` of the block at counter ``(j // 8, i, offset_lo, offset_hi ^
+STREAM)`` (:data:`STREAM` keeps the stream apart from torch's own, whose last two words are its
+thread index). An element is kept when its draw is at least ``threshold`` (``p`` in units of
+2⁻¹⁶). The mask of element ``(i, j)`` depends only on ``(seed, offset, threshold, i, j)``: not on
+the input's shape nor on the tiles of the kernel that regenerates it; 32-bit arithmetic only.
 
 Decorated at import: with ``TRITON_INTERPRET=1`` set before this module is first imported
 (and while they run) they run on the CPU through Triton's interpreter (the tests do this), each
@@ -14,9 +15,10 @@ with its first tile configuration; on a GPU the two product kernels are autotune
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
-from triton import knobs
 
 #: The third Philox counter word of every draw here ("LoRA").
 STREAM = tl.constexpr(0x4C6F5241)
@@ -26,29 +28,33 @@ ROW_QUANTUM = 64
 
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """(rows, columns, warps, stages) tiles to try; the interpreter takes the first alone."""
-    chosen = shapes[:1] if knobs.runtime.interpret else shapes
+    interpreted = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")  # any Triton 3.x
+    chosen = shapes[:1] if interpreted else shapes
     return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s) for bm, bk, w, s in chosen]
 
 
 @triton.jit
-def _keep(seed, offset, rows, k0, quads, p, BM: tl.constexpr, BK: tl.constexpr):
-    """The (BM, BK) keep-mask of ``rows`` × columns ``k0 .. k0+BK`` (``k0`` a multiple of 4)."""
-    quad = k0 // 4 + tl.arange(0, BK // 4)
-    counter = offset.to(tl.int64) + rows.to(tl.int64)[:, None] * quads + quad[None, :].to(tl.int64)
-    lo = counter.to(tl.uint32)
-    hi = (counter >> 32).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, lo, hi, lo * 0 + STREAM, lo * 0)
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK))  # column 4q + t: output t
-    return tl.random.uint_to_uniform_float(bits) >= p
+def _keep(seed, offset, rows, k0, threshold, BM: tl.constexpr, BK: tl.constexpr):
+    """The (BM, BK) keep-mask of ``rows`` × columns ``k0 .. k0+BK`` (``k0`` a multiple of 8)."""
+    group = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)
+    c0 = group[None, :] + tl.zeros((BM, 1), dtype=tl.uint32)
+    c1 = rows.to(tl.uint32)[:, None] + tl.zeros((1, BK // 8), dtype=tl.uint32)
+    offset = offset.to(tl.int64)
+    c2 = c0 * 0 + offset.to(tl.uint32)
+    c3 = c0 * 0 + ((offset >> 32).to(tl.uint32) ^ STREAM)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3)).to(tl.int32, bitcast=True)  # (BM, BK/8, 2, 2)
+    draws = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)  # column 8g + 2w + h: half h of word w
+    return tl.reshape(draws, (BM, BK)) >= threshold
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def keep_mask_kernel(out_ptr, M, K, seed, offset, p, BM: tl.constexpr, BK: tl.constexpr):
+def keep_mask_kernel(out_ptr, M, K, seed, offset, threshold, BM: tl.constexpr, BK: tl.constexpr):
     """The keep-mask as int8 (M, K), for tests and checks."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)
-    keep = _keep(seed, offset, rows, k0, (K + 3) // 4, p, BM, BK)
+    keep = _keep(seed, offset, rows, k0, threshold, BM, BK)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8), mask=inside)
 
@@ -69,7 +75,7 @@ def dropped_down_kernel(
     stride_a,
     seed,
     offset,
-    p,
+    threshold,
     scale,
     BM: tl.constexpr,
     BK: tl.constexpr,
@@ -81,13 +87,12 @@ def dropped_down_kernel(
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     ranks = tl.arange(0, RP)
-    quads = (K + 3) // 4
     acc = tl.zeros((BM, RP), dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-        keep = _keep(seed, offset, rows, k0, quads, p, BM, BK)
+        keep = _keep(seed, offset, rows, k0, threshold, BM, BK)
         h = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         a_at = a_ptr + ranks[None, :] * stride_a + cols[:, None]
         a = tl.load(a_at, mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0).to(x.dtype)  # (BK, RP)
@@ -115,7 +120,7 @@ def dropped_up_kernel(
     rows_per_split,
     seed,
     offset,
-    p,
+    threshold,
     scale,
     WANT_X: tl.constexpr,
     WANT_A: tl.constexpr,
@@ -133,7 +138,6 @@ def dropped_up_kernel(
     split = tl.program_id(1)
     cols = k0 + tl.arange(0, BK)
     ranks = tl.arange(0, RP)
-    quads = (K + 3) // 4
     in_a = (ranks[:, None] < R) & (cols[None, :] < K)
     a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=in_a, other=0.0)
     a = a.to(grad_low_ptr.dtype.element_ty)  # (RP, BK)
@@ -143,7 +147,7 @@ def dropped_up_kernel(
     for m0 in range(start, stop, BM):
         rows = m0 + tl.arange(0, BM)
         inside = (rows[:, None] < stop) & (cols[None, :] < K)
-        keep = _keep(seed, offset, rows, k0, quads, p, BM, BK)
+        keep = _keep(seed, offset, rows, k0, threshold, BM, BK)
         g_at = grad_low_ptr + rows[:, None].to(tl.int64) * R + ranks[None, :]
         g = tl.load(g_at, mask=(rows[:, None] < stop) & (ranks[None, :] < R), other=0.0)  # (BM, RP)
         if WANT_X:

@@ -7,9 +7,10 @@ for backward and masks the adapter's input gradient in a further pass. Here
 (:class:`LoraDropoutFunction`):
 
 * forward: ``low = d(x)·Aᵀ`` (tokens, r) by one kernel that reads ``x`` once and draws the mask
-  in registers from a Philox ``(seed, offset)``; nothing of size (tokens, in) is written;
+  in registers from a Philox ``(seed, offset)`` (eight 16-bit draws per evaluation: ``p`` is
+  rounded to a multiple of 2⁻¹⁶, :func:`keep_rule`); nothing of size (tokens, in) is written;
 * backward: one kernel regenerates the same mask, writes the adapter's input gradient
-  ``keep ⊙ (grad_low·A)/(1-p)`` once (the base's ``addmm_`` then accumulates onto it) and
+  ``keep ⊙ (grad_low·A)·scale`` once (the base's ``addmm_`` then accumulates onto it) and
   reduces ``A``'s gradient ``grad_lowᵀ·d(x)`` from ``x`` (the node's input, kept by reference,
   as the torch node keeps it for ``W``'s gradient).
 
@@ -68,22 +69,26 @@ def _kernels() -> ModuleType:
     return _dropout_triton
 
 
-def quads(width: int) -> int:
-    """Philox counters one row of ``width`` elements uses (four uniforms each)."""
-    return -(-width // 4)
+def keep_rule(p: float) -> tuple[int, float]:
+    """``(threshold, scale)``: an element is kept when its 16-bit draw is ``≥ threshold`` (``p`` rounded to
+    a multiple of 2⁻¹⁶, below 1) and then scaled by ``1 / (1 - threshold·2⁻¹⁶)``, so ``E[d(x)] = x`` exactly.
+    """
+    threshold = min(round(p * 65536), 65535)
+    return threshold, 65536 / (65536 - threshold)
 
 
-def draw_seed(device: torch.device, counters: int) -> tuple[int, int]:
-    """``(seed, offset)`` for ``counters`` Philox counters, from ``device``'s default generator.
+def draw_seed(device: torch.device) -> tuple[int, int]:
+    """``(seed, offset)`` for one call's mask, from ``device``'s default generator.
 
-    On CUDA: the generator's seed and Philox offset, the offset then advanced past them (no
-    kernel, no synchronisation). Elsewhere (the interpreter): a seed drawn from torch's generator.
+    On CUDA: the generator's seed and Philox offset, the offset then advanced by one step (4):
+    a call's mask is a function of (row, column) in the stream the offset names (no kernel, no
+    synchronisation). Elsewhere (the interpreter): a seed drawn from torch's generator.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[index]
         offset = gen.get_offset()
-        gen.set_offset(offset + -(-counters // 4) * 4)  # the generator's offsets step by 4
+        gen.set_offset(offset + 4)  # the generator's offsets step by 4
         return gen.initial_seed() & _SEED_BITS, offset
     return int(torch.randint(0, 1 << 62, (1,)).item()), 0
 
@@ -92,7 +97,8 @@ def keep_mask(rows: int, cols: int, p: float, seed: int, offset: int, device: to
     """The bool (rows, cols) keep-mask the kernels draw for ``(seed, offset)``: for tests and checks."""
     out = torch.empty(rows, cols, dtype=torch.int8, device=device)
     grid = (-(-rows // BLOCK_ROWS), -(-cols // BLOCK_COLS))
-    _kernels().keep_mask_kernel[grid](out, rows, cols, seed, offset, p, BM=BLOCK_ROWS, BK=BLOCK_COLS)
+    threshold = keep_rule(p)[0]
+    _kernels().keep_mask_kernel[grid](out, rows, cols, seed, offset, threshold, BM=BLOCK_ROWS, BK=BLOCK_COLS)
     return out.bool()
 
 
@@ -106,7 +112,7 @@ def dropped_down(flat: torch.Tensor, a: torch.Tensor, p: float, seed: int, offse
     r = a.shape[0]
     low = flat.new_empty(m, r)
     _kernels().dropped_down_kernel[lambda meta: (-(-m // meta["BM"]),)](
-        flat, a, low, m, k, r, flat.stride(0), a.stride(0), seed, offset, p, 1.0 / (1.0 - p), RP=_padded_rank(r)
+        flat, a, low, m, k, r, flat.stride(0), a.stride(0), seed, offset, *keep_rule(p), RP=_padded_rank(r)
     )
     return low
 
@@ -121,7 +127,7 @@ def dropped_up(
     want_x: bool = True,
     want_a: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Backward of :func:`dropped_down`: ``(keep ⊙ (grad_low·A)/(1-p), grad_lowᵀ·d(flat))``.
+    """Backward of :func:`dropped_down`: ``(keep ⊙ (grad_low·A)·scale, grad_lowᵀ·d(flat))`` (:func:`keep_rule`).
 
     The first (tokens, in) in ``flat``'s dtype, the second (r, in) in ``a``'s dtype (reduced in
     float32 over :data:`BACKWARD_PROGRAMS`-ish row shares, then summed); either ``None`` when not wanted.
@@ -138,7 +144,7 @@ def dropped_up(
     partial = torch.empty(splits, r, k, dtype=torch.float32, device=flat.device) if want_a else None
     kernels.dropped_up_kernel[lambda meta: (-(-k // meta["BK"]), splits)](
         flat, grad_low.contiguous(), a, grad_x, partial, m, k, r, flat.stride(0), a.stride(0), rows_per_split,
-        seed, offset, p, 1.0 / (1.0 - p), WANT_X=want_x, WANT_A=want_a, RP=_padded_rank(r),
+        seed, offset, *keep_rule(p), WANT_X=want_x, WANT_A=want_a, RP=_padded_rank(r),
     )  # fmt: skip
     if partial is None:
         return grad_x, None
@@ -180,7 +186,7 @@ class LoraDropoutFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = _rows(x)
         a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
-        seed, offset = draw_seed(x.device, flat.shape[0] * quads(flat.shape[1]))
+        seed, offset = draw_seed(x.device)
         up = _mul_as(lora_b, scaling, x.dtype)  # (out, r): the scaling on the small matrix
         low = dropped_down(flat, a, p, seed, offset)
         y, low = lora_products(flat, None, weight, bias, None, up, 1.0, low)
