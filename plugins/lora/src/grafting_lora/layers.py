@@ -143,7 +143,14 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
     #: The layer's form under ``torch.compile``: ``"ops"`` (default), the plain ops of :meth:`add_delta`
     #: traced and fused by the compiler; ``"node"``, the autograd Function of :meth:`fused_call` traced
     #: into the graph; ``"op"``, LoRA's layer as the opaque custom op ``grafting_lora::lora_linear``
-    #: (:mod:`grafting_lora.ops`; DoRA composes as with ``"ops"``).
+    #: (:mod:`grafting_lora.ops`; DoRA composes as with ``"ops"``). ``"ops"`` leaves Inductor the least
+    #: beyond the frozen layer: per layer the two skinny products forward, four backward, the low-rank
+    #: output and input gradient added inside the neighbouring kernels, and two small cast kernels each
+    #: way (A and ``scaling·B`` down; their gradients up). The traced node's in-place ``addmm_`` become
+    #: out-of-place ``addmm`` (a copy of the (tokens, out) or (tokens, in) operand each way); the custom
+    #: op is opaque to fusion. Inductor options that act further are global, so left to the user:
+    #: ``mode="max-autotune"`` (Triton GEMM templates, which can take the add into their epilogue) and
+    #: ``torch._inductor.config.combo_kernels`` (independent small kernels, such as the casts, launched together).
     compiled_form: CompiledForm = "ops"
     #: What an initialization writes to the base layer when :meth:`attach` installs the adapter
     #: (:class:`~grafting_lora.init.Initialization`, set by ``init.start_from``); ``None``: nothing.
