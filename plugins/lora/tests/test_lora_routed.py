@@ -32,10 +32,12 @@ N_IN, N_OUT, LENGTH = 12, 10, 3
 
 
 @st.composite
-def routes(draw: st.DrawFn) -> tuple[list[int], list[float], list[int]]:
-    """(ranks, scalings, index): 1-4 adapters of ranks 1-6, 1-6 samples each on one of them or on none (-1)."""
-    n = draw(st.integers(1, 4))
-    ranks = draw(st.lists(st.integers(1, 6), min_size=n, max_size=n))
+def routes(draw: st.DrawFn, equal_ranks: bool = False) -> tuple[list[int], list[float], list[int]]:
+    """(ranks, scalings, index): 1-4 adapters of ranks 1-6 (with ``equal_ranks``, 2-4 of one rank: the batched
+    gradient of ``B``), 1-6 samples each on one of them or on none (-1)."""
+    n = draw(st.integers(2 if equal_ranks else 1, 4))
+    one_rank = st.integers(1, 6).map(lambda r: [r] * n)
+    ranks = draw(one_rank if equal_ranks else st.lists(st.integers(1, 6), min_size=n, max_size=n))
     scalings = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 4.0 / 3.0]), min_size=n, max_size=n))
     index = draw(st.lists(st.integers(-1, n - 1), min_size=1, max_size=6))
     return ranks, scalings, index
@@ -111,6 +113,23 @@ def test_routed_factors_side_by_side_are_each_adapter_on_its_own_rows(
     dtype: torch.dtype, grad: bool, node: str, route: tuple[list[int], list[float], list[int]], seed: int
 ) -> None:
     """Both nodes (on the base output; with the base layer inside, its weight and bias trained too)."""
+    _check_side_by_side(dtype, grad, node, route, seed)
+
+
+@settings(max_examples=8, deadline=None)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("node", ["add", "linear"])
+@given(route=routes(equal_ranks=True), seed=st.integers(0, 2**16))
+def test_adapters_of_one_rank_side_by_side_are_each_adapter_on_its_own_rows(
+    dtype: torch.dtype, node: str, route: tuple[list[int], list[float], list[int]], seed: int
+) -> None:
+    """As above, the adapters of one rank (their ``B`` gradients from one batched product, one cast)."""
+    _check_side_by_side(dtype, True, node, route, seed)
+
+
+def _check_side_by_side(
+    dtype: torch.dtype, grad: bool, node: str, route: tuple[list[int], list[float], list[int]], seed: int
+) -> None:
     ranks, scalings, index = route
     t = _tensors(ranks, len(index), dtype, seed, node)
     out, grads = _run(_fast, t, scalings, index, grad)

@@ -141,8 +141,24 @@ def _factor_grads(
     if any(need[:n]):
         grads_a = _split(grad_low.t() @ flat, ctx.ranks, 0, ctx.dtypes[0])
     if any(need[n:]):
-        grads_b = _split(g.t() @ low, ctx.ranks, 1, ctx.dtypes[1])
+        grads_b = _columns_grads(g, low, ctx.ranks, ctx.dtypes[1])
     return [*grads_a, *grads_b]
+
+
+def _columns_grads(
+    g: torch.Tensor, low: torch.Tensor, ranks: list[int], dtypes: list[torch.dtype]
+) -> list[torch.Tensor | None]:
+    """Each adapter's ``B`` gradient ``gᵀ·low_k`` (out, r_k), contiguous, in its weight's dtype.
+
+    Equal ranks and dtypes (the usual case): one batched product writes the blocks one after another,
+    (adapters, out, r), and one cast makes every block its weight's gradient as it is (no copy per adapter);
+    else one product (out, R) cut into column blocks, each copied."""
+    n = len(ranks)
+    if n > 1 and len(set(ranks)) == 1 and len(set(dtypes)) == 1:
+        per_adapter = low.view(low.shape[0], n, ranks[0]).transpose(0, 1)  # (n, tokens, r)
+        blocks = torch.bmm(g.t().expand(n, *g.t().shape), per_adapter)  # (n, out, r)
+        return list(blocks.to(dtypes[0]).unbind(0))
+    return _split(g.t() @ low, ranks, 1, dtypes)
 
 
 class RoutedLoraFunction(torch.autograd.Function):
