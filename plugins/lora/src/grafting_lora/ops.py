@@ -28,11 +28,6 @@ from grafting_lora.scaled_products import scaled_product
 _NOTHING = (0,)  # the shape of an output that is not needed (a custom op returns tensors, never None)
 
 
-def _scaled_as(value: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
-    """``scaling·value`` written in ``dtype``: the scaling and the cast as one kernel."""
-    return torch.mul(value, scaling, out=value.new_empty(value.shape, dtype=dtype))
-
-
 @torch.library.custom_op("grafting_lora::lora_linear", mutates_args=())
 def lora_linear_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float, dropout: float
