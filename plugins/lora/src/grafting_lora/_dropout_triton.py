@@ -10,8 +10,8 @@ the input's shape nor on the tiles of the kernel that regenerates it; 32-bit ari
 
 Decorated at import: with ``TRITON_INTERPRET=1`` set before this module is first imported
 (and while they run) they run on the CPU through Triton's interpreter (the tests do this), each
-with its first tile configuration; on a GPU the two product kernels are autotuned per (power-of-two bucket of the tokens ``M_BUCKET``,
-in, rank): a new sequence length does not tune them again.
+with its first tile configuration; on a GPU the two product kernels are autotuned per
+(power-of-two bucket of the tokens ``M_BUCKET``, in, rank): a new length does not tune again.
 """
 
 from __future__ import annotations
