@@ -14,9 +14,9 @@ for backward and masks the adapter's input gradient in a further pass. Here
   reduces ``A``'s gradient ``grad_lowᵀ·d(x)`` from ``x`` (the node's input, kept by reference,
   as the torch node keeps it for ``W``'s gradient).
 
-``(seed, offset)`` come from the device's default generator (its seed, and its Philox offset
-advanced past the counters used), so ``torch.manual_seed`` makes a run reproducible and every
-call draws a fresh mask. The mask is not the one ``nn.Dropout`` would draw for the same seed
+``(seed, offset)`` come from the device's default generator (its seed, and its Philox offset,
+advanced one step per call: :func:`draw_seed`), so ``torch.manual_seed`` makes a run
+reproducible and every call draws a fresh mask. The mask is not the one ``nn.Dropout`` would draw for the same seed
 (:func:`keep_mask` materialises it, for checks). Taken on CUDA with Triton installed, outside
 ``torch.compile`` and CUDA-graph capture (:func:`serves`); the kernels also run on the CPU
 through Triton's interpreter (``TRITON_INTERPRET=1`` before the first use, as the tests do).
