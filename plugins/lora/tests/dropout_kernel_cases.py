@@ -197,7 +197,7 @@ def test_every_kernel_compiles_for_an_h100() -> None:
     module = importlib.import_module("grafting_lora._dropout_triton")
     target = GPUTarget("cuda", 90, 32)
     draw = {"seed": "i64", "offset": "i64", "threshold": "i32"}
-    shape = {"M": "i32", "K": "i32", "R": "i32", "stride_x": "i32", "stride_a": "i32"}
+    shape = {"M": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "stride_x": "i32", "stride_a": "i32"}
 
     def build(fn: object, signature: dict, constants: dict, config: object = None) -> None:
         options = {} if config is None else {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -10,7 +10,8 @@ the input's shape nor on the tiles of the kernel that regenerates it; 32-bit ari
 
 Decorated at import: with ``TRITON_INTERPRET=1`` set before this module is first imported
 (and while they run) they run on the CPU through Triton's interpreter (the tests do this), each
-with its first tile configuration; on a GPU the two product kernels are autotuned per shape.
+with its first tile configuration; on a GPU the two product kernels are autotuned per
+(power-of-two bucket of the tokens ``M_BUCKET``, in, rank): a new length does not tune again.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def keep_mask_kernel(out_ptr, M, K, seed, offset, threshold, BM: tl.constexpr, B
 
 @triton.autotune(
     _configs([(64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 128, 4, 4)]),
-    key=["M", "K", "R"],
+    key=["M_BUCKET", "K", "R"],
 )
 @triton.jit(do_not_specialize=["seed", "offset"])
 def dropped_down_kernel(
@@ -71,6 +72,7 @@ def dropped_down_kernel(
     M,
     K,
     R,
+    M_BUCKET,
     stride_x,
     stride_a,
     seed,
@@ -103,7 +105,7 @@ def dropped_down_kernel(
 
 @triton.autotune(
     _configs([(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2)]),
-    key=["M", "K", "R", "WANT_X", "WANT_A"],
+    key=["M_BUCKET", "K", "R", "WANT_X", "WANT_A"],
 )
 @triton.jit(do_not_specialize=["seed", "offset"])
 def dropped_up_kernel(
@@ -115,6 +117,7 @@ def dropped_up_kernel(
     M,
     K,
     R,
+    M_BUCKET,
     stride_x,
     stride_a,
     rows_per_split,

@@ -14,9 +14,9 @@ for backward and masks the adapter's input gradient in a further pass. Here
   reduces ``A``'s gradient ``grad_lowᵀ·d(x)`` from ``x`` (the node's input, kept by reference,
   as the torch node keeps it for ``W``'s gradient).
 
-``(seed, offset)`` come from the device's default generator (its seed, and its Philox offset
-advanced past the counters used), so ``torch.manual_seed`` makes a run reproducible and every
-call draws a fresh mask. The mask is not the one ``nn.Dropout`` would draw for the same seed
+``(seed, offset)`` come from the device's default generator (its seed, and its Philox offset,
+advanced one step per call: :func:`draw_seed`), so ``torch.manual_seed`` makes a run
+reproducible and every call draws a fresh mask. The mask is not the one ``nn.Dropout`` would draw for the same seed
 (:func:`keep_mask` materialises it, for checks). Taken on CUDA with Triton installed, outside
 ``torch.compile`` and CUDA-graph capture (:func:`serves`); the kernels also run on the CPU
 through Triton's interpreter (``TRITON_INTERPRET=1`` before the first use, as the tests do).
@@ -102,6 +102,11 @@ def keep_mask(rows: int, cols: int, p: float, seed: int, offset: int, device: to
     return out.bool()
 
 
+def _bucket(m: int) -> int:
+    """The power of two at or above ``m``: the token count the kernels' tiles are tuned for."""
+    return 1 << max(0, m - 1).bit_length()
+
+
 def _padded_rank(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
@@ -112,7 +117,7 @@ def dropped_down(flat: torch.Tensor, a: torch.Tensor, p: float, seed: int, offse
     r = a.shape[0]
     low = flat.new_empty(m, r)
     _kernels().dropped_down_kernel[lambda meta: (-(-m // meta["BM"]),)](
-        flat, a, low, m, k, r, flat.stride(0), a.stride(0), seed, offset, *keep_rule(p), RP=_padded_rank(r)
+        flat, a, low, m, k, r, _bucket(m), flat.stride(0), a.stride(0), seed, offset, *keep_rule(p), RP=_padded_rank(r)
     )
     return low
 
@@ -143,7 +148,7 @@ def dropped_up(
     grad_x = flat.new_empty(m, k) if want_x else None
     partial = torch.empty(splits, r, k, dtype=torch.float32, device=flat.device) if want_a else None
     kernels.dropped_up_kernel[lambda meta: (-(-k // meta["BK"]), splits)](
-        flat, grad_low.contiguous(), a, grad_x, partial, m, k, r, flat.stride(0), a.stride(0), rows_per_split,
+        flat, grad_low.contiguous(), a, grad_x, partial, m, k, r, _bucket(m), flat.stride(0), a.stride(0), rows_per_split,
         seed, offset, *keep_rule(p), WANT_X=want_x, WANT_A=want_a, RP=_padded_rank(r),
     )  # fmt: skip
     if partial is None:
