@@ -244,10 +244,12 @@ class AdaptedLayer(nn.Module):
     def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:
         if self.merged:
             raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
-        for name in routing.adapter_names:
-            if name in self.adapters and self._get(name).site is Site.WEIGHT:
+        own = self.adapters._modules  # each routed adapter of this layer looked up once
+        present = {n: cast(LayerAdapter, own[n]) for n in routing.adapter_names if n in own}
+        for name, adapter in present.items():
+            if adapter.site is Site.WEIGHT:
                 raise AdapterStateError(
-                    f"adapter {name!r} ({type(self._get(name)).__name__}) changes the layer's weights; per-sample"
+                    f"adapter {name!r} ({type(adapter).__name__}) changes the layer's weights; per-sample"
                     " adapter_names cannot route it (PEFT refuses it too)"
                 )
         x, where = _primary(args, kwargs)
@@ -255,10 +257,10 @@ class AdaptedLayer(nn.Module):
             raise AdapterStateError(
                 f"adapter_names has {routing.batch_size} entries but the batch has {x.shape[0]} samples"
             )
-        pending = [n for n in routing.adapter_names if n in self.adapters]
-        groups = self._groups(pending)
+        pending = list(present)
+        groups = self._groups(pending, present)
         if len(args) == 1 and not kwargs and len(groups) == 1 and len(groups[0]) == len(pending):
-            adapters = [cast(DeltaAdapter, self._get(n)) for n in groups[0]]
+            adapters = [cast(DeltaAdapter, present[n]) for n in groups[0]]
             index = routing.index(groups[0], x.device)
             fused = type(adapters[0]).grouped_call(adapters, self.base_layer, x, index)
             if fused is not None:  # the base layer and every routed delta in one step
@@ -267,7 +269,7 @@ class AdaptedLayer(nn.Module):
         y = out[0] if isinstance(out, tuple) else out
         result = y
         for group in groups:
-            adapters = [cast(DeltaAdapter, self._get(n)) for n in group]
+            adapters = [cast(DeltaAdapter, present[n]) for n in group]
             index = routing.index(group, y.device)
             value = type(adapters[0]).add_grouped(
                 adapters, result, x, index, LayerCall(self.base_layer, args, kwargs, y)
@@ -276,7 +278,7 @@ class AdaptedLayer(nn.Module):
                 result = value.to(y.dtype)
                 pending = [n for n in pending if n not in group]
         for name in pending:
-            adapter = self._get(name)
+            adapter = present[name]
             rows = routing.rows(name, y.device)
             with route_all(name):  # adapted layers nested in this one see these rows, routed to `name`
                 if adapter.site is Site.INPUT:
@@ -296,11 +298,12 @@ class AdaptedLayer(nn.Module):
             result = result.index_copy(0, rows, value.to(result.dtype))
         return (result, *out[1:]) if isinstance(out, tuple) else result
 
-    def _groups(self, names: list[str]) -> list[tuple[str, ...]]:
+    @staticmethod
+    def _groups(names: list[str], adapters: dict[str, LayerAdapter]) -> list[tuple[str, ...]]:
         """Routed delta adapters by class, for :meth:`DeltaAdapter.add_grouped`."""
         groups: dict[type, list[str]] = {}
         for name in names:
-            adapter = self._get(name)
+            adapter = adapters[name]
             if adapter.site is Site.DELTA:
                 groups.setdefault(type(adapter), []).append(name)
         return [tuple(group) for group in groups.values()]

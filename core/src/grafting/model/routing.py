@@ -28,10 +28,8 @@ class Routing:
             self._groups.setdefault(name, []).append(i)
         self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._index: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return [n for n in self._groups if n != BASE]
+        #: the adapters the batch routes to, in order of first sample (read by every adapted layer: listed once)
+        self.adapter_names: tuple[str, ...] = tuple(n for n in self._groups if n != BASE)
 
     def index(self, group: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """For each sample, the position of its adapter in ``group``, or -1 (another adapter, the base)."""

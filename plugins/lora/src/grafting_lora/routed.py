@@ -31,6 +31,7 @@ the reference (each adapter on its own rows, ``reference.lora_delta``) for value
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,10 @@ import torch
 #: are bound by reading the activation (a bf16 product with N columns does N FLOPs per byte read;
 #: an H100 does ~295 per byte of memory bandwidth); past it they would pay for the zeros of the mask.
 MAX_COLUMNS = 256
+
+#: per-layer reads without a Python frame each (the routed path runs once per adapted layer and batch)
+_wants_grad = operator.attrgetter("requires_grad")
+_dtype_of = operator.attrgetter("dtype")
 
 _Key = tuple[tuple[int, ...], tuple[float, ...], torch.dtype, torch.device]
 #: per (ranks, scalings, dtype, device): which adapter owns each column, and its scaling
@@ -62,7 +67,7 @@ def column_mask(
     ``index[i]`` is the position of sample ``i``'s adapter in ``ranks``/``scalings`` or -1 (none).
     Built once per routing index (a batch) for each ranks and scalings, outside ``torch.compile``.
     """
-    key = (tuple(ranks), tuple(float(s) for s in scalings), mask_dtype(dtype), index.device)
+    key = (tuple(ranks), tuple(map(float, scalings)), mask_dtype(dtype), index.device)
     compiling = torch.compiler.is_compiling()
     if not compiling:
         hit = _masks.get(key)
@@ -90,7 +95,7 @@ def side_by_side(
     lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` (R, in) and ``B`` (out, R) in ``dtype``: the adapters' factors concatenated, cast as they are copied."""
-    a = torch.empty(sum(w.shape[0] for w in lora_a), lora_a[0].shape[1], dtype=dtype, device=lora_a[0].device)
+    a = torch.empty(sum([w.shape[0] for w in lora_a]), lora_a[0].shape[1], dtype=dtype, device=lora_a[0].device)
     b = torch.empty(lora_b[0].shape[0], a.shape[0], dtype=dtype, device=a.device)
     return torch.cat(list(lora_a), out=a), torch.cat(list(lora_b), dim=1, out=b)
 
@@ -128,7 +133,7 @@ def _save(ctx: Any, factors: tuple[torch.Tensor, ...], x: torch.Tensor, *saved: 
     ctx.save_for_backward(*saved)
     ctx.x_shape = x.shape
     ctx.ranks = [w.shape[0] for w in factors[:n]]
-    ctx.dtypes = ([w.dtype for w in factors[:n]], [w.dtype for w in factors[n:]])
+    ctx.dtypes = (list(map(_dtype_of, factors[:n])), list(map(_dtype_of, factors[n:])))
 
 
 def _factor_grads(
@@ -252,7 +257,7 @@ def routed_lora_add(
     ``inference_factors`` (:func:`side_by_side` of the factors, kept by the caller) when given.
     """
     x = x.to(y.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, *lora_a, *lora_b)):
+    if torch.is_grad_enabled() and any(map(_wants_grad, (y, x, *lora_a, *lora_b))):
         return RoutedLoraFunction.apply(y, x, mask, *lora_a, *lora_b)
     a, b = inference_factors if inference_factors is not None else side_by_side(lora_a, lora_b, y.dtype)
     return routed_lora(y, x, mask, a, b)
@@ -270,7 +275,7 @@ def routed_lora_linear_call(
     """The linear layer ``(weight, bias)`` and its routed adapters in one step: as :func:`routed_lora_add` on
     the base output, with the base inside (one :class:`RoutedLoraLinearFunction` node with autograd)."""
     tensors = (x, weight, *lora_a, *lora_b) if bias is None else (x, weight, bias, *lora_a, *lora_b)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(map(_wants_grad, tensors)):
         return RoutedLoraLinearFunction.apply(x, weight, bias, mask, *lora_a, *lora_b)
     a, b = inference_factors if inference_factors is not None else side_by_side(lora_a, lora_b, x.dtype)
     return routed_lora_linear(x, weight, bias, mask, a, b)
