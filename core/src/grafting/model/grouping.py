@@ -136,7 +136,7 @@ def _may_group() -> bool:
 
 def _groupable(x: torch.Tensor) -> bool:
     """Whether ``x`` can lead a group: a floating tensor with a version counter (no inference tensor)."""
-    return not (x.is_inference() or x.is_nested or not x.is_floating_point() or x.dim() == 0)
+    return not (x.is_inference() or x.is_nested or not x.dtype.is_floating_point or x.ndim == 0)
 
 
 def _drop_uncollected(entry: _Entry) -> None:
@@ -155,7 +155,9 @@ def _remember(x: torch.Tensor, entry: _Entry) -> None:
     recent.pop(id(x), None)
     recent[id(x)] = entry
     while len(recent) > CAPACITY:  # the oldest input: its followers, if any are still to come, come too late
-        _drop_uncollected(recent.pop(next(iter(recent))))
+        oldest = recent.pop(next(iter(recent)))
+        if oldest.products:
+            _drop_uncollected(oldest)
 
 
 def _factors(x: torch.Tensor, adapters: Sequence[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
@@ -220,17 +222,17 @@ def _lead(layer: Any, x: torch.Tensor, own: list[tuple[str, torch.Tensor]], memb
     """A leader's call: ``x``'s products for ``layer`` and its live followers, as one matmul when two or more."""
     state = state_of(layer)
     previous = None if state.last is None else state.last()
-    if previous is not None:  # followers that did not collect their products since this layer's last call
+    if previous is not None and previous.products:  # followers that did not collect theirs since its last call
         _drop_uncollected(previous)
     entry = _Entry(x, x._version, layer)
     state.last = weakref.ref(entry)
     _remember(x, entry)
-    followers = state.live_followers()
-    if not followers and len(own) < 2:
+    if not state.followers and len(own) < 2:  # alone (so far): the entry lets a sibling find it
         return {}
     wanted = [(layer, name, factor) for name, factor in own]
-    for member in followers:
-        wanted.extend((member, name, factor) for name, factor in _factors(x, members(member)))
+    for member in state.live_followers():
+        for name, factor in _factors(x, members(member)):
+            wanted.append((member, name, factor))
     if len(wanted) < 2:
         return {}
     stacked = torch.cat([f for _, _, f in wanted]).to(x.dtype)

@@ -225,7 +225,7 @@ class AdaptedLayer(nn.Module):
         """``[(name, adapter)]`` acting in an unrouted forward now: active, unmerged, the layer enabled."""
         if self.disabled:
             return []
-        held = self._held()
+        held: dict[str, LayerAdapter] = self._modules["adapters"]._modules  # type: ignore[union-attr,assignment]
         return [(n, held[n]) for n in self._live]
 
     def _held(self) -> dict[str, LayerAdapter]:
