@@ -44,8 +44,8 @@ INTERPRETED = False
 TARGET_PROGRAMS = 1024
 BLOCK_TOKENS = 32
 BLOCK_COLUMNS = 128
-BLOCK_ROWS = 32
-BLOCK_K = 64
+BLOCK_ROWS = 16  # rows per program: the (out, in) weight spread over many programs (it is read once)
+BLOCK_K = 256
 
 
 def triton_runs(*tensors: torch.Tensor) -> bool:
