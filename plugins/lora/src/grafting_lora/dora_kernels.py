@@ -3,11 +3,12 @@
 Two functions, each with a Triton kernel (CUDA tensors, or any tensors under
 ``TRITON_INTERPRET=1``) and the same arithmetic as torch ops (CPU, or without Triton):
 
-* :func:`row_scales`: from ``P = W·Aᵀ`` (out, r), ``A·Aᵀ`` (r, r), ``B``, ``‖W‖²`` and ``m``,
+* :func:`row_scales`: from ``W``, ``A``, ``B``, ``‖W‖²`` and ``m`` (``W·Aᵀ`` and ``A·Aᵀ`` inside),
   the inverse row norms ``1 / ‖W + scaling·B·A‖``, the scale ``s = m / ‖W + ΔW‖`` (float32,
   and rounded to the compute dtype for the activation-sized product) and ``scaling·B`` in the
-  compute dtype (the low-rank product's factor): one kernel where the torch ops are eight (cast,
-  ``addmm``, ``baddbmm``, clamp, ``rsqrt``, product, cast, scaled cast of ``B``).
+  compute dtype (the low-rank product's factor), and ``A`` in that dtype: one kernel where the torch
+  ops are eleven (casts of ``A`` and ``W·Aᵀ``, two products, ``addmm``, ``baddbmm``, clamp, ``rsqrt``,
+  product, cast, scaled cast of ``B``).
 * :func:`scaled_gradient`: the backward's ``g ⊙ s`` (and, with dropout, ``g ⊙ (s − 1)``) and the
   magnitude's gradient ``inv ⊙ Σ_tokens g ⊙ z``, reading ``g`` and ``z`` once: each program sums a
   chunk of tokens in float32, the chunks' partial sums are added by one ``sum`` (two stages, so
@@ -43,7 +44,8 @@ INTERPRETED = False
 TARGET_PROGRAMS = 1024
 BLOCK_TOKENS = 32
 BLOCK_COLUMNS = 128
-BLOCK_ROWS = 64
+BLOCK_ROWS = 16  # rows per program: the (out, in) weight spread over many programs (it is read once)
+BLOCK_K = 256
 
 
 def triton_runs(*tensors: torch.Tensor) -> bool:
@@ -55,44 +57,58 @@ def triton_runs(*tensors: torch.Tensor) -> bool:
 
 
 def _row_scales_source(  # type: ignore[no-untyped-def]
-    prod_ptr,
+    w_ptr,
+    a_ptr,
     b_ptr,
-    gram_ptr,
     sq_ptr,
     m_ptr,
     inv_ptr,
     scale_ptr,
     half_ptr,
     up_ptr,
+    a_half_ptr,
     rows,
+    cols,
     rank,
-    stride_prod,
-    stride_b,
+    stride_w,
     scaling,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_RANK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """``inv = rsqrt(max(‖W‖² + scaling·⟨B, 2P + scaling·B·G⟩, 0))``, ``s = m·inv``, ``scaling·B`` for a block of rows."""
+    """For a block of rows: ``P = W·Aᵀ`` (A rounded to W's dtype, as the input's product rounds it), ``G = A·Aᵀ``,
+    ``inv = rsqrt(max(‖W‖² + scaling·⟨B, 2P + scaling·B·G⟩, 0))``, ``s = m·inv``, ``scaling·B``; the first
+    program also writes ``A`` in W's dtype."""
+    first = tl.program_id(0) == 0
     o = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     k = tl.arange(0, BLOCK_RANK)
     row_ok = o < rows
-    ok = row_ok[:, None] & (k[None, :] < rank)
-    p = tl.load(prod_ptr + o[:, None] * stride_prod + k[None, :], mask=ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + o[:, None] * stride_b + k[None, :], mask=ok, other=0.0).to(tl.float32)
-    bg = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
-    for j in range(rank):  # B·G, column j of B times row j of G (r is small)
-        bj = tl.load(b_ptr + o * stride_b + j, mask=row_ok, other=0.0).to(tl.float32)
-        gj = tl.load(gram_ptr + j * rank + k, mask=k < rank, other=0.0).to(tl.float32)
-        bg += bj[:, None] * gj[None, :]
-    inner = 2.0 * p + scaling * bg
-    sq = tl.load(sq_ptr + o, mask=row_ok, other=1.0).to(tl.float32) + scaling * tl.sum(b * inner, axis=1)
+    rank_ok = k < rank
+    low = w_ptr.dtype.element_ty
+    p = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)
+    gram = tl.zeros((BLOCK_RANK, BLOCK_RANK), dtype=tl.float32)
+    for c0 in range(0, cols, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        a_ok = rank_ok[:, None] & (c[None, :] < cols)
+        a = tl.load(a_ptr + k[:, None] * cols + c[None, :], mask=a_ok, other=0.0)
+        a_low = a.to(low, fp_downcast_rounding="rtne")
+        if first:
+            tl.store(a_half_ptr + k[:, None] * cols + c[None, :], a_low, mask=a_ok)
+        w = tl.load(w_ptr + o[:, None] * stride_w + c[None, :], mask=row_ok[:, None] & (c[None, :] < cols), other=0.0)
+        # products of W's dtype are exact in float32: the sum as the matrix unit's, also where Triton's interpreter
+        # has no bfloat16 product
+        p = tl.dot(w.to(tl.float32), tl.trans(a_low.to(tl.float32)), p, input_precision="ieee")
+        gram = tl.dot(a, tl.trans(a), gram, input_precision="ieee")
+    ok = row_ok[:, None] & rank_ok[None, :]
+    b = tl.load(b_ptr + o[:, None] * rank + k[None, :], mask=ok, other=0.0)
+    inner = 2.0 * p + scaling * tl.dot(b, gram, input_precision="ieee")
+    sq = tl.load(sq_ptr + o, mask=row_ok, other=1.0) + scaling * tl.sum(b * inner, axis=1)
     inv = 1.0 / tl.sqrt_rn(tl.maximum(sq, 0.0))
-    scale = tl.load(m_ptr + o, mask=row_ok, other=0.0).to(tl.float32) * inv
+    scale = tl.load(m_ptr + o, mask=row_ok, other=0.0) * inv
     tl.store(inv_ptr + o, inv, mask=row_ok)
     tl.store(scale_ptr + o, scale, mask=row_ok)
-    tl.store(half_ptr + o, scale.to(half_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=row_ok)
-    up = (scaling * b).to(up_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-    tl.store(up_ptr + o[:, None] * rank + k[None, :], up, mask=ok)
+    tl.store(half_ptr + o, scale.to(low, fp_downcast_rounding="rtne"), mask=row_ok)
+    tl.store(up_ptr + o[:, None] * rank + k[None, :], (scaling * b).to(low, fp_downcast_rounding="rtne"), mask=ok)
 
 
 def _scaled_gradient_source(  # type: ignore[no-untyped-def]
@@ -155,54 +171,59 @@ def _kernel(source: Callable[..., Any]) -> Any:
 
 
 def row_scales(
-    prod: torch.Tensor,
+    weight: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     weight_sq: torch.Tensor,
     magnitude: torch.Tensor,
     scaling: float,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(inv, s, s_half, up)``: ``1 / ‖W + scaling·B·A‖``, ``m·inv`` (float32), ``s`` and ``scaling·B`` in ``dtype``.
+    cast_a: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(inv, s, s_half, up, a_half)``: ``1 / ‖W + scaling·B·A‖``, ``m·inv`` (float32), and in W's dtype
+    ``s``, ``scaling·B`` and ``A`` (``cast_a`` if given).
 
-    ``prod`` is ``W·Aᵀ`` (out, r) in W's dtype; ``‖W + ΔW‖² = ‖W‖² + scaling·⟨B, 2·W·Aᵀ +
-    scaling·B·(A·Aᵀ)⟩`` row by row, clamped at 0 (see :func:`~grafting_lora.dora_node.dora_norm_squared`).
+    ``‖W + scaling·B·A‖² = ‖W‖² + scaling·⟨B, 2·W·Aᵀ + scaling·B·(A·Aᵀ)⟩`` row by row, clamped at 0
+    (:func:`~grafting_lora.dora_node.dora_norm_squared`). The kernel keeps ``W·Aᵀ`` in float32
+    (the torch ops round it to W's dtype first: their norms are the less exact by that rounding).
     """
+    dtype = weight.dtype
     a, b = lora_a.float(), lora_b.float()
-    gram = a @ a.t()
     m = magnitude.reshape(-1)
-    wide = (a.dtype, b.dtype, m.dtype, weight_sq.dtype) == (torch.float32,) * 4
-    if wide and triton_runs(prod, b, m):
-        rows, rank = b.shape
-        inv = torch.empty(rows, dtype=torch.float32, device=prod.device)
+    wide = (lora_a.dtype, lora_b.dtype, m.dtype, weight_sq.dtype) == (torch.float32,) * 4
+    plain = weight.dim() == 2 and weight.stride(1) == 1 and dtype in (torch.bfloat16, torch.float16)
+    if wide and plain and triton_runs(weight, a, b, m):
+        (rows, cols), rank = weight.shape, a.shape[0]
+        inv = torch.empty(rows, dtype=torch.float32, device=weight.device)
         scale = torch.empty_like(inv)
-        half = torch.empty(rows, dtype=dtype, device=prod.device)
-        up = torch.empty((rows, rank), dtype=dtype, device=prod.device)
-        prod, b = prod.contiguous(), b.contiguous()
-        grid = (triton.cdiv(rows, BLOCK_ROWS),)
-        _kernel(_row_scales_source)[grid](
-            prod,
-            b,
-            gram.contiguous(),
+        half = torch.empty(rows, dtype=dtype, device=weight.device)
+        up = torch.empty((rows, rank), dtype=dtype, device=weight.device)
+        a_half = torch.empty((rank, cols), dtype=dtype, device=weight.device)
+        _kernel(_row_scales_source)[(triton.cdiv(rows, BLOCK_ROWS),)](
+            weight,
+            a.contiguous(),
+            b.contiguous(),
             weight_sq.contiguous(),
             m.contiguous(),
             inv,
             scale,
             half,
             up,
+            a_half,
             rows,
+            cols,
             rank,
-            prod.stride(0),
-            b.stride(0),
+            weight.stride(0),
             float(scaling),
             BLOCK_ROWS=BLOCK_ROWS,
             BLOCK_RANK=max(16, triton.next_power_of_2(rank)),
+            BLOCK_K=BLOCK_K,
         )
-        return inv, scale, half, up
-    inv = norm_squared(prod, gram, b, weight_sq, scaling).rsqrt_()
+        return inv, scale, half, up, a_half if cast_a is None else cast_a
+    a_half = lora_a.to(dtype) if cast_a is None else cast_a
+    inv = norm_squared(weight @ a_half.t(), a @ a.t(), b, weight_sq, scaling).rsqrt_()
     scale = m * inv
     up = torch.mul(b, scaling, out=b.new_empty(b.shape, dtype=dtype))  # the product and the cast: one kernel
-    return inv, scale, scale.to(dtype), up
+    return inv, scale, scale.to(dtype), up, a_half
 
 
 def norm_squared(

@@ -53,16 +53,13 @@ def dora_scales(
     lora_b: torch.Tensor,
     magnitude: torch.Tensor,
     scaling: float,
-    dtype: torch.dtype,
     cast_a: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(1 / ‖W + scaling·B·A‖, s, s in dtype, scaling·B in dtype)``, ``s = m / ‖W + ΔW‖`` per row (float32).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(1 / ‖W + scaling·B·A‖, s, s, scaling·B, A)``, ``s = m / ‖W + ΔW‖`` per row: float32, then W's dtype.
 
-    The norms as :func:`dora_norm_squared`'s; ``W·Aᵀ`` and ``A·Aᵀ`` are two products, the rest one
-    kernel (:func:`~grafting_lora.dora_kernels.row_scales`).
+    The norms as :func:`dora_norm_squared`'s, in one kernel (:func:`~grafting_lora.dora_kernels.row_scales`).
     """
-    cast_a = lora_a.to(weight.dtype) if cast_a is None else cast_a
-    return row_scales(weight @ cast_a.t(), lora_a, lora_b, weight_sq, magnitude, scaling, dtype)
+    return row_scales(weight, lora_a, lora_b, weight_sq, magnitude, scaling, cast_a)
 
 
 def dora_linear(
@@ -127,10 +124,10 @@ class DoraLinearFunction(torch.autograd.Function):
         dropout: float = 0.0,
     ) -> torch.Tensor:
         dtype = x.dtype
-        a = lora_a.to(dtype)
-        cast_a = a if weight.dtype == dtype else None
-        # up = scaling·B in the compute dtype: the low-rank product's factor, and backward's
-        inv, scale, half, up = dora_scales(weight, weight_sq, lora_a, lora_b, magnitude, scaling, dtype, cast_a)
+        if weight.dtype != dtype:
+            raise ValueError(f"DoRA's node takes the input in the weight's dtype, not {dtype} and {weight.dtype}")
+        # up = scaling·B and a = A in the compute dtype: the low-rank product's factors, and backward's
+        inv, scale, half, up, a = dora_scales(weight, weight_sq, lora_a, lora_b, magnitude, scaling)
         flat = x.reshape(-1, x.shape[-1])
         if dropout > 0:
             h, mask = torch.native_dropout(flat, dropout, True)

@@ -354,7 +354,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
             self.__dict__["_weight_sq"] = kept
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
         if not torch.is_grad_enabled() and not dropout:
-            _, _, scale, _ = dora_scales(weight, kept[1], a, b, m, self.scaling, x.dtype)
+            _, _, scale, _, _ = dora_scales(weight, kept[1], a, b, m, self.scaling)
             return dora_linear(x, weight, bias, a, b, scale, self.scaling)
         return DoraLinearFunction.apply(x, weight, bias, a, b, m, kept[1], self.scaling, dropout)
 
