@@ -7,9 +7,13 @@ more examples, to find new failures (a test's own ``max_examples`` still caps it
 
 import os
 
+import torch
+
 # Triton's interpreter is chosen when triton is first imported (its language's own functions are built then):
-# set before any test imports it, so tests can run grafting's Triton kernels on CPU tensors (grafting_lora.dora_kernels)
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# set before any test imports it, so tests can run grafting's Triton kernels on CPU tensors (grafting_lora.dora_kernels);
+# on a CUDA machine the kernels are compiled and run on the GPU
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings
 
