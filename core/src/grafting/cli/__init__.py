@@ -18,7 +18,7 @@ from grafting.errors import GraftingError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grafting", description="Parameter-efficient fine-tuning: adapters on disk.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_grafting_version()}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands = (("plugins", list_plugins), ("inspect", inspect_adapter), ("merge", merge), ("export", export))
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
+def _grafting_version() -> str:
     return __version__
 
 
