@@ -27,9 +27,8 @@ ROOT = Path(__file__).parents[3]
 
 def _run_cases(selection: str, interpret: bool) -> None:
     """``pytest`` on the cases matching ``selection`` in a fresh process; its report on failure."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret and not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
+    env = dict(os.environ)  # "0" set explicitly: the repository's conftest turns the interpreter on where unset
+    env["TRITON_INTERPRET"] = "1" if interpret and not torch.cuda.is_available() else "0"
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", str(CASES)]
     done = subprocess.run([*command, "-k", selection], cwd=ROOT, env=env, capture_output=True, text=True)
