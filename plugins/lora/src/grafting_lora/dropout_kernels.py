@@ -33,6 +33,8 @@ import torch
 
 from grafting_lora.fused import lora_products
 
+#: False: the torch node on every device (for comparison, or to rule the kernels out).
+USE_TRITON = True
 #: Rows × columns of :func:`keep_mask`'s tiles (the mask does not depend on them).
 BLOCK_ROWS, BLOCK_COLS = 128, 128
 #: The backward kernel's grid aims at this many programs (64-column tiles × row shares) to fill a GPU.
@@ -54,7 +56,8 @@ def serves(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
     ``lora_a`` (r, in): ranks up to :data:`MAX_RANK`; an empty input stays with the torch node.
     """
     return (
-        x.is_cuda
+        USE_TRITON
+        and x.is_cuda
         and x.numel() > 0
         and lora_a.shape[0] <= MAX_RANK
         and has_triton()
