@@ -25,6 +25,7 @@ through Triton's interpreter (``TRITON_INTERPRET=1`` before the first use, as th
 from __future__ import annotations
 
 import importlib.util
+import os
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -33,8 +34,10 @@ import torch
 
 from grafting_lora.fused import lora_products
 
-#: False: the torch node on every device (for comparison, or to rule the kernels out).
-USE_TRITON = True
+#: Whether the Triton kernels run on CUDA tensors (else the torch node, everywhere). Off unless the environment
+#: sets ``GRAFTING_TRITON_KERNELS=1``: the kernels are checked in Triton's interpreter and compiled for sm_90,
+#: but not yet timed on a GPU against the torch node they replace (see the README's benchmark section).
+USE_TRITON = os.environ.get("GRAFTING_TRITON_KERNELS") == "1"
 #: Rows × columns of :func:`keep_mask`'s tiles (the mask does not depend on them).
 BLOCK_ROWS, BLOCK_COLS = 128, 128
 #: The backward kernel's grid aims at this many programs (64-column tiles × row shares) to fill a GPU.
