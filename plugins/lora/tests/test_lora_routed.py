@@ -298,3 +298,25 @@ def test_routed_training_with_another_method_on_the_same_layers_is_one_adapter_a
         expected = plain_grads[name]
         relative = ((value - expected).norm() / expected.norm()).item()
         assert relative <= 4 * torch.finfo(torch.bfloat16).eps, (name, relative)
+
+
+def test_routed_inference_follows_a_fused_optimizer_step() -> None:
+    """Fused AdamW writes the factors without bumping their version counters: the kept factors follow it anyway."""
+    dtype, ranks, scalings = torch.bfloat16, [2, 4], [1.0, 0.5]
+    fast, plain = (_layer(dtype, ranks, scalings, fused) for fused in (True, False))
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, LENGTH, N_IN, generator=torch.Generator().manual_seed(4)).to(dtype)
+    names = ["a0", "a1", "__base__"]
+    with torch.no_grad(), grafting.route_samples(names):
+        fast(x)  # keeps the factors side by side
+    for layer in (fast, plain):
+        adapters = [p for p in layer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(adapters, lr=0.5, fused=True)
+        for p in adapters:
+            p.grad = torch.ones_like(p)
+        versions = [p._version for p in adapters]
+        optimizer.step()
+    assert [p._version for p in adapters] == versions  # the case at hand: no version moved
+    with torch.no_grad(), grafting.route_samples(names):
+        got, expected, base = fast(x), plain(x), fast.base_layer(x)
+    _close(got, expected, dtype, "after the step", changed_from=base)

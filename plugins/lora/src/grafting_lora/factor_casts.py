@@ -33,6 +33,13 @@ def _count_optimizer_steps() -> None:
         _COUNTING.append(register_optimizer_step_post_hook(_count_step))
 
 
+def optimizer_steps() -> int:
+    """``torch.optim`` steps taken in this process since the first call: part of any key a cache of values
+    derived from trainable weights keeps (fused optimizers write the weights without bumping their versions)."""
+    _count_optimizer_steps()
+    return _STEPS[0]
+
+
 class FactorCasts:
     """Cast copies of an adapter's factors, by name, each valid while its factor is unchanged."""
 
@@ -47,8 +54,7 @@ class FactorCasts:
             return factor
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(factor) not in (torch.Tensor, nn.Parameter):
             return factor.to(dtype)
-        _count_optimizer_steps()
-        key = (id(factor), factor.data_ptr(), factor.dtype, factor.device, factor._version, _STEPS[0], dtype)
+        key = (id(factor), factor.data_ptr(), factor.dtype, factor.device, factor._version, optimizer_steps(), dtype)
         kept = self._kept.get(name)
         if kept is not None and kept[0] == key:
             return kept[1]
