@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bound
 
 from grafting_lora.dropout_kernels import LoraDropoutFunction, draw_seed, keep_mask, keep_rule
 from grafting_lora.fused import LoraLinearFunction, lora_products
@@ -97,27 +101,6 @@ def saved_mib(node: str, layer: Layer, p: float, scaling: float) -> float:
     return kept / 2**20
 
 
-def timer(device: str) -> Callable[[Callable[[], None], int], float]:
-    def run(fn: Callable[[], None], steps: int) -> float:
-        fn()
-        if device == "cpu":
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - start))
-            return statistics.median(times)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for begin, end in events:
-            begin.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(b.elapsed_time(e) for b, e in events)
-
-    return run
-
-
 def profile(fn: Callable[[], None], label: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -144,7 +127,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="a torch.profiler table per node and shape")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    run = timer(args.device)
+    run = bound.timer(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"tokens {args.tokens}, r {args.rank}, p {args.p}, {args.dtype}, float32 A/B, device {args.device}")
     if args.device.startswith("cuda"):
@@ -158,7 +141,7 @@ def main() -> None:
             step(node, layer, args.p, args.scaling)()
         for _ in range(args.rounds):
             for node in times:
-                times[node].append(run(step(node, layer, args.p, args.scaling), args.steps))
+                times[node].append(run(step(node, layer, args.p, args.scaling), 1, args.steps))
         t, f = statistics.median(times["torch"]), statistics.median(times["triton"])
         totals["torch"] += t
         totals["triton"] += f
