@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from grafting_lora.scaled_products import mul_as
+
 try:
     import triton
     import triton.language as tl
@@ -224,7 +226,7 @@ def row_scales(
     a_half = lora_a.to(dtype) if cast_a is None else cast_a
     inv = norm_squared(weight @ a_half.t(), a @ a.t(), b, weight_sq, scaling).rsqrt_()
     scale = m * inv
-    up = torch.mul(b, scaling, out=b.new_empty(b.shape, dtype=dtype))  # the product and the cast: one kernel
+    up = mul_as(b, scaling, dtype)  # the product and the cast: one kernel
     return inv, scale, scale.to(dtype), up, a_half
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from grafting_lora.dora_kernels import norm_squared, row_scales, scaled_gradient
-from grafting_lora.fused import _mul_as, lora_linear, lora_products
+from grafting_lora.fused import lora_linear, lora_products
+from grafting_lora.scaled_products import mul_as
 
 #: The DoRA node's backward puts the scale ``s`` on the (out, in) weight rather than on the
 #: (tokens, out) gradient when tokens exceed this many times the input width (the weight-sized
@@ -202,7 +203,7 @@ def _gradient_side_backward(
     grad_x = (gz @ weight).addmm_(grad_low, a) if need_x else None
     grad_w = gz.t() @ flat if need_w else None
     grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0]) if need_a else None
-    grad_b = _mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1]) if need_b else None
+    grad_b = mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1]) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
 
@@ -219,11 +220,11 @@ def _weight_side_backward(
     """As :func:`_gradient_side_backward`, ``s`` put on the rows of ``W`` and ``B`` (weight-sized, not activation-sized)."""
     need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
     rows = scale[:, None]
-    grad_low = g @ _mul_as(up, rows, up.dtype)  # the scaling included
-    grad_x = (g @ _mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a) if need_x else None
+    grad_low = g @ mul_as(up, rows, up.dtype)  # the scaling included
+    grad_x = (g @ mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a) if need_x else None
     grad_w = (g.t() @ flat).mul_(rows) if need_w else None
     grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0]) if need_a else None
-    grad_b = _mul_as((g.t() @ low).mul_(rows), ctx.scaling, ctx.dtypes[1]) if need_b else None
+    grad_b = mul_as((g.t() @ low).mul_(rows), ctx.scaling, ctx.dtypes[1]) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
 
@@ -260,5 +261,5 @@ def _dropout_backward(
     if need_a:
         grad_a = (grad_low.t() @ h).to(ctx.dtypes[0])
     if need_b:
-        grad_b = _mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1])
+        grad_b = mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1])
     return grad_x, grad_w, grad_a, grad_b

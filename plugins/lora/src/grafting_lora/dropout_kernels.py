@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from grafting_lora.fused import lora_products
+from grafting_lora.scaled_products import mul_as
 
 #: Whether the Triton kernels run on CUDA tensors (else the torch node, everywhere). Off unless the environment
 #: sets ``GRAFTING_TRITON_KERNELS=1``: the kernels are checked in Triton's interpreter and compiled for sm_90,
@@ -169,11 +170,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
-def _mul_as(x: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
-    """``x * factor`` written in ``dtype``: the product and the cast as one kernel."""
-    return torch.mul(x, factor, out=x.new_empty(x.shape, dtype=dtype))
-
-
 class LoraDropoutFunction(torch.autograd.Function):
     """``x·Wᵀ + b + scaling·(d(x)·Aᵀ)·Bᵀ`` as one node, ``d`` dropout of probability ``p`` (0 < p < 1).
 
@@ -198,7 +194,7 @@ class LoraDropoutFunction(torch.autograd.Function):
         flat = _rows(x)
         a = lora_a if lora_a.stride(-1) == 1 else lora_a.contiguous()
         seed, offset = draw_seed(x.device)
-        up = _mul_as(lora_b, scaling, x.dtype)  # (out, r): the scaling on the small matrix
+        up = mul_as(lora_b, scaling, x.dtype)  # (out, r): the scaling on the small matrix
         low = dropped_down(flat, a, p, seed, offset)
         y, low = lora_products(flat, None, weight, bias, None, up, 1.0, low)
         ctx.save_for_backward(flat, weight, a, up, low)
@@ -225,5 +221,5 @@ class LoraDropoutFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_b:
-            grad_b = _mul_as(g.t() @ low, ctx.scaling, ctx.b_dtype)
+            grad_b = mul_as(g.t() @ low, ctx.scaling, ctx.b_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None

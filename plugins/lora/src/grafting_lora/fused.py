@@ -158,9 +158,3 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = scaled_product(grad_low.t(), h, ctx.dtypes[0])
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
-def _mul_as(x: torch.Tensor, y: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """``x * y`` written in ``dtype``: the product and the cast as one kernel."""
-    out = x.new_empty(x.shape, dtype=dtype)
-    return torch.mul(x, y, out=out)

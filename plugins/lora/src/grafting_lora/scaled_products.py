@@ -56,6 +56,11 @@ def _probe(device: torch.device) -> bool:
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def mul_as(x: torch.Tensor, y: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """``x * y`` written in ``dtype``: the product and the cast as one kernel."""
+    return torch.mul(x, y, out=x.new_empty(x.shape, dtype=dtype))
+
+
 def scaled_product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
     """``alpha·x·y`` (2-D ``x``, ``y`` of one dtype) written in ``dtype``: one GEMM where it can be.
 
@@ -78,4 +83,4 @@ def scaled_product(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, alpha: 
     product = x @ y
     if alpha == 1.0:
         return product.to(dtype)
-    return torch.mul(product, alpha, out=product.new_empty(product.shape, dtype=dtype))
+    return mul_as(product, alpha, dtype)
