@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -142,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     device = args.device
     name = torch.cuda.get_device_name() if device == "cuda" else device
-    print(f"{name}  torch {torch.__version__}  triton {dora_kernels.triton.__version__}")
+    print(f"{name}  torch {torch.__version__}  triton {importlib.metadata.version('triton')}")
     print(f"tokens {args.tokens}, r {args.rank}, bf16 layer, float32 A/B/m; ms per forward+backward")
     totals: dict[str, float] = {}
     for label, (n_in, n_out) in SHAPES.items():

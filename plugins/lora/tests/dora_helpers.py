@@ -28,6 +28,8 @@ def compile_for_hopper() -> int:
     (sm_90) with Triton's compiler and ptxas, no GPU needed; how many compiled. Run without ``TRITON_INTERPRET``."""
     import triton
     from triton.backends.compiler import GPUTarget
+
+    assert dora_kernels._import_triton()  # the kernels' module imports Triton on first use: their globals now
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 

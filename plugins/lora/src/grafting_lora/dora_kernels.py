@@ -29,12 +29,10 @@ import torch
 
 from grafting_lora.scaled_products import mul_as
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - Triton is optional; the torch ops run without it
-    triton = None
-    tl = None
+#: ``triton`` and ``triton.language``, imported on the kernels' first use (:func:`triton_runs`): importing
+#: them costs a quarter of a second, which a process that never runs the kernels need not pay
+triton: Any = None
+tl: Any = None
 
 #: Whether the Triton kernels run on CUDA tensors (else the torch ops, everywhere). Off unless the environment
 #: sets ``GRAFTING_TRITON_KERNELS=1``: the kernels are checked in Triton's interpreter and compiled for sm_90,
@@ -55,9 +53,22 @@ BLOCK_K = 256
 def triton_runs(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels run on ``tensors``: Triton present, CUDA tensors or :data:`INTERPRETED`,
     and eager mode (under ``torch.compile`` the torch ops, which the compiler fuses itself)."""
-    if triton is None or not USE_TRITON or torch.compiler.is_compiling():
+    if not USE_TRITON or torch.compiler.is_compiling() or not (INTERPRETED or all(t.is_cuda for t in tensors)):
         return False
-    return INTERPRETED or all(t.is_cuda for t in tensors)
+    return _import_triton()
+
+
+@functools.cache
+def _import_triton() -> bool:
+    """Whether Triton imports; once it has, :data:`triton` and :data:`tl` are its modules (the kernels' globals)."""
+    global triton, tl
+    try:
+        import triton as triton_module
+        import triton.language as language
+    except ImportError:  # Triton is optional: the torch ops run without it
+        return False
+    triton, tl = triton_module, language
+    return True
 
 
 def _row_scales_source(  # type: ignore[no-untyped-def]
