@@ -17,7 +17,7 @@ import torch
 
 from grafting_lora.dora_kernels import norm_squared, row_scales, scaled_gradient
 from grafting_lora.fused import lora_linear, lora_products
-from grafting_lora.scaled_products import mul_as
+from grafting_lora.scaled_products import mul_as, scaled_product
 
 #: The DoRA node's backward puts the scale ``s`` on the (out, in) weight rather than on the
 #: (tokens, out) gradient when tokens exceed this many times the input width (the weight-sized
@@ -202,8 +202,8 @@ def _gradient_side_backward(
     grad_low = gz @ up  # (tokens, r), the scaling included
     grad_x = (gz @ weight).addmm_(grad_low, a) if need_x else None
     grad_w = gz.t() @ flat if need_w else None
-    grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0]) if need_a else None
-    grad_b = mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1]) if need_b else None
+    grad_a = scaled_product(grad_low.t(), flat, ctx.dtypes[0]) if need_a else None
+    grad_b = scaled_product(gz.t(), low, ctx.dtypes[1], ctx.scaling) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
 
@@ -223,7 +223,7 @@ def _weight_side_backward(
     grad_low = g @ mul_as(up, rows, up.dtype)  # the scaling included
     grad_x = (g @ mul_as(weight, rows, weight.dtype)).addmm_(grad_low, a) if need_x else None
     grad_w = (g.t() @ flat).mul_(rows) if need_w else None
-    grad_a = (grad_low.t() @ flat).to(ctx.dtypes[0]) if need_a else None
+    grad_a = scaled_product(grad_low.t(), flat, ctx.dtypes[0]) if need_a else None
     grad_b = mul_as((g.t() @ low).mul_(rows), ctx.scaling, ctx.dtypes[1]) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
@@ -259,7 +259,7 @@ def _dropout_backward(
     if need_w:
         grad_w = (g.t() @ flat).addmm_(gh.t(), h)
     if need_a:
-        grad_a = (grad_low.t() @ h).to(ctx.dtypes[0])
+        grad_a = scaled_product(grad_low.t(), h, ctx.dtypes[0])
     if need_b:
-        grad_b = mul_as(gz.t() @ low, ctx.scaling, ctx.dtypes[1])
+        grad_b = scaled_product(gz.t(), low, ctx.dtypes[1], ctx.scaling)
     return grad_x, grad_w, grad_a, grad_b

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from grafting_lora.fused import lora_products
-from grafting_lora.scaled_products import mul_as
+from grafting_lora.scaled_products import mul_as, scaled_product
 
 #: Whether the Triton kernels run on CUDA tensors (else the torch node, everywhere). Off unless the environment
 #: sets ``GRAFTING_TRITON_KERNELS=1``: the kernels are checked in Triton's interpreter and compiled for sm_90,
@@ -221,5 +221,5 @@ class LoraDropoutFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = g.sum(0)
         if need_b:
-            grad_b = mul_as(g.t() @ low, ctx.scaling, ctx.b_dtype)
+            grad_b = scaled_product(g.t(), low, ctx.b_dtype, ctx.scaling)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
