@@ -320,3 +320,26 @@ def test_routed_inference_follows_a_fused_optimizer_step() -> None:
     with torch.no_grad(), grafting.route_samples(names):
         got, expected, base = fast(x), plain(x), fast.base_layer(x)
     _close(got, expected, dtype, "after the step", changed_from=base)
+
+
+def test_routed_inference_follows_a_weight_put_in_place_of_another() -> None:
+    """A new ``Parameter`` assigned in a factor's place, its version counter at the old one's, is the one used."""
+    dtype, ranks, scalings = torch.bfloat16, [2, 4], [1.0, 0.5]
+    fast, plain = (_layer(dtype, ranks, scalings, fused) for fused in (True, False))
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, LENGTH, N_IN, generator=torch.Generator().manual_seed(5)).to(dtype)
+    names = ["a0", "a1", "__base__"]
+    with torch.no_grad(), grafting.route_samples(names):
+        fast(x)  # keeps the factors side by side
+    new_b = torch.randn(N_OUT, 4, generator=torch.Generator().manual_seed(6))
+    for layer in (fast, plain):
+        old = layer.adapters["a1"].lora_B.weight
+        weight = nn.Parameter(new_b.clone())
+        with torch.no_grad():
+            while weight._version < old._version:  # each in-place write bumps the counter by one
+                weight.mul_(1.0)
+        layer.adapters["a1"].lora_B.weight = weight
+        assert weight._version == old._version  # the case at hand: the counter alone cannot tell them apart
+    with torch.no_grad(), grafting.route_samples(names):
+        got, expected, base = fast(x), plain(x), fast.base_layer(x)
+    _close(got, expected, dtype, "after the new weight", changed_from=base)

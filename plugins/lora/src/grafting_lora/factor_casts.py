@@ -40,6 +40,15 @@ def optimizer_steps() -> int:
     return _STEPS[0]
 
 
+def weight_state(weight: torch.Tensor) -> tuple[Any, ...]:
+    """What a value derived from ``weight`` stays valid for: its identity, storage, dtype, device and version.
+
+    With :func:`optimizer_steps` beside it, the key of every cache of weight-derived values here: a new
+    ``Parameter`` in the weight's place, a write under autograd's view and an optimizer step all change it.
+    """
+    return id(weight), weight.data_ptr(), weight.dtype, weight.device, weight._version
+
+
 class FactorCasts:
     """Cast copies of an adapter's factors, by name, each valid while its factor is unchanged."""
 
@@ -54,7 +63,7 @@ class FactorCasts:
             return factor
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(factor) not in (torch.Tensor, nn.Parameter):
             return factor.to(dtype)
-        key = (id(factor), factor.data_ptr(), factor.dtype, factor.device, factor._version, optimizer_steps(), dtype)
+        key = (weight_state(factor), optimizer_steps(), dtype)
         kept = self._kept.get(name)
         if kept is not None and kept[0] == key:
             return kept[1]

@@ -27,7 +27,7 @@ from grafting.toolkit import (
 )
 from grafting_lora import dropout_kernels
 from grafting_lora.dora_node import DoraLinearFunction, dora_linear, dora_scales
-from grafting_lora.factor_casts import factor_casts, optimizer_steps
+from grafting_lora.factor_casts import factor_casts, optimizer_steps, weight_state
 from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.hotswap import PairHotSwap
 from grafting_lora.init import Initialization, init_factors
@@ -65,13 +65,14 @@ def _param(module: nn.Module, name: str) -> Any:
 def _kept(adapters: Sequence[LoraLinear], kind: str, dtype: torch.dtype, device: torch.device, build: Any) -> Any:
     """``build()``, kept on the first adapter without autograd (inference, outside ``torch.compile``).
 
-    Kept until a weight changes (its version counter, or an optimizer step: fused optimizers write without
-    bumping it), a scaling or rank does, or the group does.
+    Kept until a weight changes (:func:`~grafting_lora.factor_casts.weight_state`: a new tensor in its place,
+    its version counter, or an optimizer step: fused optimizers write without bumping it), a scaling or rank
+    does, or the group does.
     """
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return build()
     key = (
-        tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling, a.r) for a in adapters),
+        tuple((id(a), weight_state(a.lora_A.weight), weight_state(a.lora_B.weight), a.scaling, a.r) for a in adapters),
         optimizer_steps(),
         dtype,
         device,
