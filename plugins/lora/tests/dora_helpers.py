@@ -36,11 +36,11 @@ def compile_for_hopper() -> int:
     hopper = GPUTarget("cuda", 90, 32)
     compiled = 0
     for t in ("bf16", "fp16"):
-        ptrs = {"w_ptr": t, "a_ptr": "fp32", "b_ptr": "fp32", "sq_ptr": "fp32", "m_ptr": "fp32"}
-        ptrs |= {"inv_ptr": "fp32", "scale_ptr": "fp32", "half_ptr": t, "up_ptr": t, "a_half_ptr": t}
+        ptrs = {"p_ptr": "fp32", "gram_ptr": "fp32", "b_ptr": "fp32", "sq_ptr": "fp32", "m_ptr": "fp32"}
+        ptrs |= {"inv_ptr": "fp32", "scale_ptr": "fp32", "half_ptr": t, "up_ptr": t}
         signature = {name: f"*{kind}" for name, kind in ptrs.items()}
-        signature |= {"rows": "i32", "cols": "i32", "rank": "i32", "stride_w": "i32", "scaling": "fp32"}
-        constants = {"BLOCK_ROWS": dora_kernels.BLOCK_ROWS, "BLOCK_RANK": 16, "BLOCK_K": dora_kernels.BLOCK_K}
+        signature |= {"rows": "i32", "rank": "i32", "scaling": "fp32"}
+        constants = {"BLOCK_ROWS": dora_kernels.BLOCK_ROWS, "BLOCK_RANK": 16}
         signature |= {name: "constexpr" for name in constants}
         source = ASTSource(JITFunction(dora_kernels._row_scales_source), signature, constants)
         compiled += bool(triton.compile(source, target=hopper).asm["cubin"])

@@ -39,8 +39,8 @@ def test_the_kernels_run_on_cpu_tensors_only_interpreted() -> None:
 
 
 @given(
-    rows=st.integers(1, 40),  # across BLOCK_ROWS (16)
-    n_in=st.integers(1, 300),  # across BLOCK_K (256)
+    rows=st.integers(1, 140),  # across BLOCK_ROWS (64)
+    n_in=st.integers(1, 300),
     rank=st.integers(1, 20),  # across the kernel's smallest rank block (16)
     dtype=st.sampled_from(HALF),
     scaling=st.sampled_from([0.5, 2.0]),
@@ -51,7 +51,7 @@ def test_the_row_scale_kernel_is_the_torch_ops(
 ) -> None:
     """``1/‖W + ΔW‖``, ``m/‖W + ΔW‖``, the latter, ``scaling·B`` and ``A`` in W's dtype: one kernel, the torch ops.
 
-    Both norms within two roundings of W's dtype of the exact ones (the kernel's ``W·Aᵀ`` is not rounded).
+    Both norms within two roundings of W's dtype of the exact ones (on CUDA the kernel's ``W·Aᵀ`` is not rounded).
     """
     g = _gen(seed)
     w = (torch.randn(rows, n_in, generator=g).abs() + 0.1).to(dtype)
@@ -139,16 +139,19 @@ class _Ops(TorchDispatchMode):
 
 @pytest.mark.parametrize("kernels", [False, True])
 def test_the_kernels_replace_the_small_norm_ops_and_the_elementwise_passes(kernels: bool) -> None:
-    """With the kernels no product, cast, clamp, rsqrt, ``baddbmm``, elementwise product or token ``sum`` is left
-    to aten."""
+    """With the kernels aten keeps A's cast and the two GEMMs ``W·Aᵀ``, ``A·Aᵀ`` (and, on the CPU, ``W·Aᵀ``'s
+    cast to float32): no ``addmm``, ``baddbmm``, clamp, rsqrt, elementwise pass over the activations or
+    token ``sum``."""
     g = _gen(0)
     w, a, b = torch.randn(40, 24).bfloat16(), torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g)
     grad, z, sq, m = torch.randn(30, 40).bfloat16(), torch.randn(30, 40).bfloat16(), torch.rand(40) + 9, torch.rand(40)
     with dora_kernels_on(kernels), _Ops() as ops:
         inv, scale, half, _, _ = row_scales(w, a, b, sq, m, 2.0)
         scaled_gradient(grad, z, scale, half, inv, True, True, True)
-    replaced = {"mm", "addmm", "baddbmm", "clamp_min_", "rsqrt_", "mul", "mul_", "sub", "sum", "_to_copy"}
+    replaced = {"addmm", "baddbmm", "clamp_min_", "rsqrt_", "mul", "mul_", "sub", "sum"}
     assert bool(replaced & set(ops.names)) != kernels, ops.names
+    if kernels:
+        assert (ops.names.count("mm"), ops.names.count("_to_copy")) == (2, 2), ops.names
 
 
 def test_the_kernels_compile_for_hopper() -> None:
