@@ -1,4 +1,5 @@
-"""DoRA's Triton kernels switched on (in Triton's interpreter, on CPU tensors) or off, for a test."""
+"""DoRA's Triton kernels switched on or off for a test: compiled on CUDA tensors where a GPU is, else in
+Triton's interpreter on CPU tensors."""
 
 from __future__ import annotations
 
@@ -6,17 +7,23 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import torch
+
 from grafting_lora import dora_kernels
+
+GPU = torch.cuda.is_available()
+#: Where the kernel tests put their tensors: the GPU's compiled kernels, or the CPU's interpreter.
+DEVICE = "cuda" if GPU else "cpu"
 
 
 @contextlib.contextmanager
 def dora_kernels_on(on: bool) -> Iterator[None]:
-    """With ``on``, :mod:`grafting_lora.dora_kernels` runs its Triton kernels interpreted; without, its
-    torch ops. Restored after."""
-    # the interpreter is chosen when triton is imported: the repository's conftest.py sets it first
-    assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 must be set before triton is imported"
+    """With ``on``, :mod:`grafting_lora.dora_kernels` runs its Triton kernels (interpreted on CPU tensors where
+    no GPU is); without, its torch ops. Restored after."""
+    if on and not GPU:  # the interpreter is chosen when triton is imported: the repository's conftest.py sets it
+        assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET=1 must be set before triton is imported"
     kept = dora_kernels.USE_TRITON, dora_kernels.INTERPRETED
-    dora_kernels.USE_TRITON = dora_kernels.INTERPRETED = on
+    dora_kernels.USE_TRITON, dora_kernels.INTERPRETED = on, on and not GPU
     try:
         yield
     finally:
