@@ -300,15 +300,28 @@ def test_routed_training_with_another_method_on_the_same_layers_is_one_adapter_a
         assert relative <= 4 * torch.finfo(torch.bfloat16).eps, (name, relative)
 
 
+ROUTE = ["a0", "a1", "__base__"]
+
+
+def _kept_pair(seed: int) -> tuple[AdaptedLayer, AdaptedLayer, torch.Tensor]:
+    """A routed layer (its factors kept side by side by a first no-grad call), the same one at a time, an input."""
+    fast, plain = (_layer(torch.bfloat16, [2, 4], [1.0, 0.5], fused) for fused in (True, False))
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, LENGTH, N_IN, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    with torch.no_grad(), grafting.route_samples(ROUTE):
+        fast(x)
+    return fast, plain, x
+
+
+def _same_routed_output(fast: AdaptedLayer, plain: AdaptedLayer, x: torch.Tensor, msg: str) -> None:
+    with torch.no_grad(), grafting.route_samples(ROUTE):
+        got, expected, base = fast(x), plain(x), fast.base_layer(x)
+    _close(got, expected, torch.bfloat16, msg, changed_from=base)
+
+
 def test_routed_inference_follows_a_fused_optimizer_step() -> None:
     """Fused AdamW writes the factors without bumping their version counters: the kept factors follow it anyway."""
-    dtype, ranks, scalings = torch.bfloat16, [2, 4], [1.0, 0.5]
-    fast, plain = (_layer(dtype, ranks, scalings, fused) for fused in (True, False))
-    plain.load_state_dict(fast.state_dict())
-    x = torch.randn(3, LENGTH, N_IN, generator=torch.Generator().manual_seed(4)).to(dtype)
-    names = ["a0", "a1", "__base__"]
-    with torch.no_grad(), grafting.route_samples(names):
-        fast(x)  # keeps the factors side by side
+    fast, plain, x = _kept_pair(4)
     for layer in (fast, plain):
         adapters = [p for p in layer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(adapters, lr=0.5, fused=True)
@@ -317,20 +330,12 @@ def test_routed_inference_follows_a_fused_optimizer_step() -> None:
         versions = [p._version for p in adapters]
         optimizer.step()
     assert [p._version for p in adapters] == versions  # the case at hand: no version moved
-    with torch.no_grad(), grafting.route_samples(names):
-        got, expected, base = fast(x), plain(x), fast.base_layer(x)
-    _close(got, expected, dtype, "after the step", changed_from=base)
+    _same_routed_output(fast, plain, x, "after the step")
 
 
 def test_routed_inference_follows_a_weight_put_in_place_of_another() -> None:
     """A new ``Parameter`` assigned in a factor's place, its version counter at the old one's, is the one used."""
-    dtype, ranks, scalings = torch.bfloat16, [2, 4], [1.0, 0.5]
-    fast, plain = (_layer(dtype, ranks, scalings, fused) for fused in (True, False))
-    plain.load_state_dict(fast.state_dict())
-    x = torch.randn(3, LENGTH, N_IN, generator=torch.Generator().manual_seed(5)).to(dtype)
-    names = ["a0", "a1", "__base__"]
-    with torch.no_grad(), grafting.route_samples(names):
-        fast(x)  # keeps the factors side by side
+    fast, plain, x = _kept_pair(5)
     new_b = torch.randn(N_OUT, 4, generator=torch.Generator().manual_seed(6))
     for layer in (fast, plain):
         old = layer.adapters["a1"].lora_B.weight
@@ -340,6 +345,4 @@ def test_routed_inference_follows_a_weight_put_in_place_of_another() -> None:
                 weight.mul_(1.0)
         layer.adapters["a1"].lora_B.weight = weight
         assert weight._version == old._version  # the case at hand: the counter alone cannot tell them apart
-    with torch.no_grad(), grafting.route_samples(names):
-        got, expected, base = fast(x), plain(x), fast.base_layer(x)
-    _close(got, expected, dtype, "after the new weight", changed_from=base)
+    _same_routed_output(fast, plain, x, "after the new weight")

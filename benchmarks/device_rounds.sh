@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every row of the speed issue's table on one GPU, in parts that each fit a 10-minute device call.
+#
+# usage: benchmarks/device_rounds.sh PART OUT_DIR
+#   PART kernels  the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1), full reports kept
+#   PART eager    1.1B: LoRA, bf16 adapters, dropout, DoRA (grafting and PEFT), with profiles; then dropout and
+#                 DoRA again with the Triton kernels on; then the MoE row beside PEFT, profiled
+#   PART other    8B LoRA and DoRA; the compiled LoRA row (grafting; compiling takes most of its time)
+# Each step has its own time limit and the whole part stops starting steps past 560 s, so a part's files
+# come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed).
+set -u
+part=$1 out=$2
+mkdir -p "$out"
+start=$SECONDS
+step() {  # step SECONDS NAME COMMAND...: COMMAND's output to OUT/NAME.txt, cut at SECONDS or the part's end
+  local limit=$1 name=$2 left=$((560 - (SECONDS - start)))
+  shift 2
+  if [ "$left" -lt 30 ]; then echo "== $name skipped: the part's time is spent"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "== $name rc=$? after $((SECONDS - start)) s"
+  grep -E "^\| |^--- profile|host wall|^  (GEMM|elementwise|casts|other|total) " "$out/$name.txt" || tail -5 "$out/$name.txt"
+}
+bound=(python benchmarks/bound.py --rounds 3)
+case $part in
+  kernels)
+    export TRITON_INTERPRET=0 GRAFTING_TRITON_KERNELS=1
+    step 200 kernel-cases python -m pytest -q -p no:cacheprovider -p no:xdist --tb=short \
+      plugins/lora/tests/dropout_kernel_cases.py plugins/lora/tests/test_lora_dora_kernels.py \
+      plugins/lora/tests/test_lora_fused_kernels.py plugins/lora/tests/test_lora_dora_node.py
+    step 120 dora-node python benchmarks/dora_node.py
+    step 120 dropout-node python benchmarks/dropout_node.py ;;
+  eager)
+    step 230 1b "${bound[@]}" --preset 1b --methods lora,lora-bf16,lora-dropout,dora --libs grafting,peft \
+      --profile lora:grafting,dora:grafting,lora-dropout:grafting --json "$out/1b.jsonl"
+    step 120 1b-triton env GRAFTING_TRITON_KERNELS=1 "${bound[@]}" --preset 1b --methods lora-dropout,dora \
+      --libs grafting --profile dora:grafting,lora-dropout:grafting --json "$out/1b-triton.jsonl"
+    step 150 moe "${bound[@]}" --preset moe --methods lora-moe --libs grafting,peft --profile lora-moe:grafting,bound \
+      --json "$out/moe.jsonl" ;;
+  other)
+    step 200 8b "${bound[@]}" --rounds 2 --preset 8b --methods lora,dora --libs grafting --json "$out/8b.jsonl"
+    step 330 compile "${bound[@]}" --rounds 2 --preset 1b --part compile --methods lora --libs grafting \
+      --json "$out/compile.jsonl" ;;
+  *) echo "unknown part $part (kernels, eager, other)" >&2; exit 2 ;;
+esac
