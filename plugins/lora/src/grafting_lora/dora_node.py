@@ -58,7 +58,8 @@ def dora_scales(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(1 / ‖W + scaling·B·A‖, s, s, scaling·B, A)``, ``s = m / ‖W + ΔW‖`` per row: float32, then W's dtype.
 
-    The norms as :func:`dora_norm_squared`'s, in one kernel (:func:`~grafting_lora.dora_kernels.row_scales`).
+    The norms as :func:`dora_norm_squared`'s (:func:`~grafting_lora.dora_kernels.row_scales`: with the Triton
+    kernels, two GEMMs and one kernel).
     """
     return row_scales(weight, lora_a, lora_b, weight_sq, magnitude, scaling, cast_a)
 
