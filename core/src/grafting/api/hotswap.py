@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from grafting.config.adapter_config import load_config
-from grafting.errors import AdapterLoadError, AdapterStateError, GraftingWarning
+from grafting.errors import AdapterLoadError, AdapterStateError, GraftingWarning, MergeError
 from grafting.io.files import load_weights
 from grafting.io.hub import resolve_adapter_folder
 from grafting.io.state_dict import tuner_of
 from grafting.io.transaction import reading
 from grafting.model.matching import logical_path
+from grafting.model.tuner import AdapterModel
 
 PREFIX = "base_model.model."
 
@@ -98,7 +99,8 @@ def hotswap_adapter(
 
     Same method, same target layers, a rank no larger than the loaded (or padded) one; any alpha. A compiled
     model (``torch.compile(model)``) is swapped without recompiling. A file that does not fit is an
-    :class:`AdapterLoadError` or :class:`AdapterStateError` and changes nothing. ``torch_device`` and
+    :class:`AdapterLoadError` or :class:`AdapterStateError`, an adapter merged into the base weights a
+    :class:`MergeError` (unmerge it first); either changes nothing. ``torch_device`` and
     ``kwargs`` (``subfolder``, ``revision``) locate the file as ``from_pretrained`` does.
     """
 
@@ -117,6 +119,7 @@ def hotswap_adapter_from_state_dict(
 
     tuner = tuner_of(_unwrap(model))
     tuner.require_adapter(adapter_name)
+    _refuse_merged(tuner, adapter_name)
     loaded = tuner.peft_config[adapter_name]
     if type(config) is not type(loaded):
         raise AdapterLoadError(
@@ -153,6 +156,18 @@ def hotswap_adapter_from_state_dict(
     for targets, values in plan:  # not through .data: the version counters move (caches of the values see it)
         for key, value in values.items():
             targets[key].copy_(value.to(targets[key].dtype))
+
+
+def _refuse_merged(tuner: AdapterModel, adapter_name: str) -> None:
+    """A merged adapter's values are in the base weights: unmerging after a swap would subtract the new ones."""
+    merged = [logical_path(tuner.model, path) for path, layer in tuner.adapted_layers() if adapter_name in layer.merged]
+    if merged:
+        raise MergeError(
+            f"cannot hot-swap adapter {adapter_name!r}: it is merged into the base weights ({merged[0]}"
+            + (f" and {len(merged) - 1} more layers" if len(merged) > 1 else "")
+            + "), and unmerging after the swap would subtract the new values instead of the merged ones;"
+            " unmerge it first (unmerge_adapter())"
+        )
 
 
 def _keys_by_layer(remaining: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
