@@ -98,7 +98,7 @@ def test_dora_swaps_without_recompiling(tmp_path: Path) -> None:
     ("variant", "error", "message"),
     [
         ({"r": 8, "alpha": 8}, AdapterStateError, "exceeds the loaded one's 4"),
-        ({"r": 2, "alpha": 4, "targets": ["q_proj"]}, AdapterLoadError, "targets other layers"),
+        ({"r": 2, "alpha": 4, "targets": ["k_proj"]}, AdapterLoadError, "targets other layers"),
         ({"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj", "k_proj"]}, AdapterLoadError, "the loaded one lacks"),
         ({"r": 2, "alpha": 4, "dora": True}, AdapterStateError, "use_dora"),
         ({"r": 2, "alpha": 4, "lora_dropout": 0.1}, AdapterStateError, "lora_dropout"),
