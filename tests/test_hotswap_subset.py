@@ -119,10 +119,14 @@ def test_dora_layers_left_without_effect_give_the_base_output(tmp_path: Path) ->
     assert_close(_logits(model), _logits(_fresh(subset)), changed_from=before)
 
 
-def test_a_compiled_model_swaps_a_subset_and_back_without_recompiling(tmp_path: Path) -> None:
-    full = _save(tmp_path / "full", grafting.LoraConfig(r=2, lora_alpha=4, target_modules=LOADED), 1)
-    subset = _save(tmp_path / "subset", grafting.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"]), 2)
-    other = _save(tmp_path / "other", grafting.LoraConfig(r=1, lora_alpha=3, target_modules=LOADED), 3)
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_compiled_model_swaps_a_subset_and_back_without_recompiling(tmp_path: Path, dora: bool) -> None:
+    def config(r: int, alpha: float, targets: list[str]) -> grafting.LoraConfig:
+        return grafting.LoraConfig(r=r, lora_alpha=alpha, use_dora=dora, target_modules=targets)
+
+    full = _save(tmp_path / "full", config(2, 4, LOADED), 1)
+    subset = _save(tmp_path / "subset", config(3, 5, ["q_proj", "o_proj"]), 2)
+    other = _save(tmp_path / "other", config(1, 3, LOADED), 3)
     model = _fresh(full)
     prepare_model_for_compiled_hotswap(model, target_rank=3)
     torch._dynamo.reset()
@@ -134,7 +138,7 @@ def test_a_compiled_model_swaps_a_subset_and_back_without_recompiling(tmp_path: 
     with torch.compiler.set_stance("fail_on_recompile"):
         hotswap_adapter(compiled, subset, "default")
         assert_close(_logits(compiled), _logits(_fresh(subset)), changed_from=before, msg="the subset")
-        hotswap_adapter(compiled, other, "default")  # the blanked layers take values again
+        hotswap_adapter(compiled, other, "default")  # the layers left without effect take values again
         assert_close(_logits(compiled), _logits(_fresh(other)), changed_from=_logits(_fresh(subset)), msg="all")
     assert int(counters["stats"]["unique_graphs"]) == graphs
 
