@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import grafting
 from grafting.api.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
-from grafting.errors import AdapterLoadError, AdapterStateError
+from grafting.errors import AdapterLoadError, AdapterStateError, MergeError
 from grafting.testing import assert_close, assert_identical, randomize_adapters, tiny_llama
 
 ATTN = ["q_proj", "v_proj"]
@@ -98,7 +98,7 @@ def test_dora_swaps_without_recompiling(tmp_path: Path) -> None:
     ("variant", "error", "message"),
     [
         ({"r": 8, "alpha": 8}, AdapterStateError, "exceeds the loaded one's 4"),
-        ({"r": 2, "alpha": 4, "targets": ["q_proj"]}, AdapterLoadError, "targets other layers"),
+        ({"r": 2, "alpha": 4, "targets": ["k_proj"]}, AdapterLoadError, "targets other layers"),
         ({"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj", "k_proj"]}, AdapterLoadError, "the loaded one lacks"),
         ({"r": 2, "alpha": 4, "dora": True}, AdapterStateError, "use_dora"),
         ({"r": 2, "alpha": 4, "lora_dropout": 0.1}, AdapterStateError, "lora_dropout"),
@@ -115,6 +115,47 @@ def test_a_file_that_does_not_fit_is_refused_and_changes_nothing(
     with pytest.raises(error, match=message):
         hotswap_adapter(model, folder, "default")
     assert_identical(model.state_dict(), before)
+
+
+def _base_weights(model: grafting.PeftModel) -> dict[str, torch.Tensor]:
+    """The base layers' tensors (what a merge writes), cloned."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "base_layer" in k}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_merged_adapter_is_refused_and_the_model_stays_bit_identical(tmp_path: Path, dora: bool) -> None:
+    """Its values are in the base weights: a swap then an unmerge would subtract the new values (PEFT's ValueError)."""
+    loaded = _save(tmp_path / "a", 1, 2, 4, dora=dora)
+    other = _save(tmp_path / "b", 2, 2, 7, dora=dora)
+    model = grafting.PeftModel.from_pretrained(tiny_llama(), loaded)
+    model.merge_adapter()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        MergeError, match=r"cannot hot-swap adapter 'default': it is merged .*unmerge it first"
+    ) as caught:
+        hotswap_adapter(model, other, "default")
+    assert isinstance(caught.value, ValueError)
+    assert_identical(model.state_dict(), before)
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    model.unmerge_adapter()  # then the swap goes through
+    hotswap_adapter(model, other, "default")
+    with torch.no_grad():
+        expected = _fresh(other)(input_ids=ids).logits
+        assert_close(model(input_ids=ids).logits, expected, changed_from=_fresh(loaded)(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_padding_a_merged_adapter_leaves_its_unmerge_exact(tmp_path: Path, dora: bool) -> None:
+    """Not the swap's hazard: the zeros padding adds leave ``ΔW`` as it was, so the unmerge takes out what the merge
+    put in and the base weights come back (prepare_model_for_compiled_hotswap accepts a merged adapter, as PEFT's)."""
+    model = grafting.PeftModel.from_pretrained(tiny_llama(), _save(tmp_path / "a", 1, 2, 4, dora=dora))
+    original = _base_weights(model)
+    model.merge_adapter()
+    merged = _base_weights(model)
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert_identical(_base_weights(model), merged)
+    model.unmerge_adapter()
+    assert_close(_base_weights(model), original, changed_from=merged)
 
 
 def test_another_method_and_a_compiled_model_are_refused(saved: list[Path], tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ combination and conversion code), ``fused_call``/``add_delta``/``add_grouped``/`
 ``input_factor`` (shared-input grouping: its first product computed in one matmul with its
 sibling layers'), ``pad_rank``/``hotswap_values`` (hot-swap into a compiled model: every layer
 method implements both, helpers in :mod:`grafting.toolkit`; a :class:`SharedState` with tensors
-implements them too).
+implements them too), ``hotswap_blank_values`` (the values that leave a layer without effect, for a
+swapped-in adapter that targets a subset of the loaded one's layers; optional).
 
 **The meta device.** ``from_pretrained``, ``load_adapter`` and
 ``low_cpu_mem_usage=True`` call the ``create`` hooks under
@@ -355,6 +356,19 @@ class LayerAdapter(nn.Module):
         dimensions zero-padded. Default: refuse.
         """
         raise AdapterStateError(f"{type(self).__name__} does not support hot-swapping (no hotswap_values)")
+
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The values of this adapter's ``state_dict`` entries that leave ``base_layer`` without effect, the layer
+        computing what the base layer alone does (LoRA: ``A`` and ``B`` zero; IA3: ones).
+
+        Asked by ``hotswap_adapter`` for every layer of the loaded adapter that the new file has no tensors for
+        (a new adapter that targets a subset of the loaded one's layers), before anything is written; copied in
+        place as :meth:`hotswap_values`'s are. Pure: read ``base_layer``, never write it. Default: refuse (the
+        method cannot leave a layer without effect, so such a file cannot swap in).
+        """
+        raise AdapterStateError(
+            f"{type(self).__name__} cannot leave this layer without effect (no hotswap_blank_values)"
+        )
 
     def fused_call(
         self, base_layer: nn.Module, x: torch.Tensor, product: torch.Tensor | None = None

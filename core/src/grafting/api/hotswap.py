@@ -2,9 +2,10 @@
 recompile (PEFT's ``hotswap_adapter`` and ``prepare_model_for_compiled_hotswap``).
 
 Method-agnostic: each layer adapter says, through the protocol, how to grow to a target rank
-(:meth:`LayerAdapter.pad_rank`) and which values give it a saved adapter's effect
-(:meth:`LayerAdapter.hotswap_values`); the core checks every layer, then copies the values into the existing
-tensors. Tensors keep their identity, shape and dtype, and the Python attributes the forward reads stay as
+(:meth:`LayerAdapter.pad_rank`), which values give it a saved adapter's effect
+(:meth:`LayerAdapter.hotswap_values`) and which leave it without effect where the saved adapter does not reach
+(:meth:`LayerAdapter.hotswap_blank_values`); the core checks every layer, then copies the values into the
+existing tensors. Tensors keep their identity, shape and dtype, and the Python attributes the forward reads stay as
 they are, so ``torch.compile``'s guards still hold and nothing recompiles.
 """
 
@@ -19,12 +20,13 @@ import torch
 from torch import nn
 
 from grafting.config.adapter_config import load_config
-from grafting.errors import AdapterLoadError, AdapterStateError, GraftingWarning
+from grafting.errors import AdapterLoadError, AdapterStateError, GraftingWarning, MergeError
 from grafting.io.files import load_weights
 from grafting.io.hub import resolve_adapter_folder
 from grafting.io.state_dict import tuner_of
 from grafting.io.transaction import reading
 from grafting.model.matching import logical_path
+from grafting.model.tuner import AdapterModel
 
 PREFIX = "base_model.model."
 
@@ -96,9 +98,12 @@ def hotswap_adapter(
 ) -> None:
     """Give the loaded adapter ``adapter_name`` the values of the adapter saved at ``model_name_or_path``, in place.
 
-    Same method, same target layers, a rank no larger than the loaded (or padded) one; any alpha. A compiled
+    Same method, the loaded adapter's target layers or some of them (those the file has no tensors for are left
+    without effect, :meth:`LayerAdapter.hotswap_blank_values`), a rank no larger than the loaded (or padded)
+    one; any alpha. A compiled
     model (``torch.compile(model)``) is swapped without recompiling. A file that does not fit is an
-    :class:`AdapterLoadError` or :class:`AdapterStateError` and changes nothing. ``torch_device`` and
+    :class:`AdapterLoadError` or :class:`AdapterStateError`, an adapter merged into the base weights a
+    :class:`MergeError` (unmerge it first); either changes nothing. ``torch_device`` and
     ``kwargs`` (``subfolder``, ``revision``) locate the file as ``from_pretrained`` does.
     """
 
@@ -117,6 +122,7 @@ def hotswap_adapter_from_state_dict(
 
     tuner = tuner_of(_unwrap(model))
     tuner.require_adapter(adapter_name)
+    _refuse_merged(tuner, adapter_name)
     loaded = tuner.peft_config[adapter_name]
     if type(config) is not type(loaded):
         raise AdapterLoadError(
@@ -128,19 +134,23 @@ def hotswap_adapter_from_state_dict(
     if adapter_name in tuner.shared_states:
         plan.append(_shared_plan(tuner.shared_states[adapter_name], remaining, config))
     layers = {
-        logical_path(tuner.model, path): layer.adapters[adapter_name]
+        logical_path(tuner.model, path): (layer.adapters[adapter_name], layer.base_layer)
         for path, layer in tuner.adapted_layers()
         if adapter_name in layer.adapters
     }
     by_layer = _keys_by_layer(remaining, layers)
-    for name, adapter in layers.items():
-        found = by_layer.get(name, {})
-        if not found:
-            raise AdapterLoadError(f"the new adapter has no tensors for {name}: it targets other layers")
-        try:
-            values = adapter.hotswap_values(found, config, name)
+    if layers and not by_layer:
+        raise AdapterLoadError(
+            f"the new adapter has no tensors for any layer of {adapter_name!r} ({next(iter(layers))}, ...):"
+            " it targets other layers"
+        )
+    for name, (adapter, base_layer) in layers.items():
+        found = by_layer.get(name)
+        try:  # a layer the file does not cover is left without effect (the new adapter targets a subset)
+            values = adapter.hotswap_values(found, config, name) if found else adapter.hotswap_blank_values(base_layer)
         except AdapterStateError as error:
-            raise AdapterStateError(f"{name}: {error}") from None
+            reason = "" if found else "the new adapter has no tensors for this layer, and "
+            raise AdapterStateError(f"{name}: {reason}{error}") from None
         targets = adapter.state_dict(keep_vars=True)
         _check_values(values, targets, name)
         plan.append((targets, values))
@@ -153,6 +163,18 @@ def hotswap_adapter_from_state_dict(
     for targets, values in plan:  # not through .data: the version counters move (caches of the values see it)
         for key, value in values.items():
             targets[key].copy_(value.to(targets[key].dtype))
+
+
+def _refuse_merged(tuner: AdapterModel, adapter_name: str) -> None:
+    """A merged adapter's values are in the base weights: unmerging after a swap would subtract the new ones."""
+    merged = [logical_path(tuner.model, path) for path, layer in tuner.adapted_layers() if adapter_name in layer.merged]
+    if merged:
+        raise MergeError(
+            f"cannot hot-swap adapter {adapter_name!r}: it is merged into the base weights ({merged[0]}"
+            + (f" and {len(merged) - 1} more layers" if len(merged) > 1 else "")
+            + "), and unmerging after the swap would subtract the new values instead of the merged ones;"
+            " unmerge it first (unmerge_adapter())"
+        )
 
 
 def _keys_by_layer(remaining: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:

@@ -100,6 +100,10 @@ class IA3Adapter(LayerAdapter):
             require_same("scaled side", side, "input (feed-forward)" if self.scales_input else "output")
         return fit_state(self, tensors, fixed="IA3's vector spans the layer's features")
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Ones: the layer scaled by one is its base layer."""
+        return {"ia3_l": torch.ones_like(self.ia3_l.detach())}
+
     # -- forward --------------------------------------------------------------------------
     def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:
         """The dtype the product runs in: the toolkit's policy (:func:`grafting.toolkit.compute_dtype`).

@@ -1,15 +1,19 @@
 """LoRA's part of hot-swapping (:mod:`grafting.api.hotswap`), for its linear, embedding and convolution layers:
-zero padding to a target rank (``B·A`` unchanged), and a saved adapter's values in the loaded one's shapes, a
-different scaling folded into ``B`` (the forward's Python scaling stays)."""
+zero padding to a target rank (``B·A`` unchanged), a saved adapter's values in the loaded one's shapes, a
+different scaling folded into ``B`` (the forward's Python scaling stays), and the values that leave a layer as
+its base layer (for a new adapter that targets fewer layers)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 from grafting import AdapterStateError
-from grafting.toolkit import fit_state, grow_tensor, require_same
+from grafting.toolkit import dense_weight, fit_state, grow_tensor, require_same
+from grafting_lora.magnitude import wide
+from grafting_lora.reference import dora_norm
 
 #: The rank dimension of each factor, by state_dict key: A is (r, in[, k...]), B is (out, r[, 1...]).
 FACTOR_RANK_DIMS = {"lora_A.weight": (0,), "lora_B.weight": (1,)}
@@ -57,6 +61,18 @@ def swap_values(
     return fit_state(adapter, scaled, EMBEDDING_RANK_DIMS if embedding else FACTOR_RANK_DIMS)
 
 
+def blank_values(adapter: Any, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Zeros for ``A``, ``B`` (and ``B``'s bias): no delta. DoRA's magnitude becomes the base weight's row norms
+    ``‖W‖``, so its scale ``m / ‖W + 0‖`` is one and the layer computes the base layer's output (a zero magnitude
+    would scale the base output to zero)."""
+    values = {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+    if "lora_magnitude_vector" in values:
+        weight = wide(dense_weight(base_layer))
+        norm = dora_norm(weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        values["lora_magnitude_vector"] = norm.reshape(values["lora_magnitude_vector"].shape)
+    return values
+
+
 class PairHotSwap:
     """The protocol's hot-swap methods for LoRA's linear, embedding and convolution adapters (one A, one B)."""
 
@@ -67,3 +83,6 @@ class PairHotSwap:
         self, tensors: dict[str, torch.Tensor], config: Any, module_name: str
     ) -> dict[str, torch.Tensor]:
         return swap_values(self, tensors, config, module_name)
+
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        return blank_values(self, base_layer)
