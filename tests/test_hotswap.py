@@ -131,7 +131,7 @@ def test_a_merged_adapter_is_refused_and_the_model_stays_bit_identical(tmp_path:
     model.merge_adapter()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with pytest.raises(
-        MergeError, match=r"cannot hot-swap adapter 'default': it is merged .*unmerge it first"
+        MergeError, match=r"hot-swap adapter 'default' because it is currently merged .*unmerge it first"
     ) as caught:
         hotswap_adapter(model, other, "default")
     assert isinstance(caught.value, ValueError)

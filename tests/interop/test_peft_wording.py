@@ -7,6 +7,7 @@ message is part of grafting's (which may say more) and that the error's class is
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -126,3 +127,17 @@ def test_two_active_adapters_with_one_modules_to_save_module_are_a_value_error_a
     with pytest.raises(grafting.ActiveAdaptersError, match="Only one adapter can be set at a time for ModulesToSav"):
         ours.base_model.set_adapter(["default", "b"])
     assert ours.active_adapters == ["default"]  # nothing changed
+
+
+def test_hot_swapping_a_merged_adapter_is_a_value_error_with_peft_s_sentence(tmp_path: Any) -> None:
+    """Both refuse to hot-swap an adapter merged into the base weights; grafting's message starts as PEFT's."""
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+
+    saved = tmp_path / "saved"
+    lora(peft).save_pretrained(saved)
+    sentence = "Cannot hot-swap adapter 'default' because it is currently merged into the base weights."
+    for library, swap in ((peft, peft_hotswap), (grafting, grafting.hotswap_adapter)):
+        model = library.PeftModel.from_pretrained(base_model("llama"), saved)
+        model.merge_adapter()
+        with pytest.raises(ValueError, match=re.escape(sentence)):
+            swap(model, str(saved), "default")

@@ -169,11 +169,12 @@ def _refuse_merged(tuner: AdapterModel, adapter_name: str) -> None:
     """A merged adapter's values are in the base weights: unmerging after a swap would subtract the new ones."""
     merged = [logical_path(tuner.model, path) for path, layer in tuner.adapted_layers() if adapter_name in layer.merged]
     if merged:
-        raise MergeError(
-            f"cannot hot-swap adapter {adapter_name!r}: it is merged into the base weights ({merged[0]}"
+        raise MergeError(  # PEFT's first sentence, for code that matches it
+            f"Cannot hot-swap adapter '{adapter_name}' because it is currently merged into the base weights. It is"
+            f" merged at {merged[0]}"
             + (f" and {len(merged) - 1} more layers" if len(merged) > 1 else "")
-            + "), and unmerging after the swap would subtract the new values instead of the merged ones;"
-            " unmerge it first (unmerge_adapter())"
+            + ", and unmerging after the swap would subtract the new values instead of the merged ones:"
+            " unmerge it first (unmerge_adapter())."
         )
 
 
