@@ -19,6 +19,7 @@ from grafting.api.hotswap import hotswap_adapter, prepare_model_for_compiled_hot
 from grafting.errors import AdapterStateError
 from grafting.testing import assert_close, assert_identical, randomize_adapters, tiny_llama
 from tests.test_hotswap_methods import IDS, Net
+from tests.toy_methods import ToyOutputConfig
 
 #: the loaded adapter's targets on tiny_llama; a new adapter takes some of them
 LOADED = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -84,19 +85,79 @@ NET_SUBSETS: dict[str, tuple[grafting.AdapterConfig, grafting.AdapterConfig]] = 
         grafting.IA3Config(target_modules=["proj", "conv", "head"], feedforward_modules=["proj"]),
         grafting.IA3Config(target_modules=["proj", "head"], feedforward_modules=["proj"]),
     ),
+    "loha": (  # a linear layer and a convolution (its kernel flattened into the factors) left without effect
+        grafting.LoHaConfig(r=3, alpha=5, target_modules=["proj", "conv", "head"]),
+        grafting.LoHaConfig(r=2, alpha=7, target_modules=["head"]),
+    ),
+    "loha-effective-conv": (  # the convolution's cores hada_t1/hada_t2 too
+        grafting.LoHaConfig(r=2, alpha=5, use_effective_conv2d=True, target_modules=["proj", "conv"]),
+        grafting.LoHaConfig(r=3, alpha=7, use_effective_conv2d=True, target_modules=["proj"]),
+    ),
 }
 
 
-@pytest.mark.parametrize("method", sorted(NET_SUBSETS))
-def test_each_layer_type_left_without_effect_computes_as_a_fresh_load(tmp_path: Path, method: str) -> None:
-    loaded, covering = NET_SUBSETS[method]
-    model = _fresh(_save(tmp_path / "loaded", loaded, seed=1, base=Net), base=Net)
-    prepare_model_for_compiled_hotswap(model, target_rank=4)
-    subset = _save(tmp_path / "subset", covering, seed=2, base=Net)
+def _uncovered(model: Any, loaded: grafting.AdapterConfig, covering: grafting.AdapterConfig) -> dict[str, Any]:
+    """The adapted layers of ``model`` that ``loaded`` targets and ``covering`` does not, by path."""
+    names = set(loaded.target_modules) - set(covering.target_modules)
+    return {path: layer for path, layer in model.base_model.adapted_layers() if path.rsplit(".", 1)[-1] in names}
+
+
+def _input_for(layer: torch.nn.Module) -> torch.Tensor:
+    """An input of ``layer``'s base layer: token ids, features, or a 4×4 image of its channels."""
+    generator = torch.Generator().manual_seed(7)
+    if isinstance(layer, torch.nn.Embedding):
+        return torch.randint(0, layer.num_embeddings, (2, 5), generator=generator)
+    if isinstance(layer, torch.nn.Conv2d):
+        return torch.randn(2, layer.in_channels, 4, 4, generator=generator)
+    if isinstance(layer, torch.nn.LayerNorm):
+        return torch.randn(3, *layer.normalized_shape, generator=generator)
+    return torch.randn(3, layer.in_features, generator=generator)
+
+
+def check_subset_swap(
+    folder: Path,
+    loaded_config: grafting.AdapterConfig,
+    covering: grafting.AdapterConfig,
+    base: Any,
+    call: Any,
+    target_rank: int = 4,
+) -> None:
+    """Into a compiled model holding ``loaded_config``'s adapter, the ``covering`` one (fewer layers) swaps in and
+    computes as a fresh load of it; every layer it does not cover computes its base layer's output; the loaded
+    adapter swaps back; nothing recompiles."""
+    loaded = _save(folder / "loaded", loaded_config, seed=1, base=base)
+    subset = _save(folder / "subset", covering, seed=2, base=base)
+    model = _fresh(loaded, base=base)
+    prepare_model_for_compiled_hotswap(model, target_rank=target_rank)
+    uncovered = _uncovered(model, loaded_config, covering)
+    assert uncovered
+    inputs = {path: _input_for(layer.base_layer) for path, layer in uncovered.items()}
     with torch.no_grad():
-        before = model(IDS)
-        hotswap_adapter(model, subset, "default")
-        assert_close(model(IDS), _fresh(subset, base=Net)(IDS), changed_from=before)
+        adapted = {path: layer(inputs[path]) for path, layer in uncovered.items()}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        before = call(compiled)
+        graphs = int(counters["stats"]["unique_graphs"])
+        assert graphs >= 1
+        with torch.compiler.set_stance("fail_on_recompile"):
+            hotswap_adapter(compiled, subset, "default")
+            swapped = call(compiled)
+        assert_close(swapped, call(_fresh(subset, base=base)), changed_from=before, msg="against a fresh load")
+        for path, layer in uncovered.items():
+            base_out = layer.base_layer(inputs[path])
+            assert_close(layer(inputs[path]), base_out, changed_from=adapted[path], msg=f"{path} left as its base")
+        with torch.compiler.set_stance("fail_on_recompile"):
+            hotswap_adapter(compiled, loaded, "default")  # the layers left without effect take values again
+            assert_close(call(compiled), before, changed_from=swapped, msg="swapped back")
+    assert int(counters["stats"]["unique_graphs"]) == graphs
+
+
+@pytest.mark.parametrize("method", sorted(NET_SUBSETS))
+def test_each_layer_type_left_without_effect_computes_as_a_fresh_load_and_its_base(tmp_path: Path, method: str) -> None:
+    loaded, covering = NET_SUBSETS[method]
+    check_subset_swap(tmp_path, loaded, covering, Net, lambda model: model(IDS))
 
 
 def test_dora_layers_left_without_effect_give_the_base_output(tmp_path: Path) -> None:
@@ -143,9 +204,13 @@ def test_a_compiled_model_swaps_a_subset_and_back_without_recompiling(tmp_path: 
     assert int(counters["stats"]["unique_graphs"]) == graphs
 
 
+@pytest.mark.usefixtures("toy_methods")
 def test_a_method_that_cannot_leave_a_layer_without_effect_refuses_and_changes_nothing(tmp_path: Path) -> None:
-    loaded = _save(tmp_path / "loaded", grafting.LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]), 1)
-    subset = _save(tmp_path / "subset", grafting.LoHaConfig(r=2, target_modules=["q_proj"]), 2)
+    """TOY_OUTPUT (tests/toy_methods.py) hot-swaps but has no ``hotswap_blank_values``: the protocol's default
+    refuses a file that leaves one of its layers uncovered."""
+    loaded = _save(tmp_path / "loaded", ToyOutputConfig(target_modules=["q_proj", "v_proj"]), 1)
+    full = _save(tmp_path / "full", ToyOutputConfig(target_modules=["q_proj", "v_proj"]), 2)
+    subset = _save(tmp_path / "subset", ToyOutputConfig(target_modules=["q_proj"]), 3)
     model = _fresh(loaded)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with pytest.raises(
@@ -153,3 +218,5 @@ def test_a_method_that_cannot_leave_a_layer_without_effect_refuses_and_changes_n
     ):
         hotswap_adapter(model, subset, "default")
     assert_identical(model.state_dict(), before)
+    hotswap_adapter(model, full, "default")  # a file covering every layer swaps in
+    assert_close(_logits(model), _logits(_fresh(full)), changed_from=_logits(_fresh(loaded)))

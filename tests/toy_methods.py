@@ -19,6 +19,7 @@ from torch import nn
 import grafting
 from grafting import AdapterConfig, DeltaAdapter, InputAdapter, Method, OutputAdapter, SharedState, hookimpl
 from grafting.model.weights import add_to_weight, in_out_features, is_hf_conv1d, weight_matrix
+from grafting.toolkit import fit_state
 
 
 @attrs.define(kw_only=True)
@@ -81,6 +82,13 @@ class ToyOutput(OutputAdapter):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return (y * self.toy_s).to(y.dtype)
+
+    # hot-swap, as a third-party method may take part in it: no rank, the scale copied; no hotswap_blank_values
+    def pad_rank(self, rank: int) -> None:
+        """Nothing to grow: the scale spans the layer's outputs."""
+
+    def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
+        return fit_state(self, tensors, fixed="the scale spans the layer's outputs")
 
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:

@@ -3,7 +3,8 @@
 Zero padding keeps ``ΔW = (W1a·W1b) ⊙ (W2a·W2b)``: the added columns of ``W1a`` meet the added (zero) rows
 of ``W1b``, so each product, hence their Hadamard product, is unchanged; with the effective convolution the
 cores ``hada_t1``/``hada_t2`` grow in both rank dimensions, likewise with zeros. A different ``alpha/r`` is
-folded into ``hada_w1_a`` (``ΔW`` is linear in it), so the forward's Python scaling stays.
+folded into ``hada_w1_a`` (``ΔW`` is linear in it), so the forward's Python scaling stays. A layer the new
+adapter does not cover gets zeros throughout (``ΔW = 0``).
 """
 
 from __future__ import annotations
@@ -49,3 +50,9 @@ def swap_values(adapter: Any, tensors: dict[str, torch.Tensor], config: Any, mod
     ratio = config.scaling_for(module_name) / adapter.scaling
     scaled = {k: v.double() * ratio if k == "hada_w1_a" else v for k, v in tensors.items()}
     return fit_state(adapter, scaled, rank_dims(adapter))
+
+
+def blank_values(adapter: Any) -> dict[str, torch.Tensor]:
+    """Zeros for every factor (and core): both products are zero, so is their Hadamard product ``ΔW``, and the
+    layer computes its base layer's output (the dense, the factored and the convolution paths alike)."""
+    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}

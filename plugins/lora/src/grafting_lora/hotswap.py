@@ -51,7 +51,8 @@ def swap_values(
     if a_key not in tensors or b_key not in tensors:
         raise AdapterStateError(f"the new adapter lacks {a_key}/{b_key} here (it holds {sorted(tensors)})")
     bias = not embedding and adapter.lora_B.bias is not None
-    if bool(config.use_dora) != bool(getattr(adapter, "use_dora", False)) or bool(config.lora_bias) != bias:
+    dora = "lora_magnitude_vector" in adapter.state_dict(keep_vars=True)  # DoraEmbedding/DoraConv have no use_dora
+    if bool(config.use_dora) != dora or bool(config.lora_bias) != bias:
         raise AdapterStateError("the new adapter differs in use_dora or lora_bias: hot-swapping keeps the structure")
     if not embedding:
         require_same("lora_dropout", float(config.lora_dropout), float(getattr(adapter.lora_dropout, "p", 0.0)))
