@@ -93,6 +93,18 @@ NET_SUBSETS: dict[str, tuple[grafting.AdapterConfig, grafting.AdapterConfig]] = 
         grafting.LoHaConfig(r=2, alpha=5, use_effective_conv2d=True, target_modules=["proj", "conv"]),
         grafting.LoHaConfig(r=3, alpha=7, use_effective_conv2d=True, target_modules=["proj"]),
     ),
+    "lokr": (  # rank 1: W2 a product (the convolution's kernel in its factor), head's W1 too (decompose_both)
+        grafting.LoKrConfig(r=1, alpha=5, decompose_both=True, target_modules=["proj", "conv", "head"]),
+        grafting.LoKrConfig(r=1, alpha=7, decompose_both=True, target_modules=["head"]),
+    ),
+    "lokr-whole": (  # rank 2: proj's and conv's W2 whole (lokr_w2)
+        grafting.LoKrConfig(r=2, alpha=5, target_modules=["proj", "conv"]),
+        grafting.LoKrConfig(r=3, alpha=7, target_modules=["proj"]),
+    ),
+    "lokr-effective-conv": (  # the convolution's core lokr_t2
+        grafting.LoKrConfig(r=1, alpha=5, use_effective_conv2d=True, target_modules=["proj", "conv"]),
+        grafting.LoKrConfig(r=1, alpha=7, use_effective_conv2d=True, target_modules=["proj"]),
+    ),
 }
 
 

@@ -5,7 +5,8 @@ Each of ``W1`` and ``W2`` is held either whole (``lokr_w1``, ``lokr_w2``) or as 
 (``lokr_w1_a·lokr_w1_b``; ``lokr_w2_a·lokr_w2_b`` or the effective convolution's core ``lokr_t2``). Zero
 padding of a product's rank leaves it unchanged. A saved factored half swaps into a whole one exactly (its
 product is written); a saved whole half cannot fit a loaded low-rank one and is refused. A different
-``alpha/r`` is folded into ``W1`` (``ΔW`` is linear in it), so the forward's Python scaling stays.
+``alpha/r`` is folded into ``W1`` (``ΔW`` is linear in it), so the forward's Python scaling stays. A layer the
+new adapter does not cover gets zeros throughout.
 """
 
 from __future__ import annotations
@@ -85,3 +86,10 @@ def swap_values(adapter: Any, tensors: dict[str, torch.Tensor], config: Any, mod
     return fit_state(
         adapter, saved, rank_dims(adapter), fixed="LoKr's Kronecker split (decompose_factor) is not a rank"
     )
+
+
+def blank_values(adapter: Any) -> dict[str, torch.Tensor]:
+    """Zeros for both halves, whole or factored (the core ``lokr_t2`` too): ``W1 ⊗ W2 = 0``, the layer its base.
+
+    Zeroing one side would be enough for ``ΔW``; zeroing both leaves none of the old adapter's values behind."""
+    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}

@@ -149,6 +149,9 @@ class LoKrAdapter(DeltaAdapter):
     def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
         return hotswap.swap_values(self, tensors, config, module_name)
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        return hotswap.blank_values(self)
+
     # -- merging ----------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
