@@ -105,6 +105,10 @@ NET_SUBSETS: dict[str, tuple[grafting.AdapterConfig, grafting.AdapterConfig]] = 
         grafting.LoKrConfig(r=1, alpha=5, use_effective_conv2d=True, target_modules=["proj", "conv"]),
         grafting.LoKrConfig(r=1, alpha=7, use_effective_conv2d=True, target_modules=["proj"]),
     ),
+    "adalora": (
+        grafting.AdaLoraConfig(init_r=3, lora_alpha=5, total_step=10, target_modules=["proj", "conv", "head"]),
+        grafting.AdaLoraConfig(init_r=2, lora_alpha=7, total_step=10, target_modules=["head"]),
+    ),
 }
 
 

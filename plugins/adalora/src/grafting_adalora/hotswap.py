@@ -2,7 +2,8 @@
 rank (a zero singular value adds nothing to ``B·(A ⊙ E)``), a saved adapter of up to that rank fitted to them.
 
 The scale ``lora_alpha / (ranknum + 1e-5)`` the forward reads stays; a saved adapter's other scale (another
-``lora_alpha`` or ``init_r``) is folded into ``B``. The rank allocator's shared state holds no tensors.
+``lora_alpha`` or ``init_r``) is folded into ``B``. The rank allocator's shared state holds no tensors. A layer
+the new adapter does not cover gets zeros.
 """
 
 from __future__ import annotations
@@ -29,3 +30,8 @@ def swap_values(adapter: Any, tensors: dict[str, torch.Tensor], config: Any) -> 
     ratio = new_scale / float(adapter.scale().double().item())
     scaled = {k: v.double() * ratio if k == "lora_B" else v for k, v in tensors.items()}
     return fit_state(adapter, scaled, RANK_DIMS)
+
+
+def blank_values(adapter: Any) -> dict[str, torch.Tensor]:
+    """Zeros for ``A``, ``E`` and ``B``: ``B·(A ⊙ E) = 0``, the layer its base (``ranknum`` is no saved entry)."""
+    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}

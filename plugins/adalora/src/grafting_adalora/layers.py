@@ -84,6 +84,10 @@ class AdaLoraAdapter(DeltaAdapter):
         """A saved AdaLoRA adapter's values in this one's shapes (:mod:`grafting_adalora.hotswap`)."""
         return hotswap.swap_values(self, tensors, config)
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Zeros (:mod:`grafting_adalora.hotswap`)."""
+        return hotswap.blank_values(self)
+
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
         add_to_weight(base_layer, self.delta_matrix())
