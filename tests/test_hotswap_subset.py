@@ -109,6 +109,16 @@ NET_SUBSETS: dict[str, tuple[grafting.AdapterConfig, grafting.AdapterConfig]] = 
         grafting.AdaLoraConfig(init_r=3, lora_alpha=5, total_step=10, target_modules=["proj", "conv", "head"]),
         grafting.AdaLoraConfig(init_r=2, lora_alpha=7, total_step=10, target_modules=["head"]),
     ),
+    "oft": (  # the embedding (an output rotation), the linear layer (input) and the convolution (its kernel)
+        grafting.OFTConfig(r=2, oft_block_size=0, target_modules=["embed", "proj", "conv", "head"]),
+        grafting.OFTConfig(r=2, oft_block_size=0, target_modules=["head"]),
+    ),
+    "oft-neumann-coft": (  # the Cayley-Neumann series, COFT's projection
+        grafting.OFTConfig(
+            r=2, oft_block_size=0, coft=True, eps=0.5, use_cayley_neumann=True, target_modules=["proj", "head"]
+        ),
+        grafting.OFTConfig(r=2, oft_block_size=0, coft=True, eps=0.5, use_cayley_neumann=True, target_modules=["head"]),
+    ),
 }
 
 

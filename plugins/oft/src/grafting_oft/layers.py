@@ -102,6 +102,11 @@ class _Rotating:
         fixed = "OFT's blocks (r, oft_block_size, block_share) are not a rank: a hot-swap cannot change them"
         return fit_state(self, tensors, fixed=fixed)  # type: ignore[arg-type]
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The skew blocks zero: their rotation is the identity, exactly (Cayley's ``(I − 0)(I + 0)⁻¹`` and the
+        Neumann series ``I + 0`` alike; COFT's projection keeps zero), so the layer computes its base output."""
+        return {key: torch.zeros_like(tensor.detach()) for key, tensor in self.state_dict(keep_vars=True).items()}  # type: ignore[attr-defined]
+
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         own = self.rotation.weight.dtype
         if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (own, x.dtype):
