@@ -119,6 +119,14 @@ NET_SUBSETS: dict[str, tuple[grafting.AdapterConfig, grafting.AdapterConfig]] = 
         ),
         grafting.OFTConfig(r=2, oft_block_size=0, coft=True, eps=0.5, use_cayley_neumann=True, target_modules=["head"]),
     ),
+    "boft": (  # the linear layer (its output scale) and the convolution (the rotated, scaled kernel)
+        grafting.BOFTConfig(boft_block_size=4, target_modules=["proj", "conv", "head"]),
+        grafting.BOFTConfig(boft_block_size=4, target_modules=["head"]),
+    ),
+    "boft-butterfly": (  # two butterfly factors
+        grafting.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["proj", "head"]),
+        grafting.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["head"]),
+    ),
 }
 
 

@@ -65,6 +65,12 @@ class BOFTAdapter(LayerAdapter):
         )
         return fit_state(self, tensors, fixed=fixed)
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """``boft_R`` zero (its skew part zero: every butterfly factor is the identity) and the scale ``boft_s``
+        ones. The convolution then runs with its own weight; the linear layer computes ``(y − b)·1 + b``, its
+        base output up to the rounding of that subtraction and addition."""
+        return {"boft_R": torch.zeros_like(self.boft_R.detach()), "boft_s": torch.ones_like(self.boft_s.detach())}
+
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The input's dtype (PEFT casts its rotation to it), or autocast's."""
         if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
