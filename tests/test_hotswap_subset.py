@@ -127,6 +127,10 @@ NET_SUBSETS: dict[str, tuple[grafting.AdapterConfig, grafting.AdapterConfig]] = 
         grafting.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["proj", "head"]),
         grafting.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["head"]),
     ),
+    "ln_tuning": (  # the layer norm's weight and bias back to the base layer's
+        grafting.LNTuningConfig(target_modules=["norm", "proj"]),
+        grafting.LNTuningConfig(target_modules=["proj"]),
+    ),
 }
 
 

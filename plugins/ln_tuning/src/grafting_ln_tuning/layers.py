@@ -39,6 +39,12 @@ class LNTuningAdapter(WeightAdapter):
         """The saved copy's parameters, in place of this copy's (same layer, same shapes)."""
         return fit_state(self, tensors, fixed="LN tuning copies its layer")
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The base layer's own parameters and buffers (a norm's weight and bias): the copy is then the layer."""
+        base = base_layer.state_dict()
+        prefix = "ln_tuning_layers."
+        return {key: base[key.removeprefix(prefix)].detach().clone() for key in self.state_dict(keep_vars=True)}
+
     def weight_deltas(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         return {name: trained.to(param.dtype) - param for name, param, trained in self._pairs(base_layer)}
 
