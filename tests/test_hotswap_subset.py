@@ -198,6 +198,21 @@ def test_each_layer_type_left_without_effect_computes_as_a_fresh_load_and_its_ba
     check_subset_swap(tmp_path, loaded, covering, Net, lambda model: model(IDS))
 
 
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_layers_left_without_effect_computes_as_a_fresh_load_and_its_base(
+    tmp_path: Path, save_projection: bool
+) -> None:
+    """VeRA's uncovered layers get ``λ_b = λ_d = 0``; the shared projections are the new adapter's (from its file or
+    drawn from its key). On tiny_llama: the new adapter's projections must have the loaded one's sizes."""
+
+    def config(r: int, key: int, targets: list[str]) -> grafting.VeraConfig:
+        return grafting.VeraConfig(
+            r=r, projection_prng_key=key, save_projection=save_projection, target_modules=targets
+        )
+
+    check_subset_swap(tmp_path, config(2, 1, LOADED), config(3, 2, ["q_proj", "o_proj"]), tiny_llama, _logits)
+
+
 def test_dora_layers_left_without_effect_give_the_base_output(tmp_path: Path) -> None:
     """The magnitude of a DoRA layer the new file does not cover becomes ``‖W‖`` (``B`` zero), so the layer computes
     its base layer's output, as a fresh load of the new adapter (which does not adapt it) does. PEFT's swap zeroes

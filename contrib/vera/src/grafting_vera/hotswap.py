@@ -29,6 +29,12 @@ def swap_layer(adapter: Any, tensors: dict[str, torch.Tensor], config: Any) -> d
     return fit_state(adapter, tensors, LAYER_RANK_DIMS)
 
 
+def blank_layer(adapter: Any) -> dict[str, torch.Tensor]:
+    """``λ_b`` and ``λ_d`` zero: the layer's delta is zero whatever the shared projections hold (they stay as the
+    new adapter gives them, for the layers it covers)."""
+    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+
+
 def swap_shared(shared: Any, tensors: dict[str, torch.Tensor], config: Any, draw: Any) -> dict[str, Any]:
     """The projections of a saved VeRA adapter (from the file, or drawn by ``draw(r, n_in, n_out, key)``), fitted."""
     n_in, n_out = shared.vera_A.shape[1], shared.vera_B.shape[0]

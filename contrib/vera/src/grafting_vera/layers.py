@@ -103,6 +103,9 @@ class VeraLinear(DeltaAdapter):
     def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
         return hotswap.swap_layer(self, tensors, config)
 
+    def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
+        return hotswap.blank_layer(self)
+
     @torch.no_grad()
     def merge(self, base_layer: nn.Module) -> None:
         add_to_weight(base_layer, self.delta_matrix())
