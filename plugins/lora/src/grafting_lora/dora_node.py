@@ -47,23 +47,6 @@ def dora_norm_squared(
     return norm_squared(weight @ cast_a.t(), a @ a.t(), lora_b.float(), weight_sq, scaling)
 
 
-def dora_scales(
-    weight: torch.Tensor,
-    weight_sq: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    magnitude: torch.Tensor,
-    scaling: float,
-    cast_a: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(1 / ‖W + scaling·B·A‖, s, s, scaling·B, A)``, ``s = m / ‖W + ΔW‖`` per row: float32, then W's dtype.
-
-    The norms as :func:`dora_norm_squared`'s (:func:`~grafting_lora.dora_kernels.row_scales`: with the Triton
-    kernels, two GEMMs and one kernel).
-    """
-    return row_scales(weight, lora_a, lora_b, weight_sq, magnitude, scaling, cast_a)
-
-
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -95,8 +78,8 @@ class DoraLinearFunction(torch.autograd.Function):
     * with dropout (PEFT's DoRA: the base product of the dropped input):
       ``y = x·Wᵀ + b − h·Wᵀ + s ⊙ z`` with ``z = h·Wᵀ + scaling·(h·Aᵀ)·Bᵀ``.
 
-    Forward: the inverse row norms and ``s`` from ``‖W‖²`` (:func:`dora_scales`: two skinny
-    products and one kernel), the low-rank product accumulated into ``z`` by ``addmm``, ``s``
+    Forward: the inverse row norms and ``s`` from ``‖W‖²`` (:func:`~grafting_lora.dora_kernels.row_scales`:
+    two skinny products and one kernel), the low-rank product accumulated into ``z`` by ``addmm``, ``s``
     (rounded to the compute dtype: a product of two dtypes takes the GPU's slow converting
     kernel) and the bias applied by one ``addcmul``. Backward: one pass over ``g`` and ``z``
     (:func:`~grafting_lora.dora_kernels.scaled_gradient`) gives the magnitude's gradient
@@ -129,7 +112,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if weight.dtype != dtype:
             raise ValueError(f"DoRA's node takes the input in the weight's dtype, not {dtype} and {weight.dtype}")
         # up = scaling·B and a = A in the compute dtype: the low-rank product's factors, and backward's
-        inv, scale, half, up, a = dora_scales(weight, weight_sq, lora_a, lora_b, magnitude, scaling)
+        inv, scale, half, up, a = row_scales(weight, lora_a, lora_b, weight_sq, magnitude, scaling)
         flat = x.reshape(-1, x.shape[-1])
         if dropout > 0:
             h, mask = torch.native_dropout(flat, dropout, True)

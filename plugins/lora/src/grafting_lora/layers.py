@@ -26,7 +26,8 @@ from grafting.toolkit import (
     plain_linear_weight,
 )
 from grafting_lora import dropout_kernels
-from grafting_lora.dora_node import DoraLinearFunction, dora_linear, dora_scales
+from grafting_lora.dora_kernels import row_scales
+from grafting_lora.dora_node import DoraLinearFunction, dora_linear
 from grafting_lora.factor_casts import factor_casts, optimizer_steps, weight_state
 from grafting_lora.fused import LoraLinearFunction, lora_linear
 from grafting_lora.hotswap import PairHotSwap
@@ -357,7 +358,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
             self.__dict__["_weight_sq"] = kept
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
         if not torch.is_grad_enabled() and not dropout:
-            _, _, scale, _, _ = dora_scales(weight, kept[1], a, b, m, self.scaling)
+            _, _, scale, _, _ = row_scales(weight, a, b, kept[1], m, self.scaling)
             return dora_linear(x, weight, bias, a, b, scale, self.scaling)
         return DoraLinearFunction.apply(x, weight, bias, a, b, m, kept[1], self.scaling, dropout)
 
