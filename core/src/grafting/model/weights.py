@@ -48,8 +48,11 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
 def plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
     """The (out, in) weight of a plain ``nn.Linear`` or transformers ``Conv1D`` without forward
     hooks, the layers whose call a fused kernel may replace; ``None`` for any other layer."""
-    weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor) or layer._forward_hooks or layer._forward_pre_hooks:
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    params = layer._parameters  # one dict read on the hot path (a DataParallel replica holds plain attributes)
+    weight = params["weight"] if "weight" in params else getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
         return None
     if type(layer) is nn.Linear:
         return weight

@@ -323,13 +323,10 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         form = self.compiled_form if torch.compiler.is_compiling() else "node"
         if form == "ops" or (form == "op" and self.use_dora):
             return None
-        if type(base_layer) is nn.Linear and not (base_layer._forward_hooks or base_layer._forward_pre_hooks):
-            weight, bias = _param(base_layer, "weight"), _param(base_layer, "bias")  # plain_linear_weight's
-        else:
-            weight = plain_linear_weight(base_layer)
-            if weight is None:
-                return None
-            bias = base_layer.bias
+        weight = plain_linear_weight(base_layer)
+        if weight is None:
+            return None
+        bias = _param(base_layer, "bias")
         # a product was given only where input_factor answered, which it does only in x's dtype
         if weight.dtype != x.dtype or (product is None and self._dtype(x) != x.dtype):
             return None
@@ -350,7 +347,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropout: float
     ) -> torch.Tensor:
         """DoRA's layer as one node (:class:`DoraLinearFunction`), with ``‖W‖²`` kept per weight version."""
-        key = (weight.data_ptr(), weight._version, weight.device, weight.shape)
+        key = (weight_state(weight), weight.shape)
         kept = self.__dict__.get("_weight_sq")
         if kept is None or kept[0] != key:  # the frozen weight's squared row norms, once per version
             with torch.no_grad():
