@@ -225,7 +225,7 @@ class AdaptedLayer(nn.Module):
         """``[(name, adapter)]`` acting in an unrouted forward now: active, unmerged, the layer enabled."""
         if self.disabled:
             return []
-        held: dict[str, LayerAdapter] = self._modules["adapters"]._modules  # type: ignore[union-attr,assignment]
+        held = self._held()
         return [(n, held[n]) for n in self._live]
 
     def _held(self) -> dict[str, LayerAdapter]:
@@ -244,8 +244,8 @@ class AdaptedLayer(nn.Module):
     def _routed_forward(self, routing: Any, args: tuple, kwargs: dict) -> Any:
         if self.merged:
             raise AdapterStateError("per-sample adapters need unmerged adapters; call unmerge_adapter() first")
-        own = self.adapters._modules  # each routed adapter of this layer looked up once
-        present = {n: cast(LayerAdapter, own[n]) for n in routing.adapter_names if n in own}
+        own = self._held()  # each routed adapter of this layer looked up once
+        present = {n: own[n] for n in routing.adapter_names if n in own}
         for name, adapter in present.items():
             if adapter.site is Site.WEIGHT:
                 raise AdapterStateError(
