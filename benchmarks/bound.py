@@ -21,7 +21,8 @@ eager step's count of kernel-launching aten ops (the host's work; the same on CP
 grouping off (q/k/v's and gate/up's A products one per layer); ``--no-grouping`` turns it off for
 every variant. ``--profile`` (``bound``, ``method:lib``; once, in the first round) prints a step's top
 kernels, its launches and ms per category (GEMM, casts/copies, dropout, optimizer, ...; see
-``kernel_categories.py``) beside the bound's, and its host wall against its kernel time; on the CPU the
+``kernel_categories.py``) beside the bound's, and its host wall against its kernel time
+(``method:lib:inference`` profiles the no-grad forward beside the base forward's); on the CPU the
 "kernels" are the aten ops. ``--saved`` adds the bytes autograd saves for backward in one step (each
 storage once; ``saved_activation_mib`` leaves out the parameters and the input): the bound's and each
 variant's, what the peak-memory row is mostly made of.
@@ -615,6 +616,7 @@ class Bench:
         self.series: dict[tuple[str, str], Series] = {}
         self.skipped: set[tuple[str, str]] = set()
         self.bound_profile: StepProfile | None = None
+        self.forward_profile: StepProfile | None = None  # the base forward's, beside an inference profile
         self.round = 0
         self.header = {
             "preset": args.preset,
@@ -682,7 +684,10 @@ class Bench:
                 self.bound_profile = profile_step(bound_step, args.device)
         self.record("bound (train)", "base", self.bound, self.bound, peak_mib(bound_step, args.device), **more)
         bound_model.eval()
-        self.base_fwd = run(infer(target, self.ids), args.warmup, args.steps)
+        base_forward = infer(target, self.ids)
+        self.base_fwd = run(base_forward, args.warmup, args.steps)
+        if self.round == 0 and any(name.endswith(":inference") for name in self.profiled):
+            self.forward_profile = profile_step(base_forward, args.device)
         self.record("base forward", "base", self.base_fwd, self.base_fwd)
         del bound_model, target, bound_step
         self.release()
@@ -734,7 +739,11 @@ class Bench:
         if method in ("lora", "lora-bf16", *UNGROUPED) or method in COMPILED_FORMS:
             model.eval()
             forward = ungrouped(infer(target, ids), libs) if plain else infer(target, ids)
-            self.record(f"{method} inference", lib, run(forward, args.warmup, args.steps), self.base_fwd)
+            forward_ms = run(forward, args.warmup, args.steps)
+            self.record(f"{method} inference", lib, forward_ms, self.base_fwd)
+            if first and f"{method}:{lib}:inference" in self.profiled:
+                label = f"{method} {lib} inference (beside the base forward)"
+                profile(forward, label, args.device, against=self.forward_profile, timed_ms=forward_ms)
         if method == "lora" and not self.compiled:
             self.record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
             if lib == "grafting":  # PEFT refuses adapter_names in training

@@ -2,10 +2,11 @@
 # Every row of the speed issue's table on one GPU, in parts that each fit a 10-minute device call.
 #
 # usage: benchmarks/device_rounds.sh PART OUT_DIR
-#   PART kernels  the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1), full reports kept
-#   PART eager    1.1B: LoRA, bf16 adapters, dropout, DoRA (grafting and PEFT), with profiles; then dropout and
-#                 DoRA again with the Triton kernels on; then the MoE row beside PEFT, profiled
-#   PART other    the compiled LoRA row (grafting; compiling takes most of its time); 8B LoRA and DoRA
+#   PART compile  the compiled LoRA row (grafting), profiled; each round compiles the bound and the variant
+#   PART eager    1.1B: LoRA (training and inference profiled), bf16 adapters, dropout, DoRA (grafting and PEFT);
+#                 then dropout and DoRA again with the Triton kernels on; then the MoE row beside PEFT, profiled
+#   PART other    8B LoRA and DoRA, profiled; then the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1),
+#                 whole reports kept, and their per-layer node scripts
 # Each step has its own time limit and the whole part stops starting steps past 560 s, so a part's files
 # come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed).
 set -u
@@ -23,23 +24,24 @@ step() {  # step SECONDS NAME COMMAND...: COMMAND's output to OUT/NAME.txt, cut 
 }
 bound=(python benchmarks/bound.py --rounds 3)
 case $part in
-  kernels)
-    export TRITON_INTERPRET=0 GRAFTING_TRITON_KERNELS=1
-    step 200 kernel-cases python -m pytest -q -p no:cacheprovider -p no:xdist --tb=short \
-      plugins/lora/tests/dropout_kernel_cases.py plugins/lora/tests/test_lora_dora_kernels.py \
-      plugins/lora/tests/test_lora_fused_kernels.py plugins/lora/tests/test_lora_dora_node.py
-    step 120 dora-node python benchmarks/dora_node.py
-    step 120 dropout-node python benchmarks/dropout_node.py ;;
+  compile)
+    step 540 compile "${bound[@]}" --rounds 2 --preset 1b --part compile --methods lora --libs grafting \
+      --profile lora:grafting --json "$out/compile.jsonl" ;;
   eager)
     step 230 1b "${bound[@]}" --preset 1b --methods lora,lora-bf16,lora-dropout,dora --libs grafting,peft \
-      --profile lora:grafting,dora:grafting,lora-dropout:grafting --json "$out/1b.jsonl"
+      --profile lora:grafting,lora:grafting:inference,dora:grafting,lora-dropout:grafting --json "$out/1b.jsonl"
     step 120 1b-triton env GRAFTING_TRITON_KERNELS=1 "${bound[@]}" --preset 1b --methods lora-dropout,dora \
       --libs grafting --profile dora:grafting,lora-dropout:grafting --json "$out/1b-triton.jsonl"
     step 150 moe "${bound[@]}" --preset moe --methods lora-moe --libs grafting,peft --profile lora-moe:grafting,bound \
       --json "$out/moe.jsonl" ;;
-  other)  # the compiled row first: each round compiles the bound and the variant again (about a minute each)
-    step 380 compile "${bound[@]}" --rounds 2 --preset 1b --part compile --methods lora --libs grafting \
-      --json "$out/compile.jsonl"
-    step 200 8b "${bound[@]}" --rounds 2 --preset 8b --methods lora,dora --libs grafting --json "$out/8b.jsonl" ;;
-  *) echo "unknown part $part (kernels, eager, other)" >&2; exit 2 ;;
+  other)
+    step 220 8b "${bound[@]}" --rounds 2 --preset 8b --methods lora,dora --libs grafting \
+      --profile lora:grafting,dora:grafting --json "$out/8b.jsonl"
+    export TRITON_INTERPRET=0 GRAFTING_TRITON_KERNELS=1
+    step 200 kernel-cases python -m pytest -q -p no:cacheprovider -p no:xdist --tb=long \
+      plugins/lora/tests/dropout_kernel_cases.py plugins/lora/tests/test_lora_dora_kernels.py \
+      plugins/lora/tests/test_lora_fused_kernels.py plugins/lora/tests/test_lora_dora_node.py
+    step 60 dora-node python benchmarks/dora_node.py
+    step 60 dropout-node python benchmarks/dropout_node.py ;;
+  *) echo "unknown part $part (compile, eager, other)" >&2; exit 2 ;;
 esac
