@@ -23,7 +23,9 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
   dilation, groups and padding mode);
 * hot-swapping (a layer adapter's ``pad_rank``/``hotswap_values``): :func:`grow_tensor` (zeros up to a
   target rank), :func:`fit_state` and :func:`fit` (a saved adapter's tensors in the loaded one's shapes,
-  rank dimensions zero-padded), :func:`require_same` (refuse a differing option).
+  rank dimensions zero-padded), :func:`require_same` (refuse a differing option);
+* merging: :class:`WeightDeltaAdapter`, a ``DeltaAdapter`` whose effect is a weight delta (it merges
+  and unmerges by adding and subtracting its ``delta_matrix()``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,25 @@ from grafting.model.weights import (
     store_weight,
     weight_matrix,
 )
+from grafting.protocol import DeltaAdapter
+
+
+# -- merging -------------------------------------------------------------------------------------------
+class WeightDeltaAdapter(DeltaAdapter):
+    """A :class:`~grafting.DeltaAdapter` whose effect is ``x·ΔWᵀ`` with ``ΔW = delta_matrix()``.
+
+    It merges by adding ``ΔW`` to the base layer's weight and unmerges by subtracting it
+    (:func:`add_to_weight`: in float32, rounded once, quantized weights through their codec).
+    A subclass implements :meth:`delta_matrix` and the forward.
+    """
+
+    @torch.no_grad()
+    def merge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.delta_matrix())
+
+    @torch.no_grad()
+    def unmerge(self, base_layer: nn.Module) -> None:
+        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
 # -- per-module options ------------------------------------------------------------------------------
@@ -244,6 +265,7 @@ __all__ = [
     "Precision",
     "RankAlphaPatterns",
     "TiedEmbedding",
+    "WeightDeltaAdapter",
     "add_to_weight",
     "boolean",
     "candidate_modules",

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting import DeltaAdapter, LayerCall, SharedState
-from grafting.toolkit import add_to_weight, in_out_features
+from grafting import LayerCall, SharedState
+from grafting.toolkit import WeightDeltaAdapter, in_out_features
 from grafting_vera import hotswap
 
 
@@ -55,7 +55,7 @@ class VeraProjections(SharedState):
         return hotswap.swap_shared(self, tensors, config, draw_projections)
 
 
-class VeraLinear(DeltaAdapter):
+class VeraLinear(WeightDeltaAdapter):
     """``delta = λ_b ⊙ B[:out] (λ_d ⊙ A[:, :in] dropout(x))`` for ``nn.Linear`` and ``Conv1D``."""
 
     peft_attributes = ("vera_lambda_b", "vera_lambda_d", "vera_dropout")  # PEFT's VeraLayer: layer.vera_lambda_b[...]
@@ -105,11 +105,3 @@ class VeraLinear(DeltaAdapter):
 
     def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         return hotswap.blank_layer(self)
-
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix())
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting import DeltaAdapter, LayerCall
-from grafting.toolkit import add_to_weight, in_out_features
+from grafting import LayerCall
+from grafting.toolkit import WeightDeltaAdapter, in_out_features
 from grafting_adalora import hotswap
 
 
-class AdaLoraAdapter(DeltaAdapter):
+class AdaLoraAdapter(WeightDeltaAdapter):
     """``delta = ΔW x`` in SVD form; the rank allocator masks ``lora_E`` while training.
 
     ``scaling`` is ``lora_alpha`` (PEFT's AdaLoRA divides by ``ranknum + 1e-5``, not by ``r``).
@@ -87,11 +87,3 @@ class AdaLoraAdapter(DeltaAdapter):
     def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         """Zeros (:mod:`grafting_adalora.hotswap`)."""
         return hotswap.blank_values(self)
-
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix())
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)

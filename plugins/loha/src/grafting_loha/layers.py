@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grafting import ConfigError, DeltaAdapter, LayerCall
-from grafting.toolkit import PRECISIONS, Precision, add_to_weight, compute_dtype, convolve_as, in_out_features
+from grafting import ConfigError, LayerCall
+from grafting.toolkit import PRECISIONS, Precision, WeightDeltaAdapter, compute_dtype, convolve_as, in_out_features
 from grafting_loha import hotswap
 from grafting_loha.hadamard import dense_delta, factored_delta, factored_linear, prefer_factored
 
@@ -28,7 +28,7 @@ def _kaiming(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-class LoHaAdapter(DeltaAdapter):
+class LoHaAdapter(WeightDeltaAdapter):
     """``delta = ΔW x`` with ``ΔW = (W1a·W1b) ⊙ (W2a·W2b) · alpha/r``, evaluated dense or factored.
 
     ``path`` picks the evaluation: ``"auto"`` (the cheaper one for this call's
@@ -165,15 +165,6 @@ class LoHaAdapter(DeltaAdapter):
 
     def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         return hotswap.blank_values(self)
-
-    # -- merging ----------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix())
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
 def _zero_delta(call: LayerCall) -> torch.Tensor:

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from grafting import ConfigError, DeltaAdapter, LayerCall
-from grafting.toolkit import PRECISIONS, Precision, add_to_weight, compute_dtype, convolve_as
+from grafting import ConfigError, LayerCall
+from grafting.toolkit import PRECISIONS, Precision, WeightDeltaAdapter, compute_dtype, convolve_as
 from grafting_lokr import hotswap
 from grafting_lokr.kron import kron_delta, kron_linear, split_size, tucker_kernel
 
@@ -29,7 +29,7 @@ def _kaiming(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-class LoKrAdapter(DeltaAdapter):
+class LoKrAdapter(WeightDeltaAdapter):
     """``delta = ΔW x`` with ``ΔW = (W1 ⊗ W2) · alpha/r``.
 
     In training, ``module_dropout`` skips the adapter and ``rank_dropout``
@@ -151,15 +151,6 @@ class LoKrAdapter(DeltaAdapter):
 
     def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         return hotswap.blank_values(self)
-
-    # -- merging ----------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix())
-
-    @torch.no_grad()
-    def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
 def _zero_delta(call: LayerCall) -> torch.Tensor:

@@ -18,6 +18,7 @@ from grafting import ConfigError, DeltaAdapter, LayerCall, MergeError
 from grafting.toolkit import (
     HALF_PRECISION,
     Precision,
+    WeightDeltaAdapter,
     add_to_weight,
     compute_dtype,
     convolve_as,
@@ -433,7 +434,7 @@ class LoraLinear(PairHotSwap, DoraMagnitude, DeltaAdapter):
         base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scaling)
 
 
-class LoraEmbedding(PairHotSwap, DeltaAdapter):
+class LoraEmbedding(PairHotSwap, WeightDeltaAdapter):
     """``delta = embed(x, Aᵀ) · Bᵀ · scaling`` for ``nn.Embedding`` (saved as lora_embedding_A/B)."""
 
     lora_convertible = True
@@ -465,12 +466,6 @@ class LoraEmbedding(PairHotSwap, DeltaAdapter):
         out = (lookup @ b.T) * self.scaling
         scale = embed_scale(base)  # a scaled embedding (Gemma 3) scales its rows: the delta's too
         return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
-
-    def merge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix())
-
-    def unmerge(self, base_layer: nn.Module) -> None:
-        add_to_weight(base_layer, self.delta_matrix(), alpha=-1.0)
 
 
 class LoraConv(PairHotSwap, DeltaAdapter):
