@@ -5,7 +5,7 @@
 #   PART compile  the compiled LoRA row (grafting), profiled; each round compiles the bound and the variant
 #   PART eager    1.1B: LoRA (training and inference profiled), bf16 adapters, dropout, DoRA (grafting and PEFT);
 #                 then dropout and DoRA again with the Triton kernels on; then the MoE row beside PEFT, profiled
-#   PART other    8B LoRA and DoRA, profiled; then the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1),
+#   PART other    the 1.1B LoRA inference forward profiled (one round); 8B LoRA and DoRA, profiled; then the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1),
 #                 whole reports kept, and their per-layer node scripts
 # Each step has its own time limit and the whole part stops starting steps past 560 s, so a part's files
 # come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed).
@@ -35,6 +35,8 @@ case $part in
     step 150 moe "${bound[@]}" --preset moe --methods lora-moe --libs grafting,peft --profile lora-moe:grafting,bound \
       --json "$out/moe.jsonl" ;;
   other)
+    step 90 1b-inference "${bound[@]}" --rounds 1 --preset 1b --methods lora --libs grafting \
+      --profile lora:grafting:inference --json "$out/1b-inference.jsonl"
     step 220 8b "${bound[@]}" --rounds 2 --preset 8b --methods lora,dora --libs grafting \
       --profile lora:grafting,dora:grafting --json "$out/8b.jsonl"
     export TRITON_INTERPRET=0 GRAFTING_TRITON_KERNELS=1
