@@ -16,6 +16,7 @@ from grafting import ConfigError, GraftingWarning
 from grafting.testing import assert_close, tiny_model
 from grafting.toolkit import (
     RankAlphaPatterns,
+    WeightDeltaAdapter,
     boolean,
     compute_dtype,
     convolve_as,
@@ -185,3 +186,33 @@ def test_convolve_as_convolves_with_the_layer_geometry(layer: nn.Conv1d | nn.Con
         own = torch.func.functional_call(layer, {"weight": weight, "bias": layer.bias}, (x,))
         assert_close(convolve_as(layer, x, weight, layer.bias), own, changed_from=layer(x))
         assert_close(convolve_as(layer, x, layer.weight), layer(x) - layer.bias.view(-1, *(1,) * (x.dim() - 2)))
+
+
+class _FullDelta(WeightDeltaAdapter):
+    """A toy method: a whole trained ΔW, ``delta = x·ΔWᵀ``."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.randn(base_layer.weight.shape, generator=torch.Generator().manual_seed(1)))
+
+    def delta_matrix(self) -> torch.Tensor:
+        return self.delta.detach()
+
+    def forward(self, x: torch.Tensor, call: grafting.LayerCall) -> torch.Tensor:
+        return x @ self.delta.t()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_weight_delta_adapter_merges_and_unmerges_its_delta_matrix(dtype: torch.dtype) -> None:
+    """merge adds ``delta_matrix()`` to the weight (the merged layer gives the adapter's output), unmerge
+    takes it back out (the base weight again, up to the weight dtype's rounding)."""
+    layer = nn.Linear(6, 5).to(dtype)
+    adapter = _FullDelta(layer).to(dtype)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2)).to(dtype)
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        adapted = layer(x) + adapter(x, None)  # type: ignore[arg-type]
+        adapter.merge(layer)
+        assert_close(layer(x), adapted, changed_from=x @ before.t() + layer.bias)
+        adapter.unmerge(layer)
+    assert_close(layer.weight, before, changed_from=before + adapter.delta)
