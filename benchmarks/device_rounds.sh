@@ -2,11 +2,13 @@
 # Every row of the speed issue's table on one GPU, in parts that each fit a 10-minute device call.
 #
 # usage: benchmarks/device_rounds.sh PART OUT_DIR
-#   PART compile  the compiled LoRA row (grafting), profiled; each round compiles the bound and the variant
+#   PART compile  the compiled LoRA row (grafting, two rounds, profiled; a round compiles the bound and the
+#                 variant; cut at 330 s, the rounds measured are kept); the 1.1B LoRA inference forward
+#                 profiled (one round); 8B LoRA and DoRA profiled (one round)
 #   PART eager    1.1B: LoRA (training and inference profiled), bf16 adapters, dropout, DoRA (grafting and PEFT);
 #                 then dropout and DoRA again with the Triton kernels on; then the MoE row beside PEFT, profiled
-#   PART other    the 1.1B LoRA inference forward profiled (one round); 8B LoRA and DoRA, profiled; then the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1),
-#                 whole reports kept, and their per-layer node scripts
+#   PART kernels  the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1), whole reports kept, and
+#                 their per-layer node scripts
 # Each step has its own time limit and the whole part stops starting steps past 560 s, so a part's files
 # come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed).
 set -u
@@ -25,8 +27,12 @@ step() {  # step SECONDS NAME COMMAND...: COMMAND's output to OUT/NAME.txt, cut 
 bound=(python benchmarks/bound.py --rounds 3)
 case $part in
   compile)
-    step 540 compile "${bound[@]}" --rounds 2 --preset 1b --part compile --methods lora --libs grafting \
-      --profile lora:grafting --json "$out/compile.jsonl" ;;
+    step 330 compile "${bound[@]}" --rounds 2 --preset 1b --part compile --methods lora --libs grafting \
+      --profile lora:grafting --json "$out/compile.jsonl"
+    step 90 1b-inference "${bound[@]}" --rounds 1 --preset 1b --methods lora --libs grafting \
+      --profile lora:grafting:inference --json "$out/1b-inference.jsonl"
+    step 130 8b "${bound[@]}" --rounds 1 --preset 8b --methods lora,dora --libs grafting \
+      --profile lora:grafting,dora:grafting --json "$out/8b.jsonl" ;;
   eager)
     step 230 1b "${bound[@]}" --preset 1b --methods lora,lora-bf16,lora-dropout,dora --libs grafting,peft \
       --profile lora:grafting,lora:grafting:inference,dora:grafting,lora-dropout:grafting --json "$out/1b.jsonl"
@@ -34,16 +40,12 @@ case $part in
       --libs grafting --profile dora:grafting,lora-dropout:grafting --json "$out/1b-triton.jsonl"
     step 150 moe "${bound[@]}" --preset moe --methods lora-moe --libs grafting,peft --profile lora-moe:grafting,bound \
       --json "$out/moe.jsonl" ;;
-  other)
-    step 90 1b-inference "${bound[@]}" --rounds 1 --preset 1b --methods lora --libs grafting \
-      --profile lora:grafting:inference --json "$out/1b-inference.jsonl"
-    step 220 8b "${bound[@]}" --rounds 2 --preset 8b --methods lora,dora --libs grafting \
-      --profile lora:grafting,dora:grafting --json "$out/8b.jsonl"
+  kernels)
     export TRITON_INTERPRET=0 GRAFTING_TRITON_KERNELS=1
     step 200 kernel-cases python -m pytest -q -p no:cacheprovider -p no:xdist --tb=long \
       plugins/lora/tests/dropout_kernel_cases.py plugins/lora/tests/test_lora_dora_kernels.py \
       plugins/lora/tests/test_lora_fused_kernels.py plugins/lora/tests/test_lora_dora_node.py
     step 60 dora-node python benchmarks/dora_node.py
     step 60 dropout-node python benchmarks/dropout_node.py ;;
-  *) echo "unknown part $part (compile, eager, other)" >&2; exit 2 ;;
+  *) echo "unknown part $part (compile, eager, kernels)" >&2; exit 2 ;;
 esac
