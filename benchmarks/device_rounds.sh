@@ -8,7 +8,7 @@
 #   PART eager    1.1B: LoRA (training and inference profiled), bf16 adapters, dropout, DoRA (grafting and PEFT);
 #                 then dropout and DoRA again with the Triton kernels on; then the MoE row beside PEFT, profiled
 #   PART kernels  the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1), whole reports kept, and
-#                 their per-layer node scripts
+#                 their per-layer node scripts; then where the MoE and LoRA steps synchronise (sync_probe.py)
 # Each step has its own time limit and the whole part stops starting steps past 560 s, so a part's files
 # come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed).
 set -u
@@ -46,6 +46,7 @@ case $part in
       plugins/lora/tests/dropout_kernel_cases.py plugins/lora/tests/test_lora_dora_kernels.py \
       plugins/lora/tests/test_lora_fused_kernels.py plugins/lora/tests/test_lora_dora_node.py
     step 60 dora-node python benchmarks/dora_node.py
-    step 60 dropout-node python benchmarks/dropout_node.py ;;
+    step 60 dropout-node python benchmarks/dropout_node.py
+    step 120 sync-probe python benchmarks/sync_probe.py --preset moe --methods lora-moe,lora --layers 2 ;;
   *) echo "unknown part $part (compile, eager, kernels)" >&2; exit 2 ;;
 esac
