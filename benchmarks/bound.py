@@ -370,8 +370,13 @@ def profile_step(step: Callable[[], None], device: str) -> StepProfile:
 
 
 def device_profile(events: Any, wall_ms: float) -> StepProfile:
-    """The CUDA kernels (and copies) among a profiler's events, their device ms and span."""
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    """The CUDA kernels (and copies) among a profiler's events, their device ms and span.
+
+    A ``record_function`` range (the optimizer's ``Optimizer.step#AdamW.step``) is also a device event, spanning
+    the kernels it launched: it is left out (counted, it added its span to the kernel time a second time).
+    """
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [e for e in events if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
     span = 0.0
     if kernels:
         span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1000

@@ -180,9 +180,15 @@ def test_cpu_profile_sorts_a_step() -> None:
 
 
 def test_device_profile_keeps_the_device_events() -> None:
-    def event(name: str, device: torch.autograd.DeviceType, start: float, end: float) -> SimpleNamespace:
+    def event(
+        name: str, device: torch.autograd.DeviceType, start: float, end: float, annotation: bool = False
+    ) -> SimpleNamespace:
         return SimpleNamespace(
-            name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end), device_time=end - start
+            name=name,
+            device_type=device,
+            time_range=SimpleNamespace(start=start, end=end),
+            device_time=end - start,
+            is_user_annotation=annotation,
         )
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
@@ -190,6 +196,8 @@ def test_device_profile_keeps_the_device_events() -> None:
         event("aten::mm", cpu, 0.0, 9000.0),  # the host's op: not a kernel
         event(next(iter(NAMES)), cuda, 1000.0, 3000.0),
         event("Memcpy DtoD (Device -> Device)", cuda, 4000.0, 4500.0),
+        # a record_function range (the optimizer's step) on the device's timeline: it spans kernels, is none
+        event("Optimizer.step#AdamW.step", cuda, 900.0, 4600.0, annotation=True),
     ]
     found = bound.device_profile(events, wall_ms=9.0)
     assert found.kernels == [(next(iter(NAMES)), 2.0), ("Memcpy DtoD (Device -> Device)", 0.5)]
