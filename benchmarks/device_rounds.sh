@@ -10,11 +10,19 @@
 #   PART kernels  the GPU cases of the Triton kernels (GRAFTING_TRITON_KERNELS=1), whole reports kept, and
 #                 their per-layer node scripts; then where the MoE and LoRA steps synchronise (sync_probe.py)
 # Each step has its own time limit and the whole part stops starting steps past 560 s, so a part's files
-# come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed).
+# come back whole. Run from the checkout's root with grafting's sources on PYTHONPATH (or installed); on
+# PYTHONPATH, the plugins' entry points are written to a temporary folder put in front of it.
 set -u
 part=$1 out=$2
 mkdir -p "$out"
 start=$SECONDS
+# plugins on PYTHONPATH but not installed: their entry points from the checkout's pyproject files, so that
+# get_peft_model finds them (benchmarks/source_entry_points.py)
+if ! python -c "import importlib.metadata as m, sys; sys.exit(not list(m.entry_points(group='grafting')))"; then
+  points=$(mktemp -d)
+  python benchmarks/source_entry_points.py "$points" > /dev/null
+  export PYTHONPATH="$points${PYTHONPATH:+:$PYTHONPATH}"
+fi
 step() {  # step SECONDS NAME COMMAND...: COMMAND's output to OUT/NAME.txt, cut at SECONDS or the part's end
   local limit=$1 name=$2 left=$((560 - (SECONDS - start)))
   shift 2
