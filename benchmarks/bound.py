@@ -22,7 +22,8 @@ grouping off (q/k/v's and gate/up's A products one per layer); ``--no-grouping``
 every variant. ``--profile`` (``bound``, ``method:lib``; once, in the first round) prints a step's top
 kernels, its launches and ms per category (GEMM, casts/copies, dropout, optimizer, ...; see
 ``kernel_categories.py``) beside the bound's, and its host wall against its kernel time
-(``method:lib:inference`` profiles the no-grad forward beside the base forward's); on the CPU the
+(``method:lib:inference`` profiles the no-grad forward beside the base forward's, ``lora:grafting:routed``
+the routed training step beside one adapter's); on the CPU the
 "kernels" are the aten ops. ``--saved`` adds the bytes autograd saves for backward in one step (each
 storage once; ``saved_activation_mib`` leaves out the parameters and the input): the bound's and each
 variant's, what the peak-memory row is mostly made of.
@@ -752,7 +753,10 @@ class Bench:
         if method == "lora" and not self.compiled:
             self.record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
             if lib == "grafting":  # PEFT refuses adapter_names in training
-                self.record("lora routed train, 1 adapter", lib, *_routed_training(libs, self.base, ids, args, run))
+                routed = _routed_training(
+                    libs, self.base, ids, args, run, profiled=first and "lora:grafting:routed" in self.profiled
+                )
+                self.record("lora routed train, 1 adapter", lib, *routed)
         del model, target, step, params
         self.release()
 
@@ -842,13 +846,21 @@ def _gathered() -> Any:
 
 
 def _routed_training(
-    libs: dict[str, Any], base: nn.Module, ids: torch.Tensor, args: argparse.Namespace, run: Callable
+    libs: dict[str, Any],
+    base: nn.Module,
+    ids: torch.Tensor,
+    args: argparse.Namespace,
+    run: Callable,
+    profiled: bool = False,
 ) -> tuple[float, float]:
-    """A training step with four adapters routed per sample against one adapter's step (grafting only)."""
+    """A training step with four adapters routed per sample against one adapter's step (grafting only);
+    ``profiled``: the routed step's profile beside the single adapter's."""
     cfg, _ = config(libs["grafting"], "lora", args.r)
     model = libs["grafting"].get_peft_model(copy.deepcopy(base), cfg)
     model.train()
-    one = run(train_step(model, ids, [p for p in model.parameters() if p.requires_grad]), args.warmup, args.steps)
+    single = train_step(model, ids, [p for p in model.parameters() if p.requires_grad])
+    one = run(single, args.warmup, args.steps)
+    single_profile = profile_step(single, args.device) if profiled else None
     names = ["default", "extra1", "extra2", "extra3"]
     for name in names[1:]:
         model.add_adapter(name, copy.deepcopy(cfg))
@@ -864,6 +876,9 @@ def _routed_training(
 
     four = run(step, args.warmup, args.steps)
     print(f"  4 adapters routed in training: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x")
+    if single_profile is not None:
+        label = "lora grafting, 4 adapters routed in training (beside one adapter's step)"
+        profile(step, label, args.device, against=single_profile, timed_ms=four)
     with _gathered():
         gathered = run(step, args.warmup, args.steps)
     print(f"  (each sample's own factors gathered, the previous path: {gathered / one:.2f}x)", flush=True)
