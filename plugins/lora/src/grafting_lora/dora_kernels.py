@@ -38,8 +38,8 @@ tl: Any = None
 
 #: Whether the Triton kernels run on CUDA tensors (else the torch ops, everywhere). Off unless the environment
 #: sets ``GRAFTING_TRITON_KERNELS=1``: on an H100 a 1.1B DoRA step took less kernel time with them (130.8 ms
-#: against 137.4) but waited 44 ms on the host, its rounds 1.80-2.05x the bound against 1.46x without
-#: (README, benchmark section).
+#: against 137.4) but waited 44 ms on the host, its rounds 1.80-2.05x the bound against 1.46x without, and per
+#: layer call the two paths take the same time (README, benchmark section).
 USE_TRITON = os.environ.get("GRAFTING_TRITON_KERNELS") == "1"
 #: True: the kernels on CPU tensors too, in Triton's interpreter (for tests; ``TRITON_INTERPRET=1`` must be
 #: set before ``triton`` is first imported, as the repository's conftest.py does).

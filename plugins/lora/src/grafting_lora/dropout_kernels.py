@@ -37,8 +37,8 @@ from grafting_lora.scaled_products import mul_as, scaled_product
 
 #: Whether the Triton kernels run on CUDA tensors (else the torch node, everywhere). Off unless the environment
 #: sets ``GRAFTING_TRITON_KERNELS=1``: on an H100 they took a 1.1B step from 1.25x the bound to 1.18x and its
-#: peak from 16.8 to 12.6 GiB, but one of their GPU test cases (a tiny Llama step in float16) failed there
-#: unexplained (README, benchmark section).
+#: peak from 16.8 to 12.6 GiB, but timed alone per layer call they were slower than the torch node (0.76-0.83x),
+#: and their tiny-Llama float16 case has not yet run on a GPU (README, benchmark section).
 USE_TRITON = os.environ.get("GRAFTING_TRITON_KERNELS") == "1"
 #: Rows × columns of :func:`keep_mask`'s tiles (the mask does not depend on them).
 BLOCK_ROWS, BLOCK_COLS = 128, 128
