@@ -390,8 +390,10 @@ def profile(
     device: str = "cuda",
     against: StepProfile | None = None,
     timed_ms: float | None = None,
+    reference: str = "bound",
 ) -> StepProfile:
-    """Print one step's top kernels, its launches per category (beside ``against``'s, the bound's) and host time."""
+    """Print one step's top kernels, its launches per category (beside ``against``'s, named ``reference``) and
+    host time."""
     found = profile_step(step, device)
     unit = "kernels" if device.startswith("cuda") else "aten ops (CPU)"
     print(f"--- profile {label}: {len(found.kernels)} {unit}, {found.kernel_ms:.1f} ms of kernel time", flush=True)
@@ -423,7 +425,8 @@ def profile(
             if n:
                 print(f"  {category:17} {n:8d} {ms:8.2f}", flush=True)
     else:
-        print("\n".join(kernel_categories.side_by_side(kernel_categories.tally(against.kernels), mine)), flush=True)
+        table = kernel_categories.side_by_side(kernel_categories.tally(against.kernels), mine, reference)
+        print("\n".join(table), flush=True)
     return found
 
 
@@ -749,7 +752,7 @@ class Bench:
             self.record(f"{method} inference", lib, forward_ms, self.base_fwd)
             if first and f"{method}:{lib}:inference" in self.profiled:
                 label = f"{method} {lib} inference (beside the base forward)"
-                profile(forward, label, args.device, against=self.forward_profile, timed_ms=forward_ms)
+                profile(forward, label, args.device, self.forward_profile, forward_ms, reference="base fwd")
         if method == "lora" and not self.compiled:
             self.record("lora routed, 1 adapter", lib, *_routed(lib, libs, model, ids, args, run))
             if lib == "grafting":  # PEFT refuses adapter_names in training
@@ -878,7 +881,7 @@ def _routed_training(
     print(f"  4 adapters routed in training: {four:.2f} ms against one adapter {one:.2f} ms = {four / one:.2f}x")
     if single_profile is not None:
         label = "lora grafting, 4 adapters routed in training (beside one adapter's step)"
-        profile(step, label, args.device, against=single_profile, timed_ms=four)
+        profile(step, label, args.device, against=single_profile, timed_ms=four, reference="1 adapter")
     with _gathered():
         gathered = run(step, args.warmup, args.steps)
     print(f"  (each sample's own factors gathered, the previous path: {gathered / one:.2f}x)", flush=True)

@@ -83,9 +83,14 @@ def tally(kernels: Iterable[tuple[str, float]]) -> dict[str, tuple[int, float]]:
     return {category: (int(n), float(ms)) for category, (n, ms) in counts.items()}
 
 
-def side_by_side(bound: dict[str, tuple[int, float]], variant: dict[str, tuple[int, float]]) -> list[str]:
-    """A table's lines: each category's launches and ms in the bound, in the variant, and what the variant adds."""
-    lines = [f"  {'category':17} {'bound n':>8} {'ms':>8}  {'variant n':>9} {'ms':>8}  {'added n':>8} {'ms':>8}"]
+def side_by_side(
+    bound: dict[str, tuple[int, float]], variant: dict[str, tuple[int, float]], reference: str = "bound"
+) -> list[str]:
+    """A table's lines: each category's launches and ms in the bound (or the ``reference`` named), in the
+    variant, and what the variant adds."""
+    lines = [
+        f"  {'category':17} {reference + ' n':>11} {'ms':>8}  {'variant n':>9} {'ms':>8}  {'added n':>8} {'ms':>8}"
+    ]
     rows = [*CATEGORIES, "total"]
     total_bound = (sum(n for n, _ in bound.values()), sum(ms for _, ms in bound.values()))
     total_variant = (sum(n for n, _ in variant.values()), sum(ms for _, ms in variant.values()))
@@ -94,5 +99,7 @@ def side_by_side(bound: dict[str, tuple[int, float]], variant: dict[str, tuple[i
         v_n, v_ms = total_variant if category == "total" else variant.get(category, (0, 0.0))
         if category != "total" and b_n == v_n == 0:
             continue
-        lines.append(f"  {category:17} {b_n:8d} {b_ms:8.2f}  {v_n:9d} {v_ms:8.2f}  {v_n - b_n:+8d} {v_ms - b_ms:+8.2f}")
+        lines.append(
+            f"  {category:17} {b_n:11d} {b_ms:8.2f}  {v_n:9d} {v_ms:8.2f}  {v_n - b_n:+8d} {v_ms - b_ms:+8.2f}"
+        )
     return lines

@@ -77,6 +77,8 @@ def test_tally_and_side_by_side() -> None:
     assert rows["GEMM"] == ["2", "5.00", "3", "5.75", "+1", "+0.75"]
     assert rows["casts/copies"] == ["0", "0.00", "1", "0.12", "+1", "+0.12"]
     assert rows["total"] == ["2", "5.00", "4", "5.88", "+2", "+0.88"]
+    assert lines[0].split()[1:3] == ["bound", "n"]
+    assert kc.side_by_side(base, variant, "base fwd")[0].split()[1:4] == ["base", "fwd", "n"]  # what it stands beside
 
 
 def test_series_medians_over_rounds() -> None:
