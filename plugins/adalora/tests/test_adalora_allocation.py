@@ -63,3 +63,30 @@ def test_adalora_allocation_masks_the_ranks_peft_masks(arch: str, tmp_path) -> N
     tensors = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs")]
     assert {k: v.shape for k, v in tensors[0].items()} == {k: v.shape for k, v in tensors[1].items()}
     assert_close(tensors[0], tensors[1], **loose)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_for_hot_swap_leaves_the_orthogonality_term_as_it_was(arch: str, tmp_path) -> None:
+    """Growing the ranks with zeros (``prepare_model_for_compiled_hotswap``) changes neither the loss with its
+    orthogonality term nor the factors' gradients: a padded rank is no rank of ``I``."""
+    from grafting import prepare_model_for_compiled_hotswap
+
+    peft_model(arch, orth_reg_weight=0.7).save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(base(arch), tmp_path, is_trainable=True)
+    padded = PeftModel.from_pretrained(base(arch), tmp_path, is_trainable=True)
+    prepare_model_for_compiled_hotswap(padded, target_rank=7)
+    batch = inputs(arch)
+    expected = plain(**batch, labels=batch["input_ids"]).loss
+    with plain.disable_adapter():
+        without_term = plain(**batch, labels=batch["input_ids"]).loss
+    actual = padded(**batch, labels=batch["input_ids"]).loss
+    assert_close(actual, expected, changed_from=without_term, **TOL)
+    actual.backward()
+    expected.backward()
+    reference = factors(plain)
+    for name, p in factors(padded).items():
+        rank = reference[name].shape[0 if "lora_B" not in name else 1]
+        assert p.shape != reference[name].shape, name  # grown
+        live = p.grad[:rank] if "lora_B" not in name else p.grad[:, :rank]
+        assert_close(live, reference[name].grad, rtol=1e-9, atol=1e-9, msg=name)
+        assert not (p.grad[rank:] if "lora_B" not in name else p.grad[:, rank:]).any(), name  # zeros stay zeros

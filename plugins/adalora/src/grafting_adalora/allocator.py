@@ -37,14 +37,19 @@ class RankAllocator(SharedState):
 
     # -- the regulariser ---------------------------------------------------------------
     def loss_term(self, layers: Layers) -> torch.Tensor | None:  # type: ignore[override]
-        """``orth_reg_weight`` × the mean of ``‖AAᵀ − I‖_F`` and ``‖BᵀB − I‖_F`` over the layers."""
+        """``orth_reg_weight`` × the mean of ``‖AAᵀ − I‖_F`` and ``‖BᵀB − I‖_F`` over the layers.
+
+        On a layer grown for hot-swapping (``pad_rank``), ``I`` has ones only at the ranks in use: a padded
+        rank (a zero row of ``A`` and a zero column of ``B``) is no rank, and a one there would both shift
+        the term and weaken its gradient under the norm's square root.
+        """
         if self.config.orth_reg_weight == 0 or not layers:
             return None
         norms = []
         for adapter in layers.values():
-            for cov in (adapter.lora_A @ adapter.lora_A.T, adapter.lora_B.T @ adapter.lora_B):
-                eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-                norms.append(torch.linalg.matrix_norm(cov - eye))
+            a, b = adapter.lora_A, adapter.lora_B
+            for cov in (a @ a.T, b.T @ b):
+                norms.append(torch.linalg.matrix_norm(cov - _identity(adapter, cov)))
         return self.config.orth_reg_weight * (torch.stack(norms).sum() / len(norms))
 
     # -- the schedule -------------------------------------------------------------------
@@ -125,3 +130,12 @@ class RankAllocator(SharedState):
             if kept is not None and len(kept) == a.rank:
                 keep = torch.tensor(kept, dtype=torch.bool, device=a.lora_E.device).view(-1, 1)
                 a.lora_E.masked_fill_(~keep, 0.0)
+
+
+def _identity(adapter: AdaLoraAdapter, cov: torch.Tensor) -> torch.Tensor:
+    """The identity the rank covariance ``cov`` is held to: over the ranks in use where the layer was padded."""
+    if not adapter.rank_padded:
+        return torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
+    in_use = (a != 0).any(dim=1) | (b != 0).any(dim=0)
+    return torch.diag(in_use.to(cov.dtype))

@@ -28,6 +28,8 @@ class AdaLoraAdapter(WeightDeltaAdapter):
     """
 
     lora_convertible = True  # an additive ΔW
+    #: Grown by :meth:`pad_rank` for hot-swapping: its zero ranks are left out of the orthogonality term.
+    rank_padded = False
 
     def __init__(
         self, base_layer: nn.Module, r: int, init_r: int, scaling: float, dropout: float, init_weights: bool
@@ -77,8 +79,9 @@ class AdaLoraAdapter(WeightDeltaAdapter):
         return F.linear(F.linear(h, self.lora_A * (self.lora_E * self.scale())), self.lora_B)
 
     def pad_rank(self, rank: int) -> None:
-        """Zeros up to ``rank`` (:mod:`grafting_adalora.hotswap`)."""
+        """Zeros up to ``rank`` (:mod:`grafting_adalora.hotswap`); the orthogonality term then skips them."""
         hotswap.pad(self, rank)
+        self.rank_padded = True
 
     def hotswap_values(self, tensors: dict[str, torch.Tensor], config: Any, module_name: str) -> dict[str, Any]:
         """A saved AdaLoRA adapter's values in this one's shapes (:mod:`grafting_adalora.hotswap`)."""
