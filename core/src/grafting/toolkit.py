@@ -23,7 +23,8 @@ Public, with :mod:`grafting` (configs, errors, the adapter classes, ``hookimpl``
   dilation, groups and padding mode);
 * hot-swapping (a layer adapter's ``pad_rank``/``hotswap_values``): :func:`grow_tensor` (zeros up to a
   target rank), :func:`fit_state` and :func:`fit` (a saved adapter's tensors in the loaded one's shapes,
-  rank dimensions zero-padded), :func:`require_same` (refuse a differing option);
+  rank dimensions zero-padded), :func:`require_same` (refuse a differing option); for
+  ``hotswap_blank_values``, :func:`zeros_state` (zeros for every tensor of the adapter);
 * merging: :class:`WeightDeltaAdapter`, a ``DeltaAdapter`` whose effect is a weight delta (it merges
   and unmerges by adding and subtracting its ``delta_matrix()``).
 """
@@ -57,7 +58,7 @@ from grafting.errors import ConfigError, GraftingWarning
 from grafting.model.combine import union_of_targets
 from grafting.model.matching import candidate_modules, find_targets, name_matches, pattern_value
 from grafting.model.model_types import QUERY_VALUE_PROJECTIONS, model_type, query_value_projections
-from grafting.model.swap import fit, fit_state, grow_tensor, require_same
+from grafting.model.swap import fit, fit_state, grow_tensor, require_same, zeros_state
 from grafting.model.tying import TiedEmbedding, tied_embedding
 from grafting.model.weights import (
     add_to_weight,
@@ -304,4 +305,5 @@ __all__ = [
     "union_of_targets",
     "warn_fan_in_fan_out",
     "weight_matrix",
+    "zeros_state",
 ]

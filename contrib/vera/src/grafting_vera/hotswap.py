@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from grafting.toolkit import fit, fit_state, grow_tensor, require_same
+from grafting.toolkit import fit, fit_state, grow_tensor, require_same, zeros_state
 
 LAYER_RANK_DIMS = {"vera_lambda_d": (0,)}
 SHARED_RANK_DIMS = {"vera_A": (0,), "vera_B": (1,)}
@@ -32,7 +32,7 @@ def swap_layer(adapter: Any, tensors: dict[str, torch.Tensor], config: Any) -> d
 def blank_layer(adapter: Any) -> dict[str, torch.Tensor]:
     """``λ_b`` and ``λ_d`` zero: the layer's delta is zero whatever the shared projections hold (they stay as the
     new adapter gives them, for the layers it covers)."""
-    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+    return zeros_state(adapter)
 
 
 def swap_shared(shared: Any, tensors: dict[str, torch.Tensor], config: Any, draw: Any) -> dict[str, Any]:

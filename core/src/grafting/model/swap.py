@@ -1,4 +1,4 @@
-"""Tensor helpers for a layer adapter's hot-swap methods (``pad_rank`` and ``hotswap_values``).
+"""Tensor helpers for a layer adapter's hot-swap methods (``pad_rank``, ``hotswap_values``, ``hotswap_blank_values``).
 
 A method names the rank dimensions of its tensors (``{"lora_A.weight": (0,), "lora_B.weight": (1,)}``); these
 helpers grow a parameter or buffer along them with zeros, give a saved tensor the loaded one's shape (zeros in the rank
@@ -108,4 +108,10 @@ def fit_state(
     return {key: fit(tensors[key], own[key].shape, key, dims.get(key, ()), fixed) for key in own}
 
 
-__all__ = ["RankDims", "fit", "fit_state", "grow_tensor", "require_same"]
+def zeros_state(adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """Zeros for every entry of ``adapter.state_dict()``, in its shapes and dtypes: the ``hotswap_blank_values`` of a
+    method whose effect is zero when all its tensors are (LoRA's, LoHa's and LoKr's factors, OFT's skew blocks)."""
+    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+
+
+__all__ = ["RankDims", "fit", "fit_state", "grow_tensor", "require_same", "zeros_state"]

@@ -48,8 +48,9 @@ class RankAllocator(SharedState):
         norms = []
         for adapter in layers.values():
             a, b = adapter.lora_A, adapter.lora_B
+            eye = _identity(adapter)  # A's rows and B's columns are the same ranks
             for cov in (a @ a.T, b.T @ b):
-                norms.append(torch.linalg.matrix_norm(cov - _identity(adapter, cov)))
+                norms.append(torch.linalg.matrix_norm(cov - eye))
         return self.config.orth_reg_weight * (torch.stack(norms).sum() / len(norms))
 
     # -- the schedule -------------------------------------------------------------------
@@ -132,10 +133,10 @@ class RankAllocator(SharedState):
                 a.lora_E.masked_fill_(~keep, 0.0)
 
 
-def _identity(adapter: AdaLoraAdapter, cov: torch.Tensor) -> torch.Tensor:
-    """The identity the rank covariance ``cov`` is held to: over the ranks in use where the layer was padded."""
-    if not adapter.rank_padded:
-        return torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+def _identity(adapter: AdaLoraAdapter) -> torch.Tensor:
+    """The identity the layer's rank covariances are held to: over the ranks in use where the layer was padded."""
     a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
+    if not adapter.rank_padded:
+        return torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     in_use = (a != 0).any(dim=1) | (b != 0).any(dim=0)
-    return torch.diag(in_use.to(cov.dtype))
+    return torch.diag(in_use.to(a.dtype))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from grafting.toolkit import fit_state, grow_tensor, require_same
+from grafting.toolkit import fit_state, grow_tensor, require_same, zeros_state
 
 RANK_DIMS = {"lora_A": (0,), "lora_E": (0,), "lora_B": (1,)}
 
@@ -34,4 +34,4 @@ def swap_values(adapter: Any, tensors: dict[str, torch.Tensor], config: Any) -> 
 
 def blank_values(adapter: Any) -> dict[str, torch.Tensor]:
     """Zeros for ``A``, ``E`` and ``B``: ``B·(A ⊙ E) = 0``, the layer its base (``ranknum`` is no saved entry)."""
-    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+    return zeros_state(adapter)

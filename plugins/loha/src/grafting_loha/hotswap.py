@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from grafting.toolkit import fit_state, grow_tensor, require_same
+from grafting.toolkit import fit_state, grow_tensor, require_same, zeros_state
 
 #: The rank dimensions of each tensor: the plain factors (out, r)·(r, in·k); the effective convolution's
 #: (r, out), (r, in) and the cores (r, r, *kernel).
@@ -55,4 +55,4 @@ def swap_values(adapter: Any, tensors: dict[str, torch.Tensor], config: Any, mod
 def blank_values(adapter: Any) -> dict[str, torch.Tensor]:
     """Zeros for every factor (and core): both products are zero, so is their Hadamard product ``ΔW``, and the
     layer computes its base layer's output (the dense, the factored and the convolution paths alike)."""
-    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+    return zeros_state(adapter)

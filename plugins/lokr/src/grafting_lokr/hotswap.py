@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from grafting import AdapterStateError
-from grafting.toolkit import fit_state, grow_tensor, require_same
+from grafting.toolkit import fit_state, grow_tensor, require_same, zeros_state
 from grafting_lokr.kron import tucker_kernel
 
 
@@ -92,4 +92,4 @@ def blank_values(adapter: Any) -> dict[str, torch.Tensor]:
     """Zeros for both halves, whole or factored (the core ``lokr_t2`` too): ``W1 ⊗ W2 = 0``, the layer its base.
 
     Zeroing one side would be enough for ``ΔW``; zeroing both leaves none of the old adapter's values behind."""
-    return {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+    return zeros_state(adapter)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from grafting import AdapterStateError
-from grafting.toolkit import dense_weight, fit_state, grow_tensor, require_same
+from grafting.toolkit import dense_weight, fit_state, grow_tensor, require_same, zeros_state
 from grafting_lora.magnitude import wide
 from grafting_lora.reference import dora_norm
 
@@ -66,7 +66,7 @@ def blank_values(adapter: Any, base_layer: nn.Module) -> dict[str, torch.Tensor]
     """Zeros for ``A``, ``B`` (and ``B``'s bias): no delta. DoRA's magnitude becomes the base weight's row norms
     ``‖W‖``, so its scale ``m / ‖W + 0‖`` is one and the layer computes the base layer's output (a zero magnitude
     would scale the base output to zero)."""
-    values = {key: torch.zeros_like(tensor.detach()) for key, tensor in adapter.state_dict(keep_vars=True).items()}
+    values = zeros_state(adapter)
     if "lora_magnitude_vector" in values:
         weight = wide(dense_weight(base_layer))
         norm = dora_norm(weight, torch.zeros((), dtype=weight.dtype, device=weight.device))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from grafting import ConfigError, DeltaAdapter, InputAdapter, LayerCall, MergeError, OutputAdapter
-from grafting.toolkit import convolve_as, dense_weight, fit_state, require_same, store_weight
+from grafting.toolkit import convolve_as, dense_weight, fit_state, require_same, store_weight, zeros_state
 from grafting_oft.rotation import cayley, constrain, dense, rotate, skew
 
 Precision = Literal["adapter", "input"]
@@ -105,7 +105,7 @@ class _Rotating:
     def hotswap_blank_values(self, base_layer: nn.Module) -> dict[str, torch.Tensor]:
         """The skew blocks zero: their rotation is the identity, exactly (Cayley's ``(I − 0)(I + 0)⁻¹`` and the
         Neumann series ``I + 0`` alike; COFT's projection keeps zero), so the layer computes its base output."""
-        return {key: torch.zeros_like(tensor.detach()) for key, tensor in self.state_dict(keep_vars=True).items()}  # type: ignore[attr-defined]
+        return zeros_state(self)  # type: ignore[arg-type]
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         own = self.rotation.weight.dtype
