@@ -194,7 +194,7 @@ def build_base(shape: dict[str, int], device: str, moe: bool = False) -> nn.Modu
     return model.requires_grad_(False)
 
 
-def _embeds_need_grad(model: nn.Module, compiled: bool = False) -> None:
+def embeds_need_grad(model: nn.Module, compiled: bool = False) -> None:
     """The bound: activation gradients all the way down, as an adapter on the first layer needs.
 
     Compiled, ``requires_grad_`` inside the traced forward breaks the graph (3 graphs on torch 2.13):
@@ -674,7 +674,7 @@ class Bench:
         """This round's bound (frozen base forward and backward) and base forward, on a copy freed after."""
         args, run = self.args, self.run
         bound_model = copy.deepcopy(self.base)
-        _embeds_need_grad(bound_model, self.compiled)
+        embeds_need_grad(bound_model, self.compiled)
         if self.compiled:
             from torch._dynamo.utils import counters
 

@@ -23,7 +23,7 @@ base = bound.build_base(shape, "cuda")
 ids = torch.randint(0, bound.VOCAB, (shape["batch"], shape["seq"]), device="cuda")
 run = bound.timer("cuda")
 bound_model = copy.deepcopy(base)
-bound._embeds_need_grad(bound_model)
+bound.embeds_need_grad(bound_model)
 bound_model.train()
 b = run(bound.train_step(bound_model, ids, []), 3, 10)
 del bound_model

@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 
 import torch
-from bound import PRESETS, VOCAB, _embeds_need_grad, build_base, libraries, train_step, wrap
+from bound import PRESETS, VOCAB, build_base, embeds_need_grad, libraries, train_step, wrap
 
 
 def sync_places(step: Any, frames: int = 6) -> Counter[str]:
@@ -36,8 +36,8 @@ def sync_places(step: Any, frames: int = 6) -> Counter[str]:
 
     with warnings.catch_warnings():  # restores showwarning after
         warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")  # its own warning (about the mode) is shown, not counted
         warnings.showwarning = keep
-        torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
@@ -64,7 +64,7 @@ def main() -> None:
     ids = torch.randint(0, VOCAB, (shape["batch"], shape["seq"]), device="cuda")
     libs = libraries()
     bound_model = copy.deepcopy(base)
-    _embeds_need_grad(bound_model)
+    embeds_need_grad(bound_model)
     bound_step = train_step(bound_model.train(), ids, [])
     bound_step()
     report("bound", sync_places(bound_step))
